@@ -1,0 +1,61 @@
+//! Command-line front end: argument parsing, exit codes, human output.
+//!
+//! Exit codes: 0 no divergence / success, 1 divergence found, 2 bad input or
+//! usage, 3 the reference failed (crashed or refused the model).
+
+mod gen_model;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// A failure with the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 2, error: e.into() }
+    }
+}
+
+pub type CliResult = Result<ExitCode, Failure>;
+
+#[derive(Parser)]
+#[command(name = "divergence", version, about = "Find the first divergence between a BitNet engine and bitnet.cpp")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a GGUF file's header, metadata, tensor table and statistics.
+    Inspect(inspect::Args),
+    /// Write a deterministic synthetic BitNet model.
+    GenModel(gen_model::Args),
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::GenModel(a) => gen_model::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

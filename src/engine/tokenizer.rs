@@ -1,0 +1,1 @@
+//! Tokenizer for the GGUF 'llama' (SentencePiece-style) vocab.

@@ -1,0 +1,18 @@
+//! `divergence`: run a pure-Rust BitNet b1.58 engine in lockstep with bitnet.cpp
+//! on the same GGUF and the same token ids, compare every intermediate tensor,
+//! and name the first divergence with evidence.
+//!
+//! The spine, one module each:
+//! `gguf` (read, validate, write) → `reference` (bitnet.cpp via FFI) and
+//! `engine` (the candidate) → `trace` (canonical stages) → `compare`
+//! (metrics, policy, oracle blame) → `lockstep` (steps, resync) → `receipt`.
+
+pub mod compare;
+pub mod engine;
+pub mod gguf;
+pub mod lockstep;
+pub mod quant;
+pub mod receipt;
+pub mod reference;
+pub mod synth;
+pub mod trace;

@@ -1,0 +1,254 @@
+//! The canonical stage vocabulary shared by both engines.
+//!
+//! Every intermediate tensor either engine produces is named by a [`Stage`]
+//! and (for per-layer stages) a layer index, and is laid out in the one
+//! logical layout that [`Stage::layout`] documents. The reference's graph
+//! nodes are mapped onto these stages in [`reference_map`]; the candidate
+//! emits them directly through a [`TraceSink`]. The comparator only ever sees
+//! stage-keyed, canonically laid out f32 data.
+
+pub mod reference_map;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One point of the forward pass, in execution order.
+///
+/// Layouts (row-major, outermost first); `T` = tokens in the step's batch,
+/// `E` = n_embd, `Ekv` = n_embd_head * n_head_kv, `F` = n_ff, `H` = n_head,
+/// `K` = keys visible to the step (n_past + T), `V` = vocab.
+///
+/// | stage | layout | reference node (op) |
+/// |---|---|---|
+/// | `tok_embd` | [T, E] | `inp_embd` (GET_ROWS) |
+/// | `attn_norm` | [T, E] | `attn_norm-L` (MUL) |
+/// | `q_proj` | [T, E] | `Qcur-L` (MUL_MAT, or the MUL by `attn_q.scale`) |
+/// | `k_proj` | [T, Ekv] | `Kcur-L` (MUL_MAT / MUL) |
+/// | `v_proj` | [T, Ekv] | `Vcur-L` (MUL_MAT / MUL) |
+/// | `q_rope` | [T, E] (= [T, H, hd]) | `Qcur-L` (ROPE) |
+/// | `k_rope` | [T, Ekv] | `Kcur-L` (ROPE) |
+/// | `attn_scores` | [H, T, K], raw q·k (unscaled); entries with key > query set to 0 | `kq-L` (MUL_MAT), cropped to K |
+/// | `attn_probs` | [H, T, K] | `kq_soft_max_ext-L` (SOFT_MAX), cropped to K |
+/// | `attn_out` | [T, E] | `kqv_out-L` (CONT) |
+/// | `attn_sub_norm` | [T, E] | `attn_sub_norm-L` (MUL) |
+/// | `o_proj` | [T, E] | `attn_o_out-L` |
+/// | `ffn_inp` | [T, E] | `ffn_inp-L` (ADD) |
+/// | `ffn_norm` | [T, E] | `ffn_norm-L` (MUL) |
+/// | `ffn_gate` | [T, F] | `ffn_gate-L` (MUL_MAT / MUL) |
+/// | `ffn_act` | [T, F] | `ffn_silu-L` (UNARY) |
+/// | `ffn_up` | [T, F] | `ffn_up-L` (MUL_MAT / MUL) |
+/// | `ffn_mul` | [T, F] | `ffn_sub_out-L` (MUL) |
+/// | `ffn_sub_norm` | [T, F] | `ffn_sub_norm-L` (MUL) |
+/// | `ffn_down` | [T, E] | `ffn_down-L` (MUL_MAT / MUL) |
+/// | `l_out` | [T, E] | `l_out-L` (ADD) |
+/// | `result_norm` | [T, E] | `result_norm` (MUL) |
+/// | `logits` | [T, V] | `result_output` (MUL_MAT) |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    TokEmbd,
+    AttnNorm,
+    QProj,
+    KProj,
+    VProj,
+    QRope,
+    KRope,
+    AttnScores,
+    AttnProbs,
+    AttnOut,
+    AttnSubNorm,
+    OProj,
+    FfnInp,
+    FfnNorm,
+    FfnGate,
+    FfnAct,
+    FfnUp,
+    FfnMul,
+    FfnSubNorm,
+    FfnDown,
+    LOut,
+    ResultNorm,
+    Logits,
+}
+
+impl Stage {
+    /// All stages in execution order.
+    pub const ALL: [Stage; 23] = [
+        Stage::TokEmbd,
+        Stage::AttnNorm,
+        Stage::QProj,
+        Stage::KProj,
+        Stage::VProj,
+        Stage::QRope,
+        Stage::KRope,
+        Stage::AttnScores,
+        Stage::AttnProbs,
+        Stage::AttnOut,
+        Stage::AttnSubNorm,
+        Stage::OProj,
+        Stage::FfnInp,
+        Stage::FfnNorm,
+        Stage::FfnGate,
+        Stage::FfnAct,
+        Stage::FfnUp,
+        Stage::FfnMul,
+        Stage::FfnSubNorm,
+        Stage::FfnDown,
+        Stage::LOut,
+        Stage::ResultNorm,
+        Stage::Logits,
+    ];
+
+    /// The per-layer stages, in execution order.
+    pub fn per_layer() -> impl Iterator<Item = Stage> {
+        Self::ALL.into_iter().filter(|s| s.is_per_layer())
+    }
+
+    pub fn is_per_layer(self) -> bool {
+        !matches!(self, Stage::TokEmbd | Stage::ResultNorm | Stage::Logits)
+    }
+
+    /// The canonical name, as printed in receipts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::TokEmbd => "tok_embd",
+            Stage::AttnNorm => "attn_norm",
+            Stage::QProj => "q_proj",
+            Stage::KProj => "k_proj",
+            Stage::VProj => "v_proj",
+            Stage::QRope => "q_rope",
+            Stage::KRope => "k_rope",
+            Stage::AttnScores => "attn_scores",
+            Stage::AttnProbs => "attn_probs",
+            Stage::AttnOut => "attn_out",
+            Stage::AttnSubNorm => "attn_sub_norm",
+            Stage::OProj => "o_proj",
+            Stage::FfnInp => "ffn_inp",
+            Stage::FfnNorm => "ffn_norm",
+            Stage::FfnGate => "ffn_gate",
+            Stage::FfnAct => "ffn_act",
+            Stage::FfnUp => "ffn_up",
+            Stage::FfnMul => "ffn_mul",
+            Stage::FfnSubNorm => "ffn_sub_norm",
+            Stage::FfnDown => "ffn_down",
+            Stage::LOut => "l_out",
+            Stage::ResultNorm => "result_norm",
+            Stage::Logits => "logits",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Stage> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Attention score-like stages carry a [H, T, K] layout with a causal mask.
+    pub fn is_attention_matrix(self) -> bool {
+        matches!(self, Stage::AttnScores | Stage::AttnProbs)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a traced tensor sits: the layer (None for the model-level stages
+/// `tok_embd`, `result_norm`, `logits`) and the stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StageKey {
+    pub layer: Option<usize>,
+    pub stage: Stage,
+}
+
+impl StageKey {
+    pub fn new(layer: Option<usize>, stage: Stage) -> Self {
+        StageKey { layer, stage }
+    }
+
+    /// Execution order within one forward pass: model-level input first,
+    /// then layers in order, then the output stages.
+    pub fn order(&self) -> (usize, usize, usize) {
+        let idx = Stage::ALL.iter().position(|s| *s == self.stage).unwrap_or(0);
+        match (self.stage, self.layer) {
+            (Stage::TokEmbd, _) => (0, 0, idx),
+            (_, Some(l)) => (1, l, idx),
+            (_, None) => (2, 0, idx),
+        }
+    }
+}
+
+impl fmt::Display for StageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.layer {
+            Some(l) => write!(f, "{}[{}]", self.stage, l),
+            None => write!(f, "{}", self.stage),
+        }
+    }
+}
+
+/// A tensor in canonical layout: f32 data, row-major, with its logical shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { shape, data }
+    }
+}
+
+/// Receives every stage of the candidate's forward pass.
+///
+/// `data` is the candidate's tensor in canonical layout (`shape` as in the
+/// [`Stage`] table). A sink may overwrite `data` (resync): the engine then
+/// continues from the overwritten values, so the next stage is judged on its
+/// own error. The engine calls `stage` for K and V *before* writing them to
+/// its KV cache, so a resynced value reaches the cache.
+pub trait TraceSink {
+    /// False for the no-op sink: the engine may skip building tensors that
+    /// only exist for tracing (attention matrices).
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn stage(&mut self, layer: Option<usize>, stage: Stage, shape: &[usize], data: &mut [f32]);
+}
+
+/// Tracing off: every call inlines to nothing.
+pub struct NoTrace;
+
+impl TraceSink for NoTrace {
+    #[inline(always)]
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn stage(&mut self, _: Option<usize>, _: Stage, _: &[usize], _: &mut [f32]) {}
+}
+
+/// Records every stage it sees (one forward pass).
+#[derive(Default, Debug, Clone)]
+pub struct Recorder {
+    pub stages: Vec<(StageKey, Tensor)>,
+}
+
+impl Recorder {
+    pub fn get(&self, layer: Option<usize>, stage: Stage) -> Option<&Tensor> {
+        let key = StageKey::new(layer, stage);
+        self.stages.iter().find(|(k, _)| *k == key).map(|(_, t)| t)
+    }
+}
+
+impl TraceSink for Recorder {
+    fn stage(&mut self, layer: Option<usize>, stage: Stage, shape: &[usize], data: &mut [f32]) {
+        self.stages.push((
+            StageKey::new(layer, stage),
+            Tensor::new(shape.to_vec(), data.to_vec()),
+        ));
+    }
+}

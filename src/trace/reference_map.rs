@@ -1,0 +1,1 @@
+//! Mapping of bitnet.cpp graph nodes onto canonical stages.
