@@ -1,1 +1,102 @@
 //! Per-token int8 activation quantization (bitnet.cpp quantize_row_i8_s).
+//!
+//! Mirrors `quantize_row_i8_s` (ggml-quants.c): the absolute maximum is taken
+//! in f64 with a 1e-5 floor, the scale is `127 / max` computed in f64 and
+//! rounded once to f32, each code is `nearest_int(x * s)` with the product in
+//! f32 and ties to even (ggml's magic-number rounding), clamped to
+//! [-128, 127]; the row sum of the codes is kept for the I2_S offset identity.
+
+/// How a row is quantized. `Reference` is quantize_row_i8_s; the other
+/// fields exist only to inject the bug-zoo faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActQuantVariant {
+    /// `f32::round` (half away from zero) instead of ties to even.
+    pub round_half_away: bool,
+    /// Numerator of the scale: 127 in the reference.
+    pub scale_numerator: u32,
+}
+
+impl ActQuantVariant {
+    pub const REFERENCE: ActQuantVariant = ActQuantVariant {
+        round_half_away: false,
+        scale_numerator: 127,
+    };
+}
+
+impl Default for ActQuantVariant {
+    fn default() -> Self {
+        Self::REFERENCE
+    }
+}
+
+/// One quantized row: the codes' scale (`codes ≈ x * scale`) and their sum.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActRow {
+    pub scale: f32,
+    pub sum: i32,
+}
+
+/// The activation scale of a row, exactly as quantize_row_i8_s computes it.
+pub fn act_scale(x: &[f32], numerator: u32) -> f32 {
+    let mut max = 1e-5f64;
+    for &v in x {
+        max = max.max((v as f64).abs());
+    }
+    (numerator as f64 / max) as f32
+}
+
+/// Quantize one row into `out` (same length as `x`).
+pub fn quantize_row_i8_s(x: &[f32], out: &mut [i8], variant: ActQuantVariant) -> ActRow {
+    assert_eq!(x.len(), out.len());
+    let scale = act_scale(x, variant.scale_numerator);
+    let mut sum = 0i32;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let p = v * scale;
+        let r = if variant.round_half_away {
+            p.round()
+        } else {
+            p.round_ties_even()
+        };
+        // Clamp in f32 first so that NaN/inf cannot reach the integer cast
+        // with an implementation-defined result; `as` saturates anyway.
+        let q = (r.clamp(-128.0, 127.0)) as i32;
+        sum += q;
+        *o = q as i8;
+    }
+    ActRow { scale, sum }
+}
+
+/// Quantize a [T, n] matrix row by row.
+pub fn quantize_rows(x: &[f32], n: usize, out: &mut [i8], variant: ActQuantVariant) -> Vec<ActRow> {
+    assert_eq!(x.len(), out.len());
+    assert!(n > 0 && x.len() % n == 0);
+    x.chunks_exact(n)
+        .zip(out.chunks_exact_mut(n))
+        .map(|(xr, qr)| quantize_row_i8_s(xr, qr, variant))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ties_go_to_even() {
+        // max 127 → scale 1.0 exactly; 2.5 rounds to 2, -0.5 to 0.
+        let x = [127.0f32, 2.5, -0.5, 3.5];
+        let mut q = [0i8; 4];
+        let row = quantize_row_i8_s(&x, &mut q, ActQuantVariant::REFERENCE);
+        assert_eq!(row.scale, 1.0);
+        assert_eq!(q, [127, 2, 0, 4]);
+        assert_eq!(row.sum, 133);
+    }
+
+    #[test]
+    fn zero_row_uses_floor() {
+        let x = [0.0f32; 8];
+        let mut q = [1i8; 8];
+        let row = quantize_row_i8_s(&x, &mut q, ActQuantVariant::REFERENCE);
+        assert_eq!(row.scale, (127.0f64 / 1e-5) as f32);
+        assert_eq!(q, [0; 8]);
+    }
+}

@@ -1,0 +1,120 @@
+//! Test-only fault injection for the bug zoo (issue 7). Each fault is one
+//! real bug class, switched on by name; the forward pass checks it with a
+//! single obvious branch at the place the bug would live. Off by default.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// RoPE rotates adjacent pairs (2i, 2i+1) instead of NEOX halves.
+    RopeInterleaved,
+    /// Query head h reads kv head h % n_head_kv instead of h / (n_head / n_head_kv).
+    GqaModulo,
+    /// Activation quantization rounds half away from zero instead of to even.
+    ActRoundHalfAway,
+    /// Activation scale 128 / max instead of 127 / max.
+    ActScale128,
+    /// The I2_S output omits the −Σq offset term.
+    MissingRowSum,
+    /// RMSNorm uses a hard-coded eps (1e-5; 1e-6 if the model's is 1e-5).
+    EpsHardcoded,
+    /// The attn_sub_norm is skipped (its input passes through).
+    SkipAttnSubNorm,
+    /// SiLU where the arch wants squared ReLU, and the reverse.
+    WrongFfnAct,
+    /// Attention scale 1/head_dim instead of 1/sqrt(head_dim).
+    AttnScaleInvHeadDim,
+    /// Softmax over every cached key, future ones included.
+    NoCausalMask,
+    /// The I2_S output is divided by the weight scale instead of multiplied.
+    WeightScaleDivide,
+    /// Codes decode as code − 2 instead of code − 1 (mapping shifted by one).
+    I2sCodeOffByOne,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 12] = [
+        Fault::RopeInterleaved,
+        Fault::GqaModulo,
+        Fault::ActRoundHalfAway,
+        Fault::ActScale128,
+        Fault::MissingRowSum,
+        Fault::EpsHardcoded,
+        Fault::SkipAttnSubNorm,
+        Fault::WrongFfnAct,
+        Fault::AttnScaleInvHeadDim,
+        Fault::NoCausalMask,
+        Fault::WeightScaleDivide,
+        Fault::I2sCodeOffByOne,
+    ];
+
+    /// The kebab-case name (as in serde and on the command line).
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::RopeInterleaved => "rope-interleaved",
+            Fault::GqaModulo => "gqa-modulo",
+            Fault::ActRoundHalfAway => "act-round-half-away",
+            Fault::ActScale128 => "act-scale128",
+            Fault::MissingRowSum => "missing-row-sum",
+            Fault::EpsHardcoded => "eps-hardcoded",
+            Fault::SkipAttnSubNorm => "skip-attn-sub-norm",
+            Fault::WrongFfnAct => "wrong-ffn-act",
+            Fault::AttnScaleInvHeadDim => "attn-scale-inv-head-dim",
+            Fault::NoCausalMask => "no-causal-mask",
+            Fault::WeightScaleDivide => "weight-scale-divide",
+            Fault::I2sCodeOffByOne => "i2s-code-off-by-one",
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown fault `{0}` (known: {known})", known = Fault::ALL.map(|f| f.name()).join(", "))]
+pub struct UnknownFault(pub String);
+
+impl FromStr for Fault {
+    type Err = UnknownFault;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Fault::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| UnknownFault(s.to_string()))
+    }
+}
+
+/// The set of active faults, as flags the forward pass can test cheaply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultSet(u32);
+
+impl FaultSet {
+    pub fn new(faults: &[Fault]) -> Self {
+        FaultSet(faults.iter().fold(0, |acc, f| acc | (1 << *f as u32)))
+    }
+
+    #[inline(always)]
+    pub fn has(self, fault: Fault) -> bool {
+        self.0 & (1 << fault as u32) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_serde_and_from_str() {
+        for f in Fault::ALL {
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.name()));
+            assert_eq!(f.name().parse::<Fault>().unwrap(), f);
+        }
+    }
+}

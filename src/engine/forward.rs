@@ -1,0 +1,425 @@
+//! The forward pass. One layer reads top to bottom; every canonical stage
+//! is handed to the trace sink where it is produced, and the pass continues
+//! from whatever the sink leaves in the buffer (resync).
+
+use super::faults::{Fault, FaultSet};
+use super::kernels::Kernel;
+use super::kv_cache::KvCache;
+use super::ops::{self, round_f16};
+use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
+use super::{Engine, I2sMode, KvType, ModelConfig};
+use crate::gguf::GgufFile;
+use crate::quant::act::{quantize_rows, ActQuantVariant, ActRow};
+use crate::trace::{Stage, TraceSink};
+use rayon::prelude::*;
+
+/// Everything a layer reads, borrowed from the engine (the KV cache is the
+/// only thing a forward pass writes).
+pub(crate) struct Compute<'a> {
+    pub file: &'a GgufFile,
+    pub config: &'a ModelConfig,
+    pub pool: &'a rayon::ThreadPool,
+    pub kernel: Kernel,
+    pub wrap: bool,
+    pub kv_f16: bool,
+    pub faults: FaultSet,
+}
+
+pub(crate) fn forward<S: TraceSink + ?Sized>(engine: &mut Engine, tokens: &[u32], sink: &mut S) -> Vec<f32> {
+    let Engine {
+        file,
+        config,
+        opts,
+        weights,
+        kv,
+        n_past,
+        kernel,
+        faults,
+        pool,
+    } = engine;
+    let cx = Compute {
+        file,
+        config,
+        pool,
+        kernel: *kernel,
+        wrap: opts.i2s_mode == I2sMode::ReferenceWrap,
+        kv_f16: opts.kv_type == KvType::F16,
+        faults: *faults,
+    };
+    let (t, e) = (tokens.len(), config.n_embd);
+
+    let mut x = cx.embedding(&weights.token_embd, tokens);
+    sink.stage(None, Stage::TokEmbd, &[t, e], &mut x);
+    for (l, w) in weights.layers.iter().enumerate() {
+        x = cx.layer(l, w, kv, *n_past, x, sink);
+    }
+    let mut out = ops::rms_norm(&x, e, cx.eps(), &weights.output_norm);
+    sink.stage(None, Stage::ResultNorm, &[t, e], &mut out);
+    let mut logits = cx.logits(&weights.output, &out);
+    sink.stage(None, Stage::Logits, &[t, config.n_vocab], &mut logits);
+    logits
+}
+
+impl Compute<'_> {
+    /// One transformer block over the T rows of `x` at positions pos0.. .
+    fn layer<S: TraceSink + ?Sized>(
+        &self,
+        l: usize,
+        w: &LayerWeights,
+        kv: &mut KvCache,
+        pos0: usize,
+        x: Vec<f32>,
+        sink: &mut S,
+    ) -> Vec<f32> {
+        let c = self.config;
+        let (t, e, ekv, f, h) = (x.len() / c.n_embd, c.n_embd, c.n_embd_kv(), c.n_ff, c.n_head);
+        let n_keys = pos0 + t;
+        let at = Some(l);
+
+        // Attention: norm, projections, RoPE, cache, causal softmax over the cache.
+        let mut cur = ops::rms_norm(&x, e, self.eps(), &w.attn_norm);
+        sink.stage(at, Stage::AttnNorm, &[t, e], &mut cur);
+        let mut q = self.linear(&w.q, &cur);
+        sink.stage(at, Stage::QProj, &[t, e], &mut q);
+        let mut k = self.linear(&w.k, &cur);
+        sink.stage(at, Stage::KProj, &[t, ekv], &mut k);
+        let mut v = self.linear(&w.v, &cur);
+        sink.stage(at, Stage::VProj, &[t, ekv], &mut v);
+        self.rope(&mut q, c.n_head, pos0);
+        sink.stage(at, Stage::QRope, &[t, e], &mut q);
+        self.rope(&mut k, c.n_head_kv, pos0);
+        sink.stage(at, Stage::KRope, &[t, ekv], &mut k);
+        kv.write(l, pos0, &k, &v);
+        let mut attn = if sink.enabled() {
+            let raw = self.attn_scores(kv, l, &q, pos0);
+            let mut scores = self.causal_zero(&raw, pos0, t);
+            sink.stage(at, Stage::AttnScores, &[h, t, n_keys], &mut scores);
+            let mut probs = self.attn_softmax(&scores, &raw, pos0, t);
+            sink.stage(at, Stage::AttnProbs, &[h, t, n_keys], &mut probs);
+            self.attn_apply(kv, l, &probs, pos0, t)
+        } else {
+            self.attention(kv, l, &q, pos0)
+        };
+        sink.stage(at, Stage::AttnOut, &[t, e], &mut attn);
+        if let Some(sub_norm) = &w.attn_sub_norm {
+            if !self.faults.has(Fault::SkipAttnSubNorm) {
+                attn = ops::rms_norm(&attn, e, self.eps(), sub_norm);
+            }
+            sink.stage(at, Stage::AttnSubNorm, &[t, e], &mut attn);
+        }
+        let mut o = self.linear(&w.o, &attn);
+        sink.stage(at, Stage::OProj, &[t, e], &mut o);
+        let mut ffn_inp = ops::add(&o, &x);
+        sink.stage(at, Stage::FfnInp, &[t, e], &mut ffn_inp);
+
+        // Gated FFN: act(gate) * up, sub norm, down, residual.
+        let mut cur = ops::rms_norm(&ffn_inp, e, self.eps(), &w.ffn_norm);
+        sink.stage(at, Stage::FfnNorm, &[t, e], &mut cur);
+        let mut gate = self.linear(&w.gate, &cur);
+        sink.stage(at, Stage::FfnGate, &[t, f], &mut gate);
+        let mut act = if self.ffn_relu2() { ops::relu2(&gate) } else { ops::silu(&gate) };
+        sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
+        let mut up = self.linear(&w.up, &cur);
+        sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
+        let mut prod = ops::mul(&act, &up);
+        sink.stage(at, Stage::FfnMul, &[t, f], &mut prod);
+        if let Some(sub_norm) = &w.ffn_sub_norm {
+            prod = ops::rms_norm(&prod, f, self.eps(), sub_norm);
+            sink.stage(at, Stage::FfnSubNorm, &[t, f], &mut prod);
+        }
+        let mut down = self.linear(&w.down, &prod);
+        sink.stage(at, Stage::FfnDown, &[t, e], &mut down);
+        let mut l_out = ops::add(&down, &ffn_inp);
+        sink.stage(at, Stage::LOut, &[t, e], &mut l_out);
+        l_out
+    }
+
+    fn eps(&self) -> f32 {
+        if self.faults.has(Fault::EpsHardcoded) {
+            // The bug: a constant instead of the metadata; make sure it differs.
+            if self.config.rms_eps == 1e-5 {
+                1e-6
+            } else {
+                1e-5
+            }
+        } else {
+            self.config.rms_eps
+        }
+    }
+
+    fn ffn_relu2(&self) -> bool {
+        self.config.arch.ffn_relu2() != self.faults.has(Fault::WrongFfnAct)
+    }
+
+    fn act_variant(&self) -> ActQuantVariant {
+        ActQuantVariant {
+            round_half_away: self.faults.has(Fault::ActRoundHalfAway),
+            scale_numerator: if self.faults.has(Fault::ActScale128) { 128 } else { 127 },
+        }
+    }
+
+    /// Rows of token embeddings, F16 converted exactly (ggml_get_rows).
+    fn embedding(&self, m: &DenseMatrix, tokens: &[u32]) -> Vec<f32> {
+        let mut x = vec![0f32; tokens.len() * m.n_in];
+        for (row, &tok) in x.chunks_exact_mut(m.n_in).zip(tokens) {
+            m.row_into(self.file, tok as usize, row);
+        }
+        x
+    }
+
+    /// An I2_S projection of the rows of `x`: per-row int8 quantization,
+    /// integer products, then ggml's epilogue
+    /// `((float)Σcode·q − (float)Σq) / act_scale * weight_scale` and the
+    /// optional `*.scale` multiply. Rows of the matrix are split across
+    /// threads; each output element is computed by exactly one thread.
+    fn linear(&self, m: &I2sMatrix, x: &[f32]) -> Vec<f32> {
+        let (n_in, n_out) = (m.n_in, m.n_out);
+        let t = x.len() / n_in;
+        let mut q = vec![0i8; x.len()];
+        let acts = quantize_rows(x, n_in, &mut q, self.act_variant());
+        let codes = m.codes(self.file);
+        let mut sums = vec![0i32; n_out * t];
+        let chunk = rows_per_task(n_out, self.pool.current_num_threads());
+        self.pool.install(|| {
+            sums.par_chunks_mut(chunk * t).enumerate().for_each(|(ci, out)| {
+                let r0 = ci * chunk;
+                self.kernel.matmul(self.wrap, codes, n_in, r0..r0 + out.len() / t, &q, out);
+            })
+        });
+        let mut y = vec![0f32; t * n_out];
+        for (r, row_sums) in sums.chunks_exact(t).enumerate() {
+            for (ti, (&s, act)) in row_sums.iter().zip(&acts).enumerate() {
+                y[ti * n_out + r] = self.dequant(s, act, m);
+            }
+        }
+        y
+    }
+
+    #[inline]
+    fn dequant(&self, sum: i32, act: &ActRow, m: &I2sMatrix) -> f32 {
+        let offset = if self.faults.has(Fault::MissingRowSum) {
+            0
+        } else if self.faults.has(Fault::I2sCodeOffByOne) {
+            2 * act.sum
+        } else {
+            act.sum
+        };
+        let v = (sum as f32 - offset as f32) / act.scale;
+        let v = if self.faults.has(Fault::WeightScaleDivide) {
+            v / m.weight_scale
+        } else {
+            v * m.weight_scale
+        };
+        match m.extra_scale {
+            Some(s) => v * s,
+            None => v,
+        }
+    }
+
+    fn rope(&self, x: &mut [f32], n_heads: usize, pos0: usize) {
+        let c = self.config;
+        let neox = c.arch.rope_neox() && !self.faults.has(Fault::RopeInterleaved);
+        ops::rope(x, n_heads, c.head_dim, pos0, c.rope_theta, neox);
+    }
+
+    /// The kv head query head `h` reads.
+    fn kv_head(&self, h: usize) -> usize {
+        if self.faults.has(Fault::GqaModulo) {
+            h % self.config.n_head_kv
+        } else {
+            h / self.config.gqa_group()
+        }
+    }
+
+    fn attn_scale(&self) -> f32 {
+        let hd = self.config.head_dim as f32;
+        if self.faults.has(Fault::AttnScaleInvHeadDim) {
+            1.0 / hd
+        } else {
+            1.0 / hd.sqrt()
+        }
+    }
+
+    /// Keys visible to query row t (all cached keys under NoCausalMask).
+    fn visible(&self, pos0: usize, t: usize, n_keys: usize) -> usize {
+        if self.faults.has(Fault::NoCausalMask) {
+            n_keys
+        } else {
+            pos0 + t + 1
+        }
+    }
+
+    /// The query of head h for row t, rounded to f16 when K is F16 (ggml's
+    /// mul_mat converts src1 to src0's F16 vec_dot type).
+    fn query(&self, q: &[f32], t: usize, h: usize) -> Vec<f32> {
+        let (e, hd) = (self.config.n_embd, self.config.head_dim);
+        let row = &q[t * e + h * hd..t * e + (h + 1) * hd];
+        if self.kv_f16 {
+            row.iter().map(|&v| round_f16(v)).collect()
+        } else {
+            row.to_vec()
+        }
+    }
+
+    /// `out[j] = q·k_j` for j < n (f32, left to right).
+    fn score_row(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
+        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+            *o = ops::dot_f32(q, k);
+        }
+    }
+
+    /// `out[d] = Σ_j p_j v_j[d]` (probabilities rounded to f16 when V is F16).
+    fn apply_row(&self, p: &[f32], vals: &[f32], hd: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        for (&pj, vj) in p.iter().zip(vals.chunks_exact(hd)) {
+            let pj = if self.kv_f16 { round_f16(pj) } else { pj };
+            for (o, &v) in out.iter_mut().zip(vj) {
+                *o += pj * v;
+            }
+        }
+    }
+
+    /// Raw q·k for every head, [H, T, K]; future entries are 0 unless
+    /// NoCausalMask (then they are computed, for the softmax to use).
+    fn attn_scores(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
+        let c = self.config;
+        let (hd, t) = (c.head_dim, q.len() / c.n_embd);
+        let n_keys = pos0 + t;
+        let per_head: Vec<Vec<f32>> = self.pool.install(|| {
+            (0..c.n_head)
+                .into_par_iter()
+                .map(|h| {
+                    let keys = kv.keys(l, self.kv_head(h), n_keys);
+                    let mut s = vec![0f32; t * n_keys];
+                    for (ti, row) in s.chunks_exact_mut(n_keys).enumerate() {
+                        let n = self.visible(pos0, ti, n_keys);
+                        Self::score_row(&self.query(q, ti, h), &keys, hd, &mut row[..n]);
+                    }
+                    s
+                })
+                .collect()
+        });
+        per_head.concat()
+    }
+
+    /// The canonical attn_scores: future entries zeroed.
+    fn causal_zero(&self, raw: &[f32], pos0: usize, t: usize) -> Vec<f32> {
+        let n_keys = pos0 + t;
+        let mut s = raw.to_vec();
+        for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
+            row[pos0 + i % t + 1..].fill(0.0);
+        }
+        s
+    }
+
+    /// Softmax of scaled scores per row; causal entries from `scores` (the
+    /// sink may have replaced them), future ones from `raw` under NoCausalMask.
+    fn attn_softmax(&self, scores: &[f32], raw: &[f32], pos0: usize, t: usize) -> Vec<f32> {
+        let n_keys = pos0 + t;
+        let mut probs = vec![0f32; scores.len()];
+        let mut row_in = vec![0f32; n_keys];
+        for (i, p) in probs.chunks_exact_mut(n_keys).enumerate() {
+            let causal = pos0 + i % t + 1;
+            let n = self.visible(pos0, i % t, n_keys);
+            row_in[..causal].copy_from_slice(&scores[i * n_keys..i * n_keys + causal]);
+            row_in[causal..n].copy_from_slice(&raw[i * n_keys + causal..i * n_keys + n]);
+            ops::softmax_row(&row_in, n, self.attn_scale(), p);
+        }
+        probs
+    }
+
+    /// probs [H, T, K] · V → [T, E].
+    fn attn_apply(&self, kv: &KvCache, l: usize, probs: &[f32], pos0: usize, t: usize) -> Vec<f32> {
+        let c = self.config;
+        let (hd, n_keys) = (c.head_dim, pos0 + t);
+        self.per_head_out(t, |h, out| {
+            let vals = kv.values(l, self.kv_head(h), n_keys);
+            for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
+                let p = &probs[(h * t + ti) * n_keys..(h * t + ti + 1) * n_keys];
+                let n = self.visible(pos0, ti, n_keys);
+                self.apply_row(&p[..n], &vals, hd, o);
+            }
+        })
+    }
+
+    /// Untraced attention: the same row math without [H, T, K] buffers.
+    fn attention(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
+        let c = self.config;
+        let (hd, t) = (c.head_dim, q.len() / c.n_embd);
+        let n_keys = pos0 + t;
+        self.per_head_out(t, |h, out| {
+            let keys = kv.keys(l, self.kv_head(h), n_keys);
+            let vals = kv.values(l, self.kv_head(h), n_keys);
+            let mut raw = vec![0f32; n_keys];
+            let mut p = vec![0f32; n_keys];
+            for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
+                let n = self.visible(pos0, ti, n_keys);
+                Self::score_row(&self.query(q, ti, h), &keys, hd, &mut raw[..n]);
+                ops::softmax_row(&raw, n, self.attn_scale(), &mut p);
+                self.apply_row(&p[..n], &vals, hd, o);
+            }
+        })
+    }
+
+    /// Run `f(h, out[T, hd])` for every head in parallel and interleave the
+    /// heads into [T, E].
+    fn per_head_out(&self, t: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+        let c = self.config;
+        let hd = c.head_dim;
+        let per_head: Vec<Vec<f32>> = self.pool.install(|| {
+            (0..c.n_head)
+                .into_par_iter()
+                .map(|h| {
+                    let mut out = vec![0f32; t * hd];
+                    f(h, &mut out);
+                    out
+                })
+                .collect()
+        });
+        let mut y = vec![0f32; t * c.n_embd];
+        for (h, out) in per_head.iter().enumerate() {
+            for (ti, o) in out.chunks_exact(hd).enumerate() {
+                y[ti * c.n_embd + h * hd..ti * c.n_embd + (h + 1) * hd].copy_from_slice(o);
+            }
+        }
+        y
+    }
+
+    /// Logits [T, V] against the output (or tied embedding) matrix. With an
+    /// F16 matrix the activations are rounded to f16 first, as ggml's
+    /// mul_mat does for an F16 src0.
+    fn logits(&self, m: &DenseMatrix, x: &[f32]) -> Vec<f32> {
+        let (e, v) = (m.n_in, m.rows);
+        let t = x.len() / e;
+        let xs: Vec<f32> = if m.is_f16() {
+            x.iter().map(|&a| round_f16(a)).collect()
+        } else {
+            x.to_vec()
+        };
+        let mut out_t = vec![0f32; v * t];
+        let chunk = rows_per_task(v, self.pool.current_num_threads());
+        self.pool.install(|| {
+            out_t.par_chunks_mut(chunk * t).enumerate().for_each(|(ci, out)| {
+                let mut row = vec![0f32; e];
+                for (ri, o) in out.chunks_exact_mut(t).enumerate() {
+                    m.row_into(self.file, ci * chunk + ri, &mut row);
+                    for (ti, oi) in o.iter_mut().enumerate() {
+                        *oi = ops::dot_f32(&row, &xs[ti * e..(ti + 1) * e]);
+                    }
+                }
+            })
+        });
+        let mut y = vec![0f32; t * v];
+        for (r, o) in out_t.chunks_exact(t).enumerate() {
+            for (ti, &val) in o.iter().enumerate() {
+                y[ti * v + r] = val;
+            }
+        }
+        y
+    }
+}
+
+/// Rows per parallel task: a few tasks per thread, at least 16 rows.
+fn rows_per_task(n_rows: usize, threads: usize) -> usize {
+    (n_rows / (threads * 4)).max(16).min(n_rows.max(1))
+}
