@@ -36,6 +36,9 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a deterministic synthetic BitNet model.
     GenModel(gen_model::Args),
+    /// Internal: serve the reference engine over stdin/stdout (crash isolation).
+    #[command(name = "__reference-worker", hide = true)]
+    ReferenceWorker,
 }
 
 pub fn main() -> ExitCode {
@@ -50,6 +53,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::GenModel(a) => gen_model::run(a),
+        Command::ReferenceWorker => return ExitCode::from(divergence::reference::worker::serve() as u8),
     };
     match result {
         Ok(code) => code,

@@ -1,1 +1,144 @@
-//! (module under construction)
+//! The reference engine: bitnet.cpp, built from the pinned source by
+//! `build.rs`, reached through bindgen. The only module with FFI.
+//!
+//! Two ways in:
+//! - [`session`]: in-process model/context/decode/capture. A `GGML_ASSERT` in
+//!   bitnet.cpp aborts the process, so only tests and the worker use it.
+//! - [`worker`]: the same API in a child process (our own binary in worker
+//!   mode, frames over a pipe). The lockstep runner uses this: a crash of the
+//!   reference becomes [`RefError::Crashed`] with the signal and the last node
+//!   the child reported, and the harness lives on to write the receipt.
+//! - [`kernels`]: bitnet.cpp's internal I2_S kernels through `ffi/shim.c`.
+
+mod ffi;
+pub mod kernels;
+pub mod session;
+pub mod worker;
+
+use serde::{Deserialize, Serialize};
+
+pub use session::{Context, ContextOptions, Decoded, Model};
+
+/// KV cache element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KvType {
+    #[default]
+    F16,
+    F32,
+}
+
+/// One graph node as `cb_eval` showed it, data converted to contiguous f32.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// ggml op name ("MUL_MAT", "ROPE", ...).
+    pub op: String,
+    /// ggml type name of the node's data ("f32", "f16").
+    pub ty: String,
+    /// ggml dims, ne0 (innermost) first.
+    pub ne: [usize; 4],
+    /// ggml strides in bytes, as the node had them (before we made it contiguous).
+    pub nb: [usize; 4],
+    /// Layer parsed from a `-N` name suffix.
+    pub layer: Option<usize>,
+    #[serde(skip)]
+    pub data: Vec<f32>,
+}
+
+/// Which nodes to copy. A full-size model should not copy every tensor.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CaptureFilter {
+    /// Capture nothing at all (fastest; logits only).
+    pub off: bool,
+    /// Only these layers (model-level nodes are always kept).
+    pub layers: Option<Vec<usize>>,
+    /// Only names containing one of these (empty: all).
+    pub name_patterns: Vec<String>,
+}
+
+impl CaptureFilter {
+    pub fn all() -> Self {
+        CaptureFilter::default()
+    }
+
+    pub fn none() -> Self {
+        CaptureFilter { off: true, ..Default::default() }
+    }
+
+    pub fn wants(&self, name: &str) -> bool {
+        if self.off || name.is_empty() {
+            return false;
+        }
+        if let Some(layers) = &self.layers {
+            if let Some(layer) = name.rsplit_once('-').and_then(|(_, l)| l.parse::<usize>().ok()) {
+                if !layers.contains(&layer) {
+                    return false;
+                }
+            }
+        }
+        self.name_patterns.is_empty() || self.name_patterns.iter().any(|p| name.contains(p.as_str()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefError {
+    #[error("reference refused the model: {0}")]
+    Load(String),
+    #[error("reference decode failed: {0}")]
+    Decode(String),
+    #[error("bad input for the reference: {0}")]
+    Input(String),
+    #[error("reference capture failed: {0}")]
+    Capture(String),
+    #[error("reference crashed ({signal}); last node reached: {last_node}; its stderr ended with: {stderr_tail}")]
+    Crashed { signal: String, last_node: String, stderr_tail: String },
+    #[error("reference worker: {0}")]
+    Worker(String),
+}
+
+/// How the reference was built and how it runs: goes into every receipt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BuildInfo {
+    pub source: String,
+    pub source_sha256: String,
+    pub patches: Vec<String>,
+    pub compiler: String,
+    pub cmake_flags: String,
+    pub march: String,
+    pub cpu_features: Vec<String>,
+    pub i2s_kernel: String,
+    pub threads: usize,
+}
+
+impl BuildInfo {
+    pub fn current(threads: usize) -> BuildInfo {
+        let split = |s: &str| s.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect();
+        BuildInfo {
+            source: env!("DIVERGENCE_REF_ORIGIN").to_owned(),
+            source_sha256: env!("DIVERGENCE_REF_SHA256").to_owned(),
+            patches: split(env!("DIVERGENCE_REF_PATCHES")),
+            compiler: env!("DIVERGENCE_REF_COMPILER").to_owned(),
+            cmake_flags: env!("DIVERGENCE_REF_CMAKE_FLAGS").to_owned(),
+            march: env!("DIVERGENCE_REF_MARCH").to_owned(),
+            cpu_features: cpu_features(),
+            i2s_kernel: if kernels::available() { "ggml_vec_dot_i2_i8_s (AVX2)".into() } else { "none".into() },
+            threads,
+        }
+    }
+}
+
+/// The SIMD features of this CPU that matter to either engine.
+pub fn cpu_features() -> Vec<String> {
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) { out.push($f.to_string()); }
+            )*};
+        }
+        probe!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi");
+    }
+    out
+}

@@ -1,0 +1,356 @@
+//! The in-process, safe face of bitnet.cpp: model, context, tokenizer,
+//! decode with logits for every position, and the `cb_eval` capture.
+//!
+//! Everything here runs bitnet.cpp in *this* process, so a `GGML_ASSERT` in it
+//! aborts us. The lockstep runner therefore uses it only inside the worker
+//! child (`super::worker`); tests that want the kernels directly use it too.
+
+use super::ffi;
+use super::{CaptureFilter, KvType, Node, RefError};
+use std::ffi::{c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Once;
+
+static BACKEND: Once = Once::new();
+
+fn backend_init() {
+    BACKEND.call_once(|| {
+        // SAFETY: called once per process before any other llama call; the
+        // log callback is a plain extern "C" fn with no captured state.
+        unsafe {
+            ffi::llama_log_set(Some(log_callback), std::ptr::null_mut());
+            ffi::llama_backend_init();
+        }
+    });
+}
+
+/// llama.cpp logs every tensor it loads; keep warnings and errors only
+/// (level 2 = ERROR, 3 = WARN in ggml_log_level).
+unsafe extern "C" fn log_callback(level: ffi::ggml_log_level::Type, text: *const std::os::raw::c_char, _: *mut c_void) {
+    if (level == ffi::ggml_log_level::GGML_LOG_LEVEL_ERROR || level == ffi::ggml_log_level::GGML_LOG_LEVEL_WARN)
+        && !text.is_null()
+    {
+        // SAFETY: ggml passes a NUL-terminated message that lives for the call.
+        let msg = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+        eprint!("bitnet.cpp: {msg}");
+    }
+}
+
+/// A loaded model. Dropping it frees the model.
+pub struct Model {
+    ptr: NonNull<ffi::llama_model>,
+}
+
+// SAFETY: a llama_model is immutable after load and llama.cpp shares it
+// between contexts on different threads.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Loads a GGUF the caller has already validated with `crate::gguf`
+    /// (bitnet.cpp aborts on some malformed files instead of failing).
+    pub fn load(path: &Path) -> Result<Model, RefError> {
+        backend_init();
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| RefError::Load(format!("{}: path contains a NUL byte", path.display())))?;
+        // SAFETY: default params are plain data; the path is NUL-terminated
+        // and outlives the call; a null return means failure.
+        let ptr = unsafe {
+            let mut params = ffi::llama_model_default_params();
+            params.use_mmap = true;
+            ffi::llama_load_model_from_file(c_path.as_ptr(), params)
+        };
+        NonNull::new(ptr)
+            .map(|ptr| Model { ptr })
+            .ok_or_else(|| RefError::Load(format!("bitnet.cpp could not load {}", path.display())))
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: ptr is a live model.
+        unsafe { ffi::llama_n_vocab(self.ptr.as_ptr()) as usize }
+    }
+
+    /// The model's own description string ("bitnet 700M I2_S - 2 bpw ternary", ...).
+    pub fn describe(&self) -> String {
+        let mut buf = vec![0u8; 256];
+        // SAFETY: buf is writable for its length; llama writes a NUL-terminated string.
+        let n = unsafe { ffi::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        buf.truncate(n.max(0) as usize);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Token ids as the reference's tokenizer makes them.
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, RefError> {
+        let mut cap = text.len() + 8;
+        loop {
+            let mut out = vec![0i32; cap];
+            // SAFETY: text is valid for text.len() bytes; out holds cap tokens.
+            let n = unsafe {
+                ffi::llama_tokenize(
+                    self.ptr.as_ptr(),
+                    text.as_ptr().cast(),
+                    i32::try_from(text.len()).map_err(|_| RefError::Input("prompt too long".into()))?,
+                    out.as_mut_ptr(),
+                    cap as i32,
+                    add_bos,
+                    false,
+                )
+            };
+            if n >= 0 {
+                out.truncate(n as usize);
+                return Ok(out.into_iter().map(|t| t as u32).collect());
+            }
+            cap = (-n) as usize;
+        }
+    }
+
+    /// Text of token ids, as the reference renders them.
+    pub fn detokenize(&self, ids: &[u32]) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            let mut buf = [0u8; 128];
+            // SAFETY: buf is writable for its length.
+            let n = unsafe {
+                ffi::llama_token_to_piece(self.ptr.as_ptr(), id as i32, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false)
+            };
+            if n > 0 {
+                bytes.extend_from_slice(&buf[..n as usize]);
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: we own the model; contexts hold an Arc to it, so none is alive.
+        unsafe { ffi::llama_free_model(self.ptr.as_ptr()) }
+    }
+}
+
+/// How to build a context.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ContextOptions {
+    pub threads: usize,
+    pub kv_type: KvType,
+    pub n_ctx: usize,
+    pub n_batch: usize,
+}
+
+/// What the `cb_eval` callback writes into: owned by the context, boxed so its
+/// address stays fixed while bitnet.cpp holds a pointer to it.
+struct CaptureState {
+    filter: CaptureFilter,
+    nodes: Vec<Node>,
+    /// Called with each node as it is captured (the worker streams them so
+    /// that a crash still leaves the last stage reached).
+    on_node: Option<Box<dyn FnMut(&Node)>>,
+    panicked: bool,
+}
+
+/// A decoding context with its KV cache. Dropping it frees the context.
+pub struct Context {
+    ptr: NonNull<ffi::llama_context>,
+    model: std::sync::Arc<Model>,
+    capture: Box<CaptureState>,
+    n_vocab: usize,
+}
+
+/// The result of one decode call.
+pub struct Decoded {
+    /// Row-major [T, n_vocab].
+    pub logits: Vec<f32>,
+    /// Every captured graph node, in callback order.
+    pub nodes: Vec<Node>,
+}
+
+impl Context {
+    pub fn new(model: std::sync::Arc<Model>, opts: &ContextOptions, filter: CaptureFilter) -> Result<Context, RefError> {
+        let mut capture = Box::new(CaptureState { filter, nodes: Vec::new(), on_node: None, panicked: false });
+        let threads = i32::try_from(opts.threads.max(1)).map_err(|_| RefError::Input("thread count".into()))?;
+        let kv = match opts.kv_type {
+            KvType::F16 => ffi::ggml_type::GGML_TYPE_F16,
+            KvType::F32 => ffi::ggml_type::GGML_TYPE_F32,
+        };
+        // SAFETY: params are plain data; the capture box outlives the context
+        // (dropped after llama_free in Drop); the callback never unwinds.
+        let ptr = unsafe {
+            let mut p = ffi::llama_context_default_params();
+            p.n_ctx = opts.n_ctx as u32;
+            p.n_batch = opts.n_batch as u32;
+            p.n_ubatch = opts.n_batch as u32;
+            p.n_seq_max = 1;
+            p.n_threads = threads;
+            p.n_threads_batch = threads;
+            p.type_k = kv;
+            p.type_v = kv;
+            p.flash_attn = false;
+            p.no_perf = true;
+            p.cb_eval = Some(eval_callback);
+            p.cb_eval_user_data = (&mut *capture as *mut CaptureState).cast();
+            ffi::llama_new_context_with_model(model.ptr.as_ptr(), p)
+        };
+        let ptr = NonNull::new(ptr).ok_or_else(|| RefError::Load("bitnet.cpp could not create a context".into()))?;
+        let n_vocab = model.n_vocab();
+        Ok(Context { ptr, model, capture, n_vocab })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Streams every captured node to `f` as it is captured.
+    pub fn on_node(&mut self, f: Box<dyn FnMut(&Node)>) {
+        self.capture.on_node = Some(f);
+    }
+
+    pub fn set_filter(&mut self, filter: CaptureFilter) {
+        self.capture.filter = filter;
+    }
+
+    /// Empties the KV cache.
+    pub fn clear_kv(&mut self) {
+        // SAFETY: live context.
+        unsafe { ffi::llama_kv_cache_clear(self.ptr.as_ptr()) }
+    }
+
+    /// Decodes `tokens` at positions `pos0..`, with logits for every position.
+    pub fn decode(&mut self, tokens: &[u32], pos0: usize) -> Result<Decoded, RefError> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(RefError::Input("decode of an empty batch".into()));
+        }
+        let n_i32 = i32::try_from(n).map_err(|_| RefError::Input("batch too large".into()))?;
+        self.capture.nodes.clear();
+        self.capture.panicked = false;
+        // SAFETY: llama_batch_init allocates arrays of n entries (one seq id
+        // each) that we fill within bounds and free below.
+        let rc = unsafe {
+            let batch = ffi::llama_batch_init(n_i32, 0, 1);
+            for (i, &t) in tokens.iter().enumerate() {
+                *batch.token.add(i) = t as i32;
+                *batch.pos.add(i) = (pos0 + i) as i32;
+                *batch.n_seq_id.add(i) = 1;
+                *(*batch.seq_id.add(i)) = 0;
+                *batch.logits.add(i) = 1;
+            }
+            let mut b = batch;
+            b.n_tokens = n_i32;
+            let rc = ffi::llama_decode(self.ptr.as_ptr(), b);
+            ffi::llama_batch_free(batch);
+            rc
+        };
+        if self.capture.panicked {
+            return Err(RefError::Capture("the capture callback panicked".into()));
+        }
+        if rc != 0 {
+            return Err(RefError::Decode(format!("llama_decode returned {rc}")));
+        }
+        let mut logits = Vec::with_capacity(n * self.n_vocab);
+        for i in 0..n {
+            // SAFETY: logits were requested for every position; each row has n_vocab floats.
+            let row = unsafe { ffi::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
+            if row.is_null() {
+                return Err(RefError::Decode(format!("no logits for position {i}")));
+            }
+            // SAFETY: see above.
+            logits.extend_from_slice(unsafe { std::slice::from_raw_parts(row, self.n_vocab) });
+        }
+        Ok(Decoded { logits, nodes: std::mem::take(&mut self.capture.nodes) })
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: we own the context; the capture box is dropped after this.
+        unsafe { ffi::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// `cb_eval`: asked once per node whether we want it (`ask`), then called
+/// with the computed node. Never unwinds into C.
+unsafe extern "C" fn eval_callback(t: *mut ffi::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        if t.is_null() || user.is_null() {
+            return true;
+        }
+        // SAFETY: user is the CaptureState box of a live context, and the
+        // callback runs on the thread that called llama_decode.
+        let state = unsafe { &mut *(user as *mut CaptureState) };
+        // SAFETY: ggml hands us a live tensor for the duration of the call.
+        let tensor = unsafe { &*t };
+        let name = tensor_name(tensor);
+        if ask {
+            return state.filter.wants(&name);
+        }
+        if !state.filter.wants(&name) {
+            return true;
+        }
+        // SAFETY: the node has been computed; its data lives on the CPU.
+        let node = unsafe { read_node(tensor, name) };
+        if let Some(f) = state.on_node.as_mut() {
+            f(&node);
+        }
+        state.nodes.push(node);
+        true
+    }));
+    match result {
+        Ok(v) => v,
+        Err(_) => {
+            // SAFETY: as above; we only set a flag.
+            if let Some(state) = unsafe { (user as *mut CaptureState).as_mut() } {
+                state.panicked = true;
+            }
+            true
+        }
+    }
+}
+
+fn tensor_name(t: &ffi::ggml_tensor) -> String {
+    let bytes: Vec<u8> = t.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Copies a node's data to contiguous f32, whatever its strides.
+///
+/// # Safety
+/// `t.data` must point to the node's computed data on the CPU.
+unsafe fn read_node(t: &ffi::ggml_tensor, name: String) -> Node {
+    // SAFETY: op names are static strings in ggml.
+    let op = unsafe { CStr::from_ptr(ffi::ggml_op_name(t.op)) }.to_string_lossy().into_owned();
+    // SAFETY: as above.
+    let ty = unsafe { CStr::from_ptr(ffi::ggml_type_name(t.type_)) }.to_string_lossy().into_owned();
+    let ne: [usize; 4] = t.ne.map(|v| v.max(0) as usize);
+    let nb = t.nb;
+    let count = ne.iter().product::<usize>();
+    let mut data = Vec::with_capacity(count);
+    let base = t.data as *const u8;
+    if !base.is_null() {
+        for i3 in 0..ne[3] {
+            for i2 in 0..ne[2] {
+                for i1 in 0..ne[1] {
+                    for i0 in 0..ne[0] {
+                        let off = i0 * nb[0] + i1 * nb[1] + i2 * nb[2] + i3 * nb[3];
+                        // SAFETY: off is inside the tensor's view by its own ne/nb.
+                        let v = unsafe {
+                            match t.type_ {
+                                ffi::ggml_type::GGML_TYPE_F32 => (base.add(off) as *const f32).read_unaligned(),
+                                ffi::ggml_type::GGML_TYPE_F16 => {
+                                    half::f16::from_bits((base.add(off) as *const u16).read_unaligned()).to_f32()
+                                }
+                                ffi::ggml_type::GGML_TYPE_I32 => (base.add(off) as *const i32).read_unaligned() as f32,
+                                ffi::ggml_type::GGML_TYPE_I8 => *(base.add(off) as *const i8) as f32,
+                                _ => f32::NAN,
+                            }
+                        };
+                        data.push(v);
+                    }
+                }
+            }
+        }
+    }
+    let layer = name.rsplit_once('-').and_then(|(_, l)| l.parse().ok());
+    Node { name, op, ty, ne, nb, layer, data }
+}

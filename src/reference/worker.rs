@@ -1,0 +1,341 @@
+//! bitnet.cpp in a child process, so that its `abort()` is a report, not our
+//! death.
+//!
+//! The child is our own binary started as `divergence __reference-worker`. The
+//! parent writes one JSON request per line to its stdin; the child answers on
+//! stdout with frames `[kind u8][json_len u32 LE][json][blob_len u64 LE][blob]`:
+//! `N` a captured node (json [`Node`], blob its f32 data) streamed while the
+//! graph runs, `R` the reply to a request (blob: logits for a decode), `E` an
+//! error. Streaming nodes means that when the child dies, the parent knows the
+//! last node it reached. The child's stderr is kept (last 8 KiB) for the
+//! crash report.
+
+use super::session::{Context, ContextOptions, Model};
+use super::{CaptureFilter, Node, RefError};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// The hidden subcommand that runs [`serve`].
+pub const WORKER_ARG: &str = "__reference-worker";
+const STDERR_TAIL: usize = 8 * 1024;
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Request {
+    Load { model: PathBuf, ctx: ContextOptions, filter: CaptureFilter },
+    Tokenize { text: String, add_bos: bool },
+    Detokenize { ids: Vec<u32> },
+    Decode { tokens: Vec<u32>, pos0: usize },
+    SetFilter { filter: CaptureFilter },
+    ClearKv,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Reply {
+    Loaded { n_vocab: usize, description: String },
+    Tokens(Vec<u32>),
+    Text(String),
+    Decoded { n_tokens: usize },
+    Done,
+}
+
+// ---------------------------------------------------------------- child side
+
+/// The worker's main loop: returns the process exit code.
+pub fn serve() -> i32 {
+    let stdin = std::io::stdin();
+    let out = Arc::new(Mutex::new(std::io::BufWriter::new(std::io::stdout())));
+    let mut ctx: Option<Context> = None;
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { return 0 };
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(req, &mut ctx, &out),
+            Err(e) => Err(RefError::Worker(format!("bad request: {e}"))),
+        };
+        let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+        let written = match reply {
+            Ok((reply, blob)) => write_frame(&mut *w, b'R', &reply, &blob),
+            Err(e) => write_frame(&mut *w, b'E', &e.to_string(), &[]),
+        };
+        if written.and_then(|_| w.flush()).is_err() {
+            return 0; // parent went away
+        }
+    }
+    0
+}
+
+type Out = Arc<Mutex<std::io::BufWriter<std::io::Stdout>>>;
+
+fn handle(req: Request, ctx: &mut Option<Context>, out: &Out) -> Result<(Reply, Vec<u8>), RefError> {
+    let need = |ctx: &mut Option<Context>| -> Result<(), RefError> {
+        ctx.as_ref().map(|_| ()).ok_or_else(|| RefError::Worker("no model loaded".into()))
+    };
+    match req {
+        Request::Load { model, ctx: opts, filter } => {
+            *ctx = None;
+            let m = Arc::new(Model::load(&model)?);
+            let description = m.describe();
+            let n_vocab = m.n_vocab();
+            let mut c = Context::new(m, &opts, filter)?;
+            let sink = Arc::clone(out);
+            c.on_node(Box::new(move |node: &Node| {
+                let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
+                // Flushed per node: if the next op aborts, this one arrived.
+                let _ = write_frame(&mut *w, b'N', node, &f32_bytes(&node.data)).and_then(|_| w.flush());
+            }));
+            *ctx = Some(c);
+            Ok((Reply::Loaded { n_vocab, description }, Vec::new()))
+        }
+        Request::Tokenize { text, add_bos } => {
+            need(ctx)?;
+            let ids = ctx.as_ref().map(|c| c.model().tokenize(&text, add_bos)).transpose()?.unwrap_or_default();
+            Ok((Reply::Tokens(ids), Vec::new()))
+        }
+        Request::Detokenize { ids } => {
+            need(ctx)?;
+            let text = ctx.as_ref().map(|c| c.model().detokenize(&ids)).unwrap_or_default();
+            Ok((Reply::Text(text), Vec::new()))
+        }
+        Request::Decode { tokens, pos0 } => {
+            need(ctx)?;
+            let c = ctx.as_mut().ok_or_else(|| RefError::Worker("no model loaded".into()))?;
+            let decoded = c.decode(&tokens, pos0)?;
+            Ok((Reply::Decoded { n_tokens: tokens.len() }, f32_bytes(&decoded.logits)))
+        }
+        Request::SetFilter { filter } => {
+            need(ctx)?;
+            if let Some(c) = ctx.as_mut() {
+                c.set_filter(filter);
+            }
+            Ok((Reply::Done, Vec::new()))
+        }
+        Request::ClearKv => {
+            need(ctx)?;
+            if let Some(c) = ctx.as_mut() {
+                c.clear_kv();
+            }
+            Ok((Reply::Done, Vec::new()))
+        }
+    }
+}
+
+fn write_frame<W: Write, T: Serialize>(w: &mut W, kind: u8, header: &T, blob: &[u8]) -> std::io::Result<()> {
+    let json = serde_json::to_vec(header).map_err(std::io::Error::other)?;
+    w.write_all(&[kind])?;
+    w.write_all(&(json.len() as u32).to_le_bytes())?;
+    w.write_all(&json)?;
+    w.write_all(&(blob.len() as u64).to_le_bytes())?;
+    w.write_all(blob)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32_from_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+// --------------------------------------------------------------- parent side
+
+/// A reference running in a child process.
+pub struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    stderr_tail: Arc<Mutex<Vec<u8>>>,
+    last_node: String,
+    pub n_vocab: usize,
+    pub description: String,
+}
+
+/// Where our own binary is, to start it as the worker: `DIVERGENCE_EXE`, this
+/// executable when it is `divergence`, or `divergence` beside (or one folder
+/// above) a test binary in `target/*/deps`.
+pub fn default_exe() -> Result<PathBuf, RefError> {
+    if let Some(p) = std::env::var_os("DIVERGENCE_EXE") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().map_err(|e| RefError::Worker(format!("current_exe: {e}")))?;
+    if me.file_stem().is_some_and(|s| s == "divergence") {
+        return Ok(me);
+    }
+    let dir = me.parent().unwrap_or(Path::new("."));
+    for cand in [dir.join("divergence"), dir.join("../divergence")] {
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    Err(RefError::Worker("cannot find the divergence binary to run the reference worker; set DIVERGENCE_EXE".into()))
+}
+
+impl Worker {
+    /// Starts the worker and loads the model into it.
+    pub fn start(exe: &Path, model: &Path, ctx: &ContextOptions, filter: CaptureFilter) -> Result<Worker, RefError> {
+        let mut child = Command::new(exe)
+            .arg(WORKER_ARG)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| RefError::Worker(format!("starting {}: {e}", exe.display())))?;
+        let (Some(stdin), Some(stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(RefError::Worker("child pipes missing".into()));
+        };
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&tail);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut t = sink.lock().unwrap_or_else(|p| p.into_inner());
+                t.extend_from_slice(&buf[..n]);
+                let excess = t.len().saturating_sub(STDERR_TAIL);
+                t.drain(..excess);
+            }
+        });
+        let mut w = Worker {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+            stderr_tail: tail,
+            last_node: "(none: it died before the first graph node)".into(),
+            n_vocab: 0,
+            description: String::new(),
+        };
+        let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
+        match w.call(&Request::Load { model, ctx: ctx.clone(), filter }, &mut Vec::new())? {
+            (Reply::Loaded { n_vocab, description }, _) => {
+                w.n_vocab = n_vocab;
+                w.description = description;
+                Ok(w)
+            }
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub fn tokenize(&mut self, text: &str, add_bos: bool) -> Result<Vec<u32>, RefError> {
+        match self.call(&Request::Tokenize { text: text.into(), add_bos }, &mut Vec::new())? {
+            (Reply::Tokens(t), _) => Ok(t),
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub fn detokenize(&mut self, ids: &[u32]) -> Result<String, RefError> {
+        match self.call(&Request::Detokenize { ids: ids.to_vec() }, &mut Vec::new())? {
+            (Reply::Text(t), _) => Ok(t),
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Decodes a batch: (logits [T, n_vocab], captured nodes in order).
+    pub fn decode(&mut self, tokens: &[u32], pos0: usize) -> Result<(Vec<f32>, Vec<Node>), RefError> {
+        let mut nodes = Vec::new();
+        match self.call(&Request::Decode { tokens: tokens.to_vec(), pos0 }, &mut nodes)? {
+            (Reply::Decoded { .. }, blob) => Ok((f32_from_bytes(&blob), nodes)),
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub fn set_filter(&mut self, filter: CaptureFilter) -> Result<(), RefError> {
+        self.call(&Request::SetFilter { filter }, &mut Vec::new()).map(|_| ())
+    }
+
+    pub fn clear_kv(&mut self) -> Result<(), RefError> {
+        self.call(&Request::ClearKv, &mut Vec::new()).map(|_| ())
+    }
+
+    fn call(&mut self, req: &Request, nodes: &mut Vec<Node>) -> Result<(Reply, Vec<u8>), RefError> {
+        let mut line = serde_json::to_vec(req).map_err(|e| RefError::Worker(e.to_string()))?;
+        line.push(b'\n');
+        if self.stdin.write_all(&line).and_then(|_| self.stdin.flush()).is_err() {
+            return Err(self.crashed());
+        }
+        loop {
+            let Some((kind, json, blob)) = self.read_frame() else {
+                return Err(self.crashed());
+            };
+            match kind {
+                b'N' => {
+                    let mut node: Node = serde_json::from_slice(&json).map_err(|e| RefError::Worker(e.to_string()))?;
+                    node.data = f32_from_bytes(&blob);
+                    self.last_node = format!("{} [{}]", node.name, node.op);
+                    nodes.push(node);
+                }
+                b'R' => {
+                    let reply: Reply = serde_json::from_slice(&json).map_err(|e| RefError::Worker(e.to_string()))?;
+                    return Ok((reply, blob));
+                }
+                b'E' => {
+                    let msg: String = serde_json::from_slice(&json).unwrap_or_else(|_| "unreadable error".into());
+                    return Err(RefError::Worker(msg));
+                }
+                other => return Err(RefError::Worker(format!("unknown frame kind {other}"))),
+            }
+        }
+    }
+
+    fn read_frame(&mut self) -> Option<(u8, Vec<u8>, Vec<u8>)> {
+        let mut kind = [0u8; 1];
+        self.stdout.read_exact(&mut kind).ok()?;
+        let mut len4 = [0u8; 4];
+        self.stdout.read_exact(&mut len4).ok()?;
+        let mut json = vec![0u8; u32::from_le_bytes(len4) as usize];
+        self.stdout.read_exact(&mut json).ok()?;
+        let mut len8 = [0u8; 8];
+        self.stdout.read_exact(&mut len8).ok()?;
+        let blob_len = usize::try_from(u64::from_le_bytes(len8)).ok()?;
+        let mut blob = vec![0u8; blob_len];
+        self.stdout.read_exact(&mut blob).ok()?;
+        Some((kind[0], json, blob))
+    }
+
+    /// The child is gone: collect how it died.
+    fn crashed(&mut self) -> RefError {
+        let status = self.child.wait();
+        // Give the stderr thread a moment to drain the last bytes.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let signal = match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (s.signal(), s.code()) {
+                    (Some(sig), _) => format!("signal {sig} ({})", signal_name(sig)),
+                    (None, Some(code)) => format!("exit code {code}"),
+                    _ => "unknown status".into(),
+                }
+            }
+            Err(e) => format!("unknown ({e})"),
+        };
+        let tail = self.stderr_tail.lock().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(6).collect();
+        RefError::Crashed {
+            signal,
+            last_node: self.last_node.clone(),
+            stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGKILL => "SIGKILL",
+        _ => "other",
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
