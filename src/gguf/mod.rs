@@ -1,13 +1,40 @@
 //! GGUF v3 (and v2) reading, validation and writing.
 //!
-//! CONTRACT (filled in by the GGUF issue; other modules rely on these names):
-//! - `GgmlType` { F32=0, F16=1, ..., I2S=36 } with `block_size()`/`tensor_bytes(n_elements)`
-//!   (I2_S: n/4 + 32).
-//! - `MetaValue` covering every GGUF value type including arrays.
-//! - `GgufFile::open(path) -> Result<GgufFile, GgufError>`: mmap + full validation.
-//!   `metadata()`, `get(key) -> Option<&MetaValue>`, typed getters `get_u32/get_f32/get_str/get_str_array`,
-//!   `tensors() -> &[TensorInfo]`, `tensor(name) -> Option<&TensorInfo>`,
-//!   `tensor_data(&TensorInfo) -> &[u8]` (zero-copy view), `path()`, `file_size()`.
-//! - `TensorInfo { name, dims: Vec<u64> (ne0 first), ty: GgmlType, offset (relative to data start), n_bytes }`.
-//! - `GgufWriter`: `new()`, `set(key, MetaValue)`, `add_tensor(name, dims, ty, bytes)`,
-//!   `write_to(path)` / `to_bytes()`.
+//! Both engines read the same file, so this module is the one place that
+//! decides whether a file is well formed. [`GgufFile::open`] memory-maps the
+//! file and validates *everything* before handing it out: magic, version,
+//! counts, string lengths, value and tensor type ids, dimensions, byte sizes
+//! per type (including I2_S's `ne/4 + 32`), alignment and placement of every
+//! tensor. After that, [`GgufFile::tensor_data`] is a plain zero-copy slice
+//! that cannot fail. A hostile or truncated file produces a [`GgufError`] that
+//! names the field, the byte offset and what was expected; it never panics and
+//! never allocates more than the file itself could describe.
+//!
+//! [`GgufWriter`] produces files that this reader, the PyPI `gguf` package and
+//! bitnet.cpp accept (tensor data aligned and padded as `gguf-py` does).
+//!
+//! Layout (v2/v3): magic `GGUF`, u32 version, u64 tensor count, u64 KV count,
+//! the KVs, the tensor infos, padding to `general.alignment`, then the data.
+
+mod error;
+mod reader;
+mod stats;
+mod types;
+mod value;
+mod writer;
+
+pub use error::GgufError;
+pub use reader::GgufFile;
+pub use stats::{tensor_stats, TensorStats};
+pub use types::{GgmlType, TensorInfo};
+pub use value::{MetaArray, MetaValue, ValueType};
+pub use writer::GgufWriter;
+
+/// The four bytes every GGUF file starts with.
+pub const MAGIC: [u8; 4] = *b"GGUF";
+/// Alignment of the data section and of every tensor when `general.alignment` is absent.
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// The metadata key that sets the alignment.
+pub const ALIGNMENT_KEY: &str = "general.alignment";
+/// The most dimensions a ggml tensor can have.
+pub const MAX_DIMS: usize = 4;

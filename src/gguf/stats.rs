@@ -1,0 +1,103 @@
+//! Per-tensor statistics: the numbers that settle "are the weights sane?".
+
+use super::{GgmlType, GgufFile, TensorInfo};
+use crate::quant::i2s;
+use serde::Serialize;
+
+/// Statistics of one tensor's values.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TensorStats {
+    /// F32/F16: moments over the finite values, plus counts of the others.
+    Float {
+        count: u64,
+        mean: f64,
+        std: f64,
+        min: f64,
+        max: f64,
+        nan: u64,
+        inf: u64,
+    },
+    /// I2_S: fraction of each code and the tensor scale. `invalid` counts
+    /// code 3, which no writer should produce.
+    Ternary {
+        count: u64,
+        minus_one: f64,
+        zero: f64,
+        plus_one: f64,
+        invalid: u64,
+        scale: f32,
+    },
+}
+
+/// Statistics for F32, F16 and I2_S tensors; `None` for other types.
+pub fn tensor_stats(file: &GgufFile, t: &TensorInfo) -> Option<TensorStats> {
+    let data = file.tensor_data(t);
+    let n = usize::try_from(t.n_elements()).ok()?;
+    match t.ty {
+        GgmlType::F32 => {
+            Some(float_stats(data.chunks_exact(4).map(|c| {
+                f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64
+            })))
+        }
+        GgmlType::F16 => Some(float_stats(
+            data.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()),
+        )),
+        GgmlType::I2S => {
+            if data.len() < i2s::packed_len(n) {
+                return None;
+            }
+            let mut counts = [0u64; 4];
+            for &byte in &data[..n / 4] {
+                for shift in [6, 4, 2, 0] {
+                    counts[((byte >> shift) & 3) as usize] += 1;
+                }
+            }
+            let total = (n as f64).max(1.0);
+            Some(TensorStats::Ternary {
+                count: n as u64,
+                minus_one: counts[0] as f64 / total,
+                zero: counts[1] as f64 / total,
+                plus_one: counts[2] as f64 / total,
+                invalid: counts[3],
+                scale: i2s::scale(data, n),
+            })
+        }
+        GgmlType::Q8_0 | GgmlType::I8 => None,
+    }
+}
+
+fn float_stats(values: impl Iterator<Item = f64>) -> TensorStats {
+    let (mut count, mut nan, mut inf) = (0u64, 0u64, 0u64);
+    let (mut sum, mut sum_sq) = (0f64, 0f64);
+    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for x in values {
+        if x.is_nan() {
+            nan += 1;
+        } else if x.is_infinite() {
+            inf += 1;
+        } else {
+            count += 1;
+            sum += x;
+            sum_sq += x * x;
+            min = min.min(x);
+            max = max.max(x);
+        }
+    }
+    let finite = (count as f64).max(1.0);
+    let mean = sum / finite;
+    let std = (sum_sq / finite - mean * mean).max(0.0).sqrt();
+    if count == 0 {
+        (min, max) = (f64::NAN, f64::NAN);
+    }
+    TensorStats::Float {
+        count: count + nan + inf,
+        mean,
+        std,
+        min,
+        max,
+        nan,
+        inf,
+    }
+}
