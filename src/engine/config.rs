@@ -126,7 +126,9 @@ impl ModelConfig {
             ));
         }
         if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 {
-            return bad(format!("{p}.attention.head_count {n_head} does not divide n_embd {n_embd}"));
+            return bad(format!(
+                "{p}.attention.head_count {n_head} does not divide n_embd {n_embd}"
+            ));
         }
         if n_head % n_head_kv != 0 {
             return bad(format!(
@@ -137,8 +139,11 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return bad(format!("head_dim {head_dim} is odd: RoPE needs pairs"));
         }
-        if !(rms_eps > 0.0 && rms_eps.is_finite()) || !(rope_theta > 0.0 && rope_theta.is_finite()) {
-            return bad(format!("rms_eps {rms_eps} or rope theta {rope_theta} not positive"));
+        if !(rms_eps > 0.0 && rms_eps.is_finite()) || !(rope_theta > 0.0 && rope_theta.is_finite())
+        {
+            return bad(format!(
+                "rms_eps {rms_eps} or rope theta {rope_theta} not positive"
+            ));
         }
         Ok(ModelConfig {
             arch,
@@ -188,7 +193,15 @@ pub enum Proj {
 }
 
 impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     fn stem(self) -> &'static str {
         match self {

@@ -9,7 +9,8 @@ use std::str::FromStr;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fault {
-    /// RoPE rotates adjacent pairs (2i, 2i+1) instead of NEOX halves.
+    /// RoPE rotates adjacent pairs (2i, 2i+1) instead of NEOX halves (for
+    /// llama, whose RoPE is NORM, the reverse).
     RopeInterleaved,
     /// Query head h reads kv head h % n_head_kv instead of h / (n_head / n_head_kv).
     GqaModulo,

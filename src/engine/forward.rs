@@ -25,7 +25,11 @@ pub(crate) struct Compute<'a> {
     pub faults: FaultSet,
 }
 
-pub(crate) fn forward<S: TraceSink + ?Sized>(engine: &mut Engine, tokens: &[u32], sink: &mut S) -> Vec<f32> {
+pub(crate) fn forward<S: TraceSink + ?Sized>(
+    engine: &mut Engine,
+    tokens: &[u32],
+    sink: &mut S,
+) -> Vec<f32> {
     let Engine {
         file,
         config,
@@ -72,7 +76,13 @@ impl Compute<'_> {
         sink: &mut S,
     ) -> Vec<f32> {
         let c = self.config;
-        let (t, e, ekv, f, h) = (x.len() / c.n_embd, c.n_embd, c.n_embd_kv(), c.n_ff, c.n_head);
+        let (t, e, ekv, f, h) = (
+            x.len() / c.n_embd,
+            c.n_embd,
+            c.n_embd_kv(),
+            c.n_ff,
+            c.n_head,
+        );
         let n_keys = pos0 + t;
         let at = Some(l);
 
@@ -117,7 +127,11 @@ impl Compute<'_> {
         sink.stage(at, Stage::FfnNorm, &[t, e], &mut cur);
         let mut gate = self.linear(&w.gate, &cur);
         sink.stage(at, Stage::FfnGate, &[t, f], &mut gate);
-        let mut act = if self.ffn_relu2() { ops::relu2(&gate) } else { ops::silu(&gate) };
+        let mut act = if self.ffn_relu2() {
+            ops::relu2(&gate)
+        } else {
+            ops::silu(&gate)
+        };
         sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
         let mut up = self.linear(&w.up, &cur);
         sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
@@ -154,7 +168,11 @@ impl Compute<'_> {
     fn act_variant(&self) -> ActQuantVariant {
         ActQuantVariant {
             round_half_away: self.faults.has(Fault::ActRoundHalfAway),
-            scale_numerator: if self.faults.has(Fault::ActScale128) { 128 } else { 127 },
+            scale_numerator: if self.faults.has(Fault::ActScale128) {
+                128
+            } else {
+                127
+            },
         }
     }
 
@@ -181,10 +199,13 @@ impl Compute<'_> {
         let mut sums = vec![0i32; n_out * t];
         let chunk = rows_per_task(n_out, self.pool.current_num_threads());
         self.pool.install(|| {
-            sums.par_chunks_mut(chunk * t).enumerate().for_each(|(ci, out)| {
-                let r0 = ci * chunk;
-                self.kernel.matmul(self.wrap, codes, n_in, r0..r0 + out.len() / t, &q, out);
-            })
+            sums.par_chunks_mut(chunk * t)
+                .enumerate()
+                .for_each(|(ci, out)| {
+                    let r0 = ci * chunk;
+                    self.kernel
+                        .matmul(self.wrap, codes, n_in, r0..r0 + out.len() / t, &q, out);
+                })
         });
         let mut y = vec![0f32; t * n_out];
         for (r, row_sums) in sums.chunks_exact(t).enumerate() {
@@ -218,7 +239,8 @@ impl Compute<'_> {
 
     fn rope(&self, x: &mut [f32], n_heads: usize, pos0: usize) {
         let c = self.config;
-        let neox = c.arch.rope_neox() && !self.faults.has(Fault::RopeInterleaved);
+        // The fault swaps the pairing: adjacent pairs for NEOX arches (and halves for llama).
+        let neox = c.arch.rope_neox() != self.faults.has(Fault::RopeInterleaved);
         ops::rope(x, n_heads, c.head_dim, pos0, c.rope_theta, neox);
     }
 
@@ -399,15 +421,18 @@ impl Compute<'_> {
         let mut out_t = vec![0f32; v * t];
         let chunk = rows_per_task(v, self.pool.current_num_threads());
         self.pool.install(|| {
-            out_t.par_chunks_mut(chunk * t).enumerate().for_each(|(ci, out)| {
-                let mut row = vec![0f32; e];
-                for (ri, o) in out.chunks_exact_mut(t).enumerate() {
-                    m.row_into(self.file, ci * chunk + ri, &mut row);
-                    for (ti, oi) in o.iter_mut().enumerate() {
-                        *oi = ops::dot_f32(&row, &xs[ti * e..(ti + 1) * e]);
+            out_t
+                .par_chunks_mut(chunk * t)
+                .enumerate()
+                .for_each(|(ci, out)| {
+                    let mut row = vec![0f32; e];
+                    for (ri, o) in out.chunks_exact_mut(t).enumerate() {
+                        m.row_into(self.file, ci * chunk + ri, &mut row);
+                        for (ti, oi) in o.iter_mut().enumerate() {
+                            *oi = ops::dot_f32(&row, &xs[ti * e..(ti + 1) * e]);
+                        }
                     }
-                }
-            })
+                })
         });
         let mut y = vec![0f32; t * v];
         for (r, o) in out_t.chunks_exact(t).enumerate() {

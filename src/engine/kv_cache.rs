@@ -51,8 +51,18 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(ty: KvType, n_layer: usize, capacity: usize, n_embd_kv: usize, head_dim: usize) -> KvCache {
-        let make = || (0..n_layer).map(|_| Rows::new(ty, capacity * n_embd_kv)).collect();
+    pub fn new(
+        ty: KvType,
+        n_layer: usize,
+        capacity: usize,
+        n_embd_kv: usize,
+        head_dim: usize,
+    ) -> KvCache {
+        let make = || {
+            (0..n_layer)
+                .map(|_| Rows::new(ty, capacity * n_embd_kv))
+                .collect()
+        };
         KvCache {
             capacity,
             n_embd_kv,

@@ -203,7 +203,10 @@ impl Engine {
 
     /// Force a kernel (tests and benchmarks); it must be in [`Kernel::available`].
     pub fn set_kernel(&mut self, kernel: Kernel) {
-        assert!(Kernel::available().contains(&kernel), "kernel {kernel:?} not supported here");
+        assert!(
+            Kernel::available().contains(&kernel),
+            "kernel {kernel:?} not supported here"
+        );
         self.kernel = kernel;
     }
 

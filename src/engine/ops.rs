@@ -94,7 +94,14 @@ pub fn rope_norm(head: &mut [f32], cache: &[(f32, f32)]) {
 }
 
 /// RoPE over [T, n_heads, head_dim] rows at positions `pos0 + t`.
-pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, pos0: usize, theta_base: f32, neox: bool) {
+pub fn rope(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    theta_base: f32,
+    neox: bool,
+) {
     for (t, row) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
         let cache = rope_cache(pos0 + t, head_dim, theta_base);
         for head in row.chunks_exact_mut(head_dim) {

@@ -32,7 +32,12 @@ pub trait OracleInputs {
 
 /// The stage's output in f64 from the reference's inputs of that stage;
 /// None if an input is missing (or the stage does not exist for the arch).
-pub fn recompute(engine: &Engine, layer: Option<usize>, stage: Stage, inputs: &dyn OracleInputs) -> Option<Vec<f64>> {
+pub fn recompute(
+    engine: &Engine,
+    layer: Option<usize>,
+    stage: Stage,
+    inputs: &dyn OracleInputs,
+) -> Option<Vec<f64>> {
     let c = engine.config();
     let w = engine.weights();
     let file = engine.file();
@@ -85,8 +90,22 @@ pub fn recompute(engine: &Engine, layer: Option<usize>, stage: Stage, inputs: &d
         Stage::QProj => linear(engine, &lw.q, here(Stage::AttnNorm)?),
         Stage::KProj => linear(engine, &lw.k, here(Stage::AttnNorm)?),
         Stage::VProj => linear(engine, &lw.v, here(Stage::AttnNorm)?),
-        Stage::QRope => rope(here(Stage::QProj)?, c.n_head, hd, n_past, c.rope_theta, c.arch),
-        Stage::KRope => rope(here(Stage::KProj)?, c.n_head_kv, hd, n_past, c.rope_theta, c.arch),
+        Stage::QRope => rope(
+            here(Stage::QProj)?,
+            c.n_head,
+            hd,
+            n_past,
+            c.rope_theta,
+            c.arch,
+        ),
+        Stage::KRope => rope(
+            here(Stage::KProj)?,
+            c.n_head_kv,
+            hd,
+            n_past,
+            c.rope_theta,
+            c.arch,
+        ),
         Stage::AttnScores => {
             let q = here(Stage::QRope)?;
             let k = inputs.kv_history(l, Stage::KRope)?;
@@ -99,8 +118,10 @@ pub fn recompute(engine: &Engine, layer: Option<usize>, stage: Stage, inputs: &d
                 for ti in 0..t {
                     let qh = &q[ti * e + h * hd..ti * e + (h + 1) * hd];
                     for j in 0..=n_past + ti {
-                        let kj = &k[j * c.n_embd_kv() + kvh * hd..j * c.n_embd_kv() + (kvh + 1) * hd];
-                        s[(h * t + ti) * n_keys + j] = qh.iter().zip(kj).map(|(&a, &b)| store(a) * store(b)).sum();
+                        let kj =
+                            &k[j * c.n_embd_kv() + kvh * hd..j * c.n_embd_kv() + (kvh + 1) * hd];
+                        s[(h * t + ti) * n_keys + j] =
+                            qh.iter().zip(kj).map(|(&a, &b)| store(a) * store(b)).sum();
                     }
                 }
             }
@@ -110,9 +131,16 @@ pub fn recompute(engine: &Engine, layer: Option<usize>, stage: Stage, inputs: &d
             let scores = here(Stage::AttnScores)?;
             let scale = 1.0 / (hd as f64).sqrt();
             let mut p = vec![0f64; scores.len()];
-            for (i, (row, out)) in scores.chunks_exact(n_keys).zip(p.chunks_exact_mut(n_keys)).enumerate() {
+            for (i, (row, out)) in scores
+                .chunks_exact(n_keys)
+                .zip(p.chunks_exact_mut(n_keys))
+                .enumerate()
+            {
                 let n = n_past + i % t + 1;
-                let max = row[..n].iter().map(|&v| v as f64 * scale).fold(f64::NEG_INFINITY, f64::max);
+                let max = row[..n]
+                    .iter()
+                    .map(|&v| v as f64 * scale)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let mut sum = 0.0;
                 for (o, &v) in out[..n].iter_mut().zip(&row[..n]) {
                     *o = (v as f64 * scale - max).exp();
@@ -144,7 +172,11 @@ pub fn recompute(engine: &Engine, layer: Option<usize>, stage: Stage, inputs: &d
         }
         Stage::AttnSubNorm => rms_norm(here(Stage::AttnOut)?, e, eps, lw.attn_sub_norm.as_ref()?),
         Stage::OProj => {
-            let input = if sub_norms { Stage::AttnSubNorm } else { Stage::AttnOut };
+            let input = if sub_norms {
+                Stage::AttnSubNorm
+            } else {
+                Stage::AttnOut
+            };
             linear(engine, &lw.o, here(input)?)
         }
         Stage::FfnInp => add(here(Stage::OProj)?, layer_in()?),
@@ -156,16 +188,25 @@ pub fn recompute(engine: &Engine, layer: Option<usize>, stage: Stage, inputs: &d
             if c.arch.ffn_relu2() {
                 g.iter().map(|&v| (v as f64).max(0.0).powi(2)).collect()
             } else {
-                g.iter().map(|&v| v as f64 / (1.0 + (-(v as f64)).exp())).collect()
+                g.iter()
+                    .map(|&v| v as f64 / (1.0 + (-(v as f64)).exp()))
+                    .collect()
             }
         }
         Stage::FfnMul => {
             let (a, u) = (here(Stage::FfnAct)?, here(Stage::FfnUp)?);
-            a.iter().zip(u).map(|(&x, &y)| x as f64 * y as f64).collect()
+            a.iter()
+                .zip(u)
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .collect()
         }
         Stage::FfnSubNorm => rms_norm(here(Stage::FfnMul)?, c.n_ff, eps, lw.ffn_sub_norm.as_ref()?),
         Stage::FfnDown => {
-            let input = if sub_norms { Stage::FfnSubNorm } else { Stage::FfnMul };
+            let input = if sub_norms {
+                Stage::FfnSubNorm
+            } else {
+                Stage::FfnMul
+            };
             linear(engine, &lw.down, here(input)?)
         }
         Stage::LOut => add(here(Stage::FfnDown)?, here(Stage::FfnInp)?),
@@ -178,13 +219,20 @@ fn rms_norm(x: &[f32], n: usize, eps: f64, w: &[f32]) -> Vec<f64> {
     for row in x.chunks_exact(n) {
         let mean = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
         let scale = 1.0 / (mean + eps).sqrt();
-        out.extend(row.iter().zip(w).map(|(&v, &wi)| v as f64 * scale * wi as f64));
+        out.extend(
+            row.iter()
+                .zip(w)
+                .map(|(&v, &wi)| v as f64 * scale * wi as f64),
+        );
     }
     out
 }
 
 fn add(a: &[f32], b: &[f32]) -> Vec<f64> {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 + y as f64).collect()
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| x as f64 + y as f64)
+        .collect()
 }
 
 /// Int8 codes as the model defines them, an exact integer dot, then
@@ -199,7 +247,8 @@ fn linear(engine: &Engine, m: &I2sMatrix, x: &[f32]) -> Vec<f64> {
     for r in 0..m.n_out {
         let cr = &codes[r * row_bytes..(r + 1) * row_bytes];
         for (ti, act) in acts.iter().enumerate() {
-            let s = scalar::dot_exact(cr, &q[ti * m.n_in..(ti + 1) * m.n_in]) as i64 - act.sum as i64;
+            let s =
+                scalar::dot_exact(cr, &q[ti * m.n_in..(ti + 1) * m.n_in]) as i64 - act.sum as i64;
             let v = s as f64 / act.scale as f64 * m.weight_scale as f64;
             y[ti * m.n_out + r] = v * m.extra_scale.map_or(1.0, |s| s as f64);
         }
@@ -215,7 +264,11 @@ fn rope(x: &[f32], n_heads: usize, hd: usize, pos0: usize, base: f32, arch: Arch
             for i in 0..hd / 2 {
                 let theta = pos * (base as f64).powf(-2.0 * i as f64 / hd as f64);
                 let (s, c) = theta.sin_cos();
-                let (a, b) = if arch.rope_neox() { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
+                let (a, b) = if arch.rope_neox() {
+                    (i, i + hd / 2)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * c - x1 * s;
                 head[b] = x0 * s + x1 * c;
@@ -237,7 +290,11 @@ fn dense(engine: &Engine, m: &DenseMatrix, x: &[f32]) -> Vec<f64> {
     for r in 0..m.rows {
         m.row_into(engine.file(), r, &mut row);
         for ti in 0..t {
-            y[ti * m.rows + r] = row.iter().zip(&xs[ti * e..(ti + 1) * e]).map(|(&a, &b)| a as f64 * b).sum();
+            y[ti * m.rows + r] = row
+                .iter()
+                .zip(&xs[ti * e..(ti + 1) * e])
+                .map(|(&a, &b)| a as f64 * b)
+                .sum();
         }
     }
     y

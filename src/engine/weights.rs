@@ -185,7 +185,11 @@ fn check_type(info: &TensorInfo, allowed: &[GgmlType]) -> Result<(), EngineError
     if !allowed.contains(&info.ty) {
         return Err(EngineError::TensorType {
             tensor: info.name.clone(),
-            expected: allowed.iter().map(|t| t.name()).collect::<Vec<_>>().join(" or "),
+            expected: allowed
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(" or "),
             found: info.ty.name().to_string(),
         });
     }
@@ -203,7 +207,12 @@ fn f32_vec(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, EngineEr
         .collect())
 }
 
-fn dense(file: &GgufFile, name: &str, n_in: usize, rows: usize) -> Result<DenseMatrix, EngineError> {
+fn dense(
+    file: &GgufFile,
+    name: &str,
+    n_in: usize,
+    rows: usize,
+) -> Result<DenseMatrix, EngineError> {
     let info = tensor(file, name)?;
     check_type(info, &[GgmlType::F16, GgmlType::F32])?;
     check_dims(info, &[n_in, rows])?;
@@ -221,10 +230,7 @@ fn i2s(file: &GgufFile, c: &ModelConfig, p: Proj, layer: usize) -> Result<I2sMat
     let (n_in, n_out) = p.shape(c);
     check_dims(info, &[n_in, n_out])?;
     if n_in % BLOCK != 0 {
-        return Err(EngineError::RowLength {
-            tensor: name,
-            n_in,
-        });
+        return Err(EngineError::RowLength { tensor: name, n_in });
     }
     let data = file.tensor_data(info);
     let at = n_in * n_out / 4;

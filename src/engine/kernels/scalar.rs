@@ -47,7 +47,10 @@ pub fn dot_reference_wrap(codes: &[u8], q: &[i8]) -> i32 {
     debug_assert_eq!(codes.len() * 4, q.len());
     let mut total = 0i32;
     let group_bytes = WRAP_GROUP_BLOCKS * BLOCK_BYTES;
-    for (group, qg) in codes.chunks(group_bytes).zip(q.chunks(WRAP_GROUP_BLOCKS * BLOCK)) {
+    for (group, qg) in codes
+        .chunks(group_bytes)
+        .zip(q.chunks(WRAP_GROUP_BLOCKS * BLOCK))
+    {
         let mut lanes = [0i16; 16];
         for (block, qb) in group.chunks_exact(BLOCK_BYTES).zip(qg.chunks_exact(BLOCK)) {
             for k in 0..4 {

@@ -1,0 +1,207 @@
+//! Kernel and op properties: every optimised path equals its scalar
+//! specification bit for bit, the scalar specification equals the plain
+//! mathematics (and the reference's known wrap), and the activation
+//! quantizer is quantize_row_i8_s.
+
+use divergence::engine::kernels::{scalar, Kernel};
+use divergence::engine::ops;
+use divergence::quant::act::{quantize_row_i8_s, ActQuantVariant};
+use divergence::quant::i2s;
+use proptest::prelude::*;
+
+/// Ternary weights [rows, n_in] packed as a tensor, plus int8 activations [t, n_in].
+fn case() -> impl Strategy<Value = (usize, usize, Vec<i8>, Vec<i8>)> {
+    (1usize..=40, 1usize..=5, 1usize..=3, any::<u64>()).prop_flat_map(|(blocks, rows, t, _)| {
+        let n_in = blocks * scalar::BLOCK;
+        (
+            Just(n_in),
+            Just(rows),
+            proptest::collection::vec(-1i8..=1, n_in * rows),
+            proptest::collection::vec(any::<i8>(), n_in * t),
+        )
+    })
+}
+
+fn pack(w: &[i8]) -> Vec<u8> {
+    i2s::pack(w, 1.0)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Σ code·q − Σ q is the ternary dot product, exactly.
+    #[test]
+    fn exact_dot_is_the_ternary_dot((n_in, rows, w, q) in case()) {
+        let packed = pack(&w);
+        for r in 0..rows {
+            let codes = &packed[r * n_in / 4..(r + 1) * n_in / 4];
+            for qt in q.chunks_exact(n_in) {
+                let want: i32 = w[r * n_in..(r + 1) * n_in].iter().zip(qt).map(|(&a, &b)| a as i32 * b as i32).sum();
+                let qsum: i32 = qt.iter().map(|&v| v as i32).sum();
+                prop_assert_eq!(scalar::dot_exact(codes, qt) - qsum, want);
+            }
+        }
+    }
+
+    /// The wrap emulation equals exact accumulation reduced per lane mod 2^16.
+    #[test]
+    fn wrap_is_exact_per_lane_mod_2_16((n_in, rows, w, q) in case()) {
+        let packed = pack(&w);
+        for r in 0..rows {
+            let codes = &packed[r * n_in / 4..(r + 1) * n_in / 4];
+            for qt in q.chunks_exact(n_in) {
+                // Independent formulation: exact i64 lane sums per group, then
+                // each lane reduced to i16 by truncation.
+                let mut total = 0i64;
+                for (g, group) in codes.chunks(32 * 32).enumerate() {
+                    let mut lanes = [0i64; 16];
+                    for (b, block) in group.chunks_exact(32).enumerate() {
+                        for j in 0..128 {
+                            let code = scalar::code_at(block, j) as i64;
+                            let v = qt[(g * 32 + b) * 128 + j] as i64;
+                            lanes[(j % 32) / 2] += code * v;
+                        }
+                    }
+                    total += lanes.iter().map(|&l| l as i16 as i64).sum::<i64>();
+                }
+                prop_assert_eq!(scalar::dot_reference_wrap(codes, qt) as i64, total);
+            }
+        }
+    }
+
+    /// Every kernel this CPU has equals the scalar specification, in both
+    /// modes, on any row range.
+    #[test]
+    fn kernels_equal_scalar((n_in, rows, w, q) in case(), wrap in any::<bool>(), start in 0usize..5) {
+        let packed = pack(&w);
+        let start = start.min(rows - 1);
+        let t = q.len() / n_in;
+        let mut want = vec![0i32; (rows - start) * t];
+        Kernel::Scalar.matmul(wrap, &packed, n_in, start..rows, &q, &mut want);
+        for k in Kernel::available() {
+            let mut got = vec![0i32; want.len()];
+            k.matmul(wrap, &packed, n_in, start..rows, &q, &mut got);
+            prop_assert_eq!(&got, &want, "kernel {}", k.name());
+        }
+    }
+
+    /// quantize_row_i8_s: codes are ggml's nearest_int (magic-number
+    /// rounding, ties to even) of x·s with s = (float)(127 / max(|x|, 1e-5)).
+    #[test]
+    fn act_quant_is_quantize_row_i8_s(x in proptest::collection::vec(-1e3f32..1e3, 1..300)) {
+        let mut q = vec![0i8; x.len()];
+        let row = quantize_row_i8_s(&x, &mut q, ActQuantVariant::REFERENCE);
+        let max = x.iter().fold(1e-5f64, |m, &v| m.max((v as f64).abs()));
+        let s = (127.0 / max) as f32;
+        prop_assert_eq!(row.scale.to_bits(), s.to_bits());
+        let mut sum = 0i32;
+        for (&xi, &qi) in x.iter().zip(&q) {
+            let val = xi * s + 12582912.0f32;
+            let n = (val.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000;
+            let n = n.clamp(-128, 127);
+            prop_assert_eq!(qi as i32, n);
+            sum += n;
+        }
+        prop_assert_eq!(row.sum, sum);
+    }
+
+    /// RMSNorm: the f32 result is within 4 ULP-ish relative error of f64 math.
+    #[test]
+    fn rms_norm_is_close_to_f64(x in proptest::collection::vec(-10f32..10.0, 1..200), eps in 1e-7f32..1e-4) {
+        let n = x.len();
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 5) as f32 * 0.1).collect();
+        let y = ops::rms_norm(&x, n, eps, &w);
+        let mean = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+        let scale = 1.0 / (mean + eps as f64).sqrt();
+        for i in 0..n {
+            let want = x[i] as f64 * scale * w[i] as f64;
+            prop_assert!((y[i] as f64 - want).abs() <= 4.0 * f32::EPSILON as f64 * want.abs().max(1e-30), "{} vs {}", y[i], want);
+        }
+    }
+
+    /// NEOX RoPE rotates (i, i + d/2); NORM RoPE rotates (2i, 2i + 1); both
+    /// preserve each pair's norm and agree with f64 within a few ULP of the
+    /// pair's magnitude (the angle itself is built in f32 as ggml does).
+    #[test]
+    fn rope_pairs(x in proptest::collection::vec(-4f32..4.0, 64), pos in 0usize..512) {
+        for neox in [true, false] {
+            let mut y = x.clone();
+            ops::rope(&mut y, 1, 64, pos, 10000.0, neox);
+            for i in 0..32 {
+                let (a, b) = if neox { (i, i + 32) } else { (2 * i, 2 * i + 1) };
+                let n0 = (x[a] as f64).hypot(x[b] as f64);
+                let n1 = (y[a] as f64).hypot(y[b] as f64);
+                prop_assert!((n0 - n1).abs() <= 1e-5 * n0.max(1.0));
+            }
+        }
+    }
+
+    /// Softmax rows sum to 1, masked entries are 0, and values match f64.
+    #[test]
+    fn softmax_row_matches_f64(raw in proptest::collection::vec(-30f32..30.0, 1..100), cut in 0usize..100) {
+        let n = 1 + cut % raw.len();
+        let mut p = vec![9f32; raw.len()];
+        ops::softmax_row(&raw, n, 0.125, &mut p);
+        let max = raw[..n].iter().map(|&v| (v * 0.125) as f64).fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = raw[..n].iter().map(|&v| ((v * 0.125) as f64 - max).exp()).sum();
+        for j in 0..raw.len() {
+            if j < n {
+                let want = (((raw[j] * 0.125) as f64 - max).exp()) / sum;
+                prop_assert!((p[j] as f64 - want).abs() <= 1e-6 * want.max(1e-6) + 1e-7);
+            } else {
+                prop_assert_eq!(p[j], 0.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn issue_629_example_in_every_kernel() {
+    // All codes 2 and q = 127 over 4096 values: exact 1,040,384; the
+    // reference's 16-bit lanes give -8192.
+    let codes = vec![0b1010_1010u8; 4096 / 4];
+    let q = vec![127i8; 4096];
+    for k in Kernel::available() {
+        let mut out = [0i32; 1];
+        k.matmul(false, &codes, 4096, 0..1, &q, &mut out);
+        assert_eq!(out[0], 1_040_384, "{}", k.name());
+        k.matmul(true, &codes, 4096, 0..1, &q, &mut out);
+        assert_eq!(out[0], -8192, "{}", k.name());
+    }
+}
+
+#[test]
+fn long_rows_and_odd_row_counts_in_every_kernel() {
+    // Rows over 4096 values (a full wrap group plus a partial one), 7 rows,
+    // 3 tokens, extreme activations so that lanes do wrap.
+    let n_in = 4096 + 3 * 128;
+    let rows = 7;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let w: Vec<i8> = (0..n_in * rows)
+        .map(|_| if next() % 4 == 0 { 0 } else { 1 })
+        .collect();
+    let q: Vec<i8> = (0..n_in * 3)
+        .map(|i| if i % 11 == 0 { -128 } else { 127 })
+        .collect();
+    let packed = i2s::pack(&w, 1.0);
+    for wrap in [false, true] {
+        let mut want = vec![0i32; rows * 3];
+        Kernel::Scalar.matmul(wrap, &packed, n_in, 0..rows, &q, &mut want);
+        for k in Kernel::available() {
+            let mut got = vec![0i32; rows * 3];
+            k.matmul(wrap, &packed, n_in, 0..rows, &q, &mut got);
+            assert_eq!(got, want, "{} wrap={wrap}", k.name());
+        }
+    }
+    let mut exact = vec![0i32; rows * 3];
+    let mut wrapped = vec![0i32; rows * 3];
+    Kernel::Scalar.matmul(false, &packed, n_in, 0..rows, &q, &mut exact);
+    Kernel::Scalar.matmul(true, &packed, n_in, 0..rows, &q, &mut wrapped);
+    assert_ne!(exact, wrapped, "this input must provoke the wrap");
+}
