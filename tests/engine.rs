@@ -4,7 +4,9 @@
 //! and agreement with the f64 oracle.
 
 use divergence::engine::oracle::{recompute, OracleInputs};
-use divergence::engine::{Arch, Engine, EngineError, EngineOptions, Fault, I2sMode, KvType};
+use divergence::engine::{
+    Arch, Engine, EngineError, EngineOptions, Fault, I2sMode, Kernel, KvType,
+};
 use divergence::gguf::{GgufFile, GgufWriter};
 use divergence::synth::{write_model, Preset, SynthConfig};
 use divergence::trace::{Recorder, Stage, StageKey, TraceSink};
@@ -159,6 +161,29 @@ fn one_and_two_threads_are_bit_identical() {
                     assert_eq!(k1, k2);
                     assert_eq!(bits(&t1.data), bits(&t2.data), "{preset} {arch} {k1}");
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_gives_bit_identical_logits() {
+    for arch in ARCHES {
+        let m = model(Preset::Small, arch);
+        for mode in [I2sMode::Exact, I2sMode::ReferenceWrap] {
+            let run = |k: Kernel| {
+                let o = EngineOptions {
+                    i2s_mode: mode,
+                    ..EngineOptions::default()
+                };
+                let mut e = engine(&m.path, o);
+                e.set_kernel(k);
+                assert_eq!(e.kernel_name(), k.name());
+                e.forward(&PROMPT, &mut divergence::trace::NoTrace).unwrap()
+            };
+            let want = run(Kernel::Scalar);
+            for k in Kernel::available() {
+                assert!(bits(&run(k)) == bits(&want), "{arch} {mode:?} {}", k.name());
             }
         }
     }

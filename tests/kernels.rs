@@ -85,6 +85,54 @@ proptest! {
         }
     }
 
+    /// The same on raw bytes: any 2-bit code, including the unused code 3,
+    /// and row lengths past one 4096-value wrap group.
+    #[test]
+    fn kernels_equal_scalar_on_raw_bytes(
+        blocks in 1usize..=72,
+        seed in any::<u64>(),
+        wrap in any::<bool>(),
+    ) {
+        let n_in = blocks * scalar::BLOCK;
+        let rows = 3;
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let w: Vec<u8> = (0..n_in * rows / 4).map(|_| next() as u8).collect();
+        let q: Vec<i8> = (0..n_in * 2).map(|_| next() as i8).collect();
+        let mut want = vec![0i32; rows * 2];
+        Kernel::Scalar.matmul(wrap, &w, n_in, 0..rows, &q, &mut want);
+        for k in Kernel::available() {
+            let mut got = vec![0i32; want.len()];
+            k.matmul(wrap, &w, n_in, 0..rows, &q, &mut got);
+            prop_assert_eq!(&got, &want, "kernel {}", k.name());
+        }
+    }
+
+    /// The F16 logits dot: every kernel equals the 16-lane specification
+    /// bit for bit (any length, tails included), and the specification is
+    /// within n·eps·Σ|a·x| of the f64 dot.
+    #[test]
+    fn dense_f16_dot_kernels_equal_scalar(
+        vals in proptest::collection::vec(-4f32..4.0, 1..700),
+        seed in any::<u32>(),
+    ) {
+        let n = vals.len();
+        let row: Vec<u8> = vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let x: Vec<f32> = (0..n).map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5).collect();
+        let want = scalar::dot_f16(&row, &x);
+        for k in Kernel::available() {
+            prop_assert_eq!(k.dot_f16(&row, &x).to_bits(), want.to_bits(), "kernel {}", k.name());
+        }
+        let exact: f64 = row.chunks_exact(2).zip(&x).map(|(b, &xi)| half::f16::from_le_bytes([b[0], b[1]]).to_f64() * xi as f64).sum();
+        let mag: f64 = row.chunks_exact(2).zip(&x).map(|(b, &xi)| (half::f16::from_le_bytes([b[0], b[1]]).to_f64() * xi as f64).abs()).sum();
+        prop_assert!((want as f64 - exact).abs() <= n as f64 * f32::EPSILON as f64 * mag + 1e-30);
+    }
+
     /// quantize_row_i8_s: codes are ggml's nearest_int (magic-number
     /// rounding, ties to even) of x·s with s = (float)(127 / max(|x|, 1e-5)).
     #[test]

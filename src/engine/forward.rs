@@ -3,7 +3,7 @@
 //! from whatever the sink leaves in the buffer (resync).
 
 use super::faults::{Fault, FaultSet};
-use super::kernels::Kernel;
+use super::kernels::{scalar, Kernel};
 use super::kv_cache::KvCache;
 use super::ops::{self, round_f16};
 use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
@@ -409,7 +409,9 @@ impl Compute<'_> {
 
     /// Logits [T, V] against the output (or tied embedding) matrix. With an
     /// F16 matrix the activations are rounded to f16 first, as ggml's
-    /// mul_mat does for an F16 src0.
+    /// mul_mat does for an F16 src0; the dot itself is the 16-lane order of
+    /// `scalar::dot_dense` (ggml's SIMD order differs: compared tightly, not
+    /// exactly).
     fn logits(&self, m: &DenseMatrix, x: &[f32]) -> Vec<f32> {
         let (e, v) = (m.n_in, m.rows);
         let t = x.len() / e;
@@ -418,6 +420,8 @@ impl Compute<'_> {
         } else {
             x.to_vec()
         };
+        let data = self.file.tensor_data(&m.info);
+        let row_bytes = if m.is_f16() { 2 * e } else { 4 * e };
         let mut out_t = vec![0f32; v * t];
         let chunk = rows_per_task(v, self.pool.current_num_threads());
         self.pool.install(|| {
@@ -425,11 +429,16 @@ impl Compute<'_> {
                 .par_chunks_mut(chunk * t)
                 .enumerate()
                 .for_each(|(ci, out)| {
-                    let mut row = vec![0f32; e];
                     for (ri, o) in out.chunks_exact_mut(t).enumerate() {
-                        m.row_into(self.file, ci * chunk + ri, &mut row);
+                        let r = ci * chunk + ri;
+                        let row = &data[r * row_bytes..(r + 1) * row_bytes];
                         for (ti, oi) in o.iter_mut().enumerate() {
-                            *oi = ops::dot_f32(&row, &xs[ti * e..(ti + 1) * e]);
+                            let xt = &xs[ti * e..(ti + 1) * e];
+                            *oi = if m.is_f16() {
+                                self.kernel.dot_f16(row, xt)
+                            } else {
+                                scalar::dot_f32_row(row, xt)
+                            };
                         }
                     }
                 })

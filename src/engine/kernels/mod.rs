@@ -1,28 +1,64 @@
 //! I2_S × int8 kernels with runtime dispatch. `scalar` is the specification;
 //! every other file is one instruction set, tested bit for bit against it.
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod scalar;
 
 /// The instruction-set path an engine uses for its I2_S products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
+    /// `maddubs` with 16-bit lanes (both modes).
+    Avx2,
+    /// `vpdpbusd` on 512-bit registers (exact mode; wrap mode runs AVX2).
+    Avx512Vnni,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU supports.
     pub fn detect() -> Kernel {
-        Kernel::Scalar
+        *Self::available().last().unwrap_or(&Kernel::Scalar)
     }
 
     /// Every kernel this CPU can run (the scalar one first).
     pub fn available() -> Vec<Kernel> {
-        vec![Kernel::Scalar]
+        #[allow(unused_mut)]
+        let mut ks = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                ks.push(Kernel::Avx2);
+            }
+            if avx512::available() {
+                ks.push(Kernel::Avx512Vnni);
+            }
+        }
+        ks
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// [`scalar::dot_f16`] (the logits product against an F16 matrix), on
+    /// the fastest path this kernel's CPU has; always the same bits.
+    pub fn dot_f16(self, row: &[u8], x: &[f32]) -> f32 {
+        assert_eq!(row.len(), 2 * x.len());
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => {
+                // SAFETY: Avx512Vnni is only selected when avx512::available()
+                // (which includes avx512f); lengths checked above.
+                unsafe { avx512::dot_f16(row, x) }
+            }
+            _ => scalar::dot_f16(row, x),
         }
     }
 
@@ -44,6 +80,12 @@ impl Kernel {
         assert_eq!(out.len(), rows.len() * (q.len() / n_in));
         match self {
             Kernel::Scalar => scalar::matmul(wrap, w, n_in, rows, q, out),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::matmul(wrap, w, n_in, rows, q, out),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => avx512::matmul(wrap, w, n_in, rows, q, out),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no SIMD kernels on this target"),
         }
     }
 }

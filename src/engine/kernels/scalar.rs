@@ -95,6 +95,51 @@ pub fn matmul(
     }
 }
 
+/// Accumulator lanes of the dense (F16/F32 × f32) dot products.
+pub const DENSE_LANES: usize = 16;
+
+/// The specification of the logits dot product: element `i` is added to
+/// lane `i % 16` (product and sum as separate f32 operations, no FMA), then
+/// lanes are folded pairwise `l += l + w` for w = 8, 4, 2, 1. The order is
+/// fixed, so every kernel (and any thread count) gives the same bits.
+pub fn dot_dense(a: impl Iterator<Item = f32>, x: &[f32]) -> f32 {
+    let mut acc = [0f32; DENSE_LANES];
+    for (i, (ai, &xi)) in a.zip(x).enumerate() {
+        acc[i % DENSE_LANES] += ai * xi;
+    }
+    fold_lanes(acc)
+}
+
+/// The pairwise lane fold of [`dot_dense`].
+pub fn fold_lanes(mut acc: [f32; DENSE_LANES]) -> f32 {
+    let mut w = DENSE_LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// `dot_dense` of a little-endian F16 row with f32 activations.
+pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    dot_dense(
+        row.chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        x,
+    )
+}
+
+/// `dot_dense` of a little-endian F32 row with f32 activations.
+pub fn dot_f32_row(row: &[u8], x: &[f32]) -> f32 {
+    dot_dense(
+        row.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        x,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

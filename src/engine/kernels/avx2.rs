@@ -1,0 +1,88 @@
+//! AVX2 I2_S × int8 dot products: the reference's own scheme (`maddubs`
+//! pair sums in 16-bit lanes, widened with `madd`), with the widening
+//! interval chosen per mode: every 32 blocks reproduces bitnet.cpp's
+//! `ggml_vec_dot_i2_i8_s` wrap bit for bit; every 8 blocks can never wrap
+//! (|lane| ≤ 8 blocks · 4 sub-vectors · 2 · 3 · 128 = 24576 < 2^15), so it is
+//! exact.
+
+use super::scalar::{BLOCK, BLOCK_BYTES, WRAP_GROUP_BLOCKS};
+use std::arch::x86_64::*;
+
+/// Blocks between widenings in exact mode (see the module doc).
+const EXACT_FLUSH_BLOCKS: usize = 8;
+
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+}
+
+/// `Σ code·q` over one row.
+///
+/// # Safety
+/// The CPU must support AVX2, and `q.len() == 4 * codes.len()` with
+/// `codes.len()` a multiple of 32.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot(codes: &[u8], q: &[i8], wrap: bool) -> i32 {
+    let nb = codes.len() / BLOCK_BYTES;
+    let flush = if wrap {
+        WRAP_GROUP_BLOCKS
+    } else {
+        EXACT_FLUSH_BLOCKS
+    };
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc32 = _mm256_setzero_si256();
+    let mut b = 0;
+    while b < nb {
+        let end = (b + flush).min(nb);
+        let mut acc16 = _mm256_setzero_si256();
+        for j in b..end {
+            let x = _mm256_loadu_si256(codes.as_ptr().add(j * BLOCK_BYTES) as *const __m256i);
+            let qp = q.as_ptr().add(j * BLOCK);
+            let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(x), mask);
+            let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
+            let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(x), mask);
+            let c3 = _mm256_and_si256(x, mask);
+            let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qp as *const __m256i));
+            let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(qp.add(32) as *const __m256i));
+            let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(qp.add(64) as *const __m256i));
+            let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(qp.add(96) as *const __m256i));
+            let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+            acc16 = _mm256_add_epi16(acc16, s);
+        }
+        acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16, ones));
+        b = end;
+    }
+    hsum_i32(acc32)
+}
+
+#[target_feature(enable = "avx2")]
+pub(super) fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// The matmul of [`super::Kernel::matmul`] on AVX2.
+pub fn matmul(
+    wrap: bool,
+    w: &[u8],
+    n_in: usize,
+    rows: std::ops::Range<usize>,
+    q: &[i8],
+    out: &mut [i32],
+) {
+    assert!(available());
+    let row_bytes = n_in / 4;
+    let n_tok = q.len() / n_in;
+    for (ri, r) in rows.enumerate() {
+        let codes = &w[r * row_bytes..(r + 1) * row_bytes];
+        for t in 0..n_tok {
+            let qt = &q[t * n_in..(t + 1) * n_in];
+            // SAFETY: AVX2 was checked above; `codes` is n_in/4 bytes and
+            // `qt` n_in values with n_in a multiple of 128 (checked by the
+            // dispatcher), so every load stays inside both slices.
+            out[ri * n_tok + t] = unsafe { dot(codes, qt, wrap) };
+        }
+    }
+}
