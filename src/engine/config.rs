@@ -139,8 +139,8 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return bad(format!("head_dim {head_dim} is odd: RoPE needs pairs"));
         }
-        if !(rms_eps > 0.0 && rms_eps.is_finite()) || !(rope_theta > 0.0 && rope_theta.is_finite())
-        {
+        let positive = |v: f32| v > 0.0 && v.is_finite();
+        if !positive(rms_eps) || !positive(rope_theta) {
             return bad(format!(
                 "rms_eps {rms_eps} or rope theta {rope_theta} not positive"
             ));
@@ -164,8 +164,8 @@ impl ModelConfig {
 
 /// An optional metadata value: absent is `None`, present with the wrong
 /// type is an error naming the key.
-fn meta<'a, T>(
-    file: &'a GgufFile,
+fn meta<T>(
+    file: &GgufFile,
     key: &str,
     get: impl FnOnce(&str) -> Result<T, crate::gguf::GgufError>,
 ) -> Result<Option<T>, EngineError> {
