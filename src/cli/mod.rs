@@ -3,6 +3,7 @@
 //! Exit codes: 0 no divergence / success, 1 divergence found, 2 bad input or
 //! usage, 3 the reference failed (crashed or refused the model).
 
+mod find;
 mod gen_model;
 mod inspect;
 
@@ -32,6 +33,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run bitnet.cpp and the candidate in lockstep; report the first divergence.
+    Find(find::Args),
+    /// Re-run what receipts recorded and check the result is the same.
+    Verify(find::VerifyArgs),
     /// Print a GGUF file's header, metadata, tensor table and statistics.
     Inspect(inspect::Args),
     /// Write a deterministic synthetic BitNet model.
@@ -51,6 +56,8 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Find(a) => find::run(a),
+        Command::Verify(a) => find::verify(a),
         Command::Inspect(a) => inspect::run(a),
         Command::GenModel(a) => gen_model::run(a),
         Command::ReferenceWorker => return ExitCode::from(divergence::reference::worker::serve() as u8),

@@ -1,1 +1,240 @@
-//! (module under construction)
+//! The JSON receipt: what was run, on what, with which builds and policy,
+//! and what was found. Deterministic: the same run writes the same bytes,
+//! apart from the `volatile` object (timestamp, timings).
+//!
+//! A receipt records enough to be re-run (`divergence verify`), and its
+//! identity (everything but `volatile` and build-environment facts) is what
+//! the parity suite compares with the checked-in copies in `receipts/`.
+
+use crate::compare::Policy;
+use crate::engine::{Engine, Fault, KvType};
+use crate::lockstep::{Divergence, Mode, Outcome, Prompt, StageSummary, TokenCheck, TokenDisagreement, TokenFault, Verdict};
+use crate::reference::BuildInfo;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const SCHEMA_VERSION: u32 = 1;
+/// The JSON Schema every receipt validates against.
+pub const SCHEMA: &str = include_str!("../../receipts/schema.json");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Receipt {
+    pub schema_version: u32,
+    pub tool: String,
+    /// What was asked: enough for `divergence verify` to run it again.
+    pub run: RunRecord,
+    pub model: ModelRecord,
+    pub reference: BuildInfo,
+    pub candidate: CandidateRecord,
+    pub policy: Policy,
+    pub verdict: Verdict,
+    pub tokens: TokenCheck,
+    pub first_divergence: Option<Divergence>,
+    pub later_divergences: Vec<Divergence>,
+    /// Per (layer, stage), aggregated over the steps run, up to the divergence.
+    pub stages: Vec<StageSummary>,
+    pub generated: Generated,
+    pub unknown_reference_nodes: Vec<String>,
+    pub reference_failure: Option<String>,
+    /// Never part of the receipt's identity.
+    pub volatile: Volatile,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub model_path: String,
+    pub prompt: Prompt,
+    pub steps: usize,
+    pub mode: Mode,
+    pub threads: usize,
+    pub kv_type: KvType,
+    pub keep_going: bool,
+    pub faults: Vec<Fault>,
+    pub token_faults: Vec<TokenFault>,
+    /// A policy file given with --policy, else the built-in one.
+    pub policy_path: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelRecord {
+    pub path: String,
+    pub sha256: String,
+    pub file_size: u64,
+    pub arch: String,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub reference_description: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CandidateRecord {
+    pub engine: String,
+    pub version: String,
+    pub kernel: String,
+    pub i2s_mode: String,
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Generated {
+    pub reference: Vec<u32>,
+    pub candidate: Vec<u32>,
+    pub disagreements: Vec<TokenDisagreement>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct Volatile {
+    pub timestamp_unix: u64,
+    pub timings: crate::lockstep::Timings,
+}
+
+impl Receipt {
+    pub fn build(run: RunRecord, engine_info: CandidateRecord, model: ModelRecord, policy: Policy, outcome: Outcome) -> Receipt {
+        let threads = run.threads;
+        Receipt {
+            schema_version: SCHEMA_VERSION,
+            tool: format!("divergence {}", env!("CARGO_PKG_VERSION")),
+            run,
+            model,
+            reference: BuildInfo::current(threads),
+            candidate: engine_info,
+            policy,
+            verdict: outcome.verdict,
+            tokens: outcome.tokens,
+            first_divergence: outcome.first_divergence,
+            later_divergences: outcome.later_divergences,
+            stages: outcome.summary,
+            generated: Generated {
+                reference: outcome.generated_reference,
+                candidate: outcome.generated_candidate,
+                disagreements: outcome.token_disagreements,
+            },
+            unknown_reference_nodes: outcome.unknown_nodes,
+            reference_failure: outcome.reference_failure,
+            volatile: Volatile {
+                timestamp_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                timings: outcome.timings,
+            },
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("receipts serialize");
+        s.push('\n');
+        s
+    }
+
+    pub fn read(path: &Path) -> Result<Receipt, ReceiptError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
+        Self::parse(&text).map_err(|e| ReceiptError::Parse(path.to_path_buf(), e))
+    }
+
+    pub fn parse(text: &str) -> Result<Receipt, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// Writes atomically: a temp file beside the target, fsync, rename. An
+    /// interrupted run leaves the old receipt or the complete new one.
+    pub fn write(&self, path: &Path) -> Result<(), ReceiptError> {
+        write_atomic(path, self.to_json().as_bytes()).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))
+    }
+
+    /// The identity of a run's result: what must not change between two runs
+    /// of the same command (volatile fields and machine facts left out).
+    pub fn identity(&self) -> serde_json::Value {
+        serde_json::json!({
+            "schema_version": self.schema_version,
+            "run": self.run,
+            "model_sha256": self.model.sha256,
+            "verdict": self.verdict,
+            "tokens": self.tokens,
+            "first_divergence": self.first_divergence,
+            "generated": self.generated,
+            "reference_failed": self.reference_failure.is_some(),
+        })
+    }
+
+    /// Differences in identity between two receipts, as readable lines.
+    pub fn differences(&self, other: &Receipt) -> Vec<String> {
+        let (a, b) = (self.identity(), other.identity());
+        let mut out = Vec::new();
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (k, va) in a {
+                let vb = b.get(k).unwrap_or(&serde_json::Value::Null);
+                if va != vb {
+                    out.push(format!("{k}: {} -> {}", short(va), short(vb)));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn short(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.len() > 200 {
+        format!("{}…", &s[..s.char_indices().nth(200).map(|(i, _)| i).unwrap_or(s.len())])
+    } else {
+        s
+    }
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "receipt".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl CandidateRecord {
+    pub fn of(engine: &Engine) -> CandidateRecord {
+        CandidateRecord {
+            engine: "divergence pure-Rust BitNet engine".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel: engine.kernel_name().into(),
+            i2s_mode: format!("{:?}", engine.options().i2s_mode),
+            threads: engine.options().threads,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("{path}: {1}", path = .0.display())]
+    Io(PathBuf, std::io::Error),
+    #[error("{path} is not a valid receipt: {1}", path = .0.display())]
+    Parse(PathBuf, serde_json::Error),
+}

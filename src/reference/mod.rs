@@ -19,14 +19,8 @@ use serde::{Deserialize, Serialize};
 
 pub use session::{Context, ContextOptions, Decoded, Model};
 
-/// KV cache element type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum KvType {
-    #[default]
-    F16,
-    F32,
-}
+/// KV cache element type: one type for both engines.
+pub use crate::engine::KvType;
 
 /// One graph node as `cb_eval` showed it, data converted to contiguous f32.
 #[derive(Clone, Debug, Serialize, Deserialize)]

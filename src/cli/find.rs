@@ -1,0 +1,357 @@
+//! `divergence find` and `divergence verify`: run the lockstep comparison,
+//! write the receipt, print a human summary.
+
+use super::{CliResult, Failure};
+use anyhow::{anyhow, Context as _};
+use divergence::compare::Policy;
+use divergence::engine::{Fault, KvType};
+use divergence::lockstep::{self, Mode, Prompt, RunConfig, TokenFault, Verdict};
+use divergence::receipt::{self, CandidateRecord, ModelRecord, Receipt, RunRecord};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// The most decode steps a run may ask for.
+const MAX_STEPS: usize = 4096;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF model; without it, an embedded synthetic default (the `tiny` preset, seed 1).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt text (tokenized by each engine's own tokenizer).
+    #[arg(long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Token ids instead of a prompt, comma-separated (fed to both engines as is).
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// Greedy decode steps after the prefill.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// resync: each stage judged on its own error; free: each engine feeds itself.
+    #[arg(long, value_enum, default_value = "resync")]
+    mode: Mode,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// KV cache type for both engines.
+    #[arg(long, value_parser = parse_kv, default_value = "f16")]
+    kv: KvType,
+    /// Tolerance policy (JSON); default: the built-in policies/default.json.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Where to write the receipt.
+    #[arg(long, default_value = "divergence-receipt.json")]
+    receipt: PathBuf,
+    /// Record every divergence instead of stopping at the first.
+    #[arg(long)]
+    keep_going: bool,
+    /// Print the receipt JSON on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Test-only: inject a candidate fault (the bug zoo).
+    #[arg(long = "inject", hide = true, value_parser = parse_fault)]
+    inject: Vec<Fault>,
+    /// Test-only: inject a tokenizer fault (duplicate-bos).
+    #[arg(long = "inject-token", hide = true, value_parser = parse_token_fault)]
+    inject_token: Vec<TokenFault>,
+}
+
+fn parse_kv(s: &str) -> Result<KvType, String> {
+    match s {
+        "f16" => Ok(KvType::F16),
+        "f32" => Ok(KvType::F32),
+        _ => Err(format!("`{s}` is not a KV type: use f16 or f32")),
+    }
+}
+
+fn parse_fault(s: &str) -> Result<Fault, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown fault `{s}`"))
+}
+
+fn parse_token_fault(s: &str) -> Result<TokenFault, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown token fault `{s}`"))
+}
+
+/// The embedded default model: generated once, deterministically, into the
+/// temp folder, so `divergence find` works on a fresh machine.
+fn default_model() -> anyhow::Result<PathBuf> {
+    let mut cfg = divergence::synth::SynthConfig::preset(divergence::synth::Preset::Tiny);
+    cfg.seed = 1;
+    let path = std::env::temp_dir().join("divergence-default-tiny-seed1.gguf");
+    if divergence::gguf::GgufFile::open(&path).is_err() {
+        divergence::synth::write_model(&cfg, &path).context("writing the default synthetic model")?;
+    }
+    Ok(path)
+}
+
+pub fn run(args: Args) -> CliResult {
+    if args.steps > MAX_STEPS {
+        return Err(anyhow!("--steps {} is absurd: at most {MAX_STEPS}", args.steps).into());
+    }
+    if args.threads == 0 || args.threads > 256 {
+        return Err(anyhow!("--threads must be between 1 and 256").into());
+    }
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => default_model()?,
+    };
+    let prompt = match (&args.prompt, &args.tokens) {
+        (_, Some(ids)) if ids.is_empty() => return Err(anyhow!("--tokens is empty").into()),
+        (_, Some(ids)) => Prompt::Tokens(ids.clone()),
+        (Some(p), None) if p.is_empty() => return Err(anyhow!("--prompt is empty").into()),
+        (Some(p), None) => Prompt::Text(p.clone()),
+        (None, None) => Prompt::Text("The quick brown fox".into()),
+    };
+    let record = RunRecord {
+        model_path: model.display().to_string(),
+        prompt,
+        steps: args.steps,
+        mode: args.mode,
+        threads: args.threads,
+        kv_type: args.kv,
+        keep_going: args.keep_going,
+        faults: args.inject.clone(),
+        token_faults: args.inject_token.clone(),
+        policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
+    };
+    let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
+    let receipt = execute(&record, show_progress)?;
+    receipt.write(&args.receipt).map_err(|e| Failure { code: 2, error: e.into() })?;
+    if args.json {
+        print!("{}", receipt.to_json());
+    } else {
+        print_summary(&receipt, &args.receipt);
+    }
+    Ok(exit_code(&receipt))
+}
+
+/// Runs what a record describes and builds the receipt (find and verify).
+pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failure> {
+    let model = PathBuf::from(&record.model_path);
+    let policy = match &record.policy_path {
+        Some(p) => Policy::load(Path::new(p))?,
+        None => Policy::default_policy(),
+    };
+    let bar = show_progress.then(|| {
+        let b = indicatif::ProgressBar::new((record.steps + 1) as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} {bar:30} {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>> =
+        bar.clone().map(|b| Arc::new(move |done: usize, _| b.set_position(done as u64)) as _);
+    let cfg = RunConfig {
+        model: model.clone(),
+        prompt: record.prompt.clone(),
+        steps: record.steps,
+        mode: record.mode,
+        threads: record.threads,
+        kv_type: record.kv_type,
+        policy: policy.clone(),
+        keep_going: record.keep_going,
+        faults: record.faults.clone(),
+        token_faults: record.token_faults.clone(),
+        worker_exe: divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?,
+        progress,
+    };
+    // Validate and describe the model before either engine touches it.
+    let file = divergence::gguf::GgufFile::open(&model).with_context(|| format!("reading {}", model.display()))?;
+    let engine = divergence::engine::Engine::from_gguf(
+        Arc::new(file),
+        divergence::engine::EngineOptions {
+            threads: record.threads,
+            kv_type: record.kv_type,
+            faults: record.faults.clone(),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("{} is not a model divergence can run", model.display()))?;
+    warn_non_finite(&engine);
+    let c = engine.config().clone();
+    let model_record = ModelRecord {
+        path: record.model_path.clone(),
+        sha256: receipt::sha256_file(&model).with_context(|| format!("hashing {}", model.display()))?,
+        file_size: engine.file().file_size(),
+        arch: c.arch.name().to_string(),
+        n_embd: c.n_embd,
+        n_layer: c.n_layer,
+        n_head: c.n_head,
+        n_head_kv: c.n_head_kv,
+        n_ff: c.n_ff,
+        n_vocab: c.n_vocab,
+        rope_theta: c.rope_theta,
+        rms_eps: c.rms_eps,
+        reference_description: String::new(),
+    };
+    let candidate = CandidateRecord::of(&engine);
+    drop(engine);
+    let outcome = lockstep::run(&cfg).map_err(|e| Failure { code: 2, error: e.into() })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let mut model_record = model_record;
+    model_record.reference_description = outcome.reference_description.clone();
+    Ok(Receipt::build(record.clone(), candidate, model_record, policy, outcome))
+}
+
+/// NaN/Inf in weights: a warning with counts; the run goes on.
+fn warn_non_finite(engine: &divergence::engine::Engine) {
+    let file = engine.file();
+    for t in file.tensors() {
+        let data = file.tensor_data(t);
+        let bad = match t.ty {
+            divergence::gguf::GgmlType::F32 => data
+                .chunks_exact(4)
+                .filter(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+                .count(),
+            divergence::gguf::GgmlType::F16 => data
+                .chunks_exact(2)
+                .filter(|c| !half::f16::from_le_bytes([c[0], c[1]]).is_finite())
+                .count(),
+            _ => 0,
+        };
+        if bad > 0 {
+            eprintln!("warning: tensor {} has {bad} NaN/Inf values", t.name);
+        }
+    }
+}
+
+pub fn exit_code(r: &Receipt) -> ExitCode {
+    match r.verdict {
+        Verdict::NoDivergence => ExitCode::SUCCESS,
+        Verdict::Divergence => ExitCode::from(1),
+        Verdict::ReferenceFailed => ExitCode::from(3),
+    }
+}
+
+fn print_summary(r: &Receipt, path: &Path) {
+    println!(
+        "model   {} ({}, {} layers, sha256 {}…)",
+        r.model.path,
+        r.model.arch,
+        r.model.n_layer,
+        &r.model.sha256[..12]
+    );
+    println!(
+        "run     mode {:?}, {} step(s), {} thread(s), KV {:?}, policy {}",
+        r.run.mode, r.run.steps, r.run.threads, r.run.kv_type, r.policy.name
+    );
+    let t = &r.tokens;
+    println!(
+        "tokens  reference {:?}{}",
+        t.reference,
+        if t.equal { " (candidate agrees)".to_string() } else { format!(", candidate {:?}", t.candidate) }
+    );
+    if !t.duplicate_bos_candidate.is_empty() || !t.duplicate_bos_reference.is_empty() {
+        println!(
+            "        duplicated BOS at: reference {:?}, candidate {:?}",
+            t.duplicate_bos_reference, t.duplicate_bos_candidate
+        );
+    }
+    // Per-layer table: one column per stage, the worst NMSE up to the divergence.
+    let stages: Vec<_> = divergence::trace::Stage::ALL.into_iter().filter(|s| r.stages.iter().any(|x| x.stage == *s)).collect();
+    let mut layers: Vec<Option<usize>> = r.stages.iter().map(|s| s.layer).collect();
+    layers.sort_by_key(|l| l.map_or(usize::MAX, |v| v));
+    layers.dedup();
+    println!("\nworst per stage (= bit-exact, ~ within policy, X failed; number: worst NMSE)");
+    for layer in layers {
+        let label = layer.map_or("model".to_string(), |l| format!("layer {l}"));
+        let mut cells = Vec::new();
+        for s in &stages {
+            if let Some(x) = r.stages.iter().find(|x| x.layer == layer && x.stage == *s) {
+                let mark = if !x.all_pass {
+                    "X"
+                } else if x.all_exact {
+                    "="
+                } else {
+                    "~"
+                };
+                cells.push(if x.all_exact { format!("{s}{mark}") } else { format!("{s}{mark}{:.0e}", x.worst_nmse) });
+            }
+        }
+        println!("  {label:>8}  {}", cells.join(" "));
+    }
+    println!();
+    match (&r.verdict, &r.first_divergence) {
+        (Verdict::ReferenceFailed, _) => {
+            println!("REFERENCE FAILED: {}", r.reference_failure.as_deref().unwrap_or("unknown"));
+        }
+        (_, Some(d)) => {
+            println!(
+                "FIRST DIVERGENCE  step {} position {} layer {} stage {} (class {:?})",
+                d.step,
+                d.position,
+                d.layer.map_or("-".to_string(), |l| l.to_string()),
+                d.stage,
+                d.rule.class
+            );
+            println!(
+                "  nmse {:.3e}  max_abs {:.3e}  max_ulp {}  outside {} of {}  cosine {:.6}",
+                d.metrics.nmse, d.metrics.max_abs, d.metrics.max_ulp, d.metrics.n_outside, d.metrics.n, d.metrics.cosine
+            );
+            for w in d.worst.iter().take(4) {
+                println!(
+                    "  at {:?}: reference {} candidate {}{}",
+                    w.index,
+                    w.reference,
+                    w.candidate,
+                    w.oracle.map(|o| format!(" oracle {o:.6}")).unwrap_or_default()
+                );
+            }
+            println!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
+        }
+        (_, None) if !r.tokens.equal => println!("DIVERGENCE in the prompt's token ids"),
+        (_, None) => println!("NO DIVERGENCE: every stage of every step is within the policy"),
+    }
+    if !r.generated.disagreements.is_empty() {
+        println!("greedy tokens disagreed at steps {:?}", r.generated.disagreements.iter().map(|d| d.step).collect::<Vec<_>>());
+    }
+    if !r.unknown_reference_nodes.is_empty() {
+        println!("unmapped reference nodes: {}", r.unknown_reference_nodes.join(", "));
+    }
+    println!("receipt {}", path.display());
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Receipts to re-run and check.
+    #[arg(required = true)]
+    receipts: Vec<PathBuf>,
+}
+
+/// Re-runs what each receipt recorded; exit 0 when every result is the same.
+pub fn verify(args: VerifyArgs) -> CliResult {
+    let mut all_same = true;
+    for path in &args.receipts {
+        let old = Receipt::read(path)?;
+        let model = Path::new(&old.run.model_path);
+        let sha = receipt::sha256_file(model).with_context(|| format!("{}: model {}", path.display(), model.display()))?;
+        if sha != old.model.sha256 {
+            return Err(anyhow!(
+                "{}: model {} has sha256 {sha}, the receipt recorded {}",
+                path.display(),
+                model.display(),
+                old.model.sha256
+            )
+            .into());
+        }
+        let new = execute(&old.run, false)?;
+        let diffs = old.differences(&new);
+        if diffs.is_empty() {
+            println!("{}: same result ({:?})", path.display(), new.verdict);
+        } else {
+            all_same = false;
+            println!("{}: DIFFERENT", path.display());
+            for d in diffs {
+                println!("  {d}");
+            }
+        }
+    }
+    Ok(if all_same { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

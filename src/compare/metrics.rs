@@ -1,0 +1,293 @@
+//! Metrics of a tensor pair. The reference is always the first argument and
+//! the denominator of relative measures.
+
+use serde::{Deserialize, Serialize};
+
+/// How far a candidate tensor is from the reference's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub n: usize,
+    pub exact: bool,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    /// Σ(a-b)² / Σa² (0 when both are all-zero).
+    pub nmse: f64,
+    pub cosine: f64,
+    /// Largest distance in units in the last place (f32), over finite pairs.
+    pub max_ulp: u64,
+    /// Elements outside atol + rtol·|ref| (for the rule the stage was judged by).
+    pub n_outside: usize,
+    pub nan_reference: usize,
+    pub inf_reference: usize,
+    pub nan_candidate: usize,
+    pub inf_candidate: usize,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub logits: Option<LogitMetrics>,
+}
+
+/// Metrics that only mean something for logits ([T, V]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogitMetrics {
+    /// Rows (positions) whose argmax agrees.
+    pub top1_agree: usize,
+    pub rows: usize,
+    /// Mean overlap of the top-k sets, k = `top_k`.
+    pub top_k: usize,
+    pub topk_overlap: f64,
+    /// Largest KL(reference ‖ candidate) over rows, in nats.
+    pub max_kl: f64,
+}
+
+/// One element where the two sides differ most.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorstElement {
+    /// Index into the canonical layout (row-major), and as a multi-index.
+    pub flat_index: usize,
+    pub index: Vec<usize>,
+    pub reference: f32,
+    pub candidate: f32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub oracle: Option<f64>,
+    pub abs_diff: f64,
+}
+
+/// JSON has no infinity: clamp to the largest finite f64.
+pub fn finite_or_max(x: f64) -> f64 {
+    if x.is_nan() {
+        f64::MAX
+    } else {
+        x.clamp(-f64::MAX, f64::MAX)
+    }
+}
+
+fn ulp_distance(a: f32, b: f32) -> u64 {
+    // Map the float bit patterns to a monotonic integer line.
+    fn key(x: f32) -> i64 {
+        let bits = x.to_bits() as i32;
+        if bits < 0 {
+            i64::from(i32::MIN) - i64::from(bits)
+        } else {
+            i64::from(bits)
+        }
+    }
+    key(a).abs_diff(key(b))
+}
+
+/// Computes every metric; `atol`/`rtol` set what "outside" means.
+pub fn compute(reference: &[f32], candidate: &[f32], atol: f64, rtol: f64) -> Metrics {
+    let n = reference.len().min(candidate.len());
+    let mut m = Metrics {
+        n,
+        exact: reference.len() == candidate.len(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        nmse: 0.0,
+        cosine: 1.0,
+        max_ulp: 0,
+        n_outside: 0,
+        nan_reference: 0,
+        inf_reference: 0,
+        nan_candidate: 0,
+        inf_candidate: 0,
+        logits: None,
+    };
+    let (mut err2, mut ref2, mut cand2, mut dot) = (0f64, 0f64, 0f64, 0f64);
+    for (&a, &b) in reference.iter().zip(candidate) {
+        m.nan_reference += a.is_nan() as usize;
+        m.inf_reference += a.is_infinite() as usize;
+        m.nan_candidate += b.is_nan() as usize;
+        m.inf_candidate += b.is_infinite() as usize;
+        if a.to_bits() != b.to_bits() && !(a == 0.0 && b == 0.0) {
+            m.exact = false;
+        }
+        let (a64, b64) = (f64::from(a), f64::from(b));
+        let d = (a64 - b64).abs();
+        if a.is_finite() && b.is_finite() {
+            m.max_abs = m.max_abs.max(d);
+            if a64 != 0.0 {
+                m.max_rel = m.max_rel.max(d / a64.abs());
+            } else if d > 0.0 {
+                m.max_rel = f64::MAX;
+            }
+            m.max_ulp = m.max_ulp.max(ulp_distance(a, b));
+            err2 += d * d;
+            ref2 += a64 * a64;
+            cand2 += b64 * b64;
+            dot += a64 * b64;
+            if d > atol + rtol * a64.abs() {
+                m.n_outside += 1;
+            }
+        } else if a.to_bits() != b.to_bits() {
+            m.n_outside += 1;
+        }
+    }
+    m.nmse = if ref2 > 0.0 {
+        err2 / ref2
+    } else if err2 > 0.0 {
+        f64::MAX
+    } else {
+        0.0
+    };
+    m.cosine = if ref2 > 0.0 && cand2 > 0.0 {
+        dot / (ref2.sqrt() * cand2.sqrt())
+    } else if ref2 == cand2 {
+        1.0
+    } else {
+        0.0
+    };
+    if m.nan_candidate + m.inf_candidate + m.nan_reference + m.inf_reference > 0 {
+        m.nmse = if m.exact { 0.0 } else { f64::MAX };
+    }
+    m
+}
+
+/// NMSE of `x` against the f64 oracle `o`.
+pub fn nmse_f64(o: &[f64], x: &[f32]) -> f64 {
+    let (mut err2, mut o2) = (0f64, 0f64);
+    for (&a, &b) in o.iter().zip(x) {
+        let d = a - f64::from(b);
+        err2 += d * d;
+        o2 += a * a;
+    }
+    if !err2.is_finite() {
+        f64::INFINITY
+    } else if o2 > 0.0 {
+        err2 / o2
+    } else if err2 > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
+/// Top-1, top-k overlap and KL over the rows of [rows, vocab] logits.
+pub fn logit_metrics(reference: &[f32], candidate: &[f32], vocab: usize, top_k: usize) -> LogitMetrics {
+    let rows = if vocab == 0 { 0 } else { reference.len().min(candidate.len()) / vocab };
+    let (mut agree, mut overlap, mut max_kl) = (0usize, 0f64, 0f64);
+    for r in 0..rows {
+        let a = &reference[r * vocab..(r + 1) * vocab];
+        let b = &candidate[r * vocab..(r + 1) * vocab];
+        let ta = top_indices(a, top_k);
+        let tb = top_indices(b, top_k);
+        agree += (ta.first() == tb.first()) as usize;
+        overlap += ta.iter().filter(|i| tb.contains(i)).count() as f64 / top_k.max(1) as f64;
+        max_kl = max_kl.max(kl(a, b));
+    }
+    LogitMetrics {
+        top1_agree: agree,
+        rows,
+        top_k,
+        topk_overlap: if rows > 0 { overlap / rows as f64 } else { 1.0 },
+        max_kl: finite_or_max(max_kl),
+    }
+}
+
+/// Indices of the k largest values, largest first, ties to the lower index.
+pub fn top_indices(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&i, &j| x[j].total_cmp(&x[i]).then(i.cmp(&j)));
+    idx.truncate(k);
+    idx
+}
+
+/// Greedy token: argmax, ties to the lower id.
+pub fn argmax(x: &[f32]) -> usize {
+    top_indices(x, 1).first().copied().unwrap_or(0)
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().map(|&v| f64::from(v)).fold(f64::NEG_INFINITY, f64::max);
+    let lse = x.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln() + max;
+    x.iter().map(|&v| f64::from(v) - lse).collect()
+}
+
+fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let lp = log_softmax(p_logits);
+    let lq = log_softmax(q_logits);
+    lp.iter().zip(&lq).map(|(&a, &b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+}
+
+/// The `k` elements with the largest absolute difference (NaN/Inf first),
+/// ties to the lower index, so receipts are deterministic.
+pub fn worst_elements(reference: &[f32], candidate: &[f32], shape: &[usize], oracle: Option<&[f64]>, k: usize) -> Vec<WorstElement> {
+    let diff = |i: usize| {
+        let (a, b) = (reference[i], candidate[i]);
+        if a.to_bits() == b.to_bits() {
+            0.0
+        } else if a.is_finite() && b.is_finite() {
+            (f64::from(a) - f64::from(b)).abs()
+        } else {
+            f64::INFINITY
+        }
+    };
+    let n = reference.len().min(candidate.len());
+    let mut idx: Vec<usize> = (0..n).filter(|&i| diff(i) > 0.0).collect();
+    idx.sort_by(|&i, &j| diff(j).total_cmp(&diff(i)).then(i.cmp(&j)));
+    idx.truncate(k);
+    idx.into_iter()
+        .map(|i| WorstElement {
+            flat_index: i,
+            index: unravel(i, shape),
+            reference: reference[i],
+            candidate: candidate[i],
+            oracle: oracle.and_then(|o| o.get(i).copied()),
+            abs_diff: finite_or_max(diff(i)),
+        })
+        .collect()
+}
+
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut out = vec![0; shape.len()];
+    for (slot, &dim) in out.iter_mut().zip(shape).rev() {
+        if dim > 0 {
+            *slot = i % dim;
+            i /= dim;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_is_exact() {
+        let a = [1.0f32, -2.0, 0.5];
+        let m = compute(&a, &a, 0.0, 0.0);
+        assert!(m.exact);
+        assert_eq!(m.max_ulp, 0);
+        assert_eq!(m.nmse, 0.0);
+    }
+
+    #[test]
+    fn one_ulp_is_counted() {
+        let a = [1.0f32];
+        let b = [f32::from_bits(1.0f32.to_bits() + 1)];
+        let m = compute(&a, &b, 0.0, 0.0);
+        assert!(!m.exact);
+        assert_eq!(m.max_ulp, 1);
+        assert_eq!(m.n_outside, 1);
+        assert_eq!(ulp_distance(-0.0, 0.0), 0);
+        assert_eq!(ulp_distance(f32::from_bits(1), -f32::from_bits(1)), 2);
+    }
+
+    #[test]
+    fn worst_elements_are_sorted_and_unraveled() {
+        let a = [0.0f32, 1.0, 2.0, 3.0];
+        let b = [0.0f32, 1.5, 2.0, 5.0];
+        let w = worst_elements(&a, &b, &[2, 2], None, 5);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].index, vec![1, 1]);
+        assert_eq!(w[1].index, vec![0, 1]);
+    }
+
+    #[test]
+    fn kl_of_equal_logits_is_zero() {
+        let a = [1.0f32, 2.0, 3.0, 0.0];
+        let m = logit_metrics(&a, &a, 4, 2);
+        assert_eq!(m.top1_agree, 1);
+        assert!(m.max_kl < 1e-12);
+        assert_eq!(m.topk_overlap, 1.0);
+    }
+}

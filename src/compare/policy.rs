@@ -1,0 +1,110 @@
+//! The tolerance policy: data, not code. One rule per stage, with a class:
+//!
+//! - `exact`: both engines run the same integer or single-f32 chain given
+//!   identical inputs; anything but bit equality is a divergence.
+//! - `tight`: f32 chains whose summation order or libm calls may differ;
+//!   every element must sit within `atol + rtol·|ref|`.
+//! - `loose`: the sides use different approximations (ggml's SIMD exp, F16
+//!   rounding in the KV cache and the F16 logits product); judged by NMSE.
+//!
+//! The default policy is `policies/default.json`, compiled in; `--policy FILE`
+//! replaces it. The policy in force is printed in every receipt.
+
+use crate::trace::Stage;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Exact,
+    Tight,
+    Loose,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub class: Class,
+    #[serde(default)]
+    pub atol: f64,
+    #[serde(default)]
+    pub rtol: f64,
+    /// Largest NMSE a `loose` stage may have (also applied to `tight`).
+    #[serde(default)]
+    pub max_nmse: f64,
+    /// For logits: the fraction of positions whose top-1 token must agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_top1_agreement: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub name: String,
+    /// Why these numbers: shown to reviewers with every receipt.
+    pub notes: String,
+    /// Rules keyed by canonical stage name; free-run mode uses `free_run`
+    /// where present, since error legitimately accumulates there.
+    pub resync: Vec<(Stage, Rule)>,
+    pub free_run: Vec<(Stage, Rule)>,
+}
+
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.json");
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("reading policy {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("policy {path} is not valid: {source}")]
+    Parse { path: String, source: serde_json::Error },
+    #[error("policy {path} has no rule for stage `{stage}` in {mode}")]
+    Missing { path: String, stage: Stage, mode: &'static str },
+}
+
+impl Policy {
+    pub fn default_policy() -> Policy {
+        Self::parse(DEFAULT_POLICY, "policies/default.json").expect("the built-in policy is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io { path: p.clone(), source })?;
+        Self::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Policy, PolicyError> {
+        let policy: Policy =
+            serde_json::from_str(text).map_err(|source| PolicyError::Parse { path: path.into(), source })?;
+        for stage in Stage::ALL {
+            if !policy.resync.iter().any(|(s, _)| *s == stage) {
+                return Err(PolicyError::Missing { path: path.into(), stage, mode: "resync" });
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The rule for a stage in the given mode.
+    pub fn rule(&self, stage: Stage, free_run: bool) -> &Rule {
+        fn pick(rules: &[(Stage, Rule)], stage: Stage) -> Option<&Rule> {
+            rules.iter().find(|(s, _)| *s == stage).map(|(_, r)| r)
+        }
+        (if free_run { pick(&self.free_run, stage) } else { None })
+            .or_else(|| pick(&self.resync, stage))
+            .expect("validated at load: every stage has a resync rule")
+    }
+}
+
+/// Whether metrics pass a rule: the single place that reads a rule.
+pub fn passes(rule: &Rule, m: &super::Metrics) -> bool {
+    let finite_ok = m.nan_candidate == m.nan_reference && m.inf_candidate == m.inf_reference;
+    let top1_ok = match (rule.min_top1_agreement, &m.logits) {
+        (Some(min), Some(l)) if l.rows > 0 => l.top1_agree as f64 >= min * l.rows as f64,
+        _ => true,
+    };
+    finite_ok
+        && top1_ok
+        && match rule.class {
+            Class::Exact => m.exact,
+            Class::Tight => m.n_outside == 0 && m.nmse <= rule.max_nmse,
+            Class::Loose => m.nmse <= rule.max_nmse,
+        }
+}
