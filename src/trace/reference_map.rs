@@ -42,9 +42,10 @@ pub fn stage_of(base: &str, op: &str) -> Option<Stage> {
         ("attn_o_out", _) | ("kqv_out", _) if mm => Stage::OProj,
         ("ffn_inp", "ADD") => Stage::FfnInp,
         ("ffn_norm", "MUL") => Stage::FfnNorm,
-        ("ffn_gate", _) if mm => Stage::FfnGate,
+        // With a `*.scale` tensor, llm_build_ffn names the scaled product `_s`.
+        ("ffn_gate" | "ffn_gate_s", _) if mm => Stage::FfnGate,
         ("ffn_silu" | "ffn_relu" | "ffn_relu_sqr" | "ffn_gelu", _) => Stage::FfnAct,
-        ("ffn_up", _) if mm => Stage::FfnUp,
+        ("ffn_up" | "ffn_up_s", _) if mm => Stage::FfnUp,
         ("ffn_sub_out" | "ffn_gate_par", "MUL") => Stage::FfnMul,
         ("ffn_sub_norm", "MUL") => Stage::FfnSubNorm,
         ("ffn_down" | "ffn_out", _) if mm => Stage::FfnDown,

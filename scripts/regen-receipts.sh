@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Regenerates every checked-in receipt in receipts/ from the project's own
+# synthetic models. Run after a change to an engine, the comparator or a
+# receipt field; review the diff like code.
+#   scripts/regen-receipts.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --quiet
+bin=target/debug/divergence
+models=target/receipt-models
+mkdir -p "$models" receipts
+prompt="The quick brown fox"
+
+"$bin" gen-model --preset tiny --seed 1 -o "$models/tiny-bitnet.gguf" >/dev/null
+"$bin" gen-model --preset tiny --arch llama --seed 1 -o "$models/tiny-llama.gguf" >/dev/null
+"$bin" gen-model --preset small --seed 1 -o "$models/small-bitnet.gguf" >/dev/null
+
+# find exits 1 on a divergence: that is a result here, not a failure.
+find_receipt() { "$bin" find -q "$@" >/dev/null || [ $? -eq 1 ]; }
+
+# Clean parity cases (the ones tests/parity.rs compares against).
+for mode in resync free; do
+  for kv in f16 f32; do
+    find_receipt --model "$models/tiny-bitnet.gguf" --prompt "$prompt" --steps 4 --mode "$mode" \
+      --threads 1 --kv "$kv" --receipt "receipts/parity-tiny-bitnet-$mode-t1-$kv.json"
+  done
+done
+find_receipt --model "$models/tiny-llama.gguf" --prompt "$prompt" --steps 4 --mode resync \
+  --threads 1 --kv f16 --receipt receipts/parity-tiny-llama-resync-t1-f16.json
+
+# A real finding on `small`: see receipts/README.md.
+find_receipt --model "$models/small-bitnet.gguf" --steps 4 --threads 2 \
+  --receipt receipts/finding-small-bitnet-default-prompt.json
+
+# The bug zoo: one receipt per injected candidate fault (docs/bug-zoo.md).
+for fault in rope-interleaved gqa-modulo act-round-half-away act-scale128 missing-row-sum \
+             eps-hardcoded skip-attn-sub-norm wrong-ffn-act attn-scale-inv-head-dim \
+             no-causal-mask weight-scale-divide i2s-code-off-by-one; do
+  find_receipt --model "$models/tiny-bitnet.gguf" --prompt "$prompt" --steps 2 \
+    --inject "$fault" --receipt "receipts/zoo-$fault.json"
+done
+find_receipt --model "$models/tiny-bitnet.gguf" --prompt "$prompt" --steps 2 --mode free \
+  --inject-token duplicate-bos --receipt receipts/zoo-duplicate-bos.json
+echo "receipts regenerated: $(ls receipts/*.json | wc -l) files"

@@ -1,0 +1,187 @@
+//! Parity: the candidate engine against bitnet.cpp on synthetic models of
+//! every arch the reference knows, in both modes, 1 and 2 threads, F16 and
+//! F32 KV cache. A correct candidate shows no divergence, and every stage
+//! whose policy class is `exact` is bit-identical.
+//!
+//! Each case's receipt is written to a temp dir and compared with the
+//! checked-in copy in `receipts/` (verdict, token ids, first divergence,
+//! greedy tokens; volatile fields and paths excluded), so a change in
+//! behaviour shows up as a receipt diff in review. Regenerate them with
+//! `scripts/regen-receipts.sh`.
+
+use divergence::compare::{Class, Policy};
+use divergence::engine::KvType;
+use divergence::lockstep::{self, Mode, Prompt, RunConfig, Verdict};
+use divergence::receipt::{CandidateRecord, ModelRecord, Receipt, RunRecord};
+use divergence::synth::{write_model, Preset, SynthConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const PROMPT: &str = "The quick brown fox";
+
+fn model(dir: &Path, preset: Preset, arch: &str) -> PathBuf {
+    let mut cfg = SynthConfig::preset(preset);
+    cfg.arch = arch.into();
+    cfg.seed = 1;
+    let path = dir.join(format!("{preset}-{arch}.gguf"));
+    write_model(&cfg, &path).expect("synthetic model");
+    path
+}
+
+fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Receipt {
+    let policy = Policy::default_policy();
+    let cfg = RunConfig {
+        model: model.to_path_buf(),
+        prompt: Prompt::Text(PROMPT.into()),
+        steps,
+        mode,
+        threads,
+        kv_type: kv,
+        policy: policy.clone(),
+        keep_going: false,
+        faults: vec![],
+        token_faults: vec![],
+        worker_exe: PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
+        progress: None,
+    };
+    let outcome = lockstep::run(&cfg).expect("the run completes");
+    let file = Arc::new(divergence::gguf::GgufFile::open(model).unwrap());
+    let engine = divergence::engine::Engine::from_gguf(file, Default::default()).unwrap();
+    let c = engine.config().clone();
+    let record = RunRecord {
+        model_path: model.display().to_string(),
+        prompt: cfg.prompt.clone(),
+        steps,
+        mode,
+        threads,
+        kv_type: kv,
+        keep_going: false,
+        faults: vec![],
+        token_faults: vec![],
+        policy_path: None,
+    };
+    let model_record = ModelRecord {
+        path: record.model_path.clone(),
+        sha256: divergence::receipt::sha256_file(model).unwrap(),
+        file_size: engine.file().file_size(),
+        arch: c.arch.name().into(),
+        n_embd: c.n_embd,
+        n_layer: c.n_layer,
+        n_head: c.n_head,
+        n_head_kv: c.n_head_kv,
+        n_ff: c.n_ff,
+        n_vocab: c.n_vocab,
+        rope_theta: c.rope_theta,
+        rms_eps: c.rms_eps,
+        reference_description: outcome.reference_description.clone(),
+    };
+    Receipt::build(record, CandidateRecord::of(&engine), model_record, policy, outcome)
+}
+
+/// No divergence, and `exact` stages bit-identical at every layer and step.
+fn assert_clean(r: &Receipt, what: &str) {
+    assert!(r.tokens.equal, "{what}: token ids differ: {:?}", r.tokens);
+    assert_eq!(
+        r.verdict,
+        Verdict::NoDivergence,
+        "{what}: {}",
+        r.first_divergence.as_ref().map(|d| format!("{} [{:?}] step {}: {:?}", d.stage, d.layer, d.step, d.metrics)).unwrap_or_default()
+    );
+    assert!(!r.stages.is_empty(), "{what}: nothing was compared");
+    for s in &r.stages {
+        if s.class == Class::Exact {
+            assert!(s.all_exact, "{what}: exact stage {} [{:?}] was not bit-identical", s.stage, s.layer);
+        }
+    }
+    assert!(r.unknown_reference_nodes.is_empty(), "{what}: unmapped nodes {:?}", r.unknown_reference_nodes);
+    // Receipts validate against the schema.
+    let schema: serde_json::Value = serde_json::from_str(divergence::receipt::SCHEMA).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator.iter_errors(&value).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+    assert!(errors.is_empty(), "{what}: receipt fails the schema: {errors:?}");
+}
+
+/// Compares a fresh receipt with the checked-in one of the same name.
+fn assert_matches_checked_in(r: &Receipt, name: &str, tmp: &Path) {
+    r.write(&tmp.join(format!("{name}.json"))).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("receipts").join(format!("{name}.json"));
+    let old = Receipt::read(&path).unwrap_or_else(|e| panic!("{e}: run scripts/regen-receipts.sh"));
+    assert_eq!(old.model.sha256, r.model.sha256, "{name}: the synthetic model changed");
+    assert_eq!(old.verdict, r.verdict, "{name}: verdict changed");
+    assert_eq!(old.tokens, r.tokens, "{name}: token ids changed");
+    assert_eq!(old.generated, r.generated, "{name}: greedy tokens changed");
+    let key = |d: &Option<divergence::lockstep::Divergence>| d.as_ref().map(|d| (d.step, d.layer, d.stage, d.position, d.blame.blame));
+    assert_eq!(key(&old.first_divergence), key(&r.first_divergence), "{name}: first divergence changed");
+}
+
+#[test]
+fn bitnet_tiny_all_modes_threads_and_kv_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), Preset::Tiny, "bitnet");
+    for mode in [Mode::Resync, Mode::Free] {
+        for threads in [1, 2] {
+            for kv in [KvType::F16, KvType::F32] {
+                let r = run(&m, mode, threads, kv, 4);
+                let name = format!("parity-tiny-bitnet-{mode:?}-t{threads}-{kv:?}").to_lowercase();
+                assert_clean(&r, &name);
+                if threads == 1 {
+                    assert_matches_checked_in(&r, &name, dir.path());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn llama_tiny_resync_and_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), Preset::Tiny, "llama");
+    for mode in [Mode::Resync, Mode::Free] {
+        for kv in [KvType::F16, KvType::F32] {
+            let r = run(&m, mode, 2, kv, 4);
+            assert_clean(&r, &format!("llama tiny {mode:?} {kv:?}"));
+        }
+    }
+    let r = run(&m, Mode::Resync, 1, KvType::F16, 4);
+    assert_matches_checked_in(&r, "parity-tiny-llama-resync-t1-f16", dir.path());
+}
+
+#[test]
+fn bitnet_with_scale_tensors_and_f32_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = SynthConfig::preset(Preset::Tiny);
+    cfg.scale_tensors = true;
+    cfg.embd_type = divergence::gguf::GgmlType::F32;
+    cfg.seed = 1;
+    let m = dir.path().join("tiny-scales.gguf");
+    write_model(&cfg, &m).unwrap();
+    for mode in [Mode::Resync, Mode::Free] {
+        let r = run(&m, mode, 2, KvType::F32, 3);
+        assert_clean(&r, &format!("tiny with scale tensors {mode:?}"));
+    }
+}
+
+#[test]
+fn bitnet_small_resync_two_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), Preset::Small, "bitnet");
+    let r = run(&m, Mode::Resync, 2, KvType::F32, 2);
+    assert_clean(&r, "small bitnet resync");
+    let r = run(&m, Mode::Free, 2, KvType::F16, 2);
+    assert_clean(&r, "small bitnet free");
+}
+
+#[test]
+fn same_run_gives_the_same_receipt_bytes_apart_from_volatile() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), Preset::Tiny, "bitnet");
+    let strip = |r: &Receipt| {
+        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        v.as_object_mut().unwrap().remove("volatile");
+        v.to_string()
+    };
+    let a = run(&m, Mode::Resync, 2, KvType::F16, 2);
+    let b = run(&m, Mode::Resync, 2, KvType::F16, 2);
+    assert_eq!(strip(&a), strip(&b));
+}
