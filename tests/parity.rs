@@ -75,7 +75,13 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
         rms_eps: c.rms_eps,
         reference_description: outcome.reference_description.clone(),
     };
-    Receipt::build(record, CandidateRecord::of(&engine), model_record, policy, outcome)
+    Receipt::build(
+        record,
+        CandidateRecord::of(&engine),
+        model_record,
+        policy,
+        outcome,
+    )
 }
 
 /// No divergence, and `exact` stages bit-identical at every layer and step.
@@ -85,34 +91,66 @@ fn assert_clean(r: &Receipt, what: &str) {
         r.verdict,
         Verdict::NoDivergence,
         "{what}: {}",
-        r.first_divergence.as_ref().map(|d| format!("{} [{:?}] step {}: {:?}", d.stage, d.layer, d.step, d.metrics)).unwrap_or_default()
+        r.first_divergence
+            .as_ref()
+            .map(|d| format!(
+                "{} [{:?}] step {}: {:?}",
+                d.stage, d.layer, d.step, d.metrics
+            ))
+            .unwrap_or_default()
     );
     assert!(!r.stages.is_empty(), "{what}: nothing was compared");
     for s in &r.stages {
         if s.class == Class::Exact {
-            assert!(s.all_exact, "{what}: exact stage {} [{:?}] was not bit-identical", s.stage, s.layer);
+            assert!(
+                s.all_exact,
+                "{what}: exact stage {} [{:?}] was not bit-identical",
+                s.stage, s.layer
+            );
         }
     }
-    assert!(r.unknown_reference_nodes.is_empty(), "{what}: unmapped nodes {:?}", r.unknown_reference_nodes);
+    assert!(
+        r.unknown_reference_nodes.is_empty(),
+        "{what}: unmapped nodes {:?}",
+        r.unknown_reference_nodes
+    );
     // Receipts validate against the schema.
     let schema: serde_json::Value = serde_json::from_str(divergence::receipt::SCHEMA).unwrap();
     let value: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
-    let errors: Vec<String> = validator.iter_errors(&value).map(|e| format!("{} at {}", e, e.instance_path)).collect();
-    assert!(errors.is_empty(), "{what}: receipt fails the schema: {errors:?}");
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what}: receipt fails the schema: {errors:?}"
+    );
 }
 
 /// Compares a fresh receipt with the checked-in one of the same name.
 fn assert_matches_checked_in(r: &Receipt, name: &str, tmp: &Path) {
     r.write(&tmp.join(format!("{name}.json"))).unwrap();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("receipts").join(format!("{name}.json"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("receipts")
+        .join(format!("{name}.json"));
     let old = Receipt::read(&path).unwrap_or_else(|e| panic!("{e}: run scripts/regen-receipts.sh"));
-    assert_eq!(old.model.sha256, r.model.sha256, "{name}: the synthetic model changed");
+    assert_eq!(
+        old.model.sha256, r.model.sha256,
+        "{name}: the synthetic model changed"
+    );
     assert_eq!(old.verdict, r.verdict, "{name}: verdict changed");
     assert_eq!(old.tokens, r.tokens, "{name}: token ids changed");
     assert_eq!(old.generated, r.generated, "{name}: greedy tokens changed");
-    let key = |d: &Option<divergence::lockstep::Divergence>| d.as_ref().map(|d| (d.step, d.layer, d.stage, d.position, d.blame.blame));
-    assert_eq!(key(&old.first_divergence), key(&r.first_divergence), "{name}: first divergence changed");
+    let key = |d: &Option<divergence::lockstep::Divergence>| {
+        d.as_ref()
+            .map(|d| (d.step, d.layer, d.stage, d.position, d.blame.blame))
+    };
+    assert_eq!(
+        key(&old.first_divergence),
+        key(&r.first_divergence),
+        "{name}: first divergence changed"
+    );
 }
 
 #[test]

@@ -12,7 +12,12 @@ fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn opts(threads: usize) -> ContextOptions {
-    ContextOptions { threads, kv_type: KvType::F32, n_ctx: 64, n_batch: 64 }
+    ContextOptions {
+        threads,
+        kv_type: KvType::F32,
+        n_ctx: 64,
+        n_batch: 64,
+    }
 }
 
 #[test]
@@ -25,10 +30,28 @@ fn tiny_decode_captures_every_stage_and_threads_agree() {
     assert!(!prompt.is_empty());
     let mut ctx = Context::new(model.clone(), &opts(1), CaptureFilter::all()).unwrap();
     let out = ctx.decode(&prompt, 0).unwrap();
-    for name in ["inp_embd", "attn_norm-0", "Qcur-1", "kq-1", "ffn_down-1", "l_out-1", "result_norm", "result_output"] {
-        assert!(out.nodes.iter().any(|n| n.name == name), "missing node {name}");
+    for name in [
+        "inp_embd",
+        "attn_norm-0",
+        "Qcur-1",
+        "kq-1",
+        "ffn_down-1",
+        "l_out-1",
+        "result_norm",
+        "result_output",
+    ] {
+        assert!(
+            out.nodes.iter().any(|n| n.name == name),
+            "missing node {name}"
+        );
     }
-    println!("{:?}", out.nodes.iter().map(|n| format!("{}:{}:{:?}", n.name, n.op, n.ne)).collect::<Vec<_>>());
+    println!(
+        "{:?}",
+        out.nodes
+            .iter()
+            .map(|n| format!("{}:{}:{:?}", n.name, n.op, n.ne))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(out.logits.len(), prompt.len() * cfg.n_vocab);
     assert!(out.logits.iter().all(|x| x.is_finite()));
 }

@@ -69,11 +69,13 @@ fn parse_kv(s: &str) -> Result<KvType, String> {
 }
 
 fn parse_fault(s: &str) -> Result<Fault, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown fault `{s}`"))
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown fault `{s}`"))
 }
 
 fn parse_token_fault(s: &str) -> Result<TokenFault, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown token fault `{s}`"))
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown token fault `{s}`"))
 }
 
 /// The embedded default model: generated once, deterministically, into the
@@ -83,7 +85,8 @@ fn default_model() -> anyhow::Result<PathBuf> {
     cfg.seed = 1;
     let path = std::env::temp_dir().join("divergence-default-tiny-seed1.gguf");
     if divergence::gguf::GgufFile::open(&path).is_err() {
-        divergence::synth::write_model(&cfg, &path).context("writing the default synthetic model")?;
+        divergence::synth::write_model(&cfg, &path)
+            .context("writing the default synthetic model")?;
     }
     Ok(path)
 }
@@ -120,7 +123,10 @@ pub fn run(args: Args) -> CliResult {
     };
     let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
     let receipt = execute(&record, show_progress)?;
-    receipt.write(&args.receipt).map_err(|e| Failure { code: 2, error: e.into() })?;
+    receipt.write(&args.receipt).map_err(|e| Failure {
+        code: 2,
+        error: e.into(),
+    })?;
     if args.json {
         print!("{}", receipt.to_json());
     } else {
@@ -139,13 +145,16 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
     let bar = show_progress.then(|| {
         let b = indicatif::ProgressBar::new((record.steps + 1) as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} {bar:30} {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} {bar:30} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     });
-    let progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>> =
-        bar.clone().map(|b| Arc::new(move |done: usize, _| b.set_position(done as u64)) as _);
+    let progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>> = bar
+        .clone()
+        .map(|b| Arc::new(move |done: usize, _| b.set_position(done as u64)) as _);
     let cfg = RunConfig {
         model: model.clone(),
         prompt: record.prompt.clone(),
@@ -161,7 +170,8 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
         progress,
     };
     // Validate and describe the model before either engine touches it.
-    let file = divergence::gguf::GgufFile::open(&model).with_context(|| format!("reading {}", model.display()))?;
+    let file = divergence::gguf::GgufFile::open(&model)
+        .with_context(|| format!("reading {}", model.display()))?;
     let engine = divergence::engine::Engine::from_gguf(
         Arc::new(file),
         divergence::engine::EngineOptions {
@@ -176,7 +186,8 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
     let c = engine.config().clone();
     let model_record = ModelRecord {
         path: record.model_path.clone(),
-        sha256: receipt::sha256_file(&model).with_context(|| format!("hashing {}", model.display()))?,
+        sha256: receipt::sha256_file(&model)
+            .with_context(|| format!("hashing {}", model.display()))?,
         file_size: engine.file().file_size(),
         arch: c.arch.name().to_string(),
         n_embd: c.n_embd,
@@ -191,13 +202,22 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
     };
     let candidate = CandidateRecord::of(&engine);
     drop(engine);
-    let outcome = lockstep::run(&cfg).map_err(|e| Failure { code: 2, error: e.into() })?;
+    let outcome = lockstep::run(&cfg).map_err(|e| Failure {
+        code: 2,
+        error: e.into(),
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     let mut model_record = model_record;
     model_record.reference_description = outcome.reference_description.clone();
-    Ok(Receipt::build(record.clone(), candidate, model_record, policy, outcome))
+    Ok(Receipt::build(
+        record.clone(),
+        candidate,
+        model_record,
+        policy,
+        outcome,
+    ))
 }
 
 /// NaN/Inf in weights: a warning with counts; the run goes on.
@@ -246,7 +266,11 @@ fn print_summary(r: &Receipt, path: &Path) {
     println!(
         "tokens  reference {:?}{}",
         t.reference,
-        if t.equal { " (candidate agrees)".to_string() } else { format!(", candidate {:?}", t.candidate) }
+        if t.equal {
+            " (candidate agrees)".to_string()
+        } else {
+            format!(", candidate {:?}", t.candidate)
+        }
     );
     if !t.duplicate_bos_candidate.is_empty() || !t.duplicate_bos_reference.is_empty() {
         println!(
@@ -255,7 +279,10 @@ fn print_summary(r: &Receipt, path: &Path) {
         );
     }
     // Per-layer table: one column per stage, the worst NMSE up to the divergence.
-    let stages: Vec<_> = divergence::trace::Stage::ALL.into_iter().filter(|s| r.stages.iter().any(|x| x.stage == *s)).collect();
+    let stages: Vec<_> = divergence::trace::Stage::ALL
+        .into_iter()
+        .filter(|s| r.stages.iter().any(|x| x.stage == *s))
+        .collect();
     let mut layers: Vec<Option<usize>> = r.stages.iter().map(|s| s.layer).collect();
     layers.sort_by_key(|l| l.map_or(usize::MAX, |v| v));
     layers.dedup();
@@ -272,7 +299,11 @@ fn print_summary(r: &Receipt, path: &Path) {
                 } else {
                     "~"
                 };
-                cells.push(if x.all_exact { format!("{s}{mark}") } else { format!("{s}{mark}{:.0e}", x.worst_nmse) });
+                cells.push(if x.all_exact {
+                    format!("{s}{mark}")
+                } else {
+                    format!("{s}{mark}{:.0e}", x.worst_nmse)
+                });
             }
         }
         println!("  {label:>8}  {}", cells.join(" "));
@@ -280,7 +311,10 @@ fn print_summary(r: &Receipt, path: &Path) {
     println!();
     match (&r.verdict, &r.first_divergence) {
         (Verdict::ReferenceFailed, _) => {
-            println!("REFERENCE FAILED: {}", r.reference_failure.as_deref().unwrap_or("unknown"));
+            println!(
+                "REFERENCE FAILED: {}",
+                r.reference_failure.as_deref().unwrap_or("unknown")
+            );
         }
         (_, Some(d)) => {
             println!(
@@ -293,7 +327,12 @@ fn print_summary(r: &Receipt, path: &Path) {
             );
             println!(
                 "  nmse {:.3e}  max_abs {:.3e}  max_ulp {}  outside {} of {}  cosine {:.6}",
-                d.metrics.nmse, d.metrics.max_abs, d.metrics.max_ulp, d.metrics.n_outside, d.metrics.n, d.metrics.cosine
+                d.metrics.nmse,
+                d.metrics.max_abs,
+                d.metrics.max_ulp,
+                d.metrics.n_outside,
+                d.metrics.n,
+                d.metrics.cosine
             );
             for w in d.worst.iter().take(4) {
                 println!(
@@ -301,7 +340,9 @@ fn print_summary(r: &Receipt, path: &Path) {
                     w.index,
                     w.reference,
                     w.candidate,
-                    w.oracle.map(|o| format!(" oracle {o:.6}")).unwrap_or_default()
+                    w.oracle
+                        .map(|o| format!(" oracle {o:.6}"))
+                        .unwrap_or_default()
                 );
             }
             println!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
@@ -310,10 +351,20 @@ fn print_summary(r: &Receipt, path: &Path) {
         (_, None) => println!("NO DIVERGENCE: every stage of every step is within the policy"),
     }
     if !r.generated.disagreements.is_empty() {
-        println!("greedy tokens disagreed at steps {:?}", r.generated.disagreements.iter().map(|d| d.step).collect::<Vec<_>>());
+        println!(
+            "greedy tokens disagreed at steps {:?}",
+            r.generated
+                .disagreements
+                .iter()
+                .map(|d| d.step)
+                .collect::<Vec<_>>()
+        );
     }
     if !r.unknown_reference_nodes.is_empty() {
-        println!("unmapped reference nodes: {}", r.unknown_reference_nodes.join(", "));
+        println!(
+            "unmapped reference nodes: {}",
+            r.unknown_reference_nodes.join(", ")
+        );
     }
     println!("receipt {}", path.display());
 }
@@ -331,7 +382,8 @@ pub fn verify(args: VerifyArgs) -> CliResult {
     for path in &args.receipts {
         let old = Receipt::read(path)?;
         let model = Path::new(&old.run.model_path);
-        let sha = receipt::sha256_file(model).with_context(|| format!("{}: model {}", path.display(), model.display()))?;
+        let sha = receipt::sha256_file(model)
+            .with_context(|| format!("{}: model {}", path.display(), model.display()))?;
         if sha != old.model.sha256 {
             return Err(anyhow!(
                 "{}: model {} has sha256 {sha}, the receipt recorded {}",
@@ -353,5 +405,9 @@ pub fn verify(args: VerifyArgs) -> CliResult {
             }
         }
     }
-    Ok(if all_same { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if all_same {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -3,6 +3,7 @@
 //! Exit codes: 0 no divergence / success, 1 divergence found, 2 bad input or
 //! usage, 3 the reference failed (crashed or refused the model).
 
+mod bench;
 mod find;
 mod gen_model;
 mod inspect;
@@ -18,14 +19,21 @@ pub struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: 2, error: e.into() }
+        Failure {
+            code: 2,
+            error: e.into(),
+        }
     }
 }
 
 pub type CliResult = Result<ExitCode, Failure>;
 
 #[derive(Parser)]
-#[command(name = "divergence", version, about = "Find the first divergence between a BitNet engine and bitnet.cpp")]
+#[command(
+    name = "divergence",
+    version,
+    about = "Find the first divergence between a BitNet engine and bitnet.cpp"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +45,8 @@ enum Command {
     Find(find::Args),
     /// Re-run what receipts recorded and check the result is the same.
     Verify(find::VerifyArgs),
+    /// Time both engines (or their I2_S kernels) on the same model and threads.
+    Bench(bench::Args),
     /// Print a GGUF file's header, metadata, tensor table and statistics.
     Inspect(inspect::Args),
     /// Write a deterministic synthetic BitNet model.
@@ -58,9 +68,12 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Find(a) => find::run(a),
         Command::Verify(a) => find::verify(a),
+        Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::GenModel(a) => gen_model::run(a),
-        Command::ReferenceWorker => return ExitCode::from(divergence::reference::worker::serve() as u8),
+        Command::ReferenceWorker => {
+            return ExitCode::from(divergence::reference::worker::serve() as u8)
+        }
     };
     match result {
         Ok(code) => code,

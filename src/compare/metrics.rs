@@ -161,8 +161,17 @@ pub fn nmse_f64(o: &[f64], x: &[f32]) -> f64 {
 }
 
 /// Top-1, top-k overlap and KL over the rows of [rows, vocab] logits.
-pub fn logit_metrics(reference: &[f32], candidate: &[f32], vocab: usize, top_k: usize) -> LogitMetrics {
-    let rows = if vocab == 0 { 0 } else { reference.len().min(candidate.len()) / vocab };
+pub fn logit_metrics(
+    reference: &[f32],
+    candidate: &[f32],
+    vocab: usize,
+    top_k: usize,
+) -> LogitMetrics {
+    let rows = reference
+        .len()
+        .min(candidate.len())
+        .checked_div(vocab)
+        .unwrap_or(0);
     let (mut agree, mut overlap, mut max_kl) = (0usize, 0f64, 0f64);
     for r in 0..rows {
         let a = &reference[r * vocab..(r + 1) * vocab];
@@ -196,20 +205,38 @@ pub fn argmax(x: &[f32]) -> usize {
 }
 
 fn log_softmax(x: &[f32]) -> Vec<f64> {
-    let max = x.iter().map(|&v| f64::from(v)).fold(f64::NEG_INFINITY, f64::max);
-    let lse = x.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln() + max;
+    let max = x
+        .iter()
+        .map(|&v| f64::from(v))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let lse = x
+        .iter()
+        .map(|&v| (f64::from(v) - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     x.iter().map(|&v| f64::from(v) - lse).collect()
 }
 
 fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     let lp = log_softmax(p_logits);
     let lq = log_softmax(q_logits);
-    lp.iter().zip(&lq).map(|(&a, &b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+    lp.iter()
+        .zip(&lq)
+        .map(|(&a, &b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
 }
 
 /// The `k` elements with the largest absolute difference (NaN/Inf first),
 /// ties to the lower index, so receipts are deterministic.
-pub fn worst_elements(reference: &[f32], candidate: &[f32], shape: &[usize], oracle: Option<&[f64]>, k: usize) -> Vec<WorstElement> {
+pub fn worst_elements(
+    reference: &[f32],
+    candidate: &[f32],
+    shape: &[usize],
+    oracle: Option<&[f64]>,
+    k: usize,
+) -> Vec<WorstElement> {
     let diff = |i: usize| {
         let (a, b) = (reference[i], candidate[i]);
         if a.to_bits() == b.to_bits() {

@@ -43,7 +43,8 @@ const ORACLE_AGREE_NMSE: f64 = 1e-9;
 
 /// Decides blame from the oracle's values for the stage.
 pub fn blame(reference: &[f32], candidate: &[f32], oracle: Option<&[f64]>) -> BlameReport {
-    let Some(oracle) = oracle.filter(|o| o.len() == reference.len() && o.len() == candidate.len()) else {
+    let Some(oracle) = oracle.filter(|o| o.len() == reference.len() && o.len() == candidate.len())
+    else {
         return BlameReport {
             blame: Blame::Undetermined,
             reference_nmse_vs_oracle: None,
@@ -54,13 +55,29 @@ pub fn blame(reference: &[f32], candidate: &[f32], oracle: Option<&[f64]>) -> Bl
     let r = metrics::nmse_f64(oracle, reference);
     let c = metrics::nmse_f64(oracle, candidate);
     let (blame, reason) = if !c.is_finite() && r.is_finite() {
-        (Blame::Candidate, "the candidate is non-finite where the oracle is finite".to_string())
+        (
+            Blame::Candidate,
+            "the candidate is non-finite where the oracle is finite".to_string(),
+        )
     } else if !r.is_finite() && c.is_finite() {
-        (Blame::Reference, "the reference is non-finite where the oracle is finite".to_string())
+        (
+            Blame::Reference,
+            "the reference is non-finite where the oracle is finite".to_string(),
+        )
     } else if c > BLAME_RATIO * r && c > ORACLE_AGREE_NMSE {
-        (Blame::Candidate, format!("candidate NMSE vs oracle {c:.3e} is over {BLAME_RATIO}x the reference's {r:.3e}"))
+        (
+            Blame::Candidate,
+            format!(
+                "candidate NMSE vs oracle {c:.3e} is over {BLAME_RATIO}x the reference's {r:.3e}"
+            ),
+        )
     } else if r > BLAME_RATIO * c && r > ORACLE_AGREE_NMSE {
-        (Blame::Reference, format!("reference NMSE vs oracle {r:.3e} is over {BLAME_RATIO}x the candidate's {c:.3e}"))
+        (
+            Blame::Reference,
+            format!(
+                "reference NMSE vs oracle {r:.3e} is over {BLAME_RATIO}x the candidate's {c:.3e}"
+            ),
+        )
     } else {
         (Blame::Both, format!("both sides are off the oracle by similar amounts (reference {r:.3e}, candidate {c:.3e})"))
     };

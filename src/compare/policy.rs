@@ -53,11 +53,21 @@ pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.json");
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("reading policy {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("policy {path} is not valid: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("policy {path} has no rule for stage `{stage}` in {mode}")]
-    Missing { path: String, stage: Stage, mode: &'static str },
+    Missing {
+        path: String,
+        stage: Stage,
+        mode: &'static str,
+    },
 }
 
 impl Policy {
@@ -67,16 +77,25 @@ impl Policy {
 
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+            path: p.clone(),
+            source,
+        })?;
         Self::parse(&text, &p)
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Policy, PolicyError> {
-        let policy: Policy =
-            serde_json::from_str(text).map_err(|source| PolicyError::Parse { path: path.into(), source })?;
+        let policy: Policy = serde_json::from_str(text).map_err(|source| PolicyError::Parse {
+            path: path.into(),
+            source,
+        })?;
         for stage in Stage::ALL {
             if !policy.resync.iter().any(|(s, _)| *s == stage) {
-                return Err(PolicyError::Missing { path: path.into(), stage, mode: "resync" });
+                return Err(PolicyError::Missing {
+                    path: path.into(),
+                    stage,
+                    mode: "resync",
+                });
             }
         }
         Ok(policy)
@@ -87,9 +106,13 @@ impl Policy {
         fn pick(rules: &[(Stage, Rule)], stage: Stage) -> Option<&Rule> {
             rules.iter().find(|(s, _)| *s == stage).map(|(_, r)| r)
         }
-        (if free_run { pick(&self.free_run, stage) } else { None })
-            .or_else(|| pick(&self.resync, stage))
-            .expect("validated at load: every stage has a resync rule")
+        (if free_run {
+            pick(&self.free_run, stage)
+        } else {
+            None
+        })
+        .or_else(|| pick(&self.resync, stage))
+        .expect("validated at load: every stage has a resync rule")
     }
 }
 

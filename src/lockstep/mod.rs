@@ -212,8 +212,17 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     };
 
     let t = Instant::now();
-    let ctx = ContextOptions { threads: cfg.threads, kv_type: cfg.kv_type, n_ctx, n_batch: n_ctx };
-    let filter = CaptureFilter { off: false, layers: None, name_patterns: capture_patterns() };
+    let ctx = ContextOptions {
+        threads: cfg.threads,
+        kv_type: cfg.kv_type,
+        n_ctx,
+        n_batch: n_ctx,
+    };
+    let filter = CaptureFilter {
+        off: false,
+        layers: None,
+        name_patterns: capture_patterns(),
+    };
     let mut reference = match Worker::start(&cfg.worker_exe, &cfg.model, &ctx, filter) {
         Ok(w) => w,
         Err(e) => return Ok(reference_failed(outcome, e, timings, t_total)),
@@ -252,11 +261,21 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
             cfg.steps
         )));
     }
-    if let Some(bad) = ref_tokens.iter().find(|&&t| t as usize >= engine.config().n_vocab) {
-        return Err(RunError::Input(format!("token id {bad} is outside the vocabulary of {}", engine.config().n_vocab)));
+    if let Some(bad) = ref_tokens
+        .iter()
+        .find(|&&t| t as usize >= engine.config().n_vocab)
+    {
+        return Err(RunError::Input(format!(
+            "token id {bad} is outside the vocabulary of {}",
+            engine.config().n_vocab
+        )));
     }
     let dup = |ids: &[u32]| -> Vec<usize> {
-        ids.windows(2).enumerate().filter(|(_, w)| Some(w[0]) == bos && w[1] == w[0]).map(|(i, _)| i + 1).collect()
+        ids.windows(2)
+            .enumerate()
+            .filter(|(_, w)| Some(w[0]) == bos && w[1] == w[0])
+            .map(|(i, _)| i + 1)
+            .collect()
     };
     outcome.tokens = TokenCheck {
         equal: ref_tokens == cand_tokens,
@@ -301,10 +320,21 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         state.absorb(judged);
 
         // Blame each failure with the oracle, from the reference's inputs.
-        let inputs = StepInputs { stages: &ref_stages, history: &state.kv_history, tokens: &batch, n_past: state.ref_pos };
+        let inputs = StepInputs {
+            stages: &ref_stages,
+            history: &state.kv_history,
+            tokens: &batch,
+            n_past: state.ref_pos,
+        };
         for f in failures {
             let oracle_values = oracle::recompute(&engine, f.key.layer, f.key.stage, &inputs);
-            let mut div = state.divergence(step, f, oracle_values.as_deref(), state.ref_pos, batch.len());
+            let mut div = state.divergence(
+                step,
+                f,
+                oracle_values.as_deref(),
+                state.ref_pos,
+                batch.len(),
+            );
             if step == 0 && !outcome.tokens.equal && div.stage == Stage::TokEmbd {
                 div.blame = token_blame(&outcome.tokens);
             }
@@ -330,7 +360,11 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
             outcome.generated_candidate.push(c_next);
         }
         if r_next != c_next {
-            outcome.token_disagreements.push(TokenDisagreement { step, reference: r_next, candidate: c_next });
+            outcome.token_disagreements.push(TokenDisagreement {
+                step,
+                reference: r_next,
+                candidate: c_next,
+            });
         }
         let stop = outcome.first_divergence.is_some() && !cfg.keep_going;
         if stop || step + 1 == total_steps {
@@ -351,7 +385,12 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     Ok(outcome)
 }
 
-fn reference_failed(mut outcome: Outcome, e: RefError, mut timings: Timings, t0: Instant) -> Outcome {
+fn reference_failed(
+    mut outcome: Outcome,
+    e: RefError,
+    mut timings: Timings,
+    t0: Instant,
+) -> Outcome {
     outcome.verdict = Verdict::ReferenceFailed;
     outcome.reference_failure = Some(e.to_string());
     timings.total_s = t0.elapsed().as_secs_f64();
@@ -391,7 +430,11 @@ impl<'a> RunState<'a> {
 
     fn absorb(&mut self, judged: Vec<(StageKey, compare::Class, bool, Metrics)>) {
         for (key, class, pass, m) in judged {
-            let slot = match self.summary.iter_mut().position(|s| s.layer == key.layer && s.stage == key.stage) {
+            let slot = match self
+                .summary
+                .iter_mut()
+                .position(|s| s.layer == key.layer && s.stage == key.stage)
+            {
                 Some(i) => &mut self.summary[i],
                 None => {
                     self.summary.push(StageSummary {
@@ -428,12 +471,31 @@ impl<'a> RunState<'a> {
         }
     }
 
-    fn divergence(&self, step: usize, f: Failure, oracle: Option<&[f64]>, pos0: usize, t: usize) -> Divergence {
-        let rule = self.cfg.policy.rule(f.key.stage, self.cfg.mode == Mode::Free).clone();
+    fn divergence(
+        &self,
+        step: usize,
+        f: Failure,
+        oracle: Option<&[f64]>,
+        pos0: usize,
+        t: usize,
+    ) -> Divergence {
+        let rule = self
+            .cfg
+            .policy
+            .rule(f.key.stage, self.cfg.mode == Mode::Free)
+            .clone();
         let worst = metrics::worst_elements(&f.reference, &f.candidate, &f.shape, oracle, WORST_K);
         // The token axis is 0 for [T, D] stages and 1 for [H, T, K] ones.
-        let tok_axis = if f.key.stage.is_attention_matrix() { 1 } else { 0 };
-        let position = pos0 + worst.first().and_then(|w| w.index.get(tok_axis).copied()).unwrap_or(0);
+        let tok_axis = if f.key.stage.is_attention_matrix() {
+            1
+        } else {
+            0
+        };
+        let position = pos0
+            + worst
+                .first()
+                .and_then(|w| w.index.get(tok_axis).copied())
+                .unwrap_or(0);
         let blame = compare::blame(&f.reference, &f.candidate, oracle);
         Divergence {
             step,
@@ -451,7 +513,9 @@ impl<'a> RunState<'a> {
 
     fn finish(self, mut outcome: Outcome) -> Outcome {
         outcome.summary = self.summary;
-        outcome.summary.sort_by_key(|s| StageKey::new(s.layer, s.stage).order());
+        outcome
+            .summary
+            .sort_by_key(|s| StageKey::new(s.layer, s.stage).order());
         if outcome.first_divergence.is_some() {
             outcome.verdict = Verdict::Divergence;
         }
@@ -473,7 +537,12 @@ struct Comparator<'s> {
 }
 
 impl<'s> Comparator<'s> {
-    fn new(state: &'s RunState<'s>, reference: &'s BTreeMap<StageKey, Tensor>, _step: usize, _pos0: usize) -> Self {
+    fn new(
+        state: &'s RunState<'s>,
+        reference: &'s BTreeMap<StageKey, Tensor>,
+        _step: usize,
+        _pos0: usize,
+    ) -> Self {
         Comparator {
             cfg: state.cfg,
             n_vocab: state.n_vocab,
@@ -511,7 +580,12 @@ impl TraceSink for Comparator<'_> {
             metrics::compute(&reference.data, data, rule.atol, rule.rtol)
         };
         if stage == Stage::Logits && reference.shape == shape {
-            m.logits = Some(metrics::logit_metrics(&reference.data, data, self.n_vocab, TOP_K));
+            m.logits = Some(metrics::logit_metrics(
+                &reference.data,
+                data,
+                self.n_vocab,
+                TOP_K,
+            ));
         }
         let pass = policy::passes(rule, &m);
         if !pass {
@@ -545,7 +619,9 @@ struct StepInputs<'a> {
 
 impl oracle::OracleInputs for StepInputs<'_> {
     fn current(&self, layer: Option<usize>, stage: Stage) -> Option<&[f32]> {
-        self.stages.get(&StageKey::new(layer, stage)).map(|t| t.data.as_slice())
+        self.stages
+            .get(&StageKey::new(layer, stage))
+            .map(|t| t.data.as_slice())
     }
 
     fn kv_history(&self, layer: usize, stage: Stage) -> Option<Vec<f32>> {
@@ -573,10 +649,27 @@ impl oracle::OracleInputs for StepInputs<'_> {
 /// duplicated BOS is wrong; otherwise the tokenizers disagree and the ids
 /// alone cannot say which is right.
 fn token_blame(tokens: &TokenCheck) -> BlameReport {
-    let (blame, reason) = match (tokens.duplicate_bos_reference.is_empty(), tokens.duplicate_bos_candidate.is_empty()) {
-        (true, false) => (Blame::Candidate, "the candidate's prompt starts with a duplicated BOS token"),
-        (false, true) => (Blame::Reference, "the reference's prompt starts with a duplicated BOS token"),
-        _ => (Blame::Undetermined, "the tokenizers produce different ids for the prompt"),
+    let (blame, reason) = match (
+        tokens.duplicate_bos_reference.is_empty(),
+        tokens.duplicate_bos_candidate.is_empty(),
+    ) {
+        (true, false) => (
+            Blame::Candidate,
+            "the candidate's prompt starts with a duplicated BOS token",
+        ),
+        (false, true) => (
+            Blame::Reference,
+            "the reference's prompt starts with a duplicated BOS token",
+        ),
+        _ => (
+            Blame::Undetermined,
+            "the tokenizers produce different ids for the prompt",
+        ),
     };
-    BlameReport { blame, reference_nmse_vs_oracle: None, candidate_nmse_vs_oracle: None, reason: reason.into() }
+    BlameReport {
+        blame,
+        reference_nmse_vs_oracle: None,
+        candidate_nmse_vs_oracle: None,
+        reason: reason.into(),
+    }
 }

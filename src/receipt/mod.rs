@@ -8,7 +8,10 @@
 
 use crate::compare::Policy;
 use crate::engine::{Engine, Fault, KvType};
-use crate::lockstep::{Divergence, Mode, Outcome, Prompt, StageSummary, TokenCheck, TokenDisagreement, TokenFault, Verdict};
+use crate::lockstep::{
+    Divergence, Mode, Outcome, Prompt, StageSummary, TokenCheck, TokenDisagreement, TokenFault,
+    Verdict,
+};
 use crate::reference::BuildInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -97,7 +100,13 @@ pub struct Volatile {
 }
 
 impl Receipt {
-    pub fn build(run: RunRecord, engine_info: CandidateRecord, model: ModelRecord, policy: Policy, outcome: Outcome) -> Receipt {
+    pub fn build(
+        run: RunRecord,
+        engine_info: CandidateRecord,
+        model: ModelRecord,
+        policy: Policy,
+        outcome: Outcome,
+    ) -> Receipt {
         let threads = run.threads;
         Receipt {
             schema_version: SCHEMA_VERSION,
@@ -136,7 +145,8 @@ impl Receipt {
     }
 
     pub fn read(path: &Path) -> Result<Receipt, ReceiptError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
         Self::parse(&text).map_err(|e| ReceiptError::Parse(path.to_path_buf(), e))
     }
 
@@ -147,7 +157,8 @@ impl Receipt {
     /// Writes atomically: a temp file beside the target, fsync, rename. An
     /// interrupted run leaves the old receipt or the complete new one.
     pub fn write(&self, path: &Path) -> Result<(), ReceiptError> {
-        write_atomic(path, self.to_json().as_bytes()).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))
+        write_atomic(path, self.to_json().as_bytes())
+            .map_err(|e| ReceiptError::Io(path.to_path_buf(), e))
     }
 
     /// The identity of a run's result: what must not change between two runs
@@ -184,7 +195,10 @@ impl Receipt {
 fn short(v: &serde_json::Value) -> String {
     let s = v.to_string();
     if s.len() > 200 {
-        format!("{}…", &s[..s.char_indices().nth(200).map(|(i, _)| i).unwrap_or(s.len())])
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(200).map(|(i, _)| i).unwrap_or(s.len())]
+        )
     } else {
         s
     }
@@ -200,8 +214,14 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "receipt".into());
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "receipt".into());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;

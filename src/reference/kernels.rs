@@ -15,7 +15,9 @@ pub fn quantize_row_i8_s(x: &[f32]) -> (Vec<i8>, f32, i32) {
     let mut q = vec![0i8; x.len()];
     let mut sum = 0i32;
     // SAFETY: x and q both hold x.len() elements; sum is a valid out pointer.
-    let scale = unsafe { ffi::divergence_quantize_row_i8_s(x.as_ptr(), q.as_mut_ptr(), x.len() as i64, &mut sum) };
+    let scale = unsafe {
+        ffi::divergence_quantize_row_i8_s(x.as_ptr(), q.as_mut_ptr(), x.len() as i64, &mut sum)
+    };
     (q, scale, sum)
 }
 
@@ -38,7 +40,9 @@ pub fn quantize_i2_s(w: &[f32], n_in: usize, n_out: usize) -> Option<Vec<u8>> {
     }
     let mut out = vec![0u8; n_in * n_out / 4 + 32];
     // SAFETY: w has nrow*n_per_row floats; out has the documented size.
-    let written = unsafe { ffi::divergence_quantize_i2_s(w.as_ptr(), out.as_mut_ptr(), n_out as i64, n_in as i64) };
+    let written = unsafe {
+        ffi::divergence_quantize_i2_s(w.as_ptr(), out.as_mut_ptr(), n_out as i64, n_in as i64)
+    };
     out.truncate(written);
     Some(out)
 }
@@ -52,6 +56,14 @@ pub fn i2s_matvec(tensor: &[u8], n_in: usize, n_out: usize, x: &[f32]) -> Option
     let mut out = vec![0f32; n_out];
     // SAFETY: sizes checked above; the shim reads n_in*n_out/4 code bytes
     // plus the f32 scale after them, and writes n_out floats.
-    unsafe { ffi::divergence_i2s_matvec(tensor.as_ptr(), n_in as i64, n_out as i64, x.as_ptr(), out.as_mut_ptr()) };
+    unsafe {
+        ffi::divergence_i2s_matvec(
+            tensor.as_ptr(),
+            n_in as i64,
+            n_out as i64,
+            x.as_ptr(),
+            out.as_mut_ptr(),
+        )
+    };
     Some(out)
 }

@@ -57,7 +57,10 @@ impl CaptureFilter {
     }
 
     pub fn none() -> Self {
-        CaptureFilter { off: true, ..Default::default() }
+        CaptureFilter {
+            off: true,
+            ..Default::default()
+        }
     }
 
     pub fn wants(&self, name: &str) -> bool {
@@ -65,13 +68,17 @@ impl CaptureFilter {
             return false;
         }
         if let Some(layers) = &self.layers {
-            if let Some(layer) = name.rsplit_once('-').and_then(|(_, l)| l.parse::<usize>().ok()) {
+            if let Some(layer) = name
+                .rsplit_once('-')
+                .and_then(|(_, l)| l.parse::<usize>().ok())
+            {
                 if !layers.contains(&layer) {
                     return false;
                 }
             }
         }
-        self.name_patterns.is_empty() || self.name_patterns.iter().any(|p| name.contains(p.as_str()))
+        self.name_patterns.is_empty()
+            || self.name_patterns.iter().any(|p| name.contains(p.as_str()))
     }
 }
 
@@ -86,7 +93,11 @@ pub enum RefError {
     #[error("reference capture failed: {0}")]
     Capture(String),
     #[error("reference crashed ({signal}); last node reached: {last_node}; its stderr ended with: {stderr_tail}")]
-    Crashed { signal: String, last_node: String, stderr_tail: String },
+    Crashed {
+        signal: String,
+        last_node: String,
+        stderr_tail: String,
+    },
     #[error("reference worker: {0}")]
     Worker(String),
 }
@@ -107,7 +118,12 @@ pub struct BuildInfo {
 
 impl BuildInfo {
     pub fn current(threads: usize) -> BuildInfo {
-        let split = |s: &str| s.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect();
+        let split = |s: &str| {
+            s.split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
         BuildInfo {
             source: env!("DIVERGENCE_REF_ORIGIN").to_owned(),
             source_sha256: env!("DIVERGENCE_REF_SHA256").to_owned(),
@@ -116,7 +132,11 @@ impl BuildInfo {
             cmake_flags: env!("DIVERGENCE_REF_CMAKE_FLAGS").to_owned(),
             march: env!("DIVERGENCE_REF_MARCH").to_owned(),
             cpu_features: cpu_features(),
-            i2s_kernel: if kernels::available() { "ggml_vec_dot_i2_i8_s (AVX2)".into() } else { "none".into() },
+            i2s_kernel: if kernels::available() {
+                "ggml_vec_dot_i2_i8_s (AVX2)".into()
+            } else {
+                "none".into()
+            },
             threads,
         }
     }
@@ -132,7 +152,18 @@ pub fn cpu_features() -> Vec<String> {
                 if std::arch::is_x86_feature_detected!($f) { out.push($f.to_string()); }
             )*};
         }
-        probe!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi");
+        probe!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avx512vbmi"
+        );
     }
     out
 }

@@ -28,8 +28,13 @@ fn backend_init() {
 
 /// llama.cpp logs every tensor it loads; keep warnings and errors only
 /// (level 2 = ERROR, 3 = WARN in ggml_log_level).
-unsafe extern "C" fn log_callback(level: ffi::ggml_log_level::Type, text: *const std::os::raw::c_char, _: *mut c_void) {
-    if (level == ffi::ggml_log_level::GGML_LOG_LEVEL_ERROR || level == ffi::ggml_log_level::GGML_LOG_LEVEL_WARN)
+unsafe extern "C" fn log_callback(
+    level: ffi::ggml_log_level::Type,
+    text: *const std::os::raw::c_char,
+    _: *mut c_void,
+) {
+    if (level == ffi::ggml_log_level::GGML_LOG_LEVEL_ERROR
+        || level == ffi::ggml_log_level::GGML_LOG_LEVEL_WARN)
         && !text.is_null()
     {
         // SAFETY: ggml passes a NUL-terminated message that lives for the call.
@@ -76,7 +81,8 @@ impl Model {
     pub fn describe(&self) -> String {
         let mut buf = vec![0u8; 256];
         // SAFETY: buf is writable for its length; llama writes a NUL-terminated string.
-        let n = unsafe { ffi::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n =
+            unsafe { ffi::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         buf.truncate(n.max(0) as usize);
         String::from_utf8_lossy(&buf).into_owned()
     }
@@ -91,7 +97,8 @@ impl Model {
                 ffi::llama_tokenize(
                     self.ptr.as_ptr(),
                     text.as_ptr().cast(),
-                    i32::try_from(text.len()).map_err(|_| RefError::Input("prompt too long".into()))?,
+                    i32::try_from(text.len())
+                        .map_err(|_| RefError::Input("prompt too long".into()))?,
                     out.as_mut_ptr(),
                     cap as i32,
                     add_bos,
@@ -113,7 +120,14 @@ impl Model {
             let mut buf = [0u8; 128];
             // SAFETY: buf is writable for its length.
             let n = unsafe {
-                ffi::llama_token_to_piece(self.ptr.as_ptr(), id as i32, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false)
+                ffi::llama_token_to_piece(
+                    self.ptr.as_ptr(),
+                    id as i32,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                    0,
+                    false,
+                )
             };
             if n > 0 {
                 bytes.extend_from_slice(&buf[..n as usize]);
@@ -139,6 +153,9 @@ pub struct ContextOptions {
     pub n_batch: usize,
 }
 
+/// Receives each captured node as it arrives.
+pub type NodeCallback = Box<dyn FnMut(&Node)>;
+
 /// What the `cb_eval` callback writes into: owned by the context, boxed so its
 /// address stays fixed while bitnet.cpp holds a pointer to it.
 struct CaptureState {
@@ -146,7 +163,7 @@ struct CaptureState {
     nodes: Vec<Node>,
     /// Called with each node as it is captured (the worker streams them so
     /// that a crash still leaves the last stage reached).
-    on_node: Option<Box<dyn FnMut(&Node)>>,
+    on_node: Option<NodeCallback>,
     panicked: bool,
 }
 
@@ -167,9 +184,19 @@ pub struct Decoded {
 }
 
 impl Context {
-    pub fn new(model: std::sync::Arc<Model>, opts: &ContextOptions, filter: CaptureFilter) -> Result<Context, RefError> {
-        let mut capture = Box::new(CaptureState { filter, nodes: Vec::new(), on_node: None, panicked: false });
-        let threads = i32::try_from(opts.threads.max(1)).map_err(|_| RefError::Input("thread count".into()))?;
+    pub fn new(
+        model: std::sync::Arc<Model>,
+        opts: &ContextOptions,
+        filter: CaptureFilter,
+    ) -> Result<Context, RefError> {
+        let mut capture = Box::new(CaptureState {
+            filter,
+            nodes: Vec::new(),
+            on_node: None,
+            panicked: false,
+        });
+        let threads = i32::try_from(opts.threads.max(1))
+            .map_err(|_| RefError::Input("thread count".into()))?;
         let kv = match opts.kv_type {
             KvType::F16 => ffi::ggml_type::GGML_TYPE_F16,
             KvType::F32 => ffi::ggml_type::GGML_TYPE_F32,
@@ -192,9 +219,15 @@ impl Context {
             p.cb_eval_user_data = (&mut *capture as *mut CaptureState).cast();
             ffi::llama_new_context_with_model(model.ptr.as_ptr(), p)
         };
-        let ptr = NonNull::new(ptr).ok_or_else(|| RefError::Load("bitnet.cpp could not create a context".into()))?;
+        let ptr = NonNull::new(ptr)
+            .ok_or_else(|| RefError::Load("bitnet.cpp could not create a context".into()))?;
         let n_vocab = model.n_vocab();
-        Ok(Context { ptr, model, capture, n_vocab })
+        Ok(Context {
+            ptr,
+            model,
+            capture,
+            n_vocab,
+        })
     }
 
     pub fn model(&self) -> &Model {
@@ -202,7 +235,7 @@ impl Context {
     }
 
     /// Streams every captured node to `f` as it is captured.
-    pub fn on_node(&mut self, f: Box<dyn FnMut(&Node)>) {
+    pub fn on_node(&mut self, f: NodeCallback) {
         self.capture.on_node = Some(f);
     }
 
@@ -258,7 +291,10 @@ impl Context {
             // SAFETY: see above.
             logits.extend_from_slice(unsafe { std::slice::from_raw_parts(row, self.n_vocab) });
         }
-        Ok(Decoded { logits, nodes: std::mem::take(&mut self.capture.nodes) })
+        Ok(Decoded {
+            logits,
+            nodes: std::mem::take(&mut self.capture.nodes),
+        })
     }
 }
 
@@ -309,7 +345,12 @@ unsafe extern "C" fn eval_callback(t: *mut ffi::ggml_tensor, ask: bool, user: *m
 }
 
 fn tensor_name(t: &ffi::ggml_tensor) -> String {
-    let bytes: Vec<u8> = t.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = t
+        .name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -319,9 +360,13 @@ fn tensor_name(t: &ffi::ggml_tensor) -> String {
 /// `t.data` must point to the node's computed data on the CPU.
 unsafe fn read_node(t: &ffi::ggml_tensor, name: String) -> Node {
     // SAFETY: op names are static strings in ggml.
-    let op = unsafe { CStr::from_ptr(ffi::ggml_op_name(t.op)) }.to_string_lossy().into_owned();
+    let op = unsafe { CStr::from_ptr(ffi::ggml_op_name(t.op)) }
+        .to_string_lossy()
+        .into_owned();
     // SAFETY: as above.
-    let ty = unsafe { CStr::from_ptr(ffi::ggml_type_name(t.type_)) }.to_string_lossy().into_owned();
+    let ty = unsafe { CStr::from_ptr(ffi::ggml_type_name(t.type_)) }
+        .to_string_lossy()
+        .into_owned();
     let ne: [usize; 4] = t.ne.map(|v| v.max(0) as usize);
     let nb = t.nb;
     let count = ne.iter().product::<usize>();
@@ -336,12 +381,19 @@ unsafe fn read_node(t: &ffi::ggml_tensor, name: String) -> Node {
                         // SAFETY: off is inside the tensor's view by its own ne/nb.
                         let v = unsafe {
                             match t.type_ {
-                                ffi::ggml_type::GGML_TYPE_F32 => (base.add(off) as *const f32).read_unaligned(),
-                                ffi::ggml_type::GGML_TYPE_F16 => {
-                                    half::f16::from_bits((base.add(off) as *const u16).read_unaligned()).to_f32()
+                                ffi::ggml_type::GGML_TYPE_F32 => {
+                                    (base.add(off) as *const f32).read_unaligned()
                                 }
-                                ffi::ggml_type::GGML_TYPE_I32 => (base.add(off) as *const i32).read_unaligned() as f32,
-                                ffi::ggml_type::GGML_TYPE_I8 => *(base.add(off) as *const i8) as f32,
+                                ffi::ggml_type::GGML_TYPE_F16 => half::f16::from_bits(
+                                    (base.add(off) as *const u16).read_unaligned(),
+                                )
+                                .to_f32(),
+                                ffi::ggml_type::GGML_TYPE_I32 => {
+                                    (base.add(off) as *const i32).read_unaligned() as f32
+                                }
+                                ffi::ggml_type::GGML_TYPE_I8 => {
+                                    *(base.add(off) as *const i8) as f32
+                                }
                                 _ => f32::NAN,
                             }
                         };
@@ -352,5 +404,13 @@ unsafe fn read_node(t: &ffi::ggml_tensor, name: String) -> Node {
         }
     }
     let layer = name.rsplit_once('-').and_then(|(_, l)| l.parse().ok());
-    Node { name, op, ty, ne, nb, layer, data }
+    Node {
+        name,
+        op,
+        ty,
+        ne,
+        nb,
+        layer,
+        data,
+    }
 }

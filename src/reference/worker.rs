@@ -24,11 +24,25 @@ const STDERR_TAIL: usize = 8 * 1024;
 
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
-    Load { model: PathBuf, ctx: ContextOptions, filter: CaptureFilter },
-    Tokenize { text: String, add_bos: bool },
-    Detokenize { ids: Vec<u32> },
-    Decode { tokens: Vec<u32>, pos0: usize },
-    SetFilter { filter: CaptureFilter },
+    Load {
+        model: PathBuf,
+        ctx: ContextOptions,
+        filter: CaptureFilter,
+    },
+    Tokenize {
+        text: String,
+        add_bos: bool,
+    },
+    Detokenize {
+        ids: Vec<u32>,
+    },
+    Decode {
+        tokens: Vec<u32>,
+        pos0: usize,
+    },
+    SetFilter {
+        filter: CaptureFilter,
+    },
     ClearKv,
 }
 
@@ -68,12 +82,22 @@ pub fn serve() -> i32 {
 
 type Out = Arc<Mutex<std::io::BufWriter<std::io::Stdout>>>;
 
-fn handle(req: Request, ctx: &mut Option<Context>, out: &Out) -> Result<(Reply, Vec<u8>), RefError> {
+fn handle(
+    req: Request,
+    ctx: &mut Option<Context>,
+    out: &Out,
+) -> Result<(Reply, Vec<u8>), RefError> {
     let need = |ctx: &mut Option<Context>| -> Result<(), RefError> {
-        ctx.as_ref().map(|_| ()).ok_or_else(|| RefError::Worker("no model loaded".into()))
+        ctx.as_ref()
+            .map(|_| ())
+            .ok_or_else(|| RefError::Worker("no model loaded".into()))
     };
     match req {
-        Request::Load { model, ctx: opts, filter } => {
+        Request::Load {
+            model,
+            ctx: opts,
+            filter,
+        } => {
             *ctx = None;
             let m = Arc::new(Model::load(&model)?);
             let description = m.describe();
@@ -83,26 +107,47 @@ fn handle(req: Request, ctx: &mut Option<Context>, out: &Out) -> Result<(Reply, 
             c.on_node(Box::new(move |node: &Node| {
                 let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
                 // Flushed per node: if the next op aborts, this one arrived.
-                let _ = write_frame(&mut *w, b'N', node, &f32_bytes(&node.data)).and_then(|_| w.flush());
+                let _ = write_frame(&mut *w, b'N', node, &f32_bytes(&node.data))
+                    .and_then(|_| w.flush());
             }));
             *ctx = Some(c);
-            Ok((Reply::Loaded { n_vocab, description }, Vec::new()))
+            Ok((
+                Reply::Loaded {
+                    n_vocab,
+                    description,
+                },
+                Vec::new(),
+            ))
         }
         Request::Tokenize { text, add_bos } => {
             need(ctx)?;
-            let ids = ctx.as_ref().map(|c| c.model().tokenize(&text, add_bos)).transpose()?.unwrap_or_default();
+            let ids = ctx
+                .as_ref()
+                .map(|c| c.model().tokenize(&text, add_bos))
+                .transpose()?
+                .unwrap_or_default();
             Ok((Reply::Tokens(ids), Vec::new()))
         }
         Request::Detokenize { ids } => {
             need(ctx)?;
-            let text = ctx.as_ref().map(|c| c.model().detokenize(&ids)).unwrap_or_default();
+            let text = ctx
+                .as_ref()
+                .map(|c| c.model().detokenize(&ids))
+                .unwrap_or_default();
             Ok((Reply::Text(text), Vec::new()))
         }
         Request::Decode { tokens, pos0 } => {
             need(ctx)?;
-            let c = ctx.as_mut().ok_or_else(|| RefError::Worker("no model loaded".into()))?;
+            let c = ctx
+                .as_mut()
+                .ok_or_else(|| RefError::Worker("no model loaded".into()))?;
             let decoded = c.decode(&tokens, pos0)?;
-            Ok((Reply::Decoded { n_tokens: tokens.len() }, f32_bytes(&decoded.logits)))
+            Ok((
+                Reply::Decoded {
+                    n_tokens: tokens.len(),
+                },
+                f32_bytes(&decoded.logits),
+            ))
         }
         Request::SetFilter { filter } => {
             need(ctx)?;
@@ -121,7 +166,12 @@ fn handle(req: Request, ctx: &mut Option<Context>, out: &Out) -> Result<(Reply, 
     }
 }
 
-fn write_frame<W: Write, T: Serialize>(w: &mut W, kind: u8, header: &T, blob: &[u8]) -> std::io::Result<()> {
+fn write_frame<W: Write, T: Serialize>(
+    w: &mut W,
+    kind: u8,
+    header: &T,
+    blob: &[u8],
+) -> std::io::Result<()> {
     let json = serde_json::to_vec(header).map_err(std::io::Error::other)?;
     w.write_all(&[kind])?;
     w.write_all(&(json.len() as u32).to_le_bytes())?;
@@ -135,7 +185,9 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn f32_from_bytes(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 // --------------------------------------------------------------- parent side
@@ -168,12 +220,19 @@ pub fn default_exe() -> Result<PathBuf, RefError> {
             return Ok(cand);
         }
     }
-    Err(RefError::Worker("cannot find the divergence binary to run the reference worker; set DIVERGENCE_EXE".into()))
+    Err(RefError::Worker(
+        "cannot find the divergence binary to run the reference worker; set DIVERGENCE_EXE".into(),
+    ))
 }
 
 impl Worker {
     /// Starts the worker and loads the model into it.
-    pub fn start(exe: &Path, model: &Path, ctx: &ContextOptions, filter: CaptureFilter) -> Result<Worker, RefError> {
+    pub fn start(
+        exe: &Path,
+        model: &Path,
+        ctx: &ContextOptions,
+        filter: CaptureFilter,
+    ) -> Result<Worker, RefError> {
         let mut child = Command::new(exe)
             .arg(WORKER_ARG)
             .stdin(Stdio::piped())
@@ -181,7 +240,8 @@ impl Worker {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| RefError::Worker(format!("starting {}: {e}", exe.display())))?;
-        let (Some(stdin), Some(stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        let (Some(stdin), Some(stdout), Some(mut stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(RefError::Worker("child pipes missing".into()));
         };
@@ -209,8 +269,21 @@ impl Worker {
             description: String::new(),
         };
         let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
-        match w.call(&Request::Load { model, ctx: ctx.clone(), filter }, &mut Vec::new())? {
-            (Reply::Loaded { n_vocab, description }, _) => {
+        match w.call(
+            &Request::Load {
+                model,
+                ctx: ctx.clone(),
+                filter,
+            },
+            &mut Vec::new(),
+        )? {
+            (
+                Reply::Loaded {
+                    n_vocab,
+                    description,
+                },
+                _,
+            ) => {
                 w.n_vocab = n_vocab;
                 w.description = description;
                 Ok(w)
@@ -220,7 +293,13 @@ impl Worker {
     }
 
     pub fn tokenize(&mut self, text: &str, add_bos: bool) -> Result<Vec<u32>, RefError> {
-        match self.call(&Request::Tokenize { text: text.into(), add_bos }, &mut Vec::new())? {
+        match self.call(
+            &Request::Tokenize {
+                text: text.into(),
+                add_bos,
+            },
+            &mut Vec::new(),
+        )? {
             (Reply::Tokens(t), _) => Ok(t),
             (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
         }
@@ -234,16 +313,32 @@ impl Worker {
     }
 
     /// Decodes a batch: (logits [T, n_vocab], captured nodes in order).
-    pub fn decode(&mut self, tokens: &[u32], pos0: usize) -> Result<(Vec<f32>, Vec<Node>), RefError> {
+    pub fn decode(
+        &mut self,
+        tokens: &[u32],
+        pos0: usize,
+    ) -> Result<(Vec<f32>, Vec<Node>), RefError> {
         let mut nodes = Vec::new();
-        match self.call(&Request::Decode { tokens: tokens.to_vec(), pos0 }, &mut nodes)? {
+        match self.call(
+            &Request::Decode {
+                tokens: tokens.to_vec(),
+                pos0,
+            },
+            &mut nodes,
+        )? {
             (Reply::Decoded { .. }, blob) => Ok((f32_from_bytes(&blob), nodes)),
             (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
         }
     }
 
+    /// The worker's peak resident set (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        peak_rss_of(&format!("/proc/{}/status", self.child.id()))
+    }
+
     pub fn set_filter(&mut self, filter: CaptureFilter) -> Result<(), RefError> {
-        self.call(&Request::SetFilter { filter }, &mut Vec::new()).map(|_| ())
+        self.call(&Request::SetFilter { filter }, &mut Vec::new())
+            .map(|_| ())
     }
 
     pub fn clear_kv(&mut self) -> Result<(), RefError> {
@@ -253,7 +348,12 @@ impl Worker {
     fn call(&mut self, req: &Request, nodes: &mut Vec<Node>) -> Result<(Reply, Vec<u8>), RefError> {
         let mut line = serde_json::to_vec(req).map_err(|e| RefError::Worker(e.to_string()))?;
         line.push(b'\n');
-        if self.stdin.write_all(&line).and_then(|_| self.stdin.flush()).is_err() {
+        if self
+            .stdin
+            .write_all(&line)
+            .and_then(|_| self.stdin.flush())
+            .is_err()
+        {
             return Err(self.crashed());
         }
         loop {
@@ -262,17 +362,20 @@ impl Worker {
             };
             match kind {
                 b'N' => {
-                    let mut node: Node = serde_json::from_slice(&json).map_err(|e| RefError::Worker(e.to_string()))?;
+                    let mut node: Node = serde_json::from_slice(&json)
+                        .map_err(|e| RefError::Worker(e.to_string()))?;
                     node.data = f32_from_bytes(&blob);
                     self.last_node = format!("{} [{}]", node.name, node.op);
                     nodes.push(node);
                 }
                 b'R' => {
-                    let reply: Reply = serde_json::from_slice(&json).map_err(|e| RefError::Worker(e.to_string()))?;
+                    let reply: Reply = serde_json::from_slice(&json)
+                        .map_err(|e| RefError::Worker(e.to_string()))?;
                     return Ok((reply, blob));
                 }
                 b'E' => {
-                    let msg: String = serde_json::from_slice(&json).unwrap_or_else(|_| "unreadable error".into());
+                    let msg: String =
+                        serde_json::from_slice(&json).unwrap_or_else(|_| "unreadable error".into());
                     return Err(RefError::Worker(msg));
                 }
                 other => return Err(RefError::Worker(format!("unknown frame kind {other}"))),
@@ -311,7 +414,11 @@ impl Worker {
             }
             Err(e) => format!("unknown ({e})"),
         };
-        let tail = self.stderr_tail.lock().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
+        let tail = self
+            .stderr_tail
+            .lock()
+            .map(|t| String::from_utf8_lossy(&t).into_owned())
+            .unwrap_or_default();
         let tail: Vec<&str> = tail.lines().rev().take(6).collect();
         RefError::Crashed {
             signal,
@@ -319,6 +426,14 @@ impl Worker {
             stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
         }
     }
+}
+
+/// VmHWM from a /proc status file, in bytes.
+pub fn peak_rss_of(status_path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(status_path).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn signal_name(sig: i32) -> &'static str {

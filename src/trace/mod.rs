@@ -169,7 +169,10 @@ impl StageKey {
     /// Execution order within one forward pass: model-level input first,
     /// then layers in order, then the output stages.
     pub fn order(&self) -> (usize, usize, usize) {
-        let idx = Stage::ALL.iter().position(|s| *s == self.stage).unwrap_or(0);
+        let idx = Stage::ALL
+            .iter()
+            .position(|s| *s == self.stage)
+            .unwrap_or(0);
         match (self.stage, self.layer) {
             (Stage::TokEmbd, _) => (0, 0, idx),
             (_, Some(l)) => (1, l, idx),

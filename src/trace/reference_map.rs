@@ -57,10 +57,15 @@ pub fn stage_of(base: &str, op: &str) -> Option<Stage> {
 }
 
 fn is_auxiliary(base: &str, op: &str) -> bool {
-    matches!(op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE" | "CPY" | "CONT" | "GET_ROWS")
-        || base == "norm"
+    matches!(
+        op,
+        "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE" | "CPY" | "CONT" | "GET_ROWS"
+    ) || base == "norm"
         || base.starts_with("node_")
-        || matches!(base, "q" | "k" | "v" | "kqv" | "kqv_merged" | "inp_pos" | "KQ_mask")
+        || matches!(
+            base,
+            "q" | "k" | "v" | "kqv" | "kqv_merged" | "inp_pos" | "KQ_mask"
+        )
 }
 
 /// Maps one decode's nodes to canonical stages.
@@ -106,7 +111,11 @@ fn canonical(stage: Stage, node: &Node, n_past: usize) -> Tensor {
         for hh in 0..h {
             for tt in 0..t {
                 let row = &node.data[(hh * t + tt) * n_kv..][..k];
-                data.extend(row.iter().enumerate().map(|(key, &v)| if key > n_past + tt { 0.0 } else { v }));
+                data.extend(
+                    row.iter()
+                        .enumerate()
+                        .map(|(key, &v)| if key > n_past + tt { 0.0 } else { v }),
+                );
             }
         }
         return Tensor::new(vec![h, t, k], data);
@@ -124,9 +133,29 @@ fn canonical(stage: Stage, node: &Node, n_past: usize) -> Tensor {
 /// that carry a stage (plus nothing else), so full-size models stay cheap.
 pub fn capture_patterns() -> Vec<String> {
     [
-        "inp_embd", "attn_norm", "Qcur", "Kcur", "Vcur", "kq", "kqv_out", "kqv_merged_cont", "attn_sub_norm",
-        "attn_o_out", "ffn_inp", "ffn_norm", "ffn_gate", "ffn_silu", "ffn_relu", "ffn_up", "ffn_sub_out",
-        "ffn_sub_norm", "ffn_down", "ffn_out", "l_out", "result_norm", "result_output",
+        "inp_embd",
+        "attn_norm",
+        "Qcur",
+        "Kcur",
+        "Vcur",
+        "kq",
+        "kqv_out",
+        "kqv_merged_cont",
+        "attn_sub_norm",
+        "attn_o_out",
+        "ffn_inp",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_silu",
+        "ffn_relu",
+        "ffn_up",
+        "ffn_sub_out",
+        "ffn_sub_norm",
+        "ffn_down",
+        "ffn_out",
+        "l_out",
+        "result_norm",
+        "result_output",
     ]
     .iter()
     .map(|s| s.to_string())
