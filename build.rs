@@ -70,7 +70,11 @@ fn run() -> Result<(), String> {
             }
             let dest = out_dir.join("bitnet-src");
             prepare_copy(&dir, &dest, &patches, "BITNET_CPP_DIR", true)?;
-            (dest, format!("BITNET_CPP_DIR={}", dir.display()), String::from("unpinned"))
+            (
+                dest,
+                format!("BITNET_CPP_DIR={}", dir.display()),
+                String::from("unpinned"),
+            )
         }
         None => {
             let dest = manifest_dir.join("vendor/bitnet-src");
@@ -79,15 +83,30 @@ fn run() -> Result<(), String> {
                 pin.package,
                 pin.version,
                 pin.sha256,
-                patches.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(",")
+                patches
+                    .iter()
+                    .map(|p| p.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
             let stamp = dest.join(".divergence-stamp");
             if fs::read_to_string(&stamp).ok().as_deref() != Some(stamp_text.as_str()) {
                 let registry_dir = fetch_package(&pin, &out_dir)?;
-                prepare_copy(&registry_dir.join(&pin.subdir), &dest, &patches, "pin", false)?;
-                fs::write(&stamp, &stamp_text).map_err(|e| format!("writing {}: {e}", stamp.display()))?;
+                prepare_copy(
+                    &registry_dir.join(&pin.subdir),
+                    &dest,
+                    &patches,
+                    "pin",
+                    false,
+                )?;
+                fs::write(&stamp, &stamp_text)
+                    .map_err(|e| format!("writing {}: {e}", stamp.display()))?;
             }
-            (dest, format!("crates.io {} {}", pin.package, pin.version), pin.sha256.clone())
+            (
+                dest,
+                format!("crates.io {} {}", pin.package, pin.version),
+                pin.sha256.clone(),
+            )
         }
     };
 
@@ -117,14 +136,16 @@ fn run() -> Result<(), String> {
         .compile("divergence_shim");
 
     for lib_dir in ["3rdparty/llama.cpp/src", "3rdparty/llama.cpp/ggml/src"] {
-        println!("cargo:rustc-link-search=native={}", build.join(lib_dir).display());
+        println!(
+            "cargo:rustc-link-search=native={}",
+            build.join(lib_dir).display()
+        );
     }
     println!("cargo:rustc-link-lib=static=llama");
     println!("cargo:rustc-link-lib=static=ggml");
     println!("cargo:rustc-link-lib=dylib=stdc++");
     println!("cargo:rustc-link-lib=dylib=m");
     println!("cargo:rustc-link-lib=dylib=pthread");
-
 
     let mut bindings = bindgen::Builder::default()
         .header(manifest_dir.join("ffi/wrapper.h").to_string_lossy())
@@ -156,12 +177,20 @@ fn run() -> Result<(), String> {
     println!("cargo:rustc-env=DIVERGENCE_REF_SHA256={checksum}");
     println!(
         "cargo:rustc-env=DIVERGENCE_REF_PATCHES={}",
-        patches.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(",")
+        patches
+            .iter()
+            .map(|p| p.0.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     println!("cargo:rustc-env=DIVERGENCE_REF_COMPILER={compiler}");
     println!(
         "cargo:rustc-env=DIVERGENCE_REF_CMAKE_FLAGS={}",
-        CMAKE_DEFINES.iter().map(|(k, v)| format!("-D{k}={v}")).collect::<Vec<_>>().join(" ")
+        CMAKE_DEFINES
+            .iter()
+            .map(|(k, v)| format!("-D{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!("cargo:rustc-env=DIVERGENCE_REF_MARCH=native");
     Ok(())
@@ -170,9 +199,15 @@ fn run() -> Result<(), String> {
 fn check_tools() -> Result<(), String> {
     let probes: [(&str, &str); 2] = [("cmake", "cmake"), ("c++", "g++ (or clang)")];
     for (tool, package) in probes {
-        let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = Command::new(tool)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         if !ok {
-            return Err(format!("`{tool}` was not found: install it (Debian: `apt-get install {package}`)"));
+            return Err(format!(
+                "`{tool}` was not found: install it (Debian: `apt-get install {package}`)"
+            ));
         }
     }
     Ok(())
@@ -198,7 +233,12 @@ fn read_pin(path: &Path) -> Result<Pin, String> {
             .map(|(_, v)| v.trim().to_string())
             .ok_or_else(|| format!("{}: missing `{key} = ...`", path.display()))
     };
-    Ok(Pin { package: field("package")?, version: field("version")?, sha256: field("sha256")?, subdir: field("subdir")? })
+    Ok(Pin {
+        package: field("package")?,
+        version: field("version")?,
+        sha256: field("sha256")?,
+        subdir: field("subdir")?,
+    })
 }
 
 /// Fetches the pinned package through cargo (a throwaway manifest that names
@@ -240,8 +280,10 @@ fn fetch_package(pin: &Pin, out_dir: &Path) -> Result<PathBuf, String> {
             ));
         }
     }
-    let lock = fs::read_to_string(dir.join("Cargo.lock")).map_err(|e| format!("reading fetch Cargo.lock: {e}"))?;
-    let recorded = lock_checksum(&lock, &pin.package).ok_or("fetch Cargo.lock has no checksum for the pinned package")?;
+    let lock = fs::read_to_string(dir.join("Cargo.lock"))
+        .map_err(|e| format!("reading fetch Cargo.lock: {e}"))?;
+    let recorded = lock_checksum(&lock, &pin.package)
+        .ok_or("fetch Cargo.lock has no checksum for the pinned package")?;
     if recorded != pin.sha256 {
         return Err(format!(
             "checksum mismatch for {} {}: pinned {}, cargo recorded {}",
@@ -250,15 +292,22 @@ fn fetch_package(pin: &Pin, out_dir: &Path) -> Result<PathBuf, String> {
     }
     let meta = cargo_cmd(&["metadata", "--format-version", "1", "--offline"])?;
     if !meta.status.success() {
-        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&meta.stderr)));
+        return Err(format!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&meta.stderr)
+        ));
     }
-    let json: serde_json::Value = serde_json::from_slice(&meta.stdout).map_err(|e| e.to_string())?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&meta.stdout).map_err(|e| e.to_string())?;
     let manifest_path = json["packages"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == pin.package.as_str()))
         .and_then(|p| p["manifest_path"].as_str())
         .ok_or("cargo metadata does not list the pinned package")?;
-    let pkg_dir = Path::new(manifest_path).parent().ok_or("bad manifest path")?.to_path_buf();
+    let pkg_dir = Path::new(manifest_path)
+        .parent()
+        .ok_or("bad manifest path")?
+        .to_path_buf();
     verify_crate_archive(&pkg_dir, pin)?;
     Ok(pkg_dir)
 }
@@ -269,7 +318,10 @@ fn verify_crate_archive(pkg_dir: &Path, pin: &Pin) -> Result<(), String> {
     let name = format!("{}-{}.crate", pin.package, pin.version);
     let (Some(index), Some(registry)) = (
         pkg_dir.parent().and_then(Path::file_name),
-        pkg_dir.parent().and_then(Path::parent).and_then(Path::parent),
+        pkg_dir
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent),
     ) else {
         return Ok(());
     };
@@ -278,7 +330,11 @@ fn verify_crate_archive(pkg_dir: &Path, pin: &Pin) -> Result<(), String> {
         let digest = Sha256::digest(&bytes);
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         if hex != pin.sha256 {
-            return Err(format!("{} hashes to {hex}, pin says {}", archive.display(), pin.sha256));
+            return Err(format!(
+                "{} hashes to {hex}, pin says {}",
+                archive.display(),
+                pin.sha256
+            ));
         }
     }
     Ok(())
@@ -308,8 +364,12 @@ fn list_patches(dir: &Path) -> Result<Vec<(String, String)>, String> {
     for entry in entries {
         let path = entry.map_err(|e| e.to_string())?.path();
         if path.extension().is_some_and(|e| e == "patch") {
-            let text = fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let text = fs::read_to_string(&path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             out.push((name, text));
         }
     }
@@ -320,11 +380,18 @@ fn list_patches(dir: &Path) -> Result<Vec<(String, String)>, String> {
 /// Copies `from` to `dest` (replacing it) and applies every patch.
 /// `lenient`: a find text that is absent is skipped (another checkout may
 /// already be fixed); with the pinned source every patch must apply.
-fn prepare_copy(from: &Path, dest: &Path, patches: &[(String, String)], what: &str, lenient: bool) -> Result<(), String> {
+fn prepare_copy(
+    from: &Path,
+    dest: &Path,
+    patches: &[(String, String)],
+    what: &str,
+    lenient: bool,
+) -> Result<(), String> {
     if dest.exists() {
         fs::remove_dir_all(dest).map_err(|e| format!("clearing {}: {e}", dest.display()))?;
     }
-    copy_tree(from, dest).map_err(|e| format!("copying {} source {}: {e}", what, from.display()))?;
+    copy_tree(from, dest)
+        .map_err(|e| format!("copying {} source {}: {e}", what, from.display()))?;
     for (name, text) in patches {
         apply_patch(dest, name, text, lenient)?;
     }
@@ -359,21 +426,28 @@ fn apply_patch(root: &Path, name: &str, text: &str, lenient: bool) -> Result<(),
             .map(|v| v.trim().to_string())
     };
     if let Some(file) = header("create:") {
-        let content = section(text, "--- content").ok_or(format!("patch {name}: no `--- content` section"))?;
+        let content = section(text, "--- content")
+            .ok_or(format!("patch {name}: no `--- content` section"))?;
         let path = root.join(&file);
         if !path.exists() {
-            fs::write(&path, content).map_err(|e| format!("patch {name}: writing {}: {e}", path.display()))?;
+            fs::write(&path, content)
+                .map_err(|e| format!("patch {name}: writing {}: {e}", path.display()))?;
         }
         return Ok(());
     }
     let file = header("file:").ok_or(format!("patch {name}: needs a `file:` or `create:` line"))?;
     let find = section(text, "--- find").ok_or(format!("patch {name}: no `--- find` section"))?;
-    let replace = section(text, "--- replace").ok_or(format!("patch {name}: no `--- replace` section"))?;
+    let replace =
+        section(text, "--- replace").ok_or(format!("patch {name}: no `--- replace` section"))?;
     let path = root.join(&file);
-    let source = fs::read_to_string(&path).map_err(|e| format!("patch {name}: reading {}: {e}", path.display()))?;
+    let source = fs::read_to_string(&path)
+        .map_err(|e| format!("patch {name}: reading {}: {e}", path.display()))?;
     match source.matches(find).count() {
-        1 => fs::write(&path, source.replacen(find, replace, 1)).map_err(|e| format!("patch {name}: {e}")),
+        1 => fs::write(&path, source.replacen(find, replace, 1))
+            .map_err(|e| format!("patch {name}: {e}")),
         0 if lenient => Ok(()),
-        n => Err(format!("patch {name}: expected the find text once in {file}, found it {n} times")),
+        n => Err(format!(
+            "patch {name}: expected the find text once in {file}, found it {n} times"
+        )),
     }
 }
