@@ -699,6 +699,12 @@ fn truncation_at_every_byte_is_an_error() {
 }
 
 #[test]
+fn gguf_file_is_send_and_sync() {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<GgufFile>();
+}
+
+#[test]
 fn ggml_type_table() {
     for ty in GgmlType::ALL {
         assert_eq!(GgmlType::from_id(ty.id()), Some(ty));

@@ -374,6 +374,37 @@ fn projections_preserve_activation_scale() {
 // ---------------------------------------------------------------------------
 // Tokenizer
 
+/// llama.cpp asserts `id_to_token.size() == token_to_id.size()` at load: a
+/// repeated token text would abort the reference. Every merge must also be
+/// reachable, i.e. join two tokens that exist.
+#[test]
+fn vocab_texts_are_unique_and_merges_reachable() {
+    for n_vocab in [512, 1024, 32002, 128256] {
+        let tokens = synth::vocab::tokens(n_vocab).unwrap();
+        assert_eq!(tokens.len(), n_vocab);
+        let mut seen = std::collections::HashSet::new();
+        for t in &tokens {
+            assert!(seen.insert(t.text.as_str()), "duplicate token {:?}", t.text);
+        }
+        for t in tokens
+            .iter()
+            .filter(|t| t.ty == 1 && t.text.chars().count() > 1 && !t.text.starts_with('<'))
+        {
+            let reachable = t
+                .text
+                .char_indices()
+                .skip(1)
+                .any(|(at, _)| seen.contains(&t.text[..at]) && seen.contains(&t.text[at..]));
+            assert!(
+                reachable,
+                "merge {:?} is not the join of two tokens",
+                t.text
+            );
+        }
+    }
+    assert!(synth::vocab::tokens(100).is_none());
+}
+
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_gguf(&load(&tiny())).unwrap()
 }
@@ -474,5 +505,185 @@ fn large_presets_generate() {
         ));
         drop(f);
         std::fs::remove_file(&path).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The command line
+
+fn divergence(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_divergence"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn gen_model_and_inspect_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("small-llama.gguf");
+    let p = path.to_str().unwrap();
+    let out = divergence(&[
+        "gen-model",
+        "--preset",
+        "small",
+        "--arch",
+        "llama",
+        "--n-layer",
+        "2",
+        "--embd-type",
+        "f32",
+        "--scale-tensors",
+        "--seed",
+        "5",
+        "-o",
+        p,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("sha256  {}", sha256(&path))),
+        "{text}"
+    );
+
+    let out = divergence(&["inspect", p, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["version"], 3);
+    assert_eq!(json["metadata"]["general.architecture"], "llama");
+    assert_eq!(json["metadata"]["llama.block_count"], 2);
+    assert_eq!(json["metadata"]["tokenizer.ggml.tokens"]["len"], 1024);
+    for t in json["tensors"].as_array().unwrap() {
+        let stats = &t["stats"];
+        let name = t["name"].as_str().unwrap();
+        match stats["kind"].as_str().unwrap() {
+            "float" => {
+                assert_eq!(
+                    (stats["nan"].as_u64(), stats["inf"].as_u64()),
+                    (Some(0), Some(0)),
+                    "{name}"
+                );
+                if name.ends_with("norm.weight") {
+                    let mean = stats["mean"].as_f64().unwrap();
+                    assert!((mean - 1.0).abs() < 0.05, "{name}: mean {mean}");
+                }
+            }
+            "ternary" => assert_eq!(
+                stats["scale"].as_f64(),
+                Some(1.0),
+                "{name}: scale tensors on"
+            ),
+            other => panic!("{name}: stats kind {other}"),
+        }
+    }
+
+    let out = divergence(&["inspect", p, "--no-stats"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("blk.1.ffn_down.weight"));
+
+    // Bad input exits 2 with a message naming the problem.
+    std::fs::write(dir.path().join("bad.gguf"), b"GGML").unwrap();
+    let out = divergence(&["inspect", dir.path().join("bad.gguf").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("magic"));
+    let out = divergence(&["gen-model", "--n-head", "3", "-o", p]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The PyPI `gguf` reader sees the same metadata (vocab included) and the
+/// same F32/F16 tensors. It rejects I2_S, so the copy it reads leaves the
+/// projections out; their offsets and sizes are checked by our own rules in
+/// `carries_what_the_reference_needs`. Skipped without the package.
+#[test]
+fn python_gguf_reads_synth_metadata() {
+    let has_gguf = std::process::Command::new("python3")
+        .args(["-c", "import gguf"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_gguf {
+        eprintln!("skipped: python3 package `gguf` not installed (pip install 'gguf==0.19.*')");
+        return;
+    }
+    let model = load(&tiny());
+    let mut w = GgufWriter::new();
+    for (k, v) in model.metadata() {
+        w.set(k, v.clone());
+    }
+    for t in model.tensors().iter().filter(|t| t.ty != GgmlType::I2S) {
+        w.add_tensor(&t.name, &t.dims, t.ty, model.tensor_data(t).to_vec());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-i2s.gguf");
+    w.write_to(&path).unwrap();
+
+    let script = r#"
+import json, sys, gguf
+r = gguf.GGUFReader(sys.argv[1])
+fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+tensors = [[t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset), int(t.n_bytes)] for t in r.tensors]
+print(json.dumps(dict(fields=fields, tensors=tensors)))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let ours = GgufFile::open(&path).unwrap();
+    let fields = py["fields"].as_object().unwrap();
+    assert_eq!(fields.len(), ours.metadata().len());
+    let tokens: Vec<&str> = fields["tokenizer.ggml.tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, ours.get_str_array("tokenizer.ggml.tokens").unwrap());
+    let types: Vec<i64> = fields["tokenizer.ggml.token_type"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ours.get_i32_array("tokenizer.ggml.token_type")
+            .unwrap()
+            .iter()
+            .map(|&t| t as i64)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(fields["general.architecture"], "bitnet");
+    assert_eq!(fields["bitnet.attention.head_count_kv"], 2);
+    assert_eq!(fields["tokenizer.ggml.add_bos_token"], true);
+    let tensors = py["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), ours.tensors().len());
+    for (p, t) in tensors.iter().zip(ours.tensors()) {
+        assert_eq!(
+            p,
+            &serde_json::json!([
+                t.name,
+                t.dims,
+                t.ty.id(),
+                ours.data_offset() + t.offset,
+                t.n_bytes
+            ])
+        );
     }
 }

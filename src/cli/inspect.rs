@@ -58,7 +58,11 @@ fn print_text(file: &GgufFile, stats: &[Option<TensorStats>]) {
 
     println!("\nmetadata:");
     for (key, value) in file.metadata() {
-        println!("  {key:<48} {:<14} {value}", value.type_description());
+        match value {
+            // An array summary starts with its own type and length.
+            MetaValue::Array(_) => println!("  {key:<48} {value}"),
+            _ => println!("  {key:<48} {:<6} {value}", value.type_description()),
+        }
     }
 
     println!("\ntensors:");

@@ -40,7 +40,10 @@ pub enum Preset {
     /// The shape of 1bitLLM/bitnet_b1_58-large (0.7B).
     #[value(name = "bitnet_b1_58-large")]
     BitnetLarge,
-    /// The shape of 1bitLLM/bitnet_b1_58-3B.
+    /// The shape of 1bitLLM/bitnet_b1_58-3B. Its n_ff of 8640 is not a
+    /// multiple of 128: the tensors still pack (I2_S blocks the flattened
+    /// tensor), but bitnet.cpp's I2_S kernel drops the last 64 values of
+    /// every ffn_down row. Kept, because it is the real shape.
     #[value(name = "bitnet_b1_58-3B")]
     Bitnet3B,
     /// The shape of microsoft/BitNet-b1.58-2B-4T (about 1.2 GB here).
@@ -91,7 +94,7 @@ pub enum SynthError {
     UnknownPreset(String),
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
-    #[error("writing {path}: {source}")]
+    #[error("cannot write {path}")]
     Io {
         path: std::path::PathBuf,
         #[source]
