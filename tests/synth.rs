@@ -440,6 +440,30 @@ fn tokenizer_follows_spm_merging() {
     assert!(!tok.encode("<s>", false).contains(&1));
 }
 
+/// Ids that bitnet.cpp's `llama_tokenize` returned for the tiny preset's
+/// vocab (seen through `divergence find`, which compares both tokenizers).
+#[test]
+fn tokenizer_matches_ids_seen_from_bitnet_cpp() {
+    let tok = tokenizer();
+    let seen: [(&str, &[u32]); 4] = [
+        ("hello world", &[1, 412, 388, 338, 430]),
+        (
+            "  The world, é€ 100 BitNet!",
+            &[
+                1, 259, 259, 407, 430, 271, 259, 354, 229, 133, 175, 432, 433, 436, 260,
+            ],
+        ),
+        (
+            "with ü and ß—x",
+            &[1, 413, 259, 355, 259, 363, 327, 259, 356, 357, 347],
+        ),
+        ("the end", &[1, 360, 259, 368, 327]),
+    ];
+    for (text, ids) in seen {
+        assert_eq!(tok.encode(text, true), ids, "{text:?}");
+    }
+}
+
 #[test]
 fn tokenizer_breaks_ties_leftmost() {
     let mut w = GgufWriter::new();
