@@ -677,3 +677,41 @@ fn from_gguf_shares_an_open_file() {
     assert_eq!(la.len(), lb.len());
     assert!(["scalar", "avx2", "avx512-vnni"].contains(&a.kernel_name()));
 }
+
+/// Not a test: prints prefill and decode speed on the model named by
+/// `DIVERGENCE_ENGINE_MODEL` (`cargo test --release --test engine -- --ignored --nocapture`).
+/// `divergence bench` is the real benchmark; this is the engine-only view.
+#[test]
+#[ignore]
+fn engine_speed_report() {
+    let Ok(path) = std::env::var("DIVERGENCE_ENGINE_MODEL") else {
+        eprintln!("set DIVERGENCE_ENGINE_MODEL to a GGUF file");
+        return;
+    };
+    let threads = std::env::var("DIVERGENCE_ENGINE_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let mut e = engine(Path::new(&path), opts(threads, KvType::F16));
+    let prompt: Vec<u32> = (0..128).map(|i| (i * 7919 + 13) % 1000).collect();
+    let t0 = std::time::Instant::now();
+    let logits = e.forward(&prompt, &mut divergence::trace::NoTrace).unwrap();
+    let prefill = t0.elapsed().as_secs_f64();
+    let v = e.config().n_vocab;
+    let mut next = argmax(&logits[logits.len() - v..]);
+    let n = 16;
+    let t1 = std::time::Instant::now();
+    for _ in 0..n {
+        next = argmax(&e.forward(&[next], &mut divergence::trace::NoTrace).unwrap());
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    let gb = e.weight_bytes() as f64 / 1e9;
+    eprintln!(
+        "kernel {} threads {threads}: prefill 128 tok {:.2} tok/s; decode {:.2} tok/s, {:.3} GB/token, {:.1} GB/s",
+        e.kernel_name(),
+        128.0 / prefill,
+        n as f64 / decode,
+        gb,
+        gb * n as f64 / decode
+    );
+}

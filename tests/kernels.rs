@@ -127,6 +127,15 @@ proptest! {
         let want = scalar::dot_f16(&row, &x);
         for k in Kernel::available() {
             prop_assert_eq!(k.dot_f16(&row, &x).to_bits(), want.to_bits(), "kernel {}", k.name());
+            // Several tokens at once (the prefill tile plus a remainder).
+            let t = 1 + (seed as usize % 7);
+            let xs: Vec<f32> = (0..t).flat_map(|ti| x.iter().map(move |&v| v * (ti as f32 + 1.0))).collect();
+            let mut multi = vec![0f32; t];
+            k.dot_f16_tokens(&row, &xs, &mut multi);
+            for ti in 0..t {
+                let one = scalar::dot_f16(&row, &xs[ti * n..(ti + 1) * n]);
+                prop_assert_eq!(multi[ti].to_bits(), one.to_bits(), "kernel {} token {}", k.name(), ti);
+            }
         }
         let exact: f64 = row.chunks_exact(2).zip(&x).map(|(b, &xi)| half::f16::from_le_bytes([b[0], b[1]]).to_f64() * xi as f64).sum();
         let mag: f64 = row.chunks_exact(2).zip(&x).map(|(b, &xi)| (half::f16::from_le_bytes([b[0], b[1]]).to_f64() * xi as f64).abs()).sum();

@@ -432,13 +432,12 @@ impl Compute<'_> {
                     for (ri, o) in out.chunks_exact_mut(t).enumerate() {
                         let r = ci * chunk + ri;
                         let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                        for (ti, oi) in o.iter_mut().enumerate() {
-                            let xt = &xs[ti * e..(ti + 1) * e];
-                            *oi = if m.is_f16() {
-                                self.kernel.dot_f16(row, xt)
-                            } else {
-                                scalar::dot_f32_row(row, xt)
-                            };
+                        if m.is_f16() {
+                            self.kernel.dot_f16_tokens(row, &xs, o);
+                        } else {
+                            for (ti, oi) in o.iter_mut().enumerate() {
+                                *oi = scalar::dot_f32_row(row, &xs[ti * e..(ti + 1) * e]);
+                            }
                         }
                     }
                 })

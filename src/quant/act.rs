@@ -3,7 +3,7 @@
 //! Mirrors `quantize_row_i8_s` (ggml-quants.c): the absolute maximum is taken
 //! in f64 with a 1e-5 floor, the scale is `127 / max` computed in f64 and
 //! rounded once to f32, each code is `nearest_int(x * s)` with the product in
-//! f32 and ties to even (ggml's magic-number rounding), clamped to
+//! f32 and ties to even (ggml's magic-number `nearest_int`), clamped to
 //! [-128, 127]; the row sum of the codes is kept for the I2_S offset identity.
 
 /// How a row is quantized. `Reference` is quantize_row_i8_s; the other
@@ -52,18 +52,25 @@ pub fn quantize_row_i8_s(x: &[f32], out: &mut [i8], variant: ActQuantVariant) ->
     let mut sum = 0i32;
     for (o, &v) in out.iter_mut().zip(x) {
         let p = v * scale;
-        let r = if variant.round_half_away {
-            p.round()
+        let q = if variant.round_half_away {
+            p.round().clamp(-128.0, 127.0) as i32
         } else {
-            p.round_ties_even()
+            nearest_int(p).clamp(-128, 127)
         };
-        // Clamp in f32 first so that NaN/inf cannot reach the integer cast
-        // with an implementation-defined result; `as` saturates anyway.
-        let q = (r.clamp(-128.0, 127.0)) as i32;
         sum += q;
         *o = q as i8;
     }
     ActRow { scale, sum }
+}
+
+/// ggml's `nearest_int`: adding 1.5·2^23 leaves the rounded integer (ties
+/// to even, the FPU's mode) in the low mantissa bits. Exact for
+/// |x| ≤ 2^22 − 1; |x·s| ≤ 128 here by construction of the scale (a NaN
+/// input gives an arbitrary code, as in the reference).
+#[inline(always)]
+fn nearest_int(x: f32) -> i32 {
+    let v = x + 12_582_912.0f32;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 /// Quantize a [T, n] matrix row by row.
@@ -89,6 +96,14 @@ mod tests {
         assert_eq!(row.scale, 1.0);
         assert_eq!(q, [127, 2, 0, 4]);
         assert_eq!(row.sum, 133);
+    }
+
+    #[test]
+    fn nearest_int_is_round_ties_even() {
+        for i in -300_000..300_000 {
+            let x = i as f32 / 1024.0;
+            assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
+        }
     }
 
     #[test]

@@ -42,47 +42,61 @@ pub fn pair_layout(q: &[i8], out: &mut Vec<i8>) {
     }
 }
 
-/// Exact `Σ code·q` over one row, with `qp` in [`pair_layout`].
+/// Exact `Σ code·q` of one row with `N` tokens at once, each of `qps` in
+/// [`pair_layout`]: the codes are unpacked once per block pair and reused
+/// for every token (prefill), which is what makes this compute-light.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VL/VNNI, and `qp.len() == 4 * codes.len()`
-/// with `codes.len()` a multiple of 32.
+/// The CPU must support AVX-512 F/BW/VL/VNNI, and every `qps[t].len() ==
+/// 4 * codes.len()` with `codes.len()` a multiple of 32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_pairs(codes: &[u8], qp: &[i8]) -> i32 {
+pub unsafe fn dot_pairs<const N: usize>(codes: &[u8], qps: [&[i8]; N]) -> [i32; N] {
     let nb = codes.len() / BLOCK_BYTES;
     let mask = _mm512_set1_epi8(3);
-    let mut acc = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_si512(); N];
     for p in 0..nb / 2 {
         let x = _mm512_loadu_si512(codes.as_ptr().add(p * 2 * BLOCK_BYTES) as *const _);
-        let q = qp.as_ptr().add(p * 2 * BLOCK);
         let c0 = _mm512_and_si512(_mm512_srli_epi16::<6>(x), mask);
         let c1 = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
         let c2 = _mm512_and_si512(_mm512_srli_epi16::<2>(x), mask);
         let c3 = _mm512_and_si512(x, mask);
-        acc = _mm512_dpbusd_epi32(acc, c0, _mm512_loadu_si512(q as *const _));
-        acc = _mm512_dpbusd_epi32(acc, c1, _mm512_loadu_si512(q.add(64) as *const _));
-        acc = _mm512_dpbusd_epi32(acc, c2, _mm512_loadu_si512(q.add(128) as *const _));
-        acc = _mm512_dpbusd_epi32(acc, c3, _mm512_loadu_si512(q.add(192) as *const _));
+        for t in 0..N {
+            let q = qps[t].as_ptr().add(p * 2 * BLOCK);
+            let mut a = acc[t];
+            a = _mm512_dpbusd_epi32(a, c0, _mm512_loadu_si512(q as *const _));
+            a = _mm512_dpbusd_epi32(a, c1, _mm512_loadu_si512(q.add(64) as *const _));
+            a = _mm512_dpbusd_epi32(a, c2, _mm512_loadu_si512(q.add(128) as *const _));
+            a = _mm512_dpbusd_epi32(a, c3, _mm512_loadu_si512(q.add(192) as *const _));
+            acc[t] = a;
+        }
     }
-    let mut sum = _mm512_reduce_add_epi32(acc);
+    let mut sums = [0i32; N];
+    for t in 0..N {
+        sums[t] = _mm512_reduce_add_epi32(acc[t]);
+    }
     if nb % 2 == 1 {
         let j = nb - 1;
         let mask = _mm256_set1_epi8(3);
         let x = _mm256_loadu_si256(codes.as_ptr().add(j * BLOCK_BYTES) as *const __m256i);
-        let q = qp.as_ptr().add(j * BLOCK);
-        let mut a = _mm256_setzero_si256();
         let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(x), mask);
         let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
         let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(x), mask);
         let c3 = _mm256_and_si256(x, mask);
-        a = _mm256_dpbusd_epi32(a, c0, _mm256_loadu_si256(q as *const __m256i));
-        a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256(q.add(32) as *const __m256i));
-        a = _mm256_dpbusd_epi32(a, c2, _mm256_loadu_si256(q.add(64) as *const __m256i));
-        a = _mm256_dpbusd_epi32(a, c3, _mm256_loadu_si256(q.add(96) as *const __m256i));
-        sum = sum.wrapping_add(avx2::hsum_i32(a));
+        for t in 0..N {
+            let q = qps[t].as_ptr().add(j * BLOCK);
+            let mut a = _mm256_setzero_si256();
+            a = _mm256_dpbusd_epi32(a, c0, _mm256_loadu_si256(q as *const __m256i));
+            a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256(q.add(32) as *const __m256i));
+            a = _mm256_dpbusd_epi32(a, c2, _mm256_loadu_si256(q.add(64) as *const __m256i));
+            a = _mm256_dpbusd_epi32(a, c3, _mm256_loadu_si256(q.add(96) as *const __m256i));
+            sums[t] = sums[t].wrapping_add(avx2::hsum_i32(a));
+        }
     }
-    sum
+    sums
 }
+
+/// Tokens per pass of the prefill tile.
+const TOKEN_TILE: usize = 4;
 
 /// The matmul of [`super::Kernel::matmul`] with AVX-512 VNNI.
 pub fn matmul(
@@ -105,16 +119,56 @@ pub fn matmul(
         pair_layout(&q[t * n_in..(t + 1) * n_in], &mut qp);
         layouts.extend_from_slice(&qp);
     }
+    let tok = |t: usize| &layouts[t * n_in..(t + 1) * n_in];
     for (ri, r) in rows.enumerate() {
         let codes = &w[r * row_bytes..(r + 1) * row_bytes];
-        for t in 0..n_tok {
-            let qt = &layouts[t * n_in..(t + 1) * n_in];
+        let out_row = &mut out[ri * n_tok..(ri + 1) * n_tok];
+        let mut t = 0;
+        while t + TOKEN_TILE <= n_tok {
             // SAFETY: the features were checked above; `codes` is n_in/4
-            // bytes and `qt` n_in values (pair layout keeps the length),
-            // n_in a multiple of 128, so every load stays in bounds.
-            out[ri * n_tok + t] = unsafe { dot_pairs(codes, qt) };
+            // bytes and each token n_in values (pair layout keeps the
+            // length), n_in a multiple of 128, so every load is in bounds.
+            let s = unsafe { dot_pairs(codes, [tok(t), tok(t + 1), tok(t + 2), tok(t + 3)]) };
+            out_row[t..t + TOKEN_TILE].copy_from_slice(&s);
+            t += TOKEN_TILE;
+        }
+        for (t, o) in out_row.iter_mut().enumerate().skip(t) {
+            // SAFETY: as above, one token at a time.
+            *o = unsafe { dot_pairs(codes, [tok(t)]) }[0];
         }
     }
+}
+
+/// [`dot_f16`] for `N` tokens at once: each 16-value slice of the row is
+/// converted once and used for every token (prefill logits).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, and `row.len() == 2 * xs[t].len()` for all t.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_f16_multi<const N: usize>(row: &[u8], xs: [&[f32]; N]) -> [f32; N] {
+    let n = xs[0].len();
+    let full = n / 16 * 16;
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut i = 0;
+    while i < full {
+        let a = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i));
+        for t in 0..N {
+            let b = _mm512_loadu_ps(xs[t].as_ptr().add(i));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(a, b));
+        }
+        i += 16;
+    }
+    let mut out = [0f32; N];
+    for t in 0..N {
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        for j in full..n {
+            let v = half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32();
+            lanes[j % 16] += v * xs[t][j];
+        }
+        out[t] = super::scalar::fold_lanes(lanes);
+    }
+    out
 }
 
 /// [`super::scalar::dot_f16`] with `vcvtph2ps`: 16 lanes, multiply then add

@@ -62,6 +62,28 @@ impl Kernel {
         }
     }
 
+    /// [`Kernel::dot_f16`] of one row with every token of `xs` ([T, n]),
+    /// written to `out[t]`; the same bits as one token at a time.
+    pub fn dot_f16_tokens(self, row: &[u8], xs: &[f32], out: &mut [f32]) {
+        let n = row.len() / 2;
+        assert_eq!(xs.len(), n * out.len());
+        let x = |t: usize| &xs[t * n..(t + 1) * n];
+        let mut t = 0;
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Vnni {
+            while t + 4 <= out.len() {
+                // SAFETY: Avx512Vnni is only selected when avx512f is
+                // available; each x(t) is n values for a 2n-byte row.
+                let s = unsafe { avx512::dot_f16_multi(row, [x(t), x(t + 1), x(t + 2), x(t + 3)]) };
+                out[t..t + 4].copy_from_slice(&s);
+                t += 4;
+            }
+        }
+        for (t, o) in out.iter_mut().enumerate().skip(t) {
+            *o = self.dot_f16(row, x(t));
+        }
+    }
+
     /// `out[(r - rows.start) * n_tok + t] = Σ code·q` for the packed rows
     /// `rows` of `w` (row length `n_in`) and the `n_tok` activation rows of
     /// `q`. `wrap` reproduces bitnet.cpp's 16-bit lane wrap.
