@@ -118,8 +118,6 @@ fn build((alignment, kvs, tensors): &Model) -> GgufWriter {
 // Round trip
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
-
     #[test]
     fn round_trip_is_exact(m in model()) {
         let w = build(&m);
