@@ -20,12 +20,11 @@ fn opts(threads: usize) -> ContextOptions {
     }
 }
 
+/// The (stage, shape) pairs one decode captured.
+type StageShapes = Vec<(StageKey, Vec<usize>)>;
+
 /// Prefill 5 tokens, then decode 3 greedy tokens: (logits of every step, mapped stages of every step).
-fn run(
-    model: &Arc<Model>,
-    threads: usize,
-    prompt: &[u32],
-) -> (Vec<Vec<f32>>, Vec<Vec<(StageKey, Vec<usize>)>>) {
+fn run(model: &Arc<Model>, threads: usize, prompt: &[u32]) -> (Vec<Vec<f32>>, Vec<StageShapes>) {
     let mut ctx = Context::new(model.clone(), &opts(threads), CaptureFilter::all()).unwrap();
     let n_vocab = model.n_vocab();
     let (mut logits, mut stages) = (Vec::new(), Vec::new());
