@@ -139,6 +139,23 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return bad(format!("head_dim {head_dim} is odd: RoPE needs pairs"));
         }
+        // Both engines rotate whole heads: llama.cpp refuses n_rot != head_dim.
+        if let Some(n_rot) = opt_int("rope.dimension_count")? {
+            if n_rot as usize != head_dim {
+                return bad(format!(
+                    "{p}.rope.dimension_count {n_rot} is not head_dim {head_dim} (n_embd {n_embd} / head_count {n_head})"
+                ));
+            }
+        }
+        // llama.cpp takes n_vocab from the token list: it must match.
+        if file.get("tokenizer.ggml.tokens").is_some() {
+            let n_tokens = file.get_str_array("tokenizer.ggml.tokens")?.len();
+            if n_tokens != n_vocab {
+                return bad(format!(
+                    "tokenizer.ggml.tokens has {n_tokens} tokens, the model has n_vocab {n_vocab}"
+                ));
+            }
+        }
         let positive = |v: f32| v > 0.0 && v.is_finite();
         if !positive(rms_eps) || !positive(rope_theta) {
             return bad(format!(
