@@ -262,3 +262,34 @@ fn long_rows_and_odd_row_counts_in_every_kernel() {
     Kernel::Scalar.matmul(true, &packed, n_in, 0..rows, &q, &mut wrapped);
     assert_ne!(exact, wrapped, "this input must provoke the wrap");
 }
+
+/// Not a test: single-threaded matvec GB/s of every kernel on a
+/// 2B-4T-sized ffn_up (6912 × 2560) (`cargo test --release --test kernels
+/// -- --ignored --nocapture`). `divergence bench --kernel` compares with the
+/// reference.
+#[test]
+#[ignore]
+fn kernel_speed_report() {
+    let (n_in, rows) = (2560, 6912);
+    let w: Vec<u8> = (0..n_in * rows / 4)
+        .map(|i| (i * 2654435761usize >> 7) as u8 & 0b1010_1010)
+        .collect();
+    let q: Vec<i8> = (0..n_in).map(|i| (i * 31 % 255) as i8).collect();
+    for k in Kernel::available() {
+        for wrap in [false, true] {
+            let mut out = vec![0i32; rows];
+            let reps = 50;
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                k.matmul(wrap, &w, n_in, 0..rows, &q, &mut out);
+            }
+            let s = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "{:12} wrap={wrap:5}: {:.2} GB/s ({:.0} µs per matvec)",
+                k.name(),
+                (w.len() * reps) as f64 / s / 1e9,
+                s / reps as f64 * 1e6
+            );
+        }
+    }
+}

@@ -52,27 +52,44 @@ pub fn pair_layout(q: &[i8], out: &mut Vec<i8>) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_pairs<const N: usize>(codes: &[u8], qps: [&[i8]; N]) -> [i32; N] {
     let nb = codes.len() / BLOCK_BYTES;
-    let mask = _mm512_set1_epi8(3);
-    let mut acc = [_mm512_setzero_si512(); N];
+    // Sub-vector k's codes are masked in place, not shifted down: lane sums
+    // of acc[t][k] are then exactly 4^(3-k) times Σ code·q, undone by an
+    // exact arithmetic shift at the end (|lane| < 2^31 for any row under
+    // 2^21 values). One accumulator per sub-vector and token: independent
+    // vpdpbusd chains, so the loop is throughput- not latency-bound.
+    let masks = [
+        _mm512_set1_epi8(0xC0u8 as i8),
+        _mm512_set1_epi8(0x30),
+        _mm512_set1_epi8(0x0C),
+        _mm512_set1_epi8(0x03),
+    ];
+    let mut acc = [[_mm512_setzero_si512(); 4]; N];
     for p in 0..nb / 2 {
         let x = _mm512_loadu_si512(codes.as_ptr().add(p * 2 * BLOCK_BYTES) as *const _);
-        let c0 = _mm512_and_si512(_mm512_srli_epi16::<6>(x), mask);
-        let c1 = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
-        let c2 = _mm512_and_si512(_mm512_srli_epi16::<2>(x), mask);
-        let c3 = _mm512_and_si512(x, mask);
+        let c = [
+            _mm512_and_si512(x, masks[0]),
+            _mm512_and_si512(x, masks[1]),
+            _mm512_and_si512(x, masks[2]),
+            _mm512_and_si512(x, masks[3]),
+        ];
         for t in 0..N {
             let q = qps[t].as_ptr().add(p * 2 * BLOCK);
-            let mut a = acc[t];
-            a = _mm512_dpbusd_epi32(a, c0, _mm512_loadu_si512(q as *const _));
-            a = _mm512_dpbusd_epi32(a, c1, _mm512_loadu_si512(q.add(64) as *const _));
-            a = _mm512_dpbusd_epi32(a, c2, _mm512_loadu_si512(q.add(128) as *const _));
-            a = _mm512_dpbusd_epi32(a, c3, _mm512_loadu_si512(q.add(192) as *const _));
-            acc[t] = a;
+            for k in 0..4 {
+                let qk = _mm512_loadu_si512(q.add(64 * k) as *const _);
+                acc[t][k] = _mm512_dpbusd_epi32(acc[t][k], c[k], qk);
+            }
         }
     }
     let mut sums = [0i32; N];
     for t in 0..N {
-        sums[t] = _mm512_reduce_add_epi32(acc[t]);
+        let a = _mm512_add_epi32(
+            _mm512_add_epi32(
+                _mm512_srai_epi32::<6>(acc[t][0]),
+                _mm512_srai_epi32::<4>(acc[t][1]),
+            ),
+            _mm512_add_epi32(_mm512_srai_epi32::<2>(acc[t][2]), acc[t][3]),
+        );
+        sums[t] = _mm512_reduce_add_epi32(a);
     }
     if nb % 2 == 1 {
         let j = nb - 1;
@@ -111,6 +128,7 @@ pub fn matmul(
         return avx2::matmul(wrap, w, n_in, rows, q, out);
     }
     assert!(available());
+    assert!(n_in < 1 << 21, "row of {n_in} values could overflow the scaled lanes");
     let row_bytes = n_in / 4;
     let n_tok = q.len() / n_in;
     let mut qp = Vec::new();
