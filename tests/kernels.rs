@@ -272,7 +272,7 @@ fn long_rows_and_odd_row_counts_in_every_kernel() {
 fn kernel_speed_report() {
     let (n_in, rows) = (2560, 6912);
     let w: Vec<u8> = (0..n_in * rows / 4)
-        .map(|i| (i * 2654435761usize >> 7) as u8 & 0b1010_1010)
+        .map(|i| ((i * 2654435761usize) >> 7) as u8 & 0b1010_1010)
         .collect();
     let q: Vec<i8> = (0..n_in).map(|i| (i * 31 % 255) as i8).collect();
     for k in Kernel::available() {
