@@ -307,15 +307,16 @@ impl Compute<'_> {
         let c = self.config;
         let (hd, t) = (c.head_dim, q.len() / c.n_embd);
         let n_keys = pos0 + t;
+        let keys = self.gather(kv, l, n_keys, false);
         let per_head: Vec<Vec<f32>> = self.pool.install(|| {
             (0..c.n_head)
                 .into_par_iter()
                 .map(|h| {
-                    let keys = kv.keys(l, self.kv_head(h), n_keys);
+                    let keys = &keys[self.kv_head(h)];
                     let mut s = vec![0f32; t * n_keys];
                     for (ti, row) in s.chunks_exact_mut(n_keys).enumerate() {
                         let n = self.visible(pos0, ti, n_keys);
-                        Self::score_row(&self.query(q, ti, h), &keys, hd, &mut row[..n]);
+                        Self::score_row(&self.query(q, ti, h), keys, hd, &mut row[..n]);
                     }
                     s
                 })
@@ -354,12 +355,13 @@ impl Compute<'_> {
     fn attn_apply(&self, kv: &KvCache, l: usize, probs: &[f32], pos0: usize, t: usize) -> Vec<f32> {
         let c = self.config;
         let (hd, n_keys) = (c.head_dim, pos0 + t);
+        let vals = self.gather(kv, l, n_keys, true);
         self.per_head_out(t, |h, out| {
-            let vals = kv.values(l, self.kv_head(h), n_keys);
+            let vals = &vals[self.kv_head(h)];
             for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
                 let p = &probs[(h * t + ti) * n_keys..(h * t + ti + 1) * n_keys];
                 let n = self.visible(pos0, ti, n_keys);
-                self.apply_row(&p[..n], &vals, hd, o);
+                self.apply_row(&p[..n], vals, hd, o);
             }
         })
     }
@@ -369,17 +371,35 @@ impl Compute<'_> {
         let c = self.config;
         let (hd, t) = (c.head_dim, q.len() / c.n_embd);
         let n_keys = pos0 + t;
+        let keys = self.gather(kv, l, n_keys, false);
+        let vals = self.gather(kv, l, n_keys, true);
         self.per_head_out(t, |h, out| {
-            let keys = kv.keys(l, self.kv_head(h), n_keys);
-            let vals = kv.values(l, self.kv_head(h), n_keys);
+            let (keys, vals) = (&keys[self.kv_head(h)], &vals[self.kv_head(h)]);
             let mut raw = vec![0f32; n_keys];
             let mut p = vec![0f32; n_keys];
             for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
                 let n = self.visible(pos0, ti, n_keys);
-                Self::score_row(&self.query(q, ti, h), &keys, hd, &mut raw[..n]);
+                Self::score_row(&self.query(q, ti, h), keys, hd, &mut raw[..n]);
                 ops::softmax_row(&raw, n, self.attn_scale(), &mut p);
-                self.apply_row(&p[..n], &vals, hd, o);
+                self.apply_row(&p[..n], vals, hd, o);
             }
+        })
+    }
+
+    /// Cached keys (or values) of every kv head as f32 [n_keys, head_dim],
+    /// converted once per kv head and shared by its query heads.
+    fn gather(&self, kv: &KvCache, l: usize, n_keys: usize, values: bool) -> Vec<Vec<f32>> {
+        self.pool.install(|| {
+            (0..self.config.n_head_kv)
+                .into_par_iter()
+                .map(|kvh| {
+                    if values {
+                        kv.values(l, kvh, n_keys)
+                    } else {
+                        kv.keys(l, kvh, n_keys)
+                    }
+                })
+                .collect()
         })
     }
 
