@@ -715,3 +715,22 @@ fn engine_speed_report() {
         gb * n as f64 / decode
     );
 }
+
+#[test]
+fn engine_and_options_are_thread_safe_plain_data() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Engine>();
+    let o = EngineOptions {
+        threads: 2,
+        kv_type: KvType::F32,
+        i2s_mode: I2sMode::ReferenceWrap,
+        faults: vec![Fault::GqaModulo, Fault::I2sCodeOffByOne],
+        n_ctx: 64,
+    };
+    let json = serde_json::to_string(&o).unwrap();
+    assert!(
+        json.contains("\"reference-wrap\"") && json.contains("\"i2s-code-off-by-one\""),
+        "{json}"
+    );
+    assert_eq!(serde_json::from_str::<EngineOptions>(&json).unwrap(), o);
+}

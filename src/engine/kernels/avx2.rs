@@ -12,7 +12,8 @@ use std::arch::x86_64::*;
 const EXACT_FLUSH_BLOCKS: usize = 8;
 
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx2")
+    // Every AVX2 CPU also has F16C; the logits dot needs both.
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
 }
 
 /// `Σ code·q` over one row.
@@ -85,4 +86,34 @@ pub fn matmul(
             out[ri * n_tok + t] = unsafe { dot(codes, qt, wrap) };
         }
     }
+}
+
+/// [`super::scalar::dot_f16`] with F16C: the specification's 16 lanes as
+/// two 8-lane registers, multiply then add (no FMA), the same fold.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C, and `row.len() == 2 * x.len()`.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let full = n / 16 * 16;
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i < full {
+        let a = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
+        let b = _mm256_cvtph_ps(_mm_loadu_si128(
+            row.as_ptr().add(2 * i + 16) as *const __m128i
+        ));
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(a, _mm256_loadu_ps(x.as_ptr().add(i))));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(b, _mm256_loadu_ps(x.as_ptr().add(i + 8))));
+        i += 16;
+    }
+    let mut lanes = [0f32; 16];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    for j in full..n {
+        let v = half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32();
+        lanes[j % 16] += v * x[j];
+    }
+    super::scalar::fold_lanes(lanes)
 }

@@ -58,6 +58,12 @@ impl Kernel {
                 // (which includes avx512f); lengths checked above.
                 unsafe { avx512::dot_f16(row, x) }
             }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                // SAFETY: Avx2 is only selected when avx2::available()
+                // (AVX2 and F16C); lengths checked above.
+                unsafe { avx2::dot_f16(row, x) }
+            }
             _ => scalar::dot_f16(row, x),
         }
     }
