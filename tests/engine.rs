@@ -108,32 +108,56 @@ fn greedy_decoding_is_deterministic() {
 
 #[test]
 fn prefill_then_decode_equals_one_shot_prefill() {
-    // Every op is row-wise and every output element is one fixed-order
-    // reduction, so the split is not just close but bit-identical.
+    // Every op is row-wise with a fixed reduction order, so the split would
+    // be bit-identical but for ggml's precision switch that the engine
+    // mirrors: a single-token step rounds the logits' activations (F16
+    // output matrix) and, with an F16 cache, the probabilities to f16; a
+    // multi-token step (tinyBLAS in the reference) does not.
     for arch in ARCHES {
         for kv in [KvType::F16, KvType::F32] {
             let m = model(Preset::Tiny, arch);
-            let v = {
-                let e = engine(&m.path, opts(1, kv));
-                e.config().n_vocab
-            };
             let mut one = engine(&m.path, opts(1, kv));
-            let all = one
-                .forward(&PROMPT, &mut divergence::trace::NoTrace)
-                .unwrap();
+            let v = one.config().n_vocab;
+            let mut rec_all = Recorder::default();
+            let all = one.forward(&PROMPT, &mut rec_all).unwrap();
             let mut split = engine(&m.path, opts(1, kv));
             let mut got = split
                 .forward(&PROMPT[..3], &mut divergence::trace::NoTrace)
                 .unwrap();
+            let mut rec_last = Recorder::default();
             for &tok in &PROMPT[3..] {
-                got.extend(
-                    split
-                        .forward(&[tok], &mut divergence::trace::NoTrace)
-                        .unwrap(),
-                );
+                rec_last = Recorder::default();
+                got.extend(split.forward(&[tok], &mut rec_last).unwrap());
             }
             assert_eq!(got.len(), PROMPT.len() * v);
-            assert_eq!(bits(&got), bits(&all), "{arch} {kv:?}");
+            for (row, (g, a)) in got.chunks_exact(v).zip(all.chunks_exact(v)).enumerate() {
+                if kv == KvType::F32 {
+                    // Only the logits' own input rounding differs.
+                    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    for (x, y) in g.iter().zip(a) {
+                        assert!(
+                            (x - y).abs() <= 5e-3 * scale,
+                            "{arch} {kv:?} row {row}: {x} vs {y}"
+                        );
+                    }
+                } else {
+                    // f16 probabilities can flip an int8 activation code,
+                    // and a code flip is amplified by the next ternary
+                    // matmul: same greedy token, not the same values.
+                    assert_eq!(argmax(g), argmax(a), "{arch} {kv:?} row {row}");
+                }
+            }
+            // Under an F32 cache, layer 0's K of the last token is the same
+            // bits either way (it does not depend on earlier attention).
+            if kv == KvType::F32 {
+                let k_all = &rec_all.get(Some(0), Stage::KRope).unwrap().data;
+                let k_last = &rec_last.get(Some(0), Stage::KRope).unwrap().data;
+                assert_eq!(
+                    bits(&k_all[k_all.len() - k_last.len()..]),
+                    bits(k_last),
+                    "{arch}"
+                );
+            }
         }
     }
 }

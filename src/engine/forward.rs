@@ -290,11 +290,23 @@ impl Compute<'_> {
         }
     }
 
-    /// `out[d] = Σ_j p_j v_j[d]` (probabilities rounded to f16 when V is F16).
-    fn apply_row(&self, p: &[f32], vals: &[f32], hd: usize, out: &mut [f32]) {
+    /// Whether ggml rounds the f32 operand of an F16 × f32 mul_mat to f16.
+    /// With more than one token (and k a multiple of 16) ggml hands the
+    /// product to llamafile's tinyBLAS, which reads the f32 operand as is;
+    /// a single token goes through ggml_vec_dot_f16 on converted rows. This
+    /// holds where src1 is contiguous: the logits and kqv (not kq, whose q
+    /// is a permuted view and is always converted).
+    fn f16_operand(t: usize) -> bool {
+        t == 1
+    }
+
+    /// `out[d] = Σ_j p_j v_j[d]` (probabilities rounded to f16 when V is F16
+    /// and ggml would convert them, see [`Compute::f16_operand`]).
+    fn apply_row(&self, p: &[f32], vals: &[f32], hd: usize, t: usize, out: &mut [f32]) {
         out.fill(0.0);
+        let round = self.kv_f16 && Self::f16_operand(t);
         for (&pj, vj) in p.iter().zip(vals.chunks_exact(hd)) {
-            let pj = if self.kv_f16 { round_f16(pj) } else { pj };
+            let pj = if round { round_f16(pj) } else { pj };
             for (o, &v) in out.iter_mut().zip(vj) {
                 *o += pj * v;
             }
@@ -361,7 +373,7 @@ impl Compute<'_> {
             for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
                 let p = &probs[(h * t + ti) * n_keys..(h * t + ti + 1) * n_keys];
                 let n = self.visible(pos0, ti, n_keys);
-                self.apply_row(&p[..n], vals, hd, o);
+                self.apply_row(&p[..n], vals, hd, t, o);
             }
         })
     }
@@ -381,7 +393,7 @@ impl Compute<'_> {
                 let n = self.visible(pos0, ti, n_keys);
                 Self::score_row(&self.query(q, ti, h), keys, hd, &mut raw[..n]);
                 ops::softmax_row(&raw, n, self.attn_scale(), &mut p);
-                self.apply_row(&p[..n], vals, hd, o);
+                self.apply_row(&p[..n], vals, hd, t, o);
             }
         })
     }
@@ -428,14 +440,14 @@ impl Compute<'_> {
     }
 
     /// Logits [T, V] against the output (or tied embedding) matrix. With an
-    /// F16 matrix the activations are rounded to f16 first, as ggml's
-    /// mul_mat does for an F16 src0; the dot itself is the 16-lane order of
+    /// F16 matrix and one token the activations are rounded to f16 first, as
+    /// ggml's mul_mat does for an F16 src0 (see [`Compute::f16_operand`]); the dot itself is the 16-lane order of
     /// `scalar::dot_dense` (ggml's SIMD order differs: compared tightly, not
     /// exactly).
     fn logits(&self, m: &DenseMatrix, x: &[f32]) -> Vec<f32> {
         let (e, v) = (m.n_in, m.rows);
         let t = x.len() / e;
-        let xs: Vec<f32> = if m.is_f16() {
+        let xs: Vec<f32> = if m.is_f16() && Self::f16_operand(t) {
             x.iter().map(|&a| round_f16(a)).collect()
         } else {
             x.to_vec()

@@ -73,23 +73,30 @@ pub fn rope_cache(pos: usize, head_dim: usize, theta_base: f32) -> Vec<(f32, f32
 }
 
 /// NEOX RoPE on one head in place: pairs (i, i + d/2) (ggml mode NEOX).
+///
+/// The fused multiply-adds are the reference's: ggml is built with
+/// `-march=native`, and GCC contracts ggml_compute_forward_rope_f32's
+/// `x0*cos - x1*sin` / `x0*sin + x1*cos` into `fma(x0, cos, -(x1*sin))` and
+/// `fma(x0, sin, x1*cos)` (read from its object code, and confirmed
+/// bit-exact against the reference in both modes).
 pub fn rope_neox(head: &mut [f32], cache: &[(f32, f32)]) {
     let half = head.len() / 2;
     for (i, &(c, s)) in cache.iter().enumerate() {
         let x0 = head[i];
         let x1 = head[i + half];
-        head[i] = x0 * c - x1 * s;
-        head[i + half] = x0 * s + x1 * c;
+        head[i] = x0.mul_add(c, -(x1 * s));
+        head[i + half] = x0.mul_add(s, x1 * c);
     }
 }
 
-/// NORM RoPE on one head in place: adjacent pairs (2i, 2i + 1).
+/// NORM RoPE on one head in place: adjacent pairs (2i, 2i + 1), with the
+/// same fused forms as [`rope_neox`].
 pub fn rope_norm(head: &mut [f32], cache: &[(f32, f32)]) {
     for (i, &(c, s)) in cache.iter().enumerate() {
         let x0 = head[2 * i];
         let x1 = head[2 * i + 1];
-        head[2 * i] = x0 * c - x1 * s;
-        head[2 * i + 1] = x0 * s + x1 * c;
+        head[2 * i] = x0.mul_add(c, -(x1 * s));
+        head[2 * i + 1] = x0.mul_add(s, x1 * c);
     }
 }
 

@@ -6,9 +6,11 @@
 //! activation codes (quantize_row_i8_s) and ternary weights, so I2_S stages
 //! are exact integer dot products followed by an f64 epilogue. Storage
 //! precision that both engines share by configuration is kept too: with an
-//! F16 KV cache, K, V, the query and the probabilities are rounded to f16
-//! before the f64 products (as the F16 mul_mat does); with an F16 output
-//! matrix, the normed activations are rounded to f16 before the logits.
+//! F16 KV cache, K, V and the query are rounded to f16 before the f64
+//! products (as the F16 mul_mat does), and so are the probabilities of a
+//! single-token step; with an F16 output matrix, the normed activations of
+//! a single-token step are rounded to f16 before the logits (multi-token
+//! steps go through tinyBLAS on f32 operands in the reference).
 
 use super::config::Arch;
 use super::kernels::scalar;
@@ -84,6 +86,9 @@ pub fn recompute(
     let hd = c.head_dim;
     let group = c.n_head / c.n_head_kv;
     let store = |v: f32| if kv_f16 { round_f16(v) } else { v } as f64;
+    // Probabilities are converted to f16 only for a single token (see
+    // forward::Compute::f16_operand); K, V and q always are under F16 KV.
+    let store_p = |v: f32| if kv_f16 && t == 1 { round_f16(v) } else { v } as f64;
 
     Some(match stage {
         Stage::AttnNorm => rms_norm(layer_in()?, e, eps, &lw.attn_norm),
@@ -163,7 +168,7 @@ pub fn recompute(
                     let p = &probs[(h * t + ti) * n_keys..(h * t + ti + 1) * n_keys];
                     for d in 0..hd {
                         out[ti * e + h * hd + d] = (0..n_keys)
-                            .map(|j| store(p[j]) * store(v[j * c.n_embd_kv() + kvh * hd + d]))
+                            .map(|j| store_p(p[j]) * store(v[j * c.n_embd_kv() + kvh * hd + d]))
                             .sum();
                     }
                 }
@@ -283,7 +288,7 @@ fn dense(engine: &Engine, m: &DenseMatrix, x: &[f32]) -> Vec<f64> {
     let t = x.len() / e;
     let xs: Vec<f64> = x
         .iter()
-        .map(|&v| if m.is_f16() { round_f16(v) } else { v } as f64)
+        .map(|&v| if m.is_f16() && t == 1 { round_f16(v) } else { v } as f64)
         .collect();
     let mut row = vec![0f32; e];
     let mut y = vec![0f64; t * m.rows];
