@@ -65,7 +65,10 @@ pub unsafe fn dot_pairs<const N: usize>(codes: &[u8], qps: [&[i8]; N]) -> [i32; 
     ];
     let mut acc = [[_mm512_setzero_si512(); 4]; N];
     for p in 0..nb / 2 {
-        let x = _mm512_loadu_si512(codes.as_ptr().add(p * 2 * BLOCK_BYTES) as *const _);
+        let at = codes.as_ptr().add(p * 2 * BLOCK_BYTES);
+        // Prefetch hint only (never faults, even past the end).
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_BYTES) as *const i8);
+        let x = _mm512_loadu_si512(at as *const _);
         let c = [
             _mm512_and_si512(x, masks[0]),
             _mm512_and_si512(x, masks[1]),
@@ -112,6 +115,9 @@ pub unsafe fn dot_pairs<const N: usize>(codes: &[u8], qps: [&[i8]; N]) -> [i32; 
     sums
 }
 
+/// How far ahead of the current block pair the codes are prefetched.
+const PREFETCH_BYTES: usize = 1024;
+
 /// Tokens per pass of the prefill tile.
 const TOKEN_TILE: usize = 4;
 
@@ -128,7 +134,10 @@ pub fn matmul(
         return avx2::matmul(wrap, w, n_in, rows, q, out);
     }
     assert!(available());
-    assert!(n_in < 1 << 21, "row of {n_in} values could overflow the scaled lanes");
+    assert!(
+        n_in < 1 << 21,
+        "row of {n_in} values could overflow the scaled lanes"
+    );
     let row_bytes = n_in / 4;
     let n_tok = q.len() / n_in;
     let mut qp = Vec::new();
