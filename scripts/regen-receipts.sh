@@ -28,9 +28,10 @@ done
 find_receipt --model "$models/tiny-llama.gguf" --prompt "$prompt" --steps 4 --mode resync \
   --threads 1 --kv f16 --receipt receipts/parity-tiny-llama-resync-t1-f16.json
 
-# A real finding on `small`: see receipts/README.md.
+# `small`, default prompt, 2 threads: the case that exposed our activation
+# quantization's double rounding (see receipts/README.md).
 find_receipt --model "$models/small-bitnet.gguf" --steps 4 --threads 2 \
-  --receipt receipts/finding-small-bitnet-default-prompt.json
+  --receipt receipts/parity-small-bitnet-resync-t2-f16.json
 
 # The bug zoo: one receipt per injected candidate fault (docs/bug-zoo.md).
 for fault in rope-interleaved gqa-modulo act-round-half-away act-scale128 missing-row-sum \

@@ -43,6 +43,7 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
         token_faults: vec![],
         worker_exe: PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
         progress: None,
+        cancel: None,
     };
     let outcome = lockstep::run(&cfg).expect("the run completes");
     let file = Arc::new(divergence::gguf::GgufFile::open(model).unwrap());

@@ -88,6 +88,7 @@ fn config(model: &Path, steps: usize, mode: Mode) -> RunConfig {
         token_faults: vec![],
         worker_exe: PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
         progress: None,
+        cancel: None,
     }
 }
 

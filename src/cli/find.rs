@@ -10,7 +10,8 @@ use divergence::receipt::{self, CandidateRecord, ModelRecord, Receipt, RunRecord
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// The most decode steps a run may ask for.
 const MAX_STEPS: usize = 4096;
@@ -76,6 +77,29 @@ fn parse_fault(s: &str) -> Result<Fault, String> {
 fn parse_token_fault(s: &str) -> Result<TokenFault, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("unknown token fault `{s}`"))
+}
+
+/// Ctrl-C once: finish the current step, write a receipt marked
+/// `interrupted`. Twice: exit at once (receipts are written atomically, so
+/// the previous file stays whole). Installed once per process.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&flag);
+        let installed = ctrlc::set_handler(move || {
+            if seen.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted again: exiting now; the previous receipt is untouched");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: finishing the current step, then writing the receipt (Ctrl-C again to quit now)");
+        });
+        if let Err(e) = installed {
+            eprintln!("warning: no Ctrl-C handler ({e}); an interrupted run writes no receipt");
+        }
+        flag
+    })
+    .clone()
 }
 
 /// The embedded default model: generated once, deterministically, into the
@@ -168,6 +192,7 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
         token_faults: record.token_faults.clone(),
         worker_exe: divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?,
         progress,
+        cancel: Some(interrupt_flag()),
     };
     // Validate and describe the model before either engine touches it.
     let file = divergence::gguf::GgufFile::open(&model)
@@ -242,7 +267,12 @@ fn warn_non_finite(engine: &divergence::engine::Engine) {
     }
 }
 
+/// 0 no divergence, 1 divergence, 3 the reference failed; 130 when the user
+/// interrupted a run that had not diverged yet (its receipt says so).
 pub fn exit_code(r: &Receipt) -> ExitCode {
+    if r.interrupted && r.verdict == Verdict::NoDivergence {
+        return ExitCode::from(130);
+    }
     match r.verdict {
         Verdict::NoDivergence => ExitCode::SUCCESS,
         Verdict::Divergence => ExitCode::from(1),
@@ -348,6 +378,11 @@ fn print_summary(r: &Receipt, path: &Path) {
             println!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
         }
         (_, None) if !r.tokens.equal => println!("DIVERGENCE in the prompt's token ids"),
+        (_, None) if r.interrupted => println!(
+            "INTERRUPTED after {} of {} steps: no divergence in the steps that ran",
+            r.steps_run,
+            r.run.steps + 1
+        ),
         (_, None) => println!("NO DIVERGENCE: every stage of every step is within the policy"),
     }
     if !r.generated.disagreements.is_empty() {

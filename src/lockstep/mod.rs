@@ -24,6 +24,7 @@ use crate::trace::{Stage, StageKey, Tensor, TraceSink};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -69,6 +70,9 @@ pub struct RunConfig {
     pub worker_exe: PathBuf,
     /// Called after each step with (step, total steps).
     pub progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+    /// Set (by a Ctrl-C handler) to stop after the current step; the outcome
+    /// then says `interrupted` and covers the steps that finished.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// The token check that precedes every run.
@@ -140,6 +144,8 @@ pub struct Outcome {
     pub generated_candidate: Vec<u32>,
     pub token_disagreements: Vec<TokenDisagreement>,
     pub steps_run: usize,
+    /// The run was stopped by the user before all steps ran.
+    pub interrupted: bool,
     pub unknown_nodes: Vec<String>,
     pub reference_failure: Option<String>,
     pub reference_description: String,
@@ -155,6 +161,10 @@ pub struct Timings {
     pub candidate_s: f64,
     pub compare_s: f64,
     pub total_s: f64,
+    /// Peak resident set (VmHWM) of this process (candidate + comparator)
+    /// and of the reference's worker process.
+    pub harness_peak_rss_bytes: Option<u64>,
+    pub reference_peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +215,7 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         generated_candidate: vec![],
         token_disagreements: vec![],
         steps_run: 0,
+        interrupted: false,
         unknown_nodes: vec![],
         reference_failure: None,
         reference_description: String::new(),
@@ -294,7 +305,14 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     let mut cand_batch = cand_tokens.clone();
     let total_steps = cfg.steps + 1;
     for step in 0..total_steps {
-        let pos0 = engine.n_past().max(state.ref_pos);
+        if cfg
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            outcome.interrupted = true;
+            break;
+        }
         let t = Instant::now();
         let (ref_logits, nodes) = match reference.decode(&batch, state.ref_pos) {
             Ok(v) => v,
@@ -310,7 +328,7 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         let ref_stages: BTreeMap<StageKey, Tensor> = mapped.stages.into_iter().collect();
 
         let t = Instant::now();
-        let mut sink = Comparator::new(&state, &ref_stages, step, pos0);
+        let mut sink = Comparator::new(&state, &ref_stages);
         let cand_logits = engine.forward(&cand_batch, &mut sink)?;
         timings.candidate_s += t.elapsed().as_secs_f64() - sink.compare_s;
         timings.compare_s += sink.compare_s;
@@ -373,13 +391,12 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         batch = vec![r_next];
         cand_batch = vec![r_next];
     }
-    // A run where the greedy tokens only exist because steps were asked for:
-    // the last push was for a token nobody decodes; keep it, it is what each
-    // engine would emit next.
     let mut outcome = state.finish(outcome);
     if !outcome.tokens.equal && outcome.first_divergence.is_none() {
         outcome.verdict = Verdict::Divergence;
     }
+    timings.reference_peak_rss_bytes = reference.peak_rss_bytes();
+    timings.harness_peak_rss_bytes = crate::reference::worker::peak_rss_of("/proc/self/status");
     timings.total_s = t_total.elapsed().as_secs_f64();
     outcome.timings = timings;
     Ok(outcome)
@@ -537,12 +554,7 @@ struct Comparator<'s> {
 }
 
 impl<'s> Comparator<'s> {
-    fn new(
-        state: &'s RunState<'s>,
-        reference: &'s BTreeMap<StageKey, Tensor>,
-        _step: usize,
-        _pos0: usize,
-    ) -> Self {
+    fn new(state: &'s RunState<'s>, reference: &'s BTreeMap<StageKey, Tensor>) -> Self {
         Comparator {
             cfg: state.cfg,
             n_vocab: state.n_vocab,

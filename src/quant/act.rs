@@ -2,9 +2,19 @@
 //!
 //! Mirrors `quantize_row_i8_s` (ggml-quants.c): the absolute maximum is taken
 //! in f64 with a 1e-5 floor, the scale is `127 / max` computed in f64 and
-//! rounded once to f32, each code is `nearest_int(x * s)` with the product in
-//! f32 and ties to even (ggml's magic-number `nearest_int`), clamped to
-//! [-128, 127]; the row sum of the codes is kept for the I2_S offset identity.
+//! rounded once to f32, each code is `nearest_int(x * s)` with ties to even,
+//! clamped to [-128, 127]; the row sum of the codes is kept for the I2_S
+//! offset identity.
+//!
+//! The product is *not* rounded to f32 first. ggml builds with GCC's default
+//! `-ffp-contract=fast` and `-march=native`, so on an FMA machine
+//! `nearest_int`'s `x*s + 12582912.0f` compiles to one `vfmadd`: the exact
+//! product is rounded once, to the nearest integer (checked by disassembling
+//! `quantize_row_i8_s` in the built `libggml.a`). Rounding `x*s` to f32 first
+//! flips a code whenever the f32 product lands on a .5 tie the exact product
+//! does not — rarely, but enough to move an I2_S output (seen on the `small`
+//! preset). An f32×f32 product is exact in f64, so rounding that f64 to the
+//! nearest integer, ties to even, is the fused result bit for bit.
 
 /// How a row is quantized. `Reference` is quantize_row_i8_s; the other
 /// fields exist only to inject the bug-zoo faults.
@@ -51,7 +61,8 @@ pub fn quantize_row_i8_s(x: &[f32], out: &mut [i8], variant: ActQuantVariant) ->
     let scale = act_scale(x, variant.scale_numerator);
     let mut sum = 0i32;
     for (o, &v) in out.iter_mut().zip(x) {
-        let p = v * scale;
+        // Exact product (f32×f32 fits an f64 mantissa), rounded once.
+        let p = f64::from(v) * f64::from(scale);
         let q = if variant.round_half_away {
             p.round().clamp(-128.0, 127.0) as i32
         } else {
@@ -63,14 +74,12 @@ pub fn quantize_row_i8_s(x: &[f32], out: &mut [i8], variant: ActQuantVariant) ->
     ActRow { scale, sum }
 }
 
-/// ggml's `nearest_int`: adding 1.5·2^23 leaves the rounded integer (ties
-/// to even, the FPU's mode) in the low mantissa bits. Exact for
-/// |x| ≤ 2^22 − 1; |x·s| ≤ 128 here by construction of the scale (a NaN
-/// input gives an arbitrary code, as in the reference).
+/// ggml's fused `nearest_int`: the integer nearest the exact product, ties
+/// to even. |x·s| ≤ 128 by construction of the scale; a NaN input gives 0
+/// here (the reference's code for NaN is arbitrary).
 #[inline(always)]
-fn nearest_int(x: f32) -> i32 {
-    let v = x + 12_582_912.0f32;
-    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+fn nearest_int(p: f64) -> i32 {
+    p.round_ties_even() as i32
 }
 
 /// Quantize a [T, n] matrix row by row.
@@ -102,7 +111,7 @@ mod tests {
     fn nearest_int_is_round_ties_even() {
         for i in -300_000..300_000 {
             let x = i as f32 / 1024.0;
-            assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
+            assert_eq!(nearest_int(f64::from(x)), x.round_ties_even() as i32, "{x}");
         }
     }
 

@@ -1,3 +1,3 @@
 //! Weight and activation quantization formats, as scalar specifications.
-pub mod i2s;
 pub mod act;
+pub mod i2s;

@@ -33,6 +33,10 @@ pub struct Receipt {
     pub candidate: CandidateRecord,
     pub policy: Policy,
     pub verdict: Verdict,
+    /// Stopped by the user (Ctrl-C) after `steps_run` steps: the verdict
+    /// covers only those.
+    pub interrupted: bool,
+    pub steps_run: usize,
     pub tokens: TokenCheck,
     pub first_divergence: Option<Divergence>,
     pub later_divergences: Vec<Divergence>,
@@ -117,6 +121,8 @@ impl Receipt {
             candidate: engine_info,
             policy,
             verdict: outcome.verdict,
+            interrupted: outcome.interrupted,
+            steps_run: outcome.steps_run,
             tokens: outcome.tokens,
             first_divergence: outcome.first_divergence,
             later_divergences: outcome.later_divergences,
@@ -169,6 +175,8 @@ impl Receipt {
             "run": self.run,
             "model_sha256": self.model.sha256,
             "verdict": self.verdict,
+            "interrupted": self.interrupted,
+            "steps_run": self.steps_run,
             "tokens": self.tokens,
             "first_divergence": self.first_divergence,
             "generated": self.generated,

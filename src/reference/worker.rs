@@ -14,6 +14,7 @@ use super::session::{Context, ContextOptions, Model};
 use super::{CaptureFilter, Node, RefError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -233,7 +234,10 @@ impl Worker {
         ctx: &ContextOptions,
         filter: CaptureFilter,
     ) -> Result<Worker, RefError> {
+        // Its own process group: a terminal's Ctrl-C reaches only us, and we
+        // decide how to stop (the worker exits when its stdin closes).
         let mut child = Command::new(exe)
+            .process_group(0)
             .arg(WORKER_ARG)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
