@@ -717,7 +717,13 @@ fn engine_speed_report() {
         .and_then(|t| t.parse().ok())
         .unwrap_or(2);
     let mut e = engine(Path::new(&path), opts(threads, KvType::F16));
-    let prompt: Vec<u32> = (0..128).map(|i| (i * 7919 + 13) % 1000).collect();
+    let n_prompt: usize = std::env::var("DIVERGENCE_ENGINE_PREFILL")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(128);
+    let prompt: Vec<u32> = (0..n_prompt as u32)
+        .map(|i| (i * 7919 + 13) % 1000)
+        .collect();
     let t0 = std::time::Instant::now();
     let logits = e.forward(&prompt, &mut divergence::trace::NoTrace).unwrap();
     let prefill = t0.elapsed().as_secs_f64();
@@ -731,9 +737,9 @@ fn engine_speed_report() {
     let decode = t1.elapsed().as_secs_f64();
     let gb = e.weight_bytes() as f64 / 1e9;
     eprintln!(
-        "kernel {} threads {threads}: prefill 128 tok {:.2} tok/s; decode {:.2} tok/s, {:.3} GB/token, {:.1} GB/s",
+        "kernel {} threads {threads}: prefill {n_prompt} tok {:.2} tok/s; decode {:.2} tok/s, {:.3} GB/token, {:.1} GB/s",
         e.kernel_name(),
-        128.0 / prefill,
+        n_prompt as f64 / prefill,
         n as f64 / decode,
         gb,
         gb * n as f64 / decode

@@ -454,35 +454,45 @@ impl Compute<'_> {
         };
         let data = self.file.tensor_data(&m.info);
         let row_bytes = if m.is_f16() { 2 * e } else { 4 * e };
-        let mut out_t = vec![0f32; v * t];
-        let chunk = rows_per_task(v, self.pool.current_num_threads());
-        self.pool.install(|| {
-            out_t
-                .par_chunks_mut(chunk * t)
-                .enumerate()
-                .for_each(|(ci, out)| {
-                    for (ri, o) in out.chunks_exact_mut(t).enumerate() {
-                        let r = ci * chunk + ri;
-                        let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                        if m.is_f16() {
-                            self.kernel.dot_f16_tokens(row, &xs, o);
-                        } else {
-                            for (ti, oi) in o.iter_mut().enumerate() {
-                                *oi = scalar::dot_f32_row(row, &xs[ti * e..(ti + 1) * e]);
+        // Vocabulary blocks bound the transposition scratch (a prefill of
+        // 128 tokens over a 128k vocabulary would otherwise hold the logits twice).
+        let block = if t == 1 { v } else { LOGITS_BLOCK_ROWS.min(v) };
+        let mut y = vec![0f32; t * v];
+        let mut scratch = vec![0f32; block * t];
+        for b0 in (0..v).step_by(block) {
+            let rows = block.min(v - b0);
+            let out_t = &mut scratch[..rows * t];
+            let chunk = rows_per_task(rows, self.pool.current_num_threads());
+            self.pool.install(|| {
+                out_t
+                    .par_chunks_mut(chunk * t)
+                    .enumerate()
+                    .for_each(|(ci, out)| {
+                        for (ri, o) in out.chunks_exact_mut(t).enumerate() {
+                            let r = b0 + ci * chunk + ri;
+                            let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                            if m.is_f16() {
+                                self.kernel.dot_f16_tokens(row, &xs, o);
+                            } else {
+                                for (ti, oi) in o.iter_mut().enumerate() {
+                                    *oi = scalar::dot_f32_row(row, &xs[ti * e..(ti + 1) * e]);
+                                }
                             }
                         }
-                    }
-                })
-        });
-        let mut y = vec![0f32; t * v];
-        for (r, o) in out_t.chunks_exact(t).enumerate() {
-            for (ti, &val) in o.iter().enumerate() {
-                y[ti * v + r] = val;
+                    })
+            });
+            for (r, o) in out_t.chunks_exact(t).enumerate() {
+                for (ti, &val) in o.iter().enumerate() {
+                    y[ti * v + b0 + r] = val;
+                }
             }
         }
         y
     }
 }
+
+/// Vocabulary rows per block of a multi-token logits product.
+const LOGITS_BLOCK_ROWS: usize = 4096;
 
 /// Rows per parallel task: a few tasks per thread, at least 16 rows.
 fn rows_per_task(n_rows: usize, threads: usize) -> usize {

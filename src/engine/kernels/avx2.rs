@@ -5,7 +5,7 @@
 //! (|lane| ≤ 8 blocks · 4 sub-vectors · 2 · 3 · 128 = 24576 < 2^15), so it is
 //! exact.
 
-use super::scalar::{BLOCK, BLOCK_BYTES, WRAP_GROUP_BLOCKS};
+use super::scalar::{BLOCK, BLOCK_BYTES, DENSE_LANES, WRAP_GROUP_BLOCKS};
 use std::arch::x86_64::*;
 
 /// Blocks between widenings in exact mode (see the module doc).
@@ -88,32 +88,32 @@ pub fn matmul(
     }
 }
 
-/// [`super::scalar::dot_f16`] with F16C: the specification's 16 lanes as
-/// two 8-lane registers, multiply then add (no FMA), the same fold.
+/// [`super::scalar::dot_f16`] with F16C: the specification's 64 lanes as
+/// eight 8-lane registers, multiply then add (no FMA), the same fold.
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C, and `row.len() == 2 * x.len()`.
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
     let n = x.len();
-    let full = n / 16 * 16;
-    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let full = n / DENSE_LANES * DENSE_LANES;
+    let mut acc = [_mm256_setzero_ps(); 8];
     let mut i = 0;
     while i < full {
-        let a = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
-        let b = _mm256_cvtph_ps(_mm_loadu_si128(
-            row.as_ptr().add(2 * i + 16) as *const __m128i
-        ));
-        lo = _mm256_add_ps(lo, _mm256_mul_ps(a, _mm256_loadu_ps(x.as_ptr().add(i))));
-        hi = _mm256_add_ps(hi, _mm256_mul_ps(b, _mm256_loadu_ps(x.as_ptr().add(i + 8))));
-        i += 16;
+        for (r, a) in acc.iter_mut().enumerate() {
+            let j = i + 8 * r;
+            let w = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * j) as *const __m128i));
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_loadu_ps(x.as_ptr().add(j))));
+        }
+        i += DENSE_LANES;
     }
-    let mut lanes = [0f32; 16];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    let mut lanes = [0f32; DENSE_LANES];
+    for (r, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * r), *a);
+    }
     for j in full..n {
         let v = half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32();
-        lanes[j % 16] += v * x[j];
+        lanes[j % DENSE_LANES] += v * x[j];
     }
     super::scalar::fold_lanes(lanes)
 }

@@ -11,7 +11,7 @@
 #![allow(clippy::incompatible_msrv)]
 
 use super::avx2;
-use super::scalar::{BLOCK, BLOCK_BYTES};
+use super::scalar::{BLOCK, BLOCK_BYTES, DENSE_LANES};
 use std::arch::x86_64::*;
 
 pub fn available() -> bool {
@@ -166,7 +166,7 @@ pub fn matmul(
     }
 }
 
-/// [`dot_f16`] for `N` tokens at once: each 16-value slice of the row is
+/// [`dot_f16`] for `N` tokens at once: each 64-value slice of the row is
 /// converted once and used for every token (prefill logits).
 ///
 /// # Safety
@@ -174,53 +174,43 @@ pub fn matmul(
 #[target_feature(enable = "avx512f")]
 pub unsafe fn dot_f16_multi<const N: usize>(row: &[u8], xs: [&[f32]; N]) -> [f32; N] {
     let n = xs[0].len();
-    let full = n / 16 * 16;
-    let mut acc = [_mm512_setzero_ps(); N];
+    let full = n / DENSE_LANES * DENSE_LANES;
+    // acc[t][r] holds specification lanes 16r..16r+16 of token t.
+    let mut acc = [[_mm512_setzero_ps(); 4]; N];
     let mut i = 0;
     while i < full {
-        let a = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i));
-        for t in 0..N {
-            let b = _mm512_loadu_ps(xs[t].as_ptr().add(i));
-            acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(a, b));
+        for r in 0..4 {
+            let h = _mm256_loadu_si256(row.as_ptr().add(2 * (i + 16 * r)) as *const __m256i);
+            let a = _mm512_cvtph_ps(h);
+            for t in 0..N {
+                let b = _mm512_loadu_ps(xs[t].as_ptr().add(i + 16 * r));
+                acc[t][r] = _mm512_add_ps(acc[t][r], _mm512_mul_ps(a, b));
+            }
         }
-        i += 16;
+        i += DENSE_LANES;
     }
     let mut out = [0f32; N];
     for t in 0..N {
-        let mut lanes = [0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        let mut lanes = [0f32; DENSE_LANES];
+        for r in 0..4 {
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * r), acc[t][r]);
+        }
         for j in full..n {
             let v = half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32();
-            lanes[j % 16] += v * xs[t][j];
+            lanes[j % DENSE_LANES] += v * xs[t][j];
         }
         out[t] = super::scalar::fold_lanes(lanes);
     }
     out
 }
 
-/// [`super::scalar::dot_f16`] with `vcvtph2ps`: 16 lanes, multiply then add
-/// (no FMA), the same pairwise fold. Bit-identical to the specification.
+/// [`super::scalar::dot_f16`] with `vcvtph2ps`: the specification's 64
+/// lanes as four registers, multiply then add (no FMA), the same fold.
+/// Bit-identical to the specification.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, and `row.len() == 2 * x.len()`.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-    let n = x.len();
-    let full = n / 16 * 16;
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < full {
-        let h = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
-        let a = _mm512_cvtph_ps(h);
-        let b = _mm512_loadu_ps(x.as_ptr().add(i));
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(a, b));
-        i += 16;
-    }
-    let mut lanes = [0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-    for j in full..n {
-        let v = half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32();
-        lanes[j % 16] += v * x[j];
-    }
-    super::scalar::fold_lanes(lanes)
+    dot_f16_multi(row, [x])[0]
 }

@@ -95,13 +95,15 @@ pub fn matmul(
     }
 }
 
-/// Accumulator lanes of the dense (F16/F32 × f32) dot products.
-pub const DENSE_LANES: usize = 16;
+/// Accumulator lanes of the dense (F16/F32 × f32) dot products: four
+/// 16-lane registers, so SIMD versions have four independent add chains.
+pub const DENSE_LANES: usize = 64;
 
 /// The specification of the logits dot product: element `i` is added to
-/// lane `i % 16` (product and sum as separate f32 operations, no FMA), then
-/// lanes are folded pairwise `l += l + w` for w = 8, 4, 2, 1. The order is
-/// fixed, so every kernel (and any thread count) gives the same bits.
+/// lane `i % 64` (product and sum as separate f32 operations, no FMA), then
+/// lanes are folded pairwise `acc[l] += acc[l + w]` for w = 32, 16, ..., 1.
+/// The order is fixed, so every kernel (and any thread count) gives the
+/// same bits.
 pub fn dot_dense(a: impl Iterator<Item = f32>, x: &[f32]) -> f32 {
     let mut acc = [0f32; DENSE_LANES];
     for (i, (ai, &xi)) in a.zip(x).enumerate() {
