@@ -172,6 +172,7 @@ pub fn matmul(
 /// # Safety
 /// The CPU must support AVX-512 F, and `row.len() == 2 * xs[t].len()` for all t.
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // r and t index lanes and tokens together
 pub unsafe fn dot_f16_multi<const N: usize>(row: &[u8], xs: [&[f32]; N]) -> [f32; N] {
     let n = xs[0].len();
     let full = n / DENSE_LANES * DENSE_LANES;
