@@ -9,13 +9,12 @@
 //! behaviour shows up as a receipt diff in review. Regenerate them with
 //! `scripts/regen-receipts.sh`.
 
-use divergence::compare::{Class, Policy};
+use divergence::compare::Class;
 use divergence::engine::KvType;
-use divergence::lockstep::{self, Mode, Prompt, RunConfig, Verdict};
-use divergence::receipt::{CandidateRecord, ModelRecord, Receipt, RunRecord};
+use divergence::lockstep::{Mode, Prompt, Verdict};
+use divergence::receipt::{Receipt, RunRecord};
 use divergence::synth::{write_model, Preset, SynthConfig};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 const PROMPT: &str = "The quick brown fox";
 
@@ -29,29 +28,9 @@ fn model(dir: &Path, preset: Preset, arch: &str) -> PathBuf {
 }
 
 fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Receipt {
-    let policy = Policy::default_policy();
-    let cfg = RunConfig {
-        model: model.to_path_buf(),
-        prompt: Prompt::Text(PROMPT.into()),
-        steps,
-        mode,
-        threads,
-        kv_type: kv,
-        policy: policy.clone(),
-        keep_going: false,
-        faults: vec![],
-        token_faults: vec![],
-        worker_exe: PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
-        progress: None,
-        cancel: None,
-    };
-    let outcome = lockstep::run(&cfg).expect("the run completes");
-    let file = Arc::new(divergence::gguf::GgufFile::open(model).unwrap());
-    let engine = divergence::engine::Engine::from_gguf(file, Default::default()).unwrap();
-    let c = engine.config().clone();
     let record = RunRecord {
         model_path: model.display().to_string(),
-        prompt: cfg.prompt.clone(),
+        prompt: Prompt::Text(PROMPT.into()),
         steps,
         mode,
         threads,
@@ -61,28 +40,13 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
         token_faults: vec![],
         policy_path: None,
     };
-    let model_record = ModelRecord {
-        path: record.model_path.clone(),
-        sha256: divergence::receipt::sha256_file(model).unwrap(),
-        file_size: engine.file().file_size(),
-        arch: c.arch.name().into(),
-        n_embd: c.n_embd,
-        n_layer: c.n_layer,
-        n_head: c.n_head,
-        n_head_kv: c.n_head_kv,
-        n_ff: c.n_ff,
-        n_vocab: c.n_vocab,
-        rope_theta: c.rope_theta,
-        rms_eps: c.rms_eps,
-        reference_description: outcome.reference_description.clone(),
-    };
-    Receipt::build(
-        record,
-        CandidateRecord::of(&engine),
-        model_record,
-        policy,
-        outcome,
+    Receipt::run(
+        &record,
+        PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
+        None,
+        None,
     )
+    .expect("the run completes")
 }
 
 /// No divergence, and `exact` stages bit-identical at every layer and step.

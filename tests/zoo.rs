@@ -14,7 +14,7 @@
 //! writing a synthetic model and overwriting a few tensors in place.
 
 use divergence::compare::{Blame, Policy};
-use divergence::engine::{Fault, KvType};
+use divergence::engine::Fault;
 use divergence::gguf::{GgmlType, GgufFile};
 use divergence::lockstep::{
     self, Divergence, Mode, Outcome, Prompt, RunConfig, TokenFault, Verdict,
@@ -76,19 +76,14 @@ fn f32_bytes(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
 
 fn config(model: &Path, steps: usize, mode: Mode) -> RunConfig {
     RunConfig {
-        model: model.to_path_buf(),
-        prompt: Prompt::Text(PROMPT.into()),
         steps,
         mode,
-        threads: 1,
-        kv_type: KvType::F16,
-        policy: Policy::default_policy(),
-        keep_going: false,
-        faults: vec![],
-        token_faults: vec![],
-        worker_exe: PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
-        progress: None,
-        cancel: None,
+        ..RunConfig::new(
+            model.to_path_buf(),
+            Prompt::Text(PROMPT.into()),
+            Policy::default_policy(),
+            PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
+        )
     }
 }
 

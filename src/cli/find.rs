@@ -3,10 +3,9 @@
 
 use super::{CliResult, Failure};
 use anyhow::{anyhow, Context as _};
-use divergence::compare::Policy;
 use divergence::engine::{Fault, KvType};
-use divergence::lockstep::{self, Mode, Prompt, RunConfig, TokenFault, Verdict};
-use divergence::receipt::{self, CandidateRecord, ModelRecord, Receipt, RunRecord};
+use divergence::lockstep::{Mode, Prompt, TokenFault, Verdict};
+use divergence::receipt::{self, Receipt, RunRecord};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -161,11 +160,6 @@ pub fn run(args: Args) -> CliResult {
 
 /// Runs what a record describes and builds the receipt (find and verify).
 pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failure> {
-    let model = PathBuf::from(&record.model_path);
-    let policy = match &record.policy_path {
-        Some(p) => Policy::load(Path::new(p))?,
-        None => Policy::default_policy(),
-    };
     let bar = show_progress.then(|| {
         let b = indicatif::ProgressBar::new((record.steps + 1) as u64);
         b.set_style(
@@ -179,92 +173,16 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
     let progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>> = bar
         .clone()
         .map(|b| Arc::new(move |done: usize, _| b.set_position(done as u64)) as _);
-    let cfg = RunConfig {
-        model: model.clone(),
-        prompt: record.prompt.clone(),
-        steps: record.steps,
-        mode: record.mode,
-        threads: record.threads,
-        kv_type: record.kv_type,
-        policy: policy.clone(),
-        keep_going: record.keep_going,
-        faults: record.faults.clone(),
-        token_faults: record.token_faults.clone(),
-        worker_exe: divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?,
-        progress,
-        cancel: Some(interrupt_flag()),
-    };
-    // Validate and describe the model before either engine touches it.
-    let file = divergence::gguf::GgufFile::open(&model)
-        .with_context(|| format!("reading {}", model.display()))?;
-    let engine = divergence::engine::Engine::from_gguf(
-        Arc::new(file),
-        divergence::engine::EngineOptions {
-            threads: record.threads,
-            kv_type: record.kv_type,
-            faults: record.faults.clone(),
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{} is not a model divergence can run", model.display()))?;
-    warn_non_finite(&engine);
-    let c = engine.config().clone();
-    let model_record = ModelRecord {
-        path: record.model_path.clone(),
-        sha256: receipt::sha256_file(&model)
-            .with_context(|| format!("hashing {}", model.display()))?,
-        file_size: engine.file().file_size(),
-        arch: c.arch.name().to_string(),
-        n_embd: c.n_embd,
-        n_layer: c.n_layer,
-        n_head: c.n_head,
-        n_head_kv: c.n_head_kv,
-        n_ff: c.n_ff,
-        n_vocab: c.n_vocab,
-        rope_theta: c.rope_theta,
-        rms_eps: c.rms_eps,
-        reference_description: String::new(),
-    };
-    let candidate = CandidateRecord::of(&engine);
-    drop(engine);
-    let outcome = lockstep::run(&cfg).map_err(|e| Failure {
-        code: 2,
-        error: e.into(),
-    })?;
+    let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
+    let receipt = Receipt::run(record, worker, progress, Some(interrupt_flag()))
+        .with_context(|| format!("model {}", record.model_path))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let mut model_record = model_record;
-    model_record.reference_description = outcome.reference_description.clone();
-    Ok(Receipt::build(
-        record.clone(),
-        candidate,
-        model_record,
-        policy,
-        outcome,
-    ))
-}
-
-/// NaN/Inf in weights: a warning with counts; the run goes on.
-fn warn_non_finite(engine: &divergence::engine::Engine) {
-    let file = engine.file();
-    for t in file.tensors() {
-        let data = file.tensor_data(t);
-        let bad = match t.ty {
-            divergence::gguf::GgmlType::F32 => data
-                .chunks_exact(4)
-                .filter(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
-                .count(),
-            divergence::gguf::GgmlType::F16 => data
-                .chunks_exact(2)
-                .filter(|c| !half::f16::from_le_bytes([c[0], c[1]]).is_finite())
-                .count(),
-            _ => 0,
-        };
-        if bad > 0 {
-            eprintln!("warning: tensor {} has {bad} NaN/Inf values", t.name);
-        }
+    for w in &receipt.weight_warnings {
+        eprintln!("warning: {w}");
     }
+    Ok(receipt)
 }
 
 /// 0 no divergence, 1 divergence, 3 the reference failed; 130 when the user
@@ -284,8 +202,8 @@ fn print_summary(r: &Receipt, path: &Path) {
     println!(
         "model   {} ({}, {} layers, sha256 {}…)",
         r.model.path,
-        r.model.arch,
-        r.model.n_layer,
+        r.model.config.arch.name(),
+        r.model.config.n_layer,
         &r.model.sha256[..12]
     );
     println!(

@@ -44,11 +44,50 @@ pub struct WorstElement {
     /// Index into the canonical layout (row-major), and as a multi-index.
     pub flat_index: usize,
     pub index: Vec<usize>,
+    /// Non-finite values are written as the strings "NaN", "inf", "-inf"
+    /// (JSON has no such numbers), so a receipt keeps what it saw.
+    #[serde(with = "json_float")]
     pub reference: f32,
+    #[serde(with = "json_float")]
     pub candidate: f32,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub oracle: Option<f64>,
     pub abs_diff: f64,
+}
+
+/// f32 values in JSON: numbers when finite, else "NaN" / "inf" / "-inf".
+mod json_float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+        match *v {
+            v if v.is_nan() => s.serialize_str("NaN"),
+            f32::INFINITY => s.serialize_str("inf"),
+            f32::NEG_INFINITY => s.serialize_str("-inf"),
+            v => s.serialize_f32(v),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f32),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Number(v) => Ok(v),
+            Repr::Text(t) => match t.as_str() {
+                "NaN" => Ok(f32::NAN),
+                "inf" => Ok(f32::INFINITY),
+                "-inf" => Ok(f32::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!(
+                    "`{other}` is not a float"
+                ))),
+            },
+        }
+    }
 }
 
 /// JSON has no infinity: clamp to the largest finite f64.
@@ -97,7 +136,10 @@ pub fn compute(reference: &[f32], candidate: &[f32], atol: f64, rtol: f64) -> Me
         m.inf_reference += a.is_infinite() as usize;
         m.nan_candidate += b.is_nan() as usize;
         m.inf_candidate += b.is_infinite() as usize;
-        if a.to_bits() != b.to_bits() && !(a == 0.0 && b == 0.0) {
+        // NaN on both sides at the same place is agreement, whatever the
+        // payload bits (the engines' NaNs need not share a sign or payload).
+        let same = a.to_bits() == b.to_bits() || a == b || (a.is_nan() && b.is_nan());
+        if !same {
             m.exact = false;
         }
         let (a64, b64) = (f64::from(a), f64::from(b));
@@ -117,7 +159,7 @@ pub fn compute(reference: &[f32], candidate: &[f32], atol: f64, rtol: f64) -> Me
             if d > atol + rtol * a64.abs() {
                 m.n_outside += 1;
             }
-        } else if a.to_bits() != b.to_bits() {
+        } else if !same {
             m.n_outside += 1;
         }
     }
@@ -135,8 +177,15 @@ pub fn compute(reference: &[f32], candidate: &[f32], atol: f64, rtol: f64) -> Me
     } else {
         0.0
     };
-    if m.nan_candidate + m.inf_candidate + m.nan_reference + m.inf_reference > 0 {
-        m.nmse = if m.exact { 0.0 } else { f64::MAX };
+    if m.nan_candidate + m.inf_candidate + m.nan_reference + m.inf_reference > 0 && !m.exact {
+        // Non-finite values on one side only: no finite error measure means anything.
+        let same_places = reference
+            .iter()
+            .zip(candidate)
+            .all(|(a, b)| a.is_finite() == b.is_finite());
+        if !same_places {
+            m.nmse = f64::MAX;
+        }
     }
     m
 }
@@ -239,7 +288,7 @@ pub fn worst_elements(
 ) -> Vec<WorstElement> {
     let diff = |i: usize| {
         let (a, b) = (reference[i], candidate[i]);
-        if a.to_bits() == b.to_bits() {
+        if a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()) {
             0.0
         } else if a.is_finite() && b.is_finite() {
             (f64::from(a) - f64::from(b)).abs()
@@ -285,6 +334,20 @@ mod tests {
         assert!(m.exact);
         assert_eq!(m.max_ulp, 0);
         assert_eq!(m.nmse, 0.0);
+    }
+
+    #[test]
+    fn nan_on_both_sides_is_agreement_nan_on_one_is_not() {
+        let a = [f32::NAN, 1.0];
+        let b = [-f32::NAN, 1.0];
+        let m = compute(&a, &b, 0.0, 0.0);
+        assert!(m.exact);
+        assert_eq!(m.n_outside, 0);
+        let c = [0.5f32, 1.0];
+        let m = compute(&a, &c, 1.0, 1.0);
+        assert!(!m.exact);
+        assert_eq!(m.n_outside, 1);
+        assert_eq!(m.nmse, f64::MAX);
     }
 
     #[test]

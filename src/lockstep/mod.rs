@@ -15,7 +15,7 @@
 //! reference's inputs, and the side farther from it is blamed.
 
 use crate::compare::{self, metrics, policy, Blame, BlameReport, Metrics, Policy, WorstElement};
-use crate::engine::{oracle, Engine, EngineOptions, Fault, KvType};
+use crate::engine::{oracle, Engine, EngineOptions, Fault, KvType, ModelConfig};
 use crate::gguf::GgufFile;
 use crate::reference::worker::Worker;
 use crate::reference::{CaptureFilter, ContextOptions, RefError};
@@ -149,6 +149,13 @@ pub struct Outcome {
     pub unknown_nodes: Vec<String>,
     pub reference_failure: Option<String>,
     pub reference_description: String,
+    /// The model as the candidate read it, and the candidate's build.
+    pub model: ModelConfig,
+    pub model_file_size: u64,
+    pub candidate_kernel: String,
+    pub candidate_i2s_mode: String,
+    /// F32/F16 tensors holding NaN or Inf: a warning, the run goes on.
+    pub weight_warnings: Vec<String>,
     pub timings: Timings,
 }
 
@@ -175,6 +182,45 @@ pub enum RunError {
     Gguf(#[from] crate::gguf::GgufError),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Policy(#[from] crate::compare::policy::PolicyError),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl RunConfig {
+    /// A run with the defaults `find` uses: 4 decode steps, resync, one
+    /// thread, F16 KV cache, stop at the first divergence, no faults.
+    pub fn new(model: PathBuf, prompt: Prompt, policy: Policy, worker_exe: PathBuf) -> RunConfig {
+        RunConfig {
+            model,
+            prompt,
+            steps: 4,
+            mode: Mode::Resync,
+            threads: 1,
+            kv_type: KvType::F16,
+            policy,
+            keep_going: false,
+            faults: vec![],
+            token_faults: vec![],
+            worker_exe,
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+/// A warning per F32/F16 tensor that holds NaN or Inf values.
+fn non_finite_weights(file: &GgufFile) -> Vec<String> {
+    file.tensors()
+        .iter()
+        .filter_map(|t| match crate::gguf::tensor_stats(file, t) {
+            Some(crate::gguf::TensorStats::Float { nan, inf, .. }) if nan + inf > 0 => Some(
+                format!("tensor {} has {nan} NaN and {inf} Inf values", t.name),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 /// How many worst elements a divergence lists.
@@ -219,6 +265,11 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         unknown_nodes: vec![],
         reference_failure: None,
         reference_description: String::new(),
+        model: engine.config().clone(),
+        model_file_size: file.file_size(),
+        candidate_kernel: engine.kernel_name().to_string(),
+        candidate_i2s_mode: format!("{:?}", engine.options().i2s_mode),
+        weight_warnings: non_finite_weights(&file),
         timings: Timings::default(),
     };
 

@@ -7,16 +7,18 @@
 //! the parity suite compares with the checked-in copies in `receipts/`.
 
 use crate::compare::Policy;
-use crate::engine::{Engine, Fault, KvType};
+use crate::engine::{Fault, KvType, ModelConfig};
 use crate::lockstep::{
-    Divergence, Mode, Outcome, Prompt, StageSummary, TokenCheck, TokenDisagreement, TokenFault,
-    Verdict,
+    self, Divergence, Mode, Outcome, Prompt, RunConfig, RunError, StageSummary, TokenCheck,
+    TokenDisagreement, TokenFault, Verdict,
 };
 use crate::reference::BuildInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 pub const SCHEMA_VERSION: u32 = 1;
 /// The JSON Schema every receipt validates against.
@@ -44,6 +46,8 @@ pub struct Receipt {
     pub stages: Vec<StageSummary>,
     pub generated: Generated,
     pub unknown_reference_nodes: Vec<String>,
+    /// F32/F16 weights holding NaN or Inf (the run went on).
+    pub weight_warnings: Vec<String>,
     pub reference_failure: Option<String>,
     /// Never part of the receipt's identity.
     pub volatile: Volatile,
@@ -69,15 +73,9 @@ pub struct ModelRecord {
     pub path: String,
     pub sha256: String,
     pub file_size: u64,
-    pub arch: String,
-    pub n_embd: usize,
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub n_ff: usize,
-    pub n_vocab: usize,
-    pub rope_theta: f32,
-    pub rms_eps: f32,
+    /// Shapes and hyperparameters as the candidate read them.
+    pub config: ModelConfig,
+    /// bitnet.cpp's own description of the model.
     pub reference_description: String,
 }
 
@@ -104,21 +102,64 @@ pub struct Volatile {
 }
 
 impl Receipt {
-    pub fn build(
-        run: RunRecord,
-        engine_info: CandidateRecord,
-        model: ModelRecord,
-        policy: Policy,
-        outcome: Outcome,
-    ) -> Receipt {
+    /// Runs what `record` describes (the lockstep comparison) and builds the
+    /// receipt: the one path from a run request to a receipt, for `find`,
+    /// `verify` and the tests.
+    pub fn run(
+        record: &RunRecord,
+        worker_exe: PathBuf,
+        progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Receipt, RunError> {
+        let policy = match &record.policy_path {
+            Some(p) => Policy::load(Path::new(p))?,
+            None => Policy::default_policy(),
+        };
+        let model = PathBuf::from(&record.model_path);
+        let cfg = RunConfig {
+            steps: record.steps,
+            mode: record.mode,
+            threads: record.threads,
+            kv_type: record.kv_type,
+            keep_going: record.keep_going,
+            faults: record.faults.clone(),
+            token_faults: record.token_faults.clone(),
+            progress,
+            cancel,
+            ..RunConfig::new(
+                model.clone(),
+                record.prompt.clone(),
+                policy.clone(),
+                worker_exe,
+            )
+        };
+        let outcome = lockstep::run(&cfg)?;
+        let sha256 = sha256_file(&model)
+            .map_err(|e| RunError::Io(format!("hashing {}: {e}", model.display())))?;
+        Ok(Receipt::build(record.clone(), sha256, policy, outcome))
+    }
+
+    fn build(run: RunRecord, sha256: String, policy: Policy, outcome: Outcome) -> Receipt {
         let threads = run.threads;
         Receipt {
             schema_version: SCHEMA_VERSION,
             tool: format!("divergence {}", env!("CARGO_PKG_VERSION")),
+            model: ModelRecord {
+                path: run.model_path.clone(),
+                sha256,
+                file_size: outcome.model_file_size,
+                config: outcome.model,
+                reference_description: outcome.reference_description,
+            },
+            candidate: CandidateRecord {
+                engine: "divergence pure-Rust BitNet engine".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                kernel: outcome.candidate_kernel,
+                i2s_mode: outcome.candidate_i2s_mode,
+                threads,
+            },
             run,
-            model,
             reference: BuildInfo::current(threads),
-            candidate: engine_info,
             policy,
             verdict: outcome.verdict,
             interrupted: outcome.interrupted,
@@ -133,6 +174,7 @@ impl Receipt {
                 disagreements: outcome.token_disagreements,
             },
             unknown_reference_nodes: outcome.unknown_nodes,
+            weight_warnings: outcome.weight_warnings,
             reference_failure: outcome.reference_failure,
             volatile: Volatile {
                 timestamp_unix: std::time::SystemTime::now()
@@ -245,18 +287,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-impl CandidateRecord {
-    pub fn of(engine: &Engine) -> CandidateRecord {
-        CandidateRecord {
-            engine: "divergence pure-Rust BitNet engine".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            kernel: engine.kernel_name().into(),
-            i2s_mode: format!("{:?}", engine.options().i2s_mode),
-            threads: engine.options().threads,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
