@@ -32,7 +32,7 @@ fn run(model: &Arc<Model>, threads: usize, prompt: &[u32]) -> (Vec<Vec<f32>>, Ve
     let mut pos = 0;
     for _ in 0..4 {
         let out = ctx.decode(&batch, pos).unwrap();
-        let mapped = map_nodes(&out.nodes, pos);
+        let mapped = map_nodes(out.nodes, pos);
         assert!(
             mapped.unknown.is_empty(),
             "unmapped nodes: {:?}",

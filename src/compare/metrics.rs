@@ -242,15 +242,27 @@ pub fn logit_metrics(
 
 /// Indices of the k largest values, largest first, ties to the lower index.
 pub fn top_indices(x: &[f32], k: usize) -> Vec<usize> {
+    let order = |&i: &usize, &j: &usize| x[j].total_cmp(&x[i]).then(i.cmp(&j));
     let mut idx: Vec<usize> = (0..x.len()).collect();
-    idx.sort_by(|&i, &j| x[j].total_cmp(&x[i]).then(i.cmp(&j)));
+    if k < idx.len() && k > 0 {
+        // Partial selection: O(V) instead of sorting a 128k vocabulary.
+        idx.select_nth_unstable_by(k - 1, order);
+    }
     idx.truncate(k);
+    idx.sort_by(order);
     idx
 }
 
-/// Greedy token: argmax, ties to the lower id.
+/// Greedy token: argmax, ties to the lower id (NaN ranks highest, as in
+/// `total_cmp`).
 pub fn argmax(x: &[f32]) -> usize {
-    top_indices(x, 1).first().copied().unwrap_or(0)
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate().skip(1) {
+        if v.total_cmp(&x[best]).is_gt() {
+            best = i;
+        }
+    }
+    best
 }
 
 fn log_softmax(x: &[f32]) -> Vec<f64> {
@@ -298,8 +310,12 @@ pub fn worst_elements(
     };
     let n = reference.len().min(candidate.len());
     let mut idx: Vec<usize> = (0..n).filter(|&i| diff(i) > 0.0).collect();
-    idx.sort_by(|&i, &j| diff(j).total_cmp(&diff(i)).then(i.cmp(&j)));
+    let order = |&i: &usize, &j: &usize| diff(j).total_cmp(&diff(i)).then(i.cmp(&j));
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+    }
     idx.truncate(k);
+    idx.sort_by(order);
     idx.into_iter()
         .map(|i| WorstElement {
             flat_index: i,
@@ -370,6 +386,15 @@ mod tests {
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].index, vec![1, 1]);
         assert_eq!(w[1].index, vec![0, 1]);
+    }
+
+    #[test]
+    fn top_indices_and_argmax_agree_with_a_full_sort() {
+        let x = [0.5f32, 3.0, -1.0, 3.0, 2.0, 0.0, 2.5];
+        assert_eq!(top_indices(&x, 3), vec![1, 3, 6]);
+        assert_eq!(top_indices(&x, 10), vec![1, 3, 6, 4, 0, 5, 2]);
+        assert_eq!(argmax(&x), 1);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]

@@ -25,7 +25,7 @@ mod writer;
 
 pub use error::GgufError;
 pub use reader::GgufFile;
-pub use stats::{tensor_stats, TensorStats};
+pub use stats::{count_non_finite, tensor_stats, TensorStats};
 pub use types::{GgmlType, TensorInfo};
 pub use value::{MetaArray, MetaValue, ValueType};
 pub use writer::GgufWriter;

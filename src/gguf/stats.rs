@@ -68,6 +68,43 @@ pub fn tensor_stats(file: &GgufFile, t: &TensorInfo) -> Option<TensorStats> {
     }
 }
 
+/// NaN and Inf counts of an F32/F16 tensor, from the bit patterns alone
+/// (exponent all ones; a zero mantissa is Inf). A cheap check that every run
+/// can afford on a full-size model; `None` for other types.
+pub fn count_non_finite(file: &GgufFile, t: &TensorInfo) -> Option<(u64, u64)> {
+    let data = file.tensor_data(t);
+    let (exp, mant, count): (u32, u32, Box<dyn Iterator<Item = u32>>) = match t.ty {
+        GgmlType::F32 => (
+            0x7f80_0000,
+            0x007f_ffff,
+            Box::new(
+                data.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+        ),
+        GgmlType::F16 => (
+            0x7c00,
+            0x03ff,
+            Box::new(
+                data.chunks_exact(2)
+                    .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]))),
+            ),
+        ),
+        _ => return None,
+    };
+    let (mut nan, mut inf) = (0u64, 0u64);
+    for bits in count {
+        if bits & exp == exp {
+            if bits & mant == 0 {
+                inf += 1;
+            } else {
+                nan += 1;
+            }
+        }
+    }
+    Some((nan, inf))
+}
+
 fn float_stats(values: impl Iterator<Item = f64>) -> TensorStats {
     let (mut count, mut nan, mut inf) = (0u64, 0u64, 0u64);
     let (mut sum, mut sum_sq) = (0f64, 0f64);

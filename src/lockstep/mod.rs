@@ -19,7 +19,7 @@ use crate::engine::{oracle, Engine, EngineOptions, Fault, KvType, ModelConfig};
 use crate::gguf::GgufFile;
 use crate::reference::worker::Worker;
 use crate::reference::{CaptureFilter, ContextOptions, RefError};
-use crate::trace::reference_map::{capture_patterns, map_nodes};
+use crate::trace::reference_map::{capture_base_names, map_nodes};
 use crate::trace::{Stage, StageKey, Tensor, TraceSink};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -214,10 +214,11 @@ impl RunConfig {
 fn non_finite_weights(file: &GgufFile) -> Vec<String> {
     file.tensors()
         .iter()
-        .filter_map(|t| match crate::gguf::tensor_stats(file, t) {
-            Some(crate::gguf::TensorStats::Float { nan, inf, .. }) if nan + inf > 0 => Some(
-                format!("tensor {} has {nan} NaN and {inf} Inf values", t.name),
-            ),
+        .filter_map(|t| match crate::gguf::count_non_finite(file, t) {
+            Some((nan, inf)) if nan + inf > 0 => Some(format!(
+                "tensor {} has {nan} NaN and {inf} Inf values",
+                t.name
+            )),
             _ => None,
         })
         .collect()
@@ -233,17 +234,27 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     let t_total = Instant::now();
     let mut timings = Timings::default();
     let file = Arc::new(GgufFile::open(&cfg.model)?);
+    let model_ctx = ModelConfig::from_gguf(&file)?.n_ctx_train.clamp(1, 4096);
+    // Both KV caches are sized for what this run can need, not the model's
+    // whole context (4096 positions of a 2B-4T cache are 315 MB per side):
+    // a text prompt is at most one token per byte, plus the space prefix,
+    // BOS and an injected duplicate BOS.
+    let prompt_bound = match &cfg.prompt {
+        Prompt::Text(text) => text.len() + 3,
+        Prompt::Tokens(ids) => ids.len(),
+    };
+    let n_ctx = (prompt_bound + cfg.steps + 1).min(model_ctx);
     let t = Instant::now();
     let opts = EngineOptions {
         threads: cfg.threads,
         kv_type: cfg.kv_type,
         faults: cfg.faults.clone(),
+        n_ctx,
         ..EngineOptions::default()
     };
     let mut engine = Engine::from_gguf(file.clone(), opts)?;
     timings.candidate_load_s = t.elapsed().as_secs_f64();
     let tokenizer = crate::engine::tokenizer::Tokenizer::from_gguf(&file).ok();
-    let n_ctx = engine.config().n_ctx_train.clamp(1, 4096);
 
     let mut outcome = Outcome {
         verdict: Verdict::NoDivergence,
@@ -283,7 +294,8 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     let filter = CaptureFilter {
         off: false,
         layers: None,
-        name_patterns: capture_patterns(),
+        name_patterns: vec![],
+        base_names: capture_base_names(),
     };
     let mut reference = match Worker::start(&cfg.worker_exe, &cfg.model, &ctx, filter) {
         Ok(w) => w,
@@ -316,11 +328,18 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     if ref_tokens.is_empty() {
         return Err(RunError::Input("the prompt tokenizes to nothing".into()));
     }
-    if ref_tokens.len() + cfg.steps > n_ctx {
+    if ref_tokens.len() + cfg.steps > model_ctx {
         return Err(RunError::Input(format!(
-            "prompt ({} tokens) plus --steps {} exceeds the context of {n_ctx} positions",
+            "prompt ({} tokens) plus --steps {} exceeds the context of {model_ctx} positions",
             ref_tokens.len(),
             cfg.steps
+        )));
+    }
+    if ref_tokens.len().max(cand_tokens.len()) + cfg.steps > n_ctx {
+        return Err(RunError::Input(format!(
+            "the prompt tokenized to {} ids, more than its {} bytes allow for",
+            ref_tokens.len().max(cand_tokens.len()),
+            prompt_bound
         )));
     }
     if let Some(bad) = ref_tokens
@@ -370,7 +389,7 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
             Err(e) => return Ok(reference_failed(state.finish(outcome), e, timings, t_total)),
         };
         timings.reference_s += t.elapsed().as_secs_f64();
-        let mapped = map_nodes(&nodes, state.ref_pos);
+        let mapped = map_nodes(nodes, state.ref_pos);
         for u in mapped.unknown {
             if !outcome.unknown_nodes.contains(&u) {
                 outcome.unknown_nodes.push(u);

@@ -47,8 +47,13 @@ pub struct CaptureFilter {
     pub off: bool,
     /// Only these layers (model-level nodes are always kept).
     pub layers: Option<Vec<usize>>,
-    /// Only names containing one of these (empty: all).
+    /// Only names containing one of these (empty: no restriction).
     pub name_patterns: Vec<String>,
+    /// Only nodes whose base name (the name without its `-N` layer suffix)
+    /// is one of these (empty: no restriction). Unlike a pattern, `Qcur`
+    /// here does not also copy `Qcur-0 (reshaped)`.
+    #[serde(default)]
+    pub base_names: Vec<String>,
 }
 
 impl CaptureFilter {
@@ -67,18 +72,28 @@ impl CaptureFilter {
         if self.off || name.is_empty() {
             return false;
         }
-        if let Some(layers) = &self.layers {
-            if let Some(layer) = name
-                .rsplit_once('-')
-                .and_then(|(_, l)| l.parse::<usize>().ok())
-            {
-                if !layers.contains(&layer) {
-                    return false;
-                }
+        let (base, layer) = split_layer(name);
+        if let (Some(layers), Some(layer)) = (&self.layers, layer) {
+            if !layers.contains(&layer) {
+                return false;
             }
         }
-        self.name_patterns.is_empty()
-            || self.name_patterns.iter().any(|p| name.contains(p.as_str()))
+        (self.name_patterns.is_empty()
+            || self.name_patterns.iter().any(|p| name.contains(p.as_str())))
+            && (self.base_names.is_empty() || self.base_names.iter().any(|b| b == base))
+    }
+}
+
+/// Splits a ggml node name into its base and the layer of a `-N` suffix
+/// (`Qcur-3` → (`Qcur`, 3); `result_norm` and `Qcur-3 (reshaped)` keep their
+/// whole name and no layer).
+pub fn split_layer(name: &str) -> (&str, Option<usize>) {
+    match name.rsplit_once('-') {
+        Some((base, l)) => match l.parse::<usize>() {
+            Ok(layer) => (base, Some(layer)),
+            Err(_) => (name, None),
+        },
+        None => (name, None),
     }
 }
 

@@ -403,7 +403,7 @@ unsafe fn read_node(t: &ffi::ggml_tensor, name: String) -> Node {
             }
         }
     }
-    let layer = name.rsplit_once('-').and_then(|(_, l)| l.parse().ok());
+    let layer = super::split_layer(&name).1;
     Node {
         name,
         op,

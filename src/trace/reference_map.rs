@@ -11,7 +11,7 @@
 //! as auxiliary; anything else unmapped is reported as unknown.
 
 use super::{Stage, StageKey, Tensor};
-use crate::reference::Node;
+use crate::reference::{split_layer, Node};
 
 /// The result of mapping one decode's nodes.
 #[derive(Debug, Default)]
@@ -73,13 +73,13 @@ fn is_auxiliary(base: &str, op: &str) -> bool {
 /// `n_past` is the number of positions already in the cache before this
 /// batch: attention matrices are cropped to the `n_past + T` keys that exist
 /// and their future-key entries are zeroed, as the canonical layout says.
-pub fn map_nodes(nodes: &[Node], n_past: usize) -> Mapped {
+///
+/// Takes the nodes by value: their data moves into the stages (no copy of a
+/// full-size model's activations is kept twice).
+pub fn map_nodes(nodes: Vec<Node>, n_past: usize) -> Mapped {
     let mut out = Mapped::default();
     for node in nodes {
-        let (base, layer) = match node.name.rsplit_once('-') {
-            Some((b, l)) if l.parse::<usize>().is_ok() => (b, l.parse::<usize>().ok()),
-            _ => (node.name.as_str(), None),
-        };
+        let (base, layer) = split_layer(&node.name);
         let Some(stage) = stage_of(base, &node.op) else {
             let label = format!("{} [{}]", node.name, node.op);
             if is_auxiliary(base, &node.op) {
@@ -101,7 +101,7 @@ pub fn map_nodes(nodes: &[Node], n_past: usize) -> Mapped {
 }
 
 /// Converts a node's (already contiguous) data to the stage's canonical layout.
-fn canonical(stage: Stage, node: &Node, n_past: usize) -> Tensor {
+fn canonical(stage: Stage, node: Node, n_past: usize) -> Tensor {
     let [ne0, ne1, ne2, _] = node.ne;
     if stage.is_attention_matrix() {
         // ggml: ne = [n_kv (padded), T, H] → canonical [H, T, K], K = n_past + T.
@@ -126,38 +126,62 @@ fn canonical(stage: Stage, node: &Node, n_past: usize) -> Tensor {
         _ => ne1,
     };
     let d = node.data.len() / t.max(1);
-    Tensor::new(vec![t, d], node.data.clone())
+    Tensor::new(vec![t, d], node.data)
 }
 
-/// The node names the lockstep runner asks bitnet.cpp to copy: exactly those
-/// that carry a stage (plus nothing else), so full-size models stay cheap.
-pub fn capture_patterns() -> Vec<String> {
-    [
-        "inp_embd",
-        "attn_norm",
-        "Qcur",
-        "Kcur",
-        "Vcur",
-        "kq",
-        "kqv_out",
-        "kqv_merged_cont",
-        "attn_sub_norm",
-        "attn_o_out",
-        "ffn_inp",
-        "ffn_norm",
-        "ffn_gate",
-        "ffn_silu",
-        "ffn_relu",
-        "ffn_up",
-        "ffn_sub_out",
-        "ffn_sub_norm",
-        "ffn_down",
-        "ffn_out",
-        "l_out",
-        "result_norm",
-        "result_output",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+/// Every base name [`stage_of`] maps to a stage, in graph order.
+pub const STAGE_NODE_NAMES: &[&str] = &[
+    "inp_embd",
+    "attn_norm",
+    "Qcur",
+    "Kcur",
+    "Vcur",
+    "kq",
+    "kq_soft_max_ext",
+    "kqv_out",
+    "kqv_merged_cont",
+    "attn_sub_norm",
+    "attn_o_out",
+    "ffn_inp",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_gate_s",
+    "ffn_silu",
+    "ffn_relu",
+    "ffn_relu_sqr",
+    "ffn_gelu",
+    "ffn_up",
+    "ffn_up_s",
+    "ffn_sub_out",
+    "ffn_gate_par",
+    "ffn_sub_norm",
+    "ffn_down",
+    "ffn_out",
+    "l_out",
+    "result_norm",
+    "result_output",
+];
+
+/// The node base names the lockstep runner asks bitnet.cpp to copy: exactly
+/// those that carry a stage, so full-size models stay cheap.
+pub fn capture_base_names() -> Vec<String> {
+    STAGE_NODE_NAMES.iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_capture_name_maps_to_a_stage() {
+        const OPS: [&str; 8] = [
+            "GET_ROWS", "MUL", "MUL_MAT", "ROPE", "SOFT_MAX", "CONT", "ADD", "UNARY",
+        ];
+        for name in STAGE_NODE_NAMES {
+            assert!(
+                OPS.iter().any(|op| stage_of(name, op).is_some()),
+                "{name} maps to no stage"
+            );
+        }
+    }
 }
