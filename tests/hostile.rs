@@ -929,3 +929,43 @@ fn write_atomic_replaces_whole_and_cleans_up() {
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
+
+/// `gen-model` and `bench` refuse bad input with exit 2 and a message that
+/// names the problem.
+#[test]
+fn gen_model_and_bench_bad_inputs_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    let o = out.to_str().unwrap();
+    let not_gguf = dir.path().join("text.gguf");
+    std::fs::write(&not_gguf, "hello").unwrap();
+    let ng = not_gguf.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["gen-model", "--n-head", "0", "-o", o], "n_head"),
+        (&["gen-model", "--n-head", "3", "-o", o], "n_head"),
+        (&["gen-model", "--n-embd", "200", "-o", o], "n_embd"),
+        (&["gen-model", "--preset", "nope", "-o", o], "nope"),
+        (
+            &["gen-model", "-o", "/nonexistent-dir/m.gguf"],
+            "nonexistent-dir",
+        ),
+        (
+            &["bench", "--model", "/nonexistent.gguf"],
+            "nonexistent.gguf",
+        ),
+        (&["bench", "--model", ng], "magic"),
+        (&["bench", "--kernel", "--n-in", "100"], "multiple of 128"),
+        (&["bench", "--model", ng, "--threads", "0"], "--threads"),
+        (&["bench", "--model", ng, "--prefill", "0"], "--prefill"),
+    ];
+    for (args, needle) in cases {
+        let r = run_limited(args, Duration::from_secs(20));
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(needle),
+            "{args:?}: stderr does not name `{needle}`: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+    }
+}
