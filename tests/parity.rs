@@ -188,3 +188,55 @@ fn same_run_gives_the_same_receipt_bytes_apart_from_volatile() {
     let b = run(&m, Mode::Resync, 2, KvType::F16, 2);
     assert_eq!(strip(&a), strip(&b));
 }
+
+/// Issue 4's bar: free-running on `tiny` with an F32 KV cache, the two
+/// engines' logits agree on the top-1 token at every position of every step
+/// of a 32-step run. Enforced by a policy whose free-run logits rule demands
+/// 100% top-1 agreement, so any disagreeing position is a divergence.
+#[test]
+fn free_run_32_steps_top1_agrees_at_every_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), Preset::Tiny, "bitnet");
+    let mut policy = divergence::compare::Policy::default_policy();
+    policy.name = "strict-top1".into();
+    for (stage, rule) in policy.free_run.iter_mut() {
+        if *stage == divergence::trace::Stage::Logits {
+            rule.min_top1_agreement = Some(1.0);
+        }
+    }
+    let policy_path = dir.path().join("strict.json");
+    std::fs::write(&policy_path, serde_json::to_string(&policy).unwrap()).unwrap();
+    let record = RunRecord {
+        model_path: m.display().to_string(),
+        prompt: Prompt::Text(PROMPT.into()),
+        steps: 32,
+        mode: Mode::Free,
+        threads: 2,
+        kv_type: KvType::F32,
+        keep_going: false,
+        faults: vec![],
+        token_faults: vec![],
+        policy_path: Some(policy_path.display().to_string()),
+    };
+    let r = Receipt::run(
+        &record,
+        PathBuf::from(env!("CARGO_BIN_EXE_divergence")),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.policy.name, "strict-top1");
+    assert_eq!(r.steps_run, 33);
+    assert!(
+        r.generated.disagreements.is_empty(),
+        "{:?}",
+        r.generated.disagreements
+    );
+    assert_eq!(
+        r.verdict,
+        Verdict::NoDivergence,
+        "{:?}",
+        r.first_divergence
+            .map(|d| (d.step, d.stage, d.metrics.logits))
+    );
+}
