@@ -166,3 +166,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn detokenize_skips_ids_outside_the_vocabulary() {
+    // llama_token_to_piece indexes its token table unchecked: out-of-range
+    // ids must never reach it (an ASan SEGV before the fix, docs/asan.md).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&SynthConfig::preset(Preset::Tiny), &path).unwrap();
+    let model = Model::load(&path).unwrap();
+    let n = model.n_vocab() as u32;
+    let valid = model.detokenize(&[300, 301]);
+    assert_eq!(
+        model.detokenize(&[n, 300, u32::MAX, 301, i32::MAX as u32 + 1]),
+        valid
+    );
+}

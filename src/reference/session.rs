@@ -113,12 +113,16 @@ impl Model {
         }
     }
 
-    /// Text of token ids, as the reference renders them.
+    /// Text of token ids, as the reference renders them. Ids outside the
+    /// vocabulary render as nothing: `llama_token_to_piece` indexes its
+    /// token table unchecked (found under ASan, docs/asan.md).
     pub fn detokenize(&self, ids: &[u32]) -> String {
+        let n_vocab = self.n_vocab();
         let mut bytes = Vec::new();
-        for &id in ids {
+        for &id in ids.iter().filter(|&&id| (id as usize) < n_vocab) {
             let mut buf = [0u8; 128];
-            // SAFETY: buf is writable for its length.
+            // SAFETY: buf is writable for its length; id < n_vocab <= i32::MAX,
+            // so it is a valid index into the model's token table.
             let n = unsafe {
                 ffi::llama_token_to_piece(
                     self.ptr.as_ptr(),
