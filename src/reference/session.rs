@@ -119,22 +119,30 @@ impl Model {
     pub fn detokenize(&self, ids: &[u32]) -> String {
         let n_vocab = self.n_vocab();
         let mut bytes = Vec::new();
+        let mut buf = vec![0u8; 64];
         for &id in ids.iter().filter(|&&id| (id as usize) < n_vocab) {
-            let mut buf = [0u8; 128];
-            // SAFETY: buf is writable for its length; id < n_vocab <= i32::MAX,
-            // so it is a valid index into the model's token table.
-            let n = unsafe {
-                ffi::llama_token_to_piece(
-                    self.ptr.as_ptr(),
-                    id as i32,
-                    buf.as_mut_ptr().cast(),
-                    buf.len() as i32,
-                    0,
-                    false,
-                )
-            };
-            if n > 0 {
-                bytes.extend_from_slice(&buf[..n as usize]);
+            // A piece longer than the buffer comes back as its negated length:
+            // grow once and ask again.
+            for _ in 0..2 {
+                // SAFETY: buf is writable for its length; id < n_vocab <= i32::MAX,
+                // so it is a valid index into the model's token table.
+                let n = unsafe {
+                    ffi::llama_token_to_piece(
+                        self.ptr.as_ptr(),
+                        id as i32,
+                        buf.as_mut_ptr().cast(),
+                        i32::try_from(buf.len()).unwrap_or(i32::MAX),
+                        0,
+                        false,
+                    )
+                };
+                match usize::try_from(n) {
+                    Ok(len) => {
+                        bytes.extend_from_slice(&buf[..len.min(buf.len())]);
+                        break;
+                    }
+                    Err(_) => buf.resize(n.unsigned_abs() as usize, 0),
+                }
             }
         }
         String::from_utf8_lossy(&bytes).into_owned()
