@@ -365,9 +365,6 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         reference: ref_tokens.clone(),
         candidate: cand_tokens.clone(),
     };
-    // Differing prompts: the candidate runs on its own ids (free mode) or on
-    // the reference's (resync), but the first divergence is the token check
-    // itself, reported as the embedding stage of step 0 when shapes differ.
     let mut state = RunState::new(cfg, &engine);
     let mut batch = ref_tokens.clone();
     // The candidate prefills its own token ids: if they differ from the
