@@ -142,6 +142,66 @@ proptest! {
         prop_assert!((want as f64 - exact).abs() <= n as f64 * f32::EPSILON as f64 * mag + 1e-30);
     }
 
+    /// Consecutive F16 rows at once (the decode logits take four per pass,
+    /// with the specification's lane fold done in registers): the same
+    /// bits as one row at a time, for any row count and length.
+    #[test]
+    fn dense_f16_rows_equal_one_row_at_a_time(
+        n in prop_oneof![1usize..300, (1usize..6).prop_map(|m| 64 * m)],
+        rows in 1usize..=9,
+        t in 1usize..=5,
+        seed in any::<u64>(),
+    ) {
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 20001) as f32 / 2500.0 - 4.0
+        };
+        let data: Vec<u8> = (0..rows * n).flat_map(|_| half::f16::from_f32(next()).to_le_bytes()).collect();
+        let xs: Vec<f32> = (0..t * n).map(|_| next()).collect();
+        for k in Kernel::available() {
+            let mut got = vec![0f32; rows * t];
+            k.dot_f16_rows(n, &data, &xs, &mut got);
+            for r in 0..rows {
+                for ti in 0..t {
+                    let want = scalar::dot_f16(&data[2 * n * r..2 * n * (r + 1)], &xs[ti * n..(ti + 1) * n]);
+                    prop_assert_eq!(got[r * t + ti].to_bits(), want.to_bits(), "kernel {} row {} token {}", k.name(), r, ti);
+                }
+            }
+        }
+    }
+
+    /// Single-token products over many rows (the decode mat-vec takes four
+    /// rows per pass) equal the specification on raw bytes, from any start row.
+    #[test]
+    fn single_token_row_tiles_equal_scalar(
+        blocks in 1usize..=40,
+        rows in 1usize..=13,
+        start in 0usize..4,
+        seed in any::<u64>(),
+    ) {
+        let n_in = blocks * scalar::BLOCK;
+        let start = start.min(rows - 1);
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let w: Vec<u8> = (0..n_in * rows / 4).map(|_| next() as u8).collect();
+        let q: Vec<i8> = (0..n_in).map(|_| next() as i8).collect();
+        let mut want = vec![0i32; rows - start];
+        Kernel::Scalar.matmul(false, &w, n_in, start..rows, &q, &mut want);
+        for k in Kernel::available() {
+            let mut got = vec![0i32; want.len()];
+            k.matmul(false, &w, n_in, start..rows, &q, &mut got);
+            prop_assert_eq!(&got, &want, "kernel {}", k.name());
+        }
+    }
+
     /// quantize_row_i8_s: codes are ggml's nearest_int (magic-number
     /// rounding, ties to even) of x·s with s = (float)(127 / max(|x|, 1e-5)).
     #[test]

@@ -6,23 +6,32 @@ use super::faults::{Fault, FaultSet};
 use super::kernels::{scalar, Kernel};
 use super::kv_cache::KvCache;
 use super::ops::{self, round_f16};
+use super::team::{with_team, Team};
 use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
 use super::{Engine, I2sMode, KvType, ModelConfig};
 use crate::gguf::GgufFile;
-use crate::quant::act::{quantize_rows, ActQuantVariant, ActRow};
+use crate::quant::act::{quantize_row_i8_s, quantize_rows, ActQuantVariant, ActRow};
 use crate::trace::{Stage, TraceSink};
-use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Everything a layer reads, borrowed from the engine (the KV cache is the
-/// only thing a forward pass writes).
-pub(crate) struct Compute<'a> {
+/// only thing a forward pass writes), and the team that runs the products.
+pub(crate) struct Compute<'a, 't> {
     pub file: &'a GgufFile,
     pub config: &'a ModelConfig,
-    pub pool: &'a rayon::ThreadPool,
+    pub team: &'t Team<'t, 'a>,
     pub kernel: Kernel,
     pub wrap: bool,
-    pub kv_f16: bool,
     pub faults: FaultSet,
+    pub heads: Heads<'a>,
+}
+
+/// The per-head attention math, small enough to copy into a team task.
+#[derive(Clone, Copy)]
+pub(crate) struct Heads<'a> {
+    config: &'a ModelConfig,
+    faults: FaultSet,
+    kv_f16: bool,
 }
 
 pub(crate) fn forward<S: TraceSink + ?Sized>(
@@ -39,37 +48,43 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         n_past,
         kernel,
         faults,
-        pool,
     } = engine;
-    let cx = Compute {
-        file,
-        config,
-        pool,
-        kernel: *kernel,
-        wrap: opts.i2s_mode == I2sMode::ReferenceWrap,
-        kv_f16: opts.kv_type == KvType::F16,
-        faults: *faults,
-    };
-    let (t, e) = (tokens.len(), config.n_embd);
+    let (file, config, weights): (&GgufFile, &ModelConfig, &_) = (file, config, weights);
+    with_team(opts.threads, |team| {
+        let cx = Compute {
+            file,
+            config,
+            team,
+            kernel: *kernel,
+            wrap: opts.i2s_mode == I2sMode::ReferenceWrap,
+            faults: *faults,
+            heads: Heads {
+                config,
+                faults: *faults,
+                kv_f16: opts.kv_type == KvType::F16,
+            },
+        };
+        let (t, e) = (tokens.len(), config.n_embd);
 
-    let mut x = cx.embedding(&weights.token_embd, tokens);
-    sink.stage(None, Stage::TokEmbd, &[t, e], &mut x);
-    for (l, w) in weights.layers.iter().enumerate() {
-        x = cx.layer(l, w, kv, *n_past, x, sink);
-    }
-    let mut out = ops::rms_norm(&x, e, cx.eps(), &weights.output_norm);
-    sink.stage(None, Stage::ResultNorm, &[t, e], &mut out);
-    let mut logits = cx.logits(&weights.output, &out);
-    sink.stage(None, Stage::Logits, &[t, config.n_vocab], &mut logits);
-    logits
+        let mut x = cx.embedding(&weights.token_embd, tokens);
+        sink.stage(None, Stage::TokEmbd, &[t, e], &mut x);
+        for (l, w) in weights.layers.iter().enumerate() {
+            x = cx.layer(l, w, kv, *n_past, x, sink);
+        }
+        let mut out = ops::rms_norm(&x, e, cx.eps(), &weights.output_norm);
+        sink.stage(None, Stage::ResultNorm, &[t, e], &mut out);
+        let mut logits = cx.logits(&weights.output, &out);
+        sink.stage(None, Stage::Logits, &[t, config.n_vocab], &mut logits);
+        logits
+    })
 }
 
-impl Compute<'_> {
+impl<'a> Compute<'a, '_> {
     /// One transformer block over the T rows of `x` at positions pos0.. .
     fn layer<S: TraceSink + ?Sized>(
         &self,
         l: usize,
-        w: &LayerWeights,
+        w: &'a LayerWeights,
         kv: &mut KvCache,
         pos0: usize,
         x: Vec<f32>,
@@ -190,22 +205,15 @@ impl Compute<'_> {
     /// `((float)Σcode·q − (float)Σq) / act_scale * weight_scale` and the
     /// optional `*.scale` multiply. Rows of the matrix are split across
     /// threads; each output element is computed by exactly one thread.
-    fn linear(&self, m: &I2sMatrix, x: &[f32]) -> Vec<f32> {
+    fn linear(&self, m: &'a I2sMatrix, x: &[f32]) -> Vec<f32> {
         let (n_in, n_out) = (m.n_in, m.n_out);
         let t = x.len() / n_in;
-        let mut q = vec![0i8; x.len()];
-        let acts = quantize_rows(x, n_in, &mut q, self.act_variant());
-        let codes = m.codes(self.file);
-        let mut sums = vec![0i32; n_out * t];
-        let chunk = rows_per_task(n_out, self.pool.current_num_threads());
-        self.pool.install(|| {
-            sums.par_chunks_mut(chunk * t)
-                .enumerate()
-                .for_each(|(ci, out)| {
-                    let r0 = ci * chunk;
-                    self.kernel
-                        .matmul(self.wrap, codes, n_in, r0..r0 + out.len() / t, &q, out);
-                })
+        let (q, acts) = self.quantize(x, n_in);
+        let (codes, kernel, wrap) = (m.codes(self.file), self.kernel, self.wrap);
+        let sums = self.team.map_ranges(n_out, ROW_ALIGN, move |rows| {
+            let mut out = vec![0i32; rows.len() * t];
+            kernel.matmul(wrap, codes, n_in, rows, &q, &mut out);
+            out
         });
         let mut y = vec![0f32; t * n_out];
         for (r, row_sums) in sums.chunks_exact(t).enumerate() {
@@ -214,6 +222,33 @@ impl Compute<'_> {
             }
         }
         y
+    }
+
+    /// Per-row int8 quantization of `x` ([T, n]), rows split across the
+    /// team when there are several.
+    fn quantize(&self, x: &[f32], n: usize) -> (Vec<i8>, Vec<ActRow>) {
+        let variant = self.act_variant();
+        let t = x.len() / n;
+        let mut q = vec![0i8; x.len()];
+        if t == 1 || self.team.threads() == 1 {
+            let acts = quantize_rows(x, n, &mut q, variant);
+            return (q, acts);
+        }
+        let x = x.to_vec();
+        let rows = self.team.map_ranges(t, 1, move |rows| {
+            rows.map(|r| {
+                let mut qr = vec![0i8; n];
+                let act = quantize_row_i8_s(&x[r * n..(r + 1) * n], &mut qr, variant);
+                (qr, act)
+            })
+            .collect()
+        });
+        let mut acts = Vec::with_capacity(t);
+        for (out, (qr, act)) in q.chunks_exact_mut(n).zip(rows) {
+            out.copy_from_slice(&qr);
+            acts.push(act);
+        }
+        (q, acts)
     }
 
     #[inline]
@@ -244,6 +279,187 @@ impl Compute<'_> {
         ops::rope(x, n_heads, c.head_dim, pos0, c.rope_theta, neox);
     }
 
+    /// Whether ggml rounds the f32 operand of an F16 × f32 mul_mat to f16.
+    /// With more than one token (and k a multiple of 16) ggml hands the
+    /// product to llamafile's tinyBLAS, which reads the f32 operand as is;
+    /// a single token goes through ggml_vec_dot_f16 on converted rows. This
+    /// holds where src1 is contiguous: the logits and kqv (not kq, whose q
+    /// is a permuted view and is always converted).
+    fn f16_operand(t: usize) -> bool {
+        t == 1
+    }
+
+    /// Raw q·k for every head, [H, T, K]; future entries are 0 unless
+    /// NoCausalMask (then they are computed, for the softmax to use).
+    fn attn_scores(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
+        let c = self.config;
+        let (hd, t) = (c.head_dim, q.len() / c.n_embd);
+        let n_keys = pos0 + t;
+        let keys = self.gather(kv, l, n_keys, false);
+        let (heads, q) = (self.heads, q.to_vec());
+        self.team.map_ranges(c.n_head, 1, move |hs| {
+            let mut s = vec![0f32; hs.len() * t * n_keys];
+            for (h, sh) in hs.zip(s.chunks_exact_mut(t * n_keys)) {
+                let keys = &keys[heads.kv_head(h)];
+                for (ti, row) in sh.chunks_exact_mut(n_keys).enumerate() {
+                    let n = heads.visible(pos0, ti, n_keys);
+                    Heads::score_row(&heads.query(&q, ti, h), keys, hd, &mut row[..n]);
+                }
+            }
+            s
+        })
+    }
+
+    /// The canonical attn_scores: future entries zeroed.
+    fn causal_zero(&self, raw: &[f32], pos0: usize, t: usize) -> Vec<f32> {
+        let n_keys = pos0 + t;
+        let mut s = raw.to_vec();
+        for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
+            row[pos0 + i % t + 1..].fill(0.0);
+        }
+        s
+    }
+
+    /// Softmax of scaled scores per row; causal entries from `scores` (the
+    /// sink may have replaced them), future ones from `raw` under NoCausalMask.
+    fn attn_softmax(&self, scores: &[f32], raw: &[f32], pos0: usize, t: usize) -> Vec<f32> {
+        let n_keys = pos0 + t;
+        let mut probs = vec![0f32; scores.len()];
+        let mut row_in = vec![0f32; n_keys];
+        for (i, p) in probs.chunks_exact_mut(n_keys).enumerate() {
+            let causal = pos0 + i % t + 1;
+            let n = self.heads.visible(pos0, i % t, n_keys);
+            row_in[..causal].copy_from_slice(&scores[i * n_keys..i * n_keys + causal]);
+            row_in[causal..n].copy_from_slice(&raw[i * n_keys + causal..i * n_keys + n]);
+            ops::softmax_row(&row_in, n, self.heads.attn_scale(), p);
+        }
+        probs
+    }
+
+    /// probs [H, T, K] · V → [T, E].
+    fn attn_apply(&self, kv: &KvCache, l: usize, probs: &[f32], pos0: usize, t: usize) -> Vec<f32> {
+        let c = self.config;
+        let (hd, n_keys) = (c.head_dim, pos0 + t);
+        let vals = self.gather(kv, l, n_keys, true);
+        let (heads, probs) = (self.heads, probs.to_vec());
+        self.per_head_out(t, move |h, out| {
+            let vals = &vals[heads.kv_head(h)];
+            for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
+                let p = &probs[(h * t + ti) * n_keys..(h * t + ti + 1) * n_keys];
+                let n = heads.visible(pos0, ti, n_keys);
+                heads.apply_row(&p[..n], vals, hd, t, o);
+            }
+        })
+    }
+
+    /// Untraced attention: the same row math without [H, T, K] buffers.
+    fn attention(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
+        let c = self.config;
+        let (hd, t) = (c.head_dim, q.len() / c.n_embd);
+        let n_keys = pos0 + t;
+        let keys = self.gather(kv, l, n_keys, false);
+        let vals = self.gather(kv, l, n_keys, true);
+        let (heads, q) = (self.heads, q.to_vec());
+        self.per_head_out(t, move |h, out| {
+            let (keys, vals) = (&keys[heads.kv_head(h)], &vals[heads.kv_head(h)]);
+            let mut raw = vec![0f32; n_keys];
+            let mut p = vec![0f32; n_keys];
+            for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
+                let n = heads.visible(pos0, ti, n_keys);
+                Heads::score_row(&heads.query(&q, ti, h), keys, hd, &mut raw[..n]);
+                ops::softmax_row(&raw, n, heads.attn_scale(), &mut p);
+                heads.apply_row(&p[..n], vals, hd, t, o);
+            }
+        })
+    }
+
+    /// Cached keys (or values) of every kv head as f32 [n_keys, head_dim],
+    /// converted once per kv head and shared by its query heads.
+    fn gather(&self, kv: &KvCache, l: usize, n_keys: usize, values: bool) -> Vec<Vec<f32>> {
+        (0..self.config.n_head_kv)
+            .map(|kvh| {
+                if values {
+                    kv.values(l, kvh, n_keys)
+                } else {
+                    kv.keys(l, kvh, n_keys)
+                }
+            })
+            .collect()
+    }
+
+    /// Run `f(h, out[T, hd])` for every head across the team and interleave
+    /// the heads into [T, E].
+    fn per_head_out(&self, t: usize, f: impl Fn(usize, &mut [f32]) + Send + Sync + 'a) -> Vec<f32> {
+        let c = self.config;
+        let hd = c.head_dim;
+        let per_head = self.team.map_ranges(c.n_head, 1, move |hs| {
+            let mut out = vec![0f32; hs.len() * t * hd];
+            for (h, o) in hs.zip(out.chunks_exact_mut(t * hd)) {
+                f(h, o);
+            }
+            out
+        });
+        let mut y = vec![0f32; t * c.n_embd];
+        for (h, out) in per_head.chunks_exact(t * hd).enumerate() {
+            for (ti, o) in out.chunks_exact(hd).enumerate() {
+                y[ti * c.n_embd + h * hd..ti * c.n_embd + (h + 1) * hd].copy_from_slice(o);
+            }
+        }
+        y
+    }
+
+    /// Logits [T, V] against the output (or tied embedding) matrix. With an
+    /// F16 matrix and one token the activations are rounded to f16 first, as
+    /// ggml's mul_mat does for an F16 src0 (see [`Compute::f16_operand`]); the dot itself is the 16-lane order of
+    /// `scalar::dot_dense` (ggml's SIMD order differs: compared tightly, not
+    /// exactly).
+    fn logits(&self, m: &'a DenseMatrix, x: &[f32]) -> Vec<f32> {
+        let (e, v, f16) = (m.n_in, m.rows, m.is_f16());
+        let t = x.len() / e;
+        let xs: Arc<Vec<f32>> = Arc::new(if f16 && Self::f16_operand(t) {
+            x.iter().map(|&a| round_f16(a)).collect()
+        } else {
+            x.to_vec()
+        });
+        let data = self.file.tensor_data(&m.info);
+        let row_bytes = if f16 { 2 * e } else { 4 * e };
+        let kernel = self.kernel;
+        // Vocabulary blocks bound the transposition scratch (a prefill of
+        // 128 tokens over a 128k vocabulary would otherwise hold the logits twice).
+        let block = if t == 1 { v } else { LOGITS_BLOCK_ROWS.min(v) };
+        let mut y = vec![0f32; t * v];
+        for b0 in (0..v).step_by(block) {
+            let rows = block.min(v - b0);
+            let xs = xs.clone();
+            let out_t = self.team.map_ranges(rows, ROW_ALIGN, move |rr| {
+                let mut out = vec![0f32; rr.len() * t];
+                let bytes = &data[(b0 + rr.start) * row_bytes..(b0 + rr.end) * row_bytes];
+                if f16 {
+                    kernel.dot_f16_rows(e, bytes, &xs, &mut out);
+                } else {
+                    for (row, o) in bytes.chunks_exact(row_bytes).zip(out.chunks_exact_mut(t)) {
+                        for (ti, oi) in o.iter_mut().enumerate() {
+                            *oi = scalar::dot_f32_row(row, &xs[ti * e..(ti + 1) * e]);
+                        }
+                    }
+                }
+                out
+            });
+            if t == 1 {
+                y[b0..b0 + rows].copy_from_slice(&out_t);
+                continue;
+            }
+            for (r, o) in out_t.chunks_exact(t).enumerate() {
+                for (ti, &val) in o.iter().enumerate() {
+                    y[ti * v + b0 + r] = val;
+                }
+            }
+        }
+        y
+    }
+}
+
+impl Heads<'_> {
     /// The kv head query head `h` reads.
     fn kv_head(&self, h: usize) -> usize {
         if self.faults.has(Fault::GqaModulo) {
@@ -290,21 +506,11 @@ impl Compute<'_> {
         }
     }
 
-    /// Whether ggml rounds the f32 operand of an F16 × f32 mul_mat to f16.
-    /// With more than one token (and k a multiple of 16) ggml hands the
-    /// product to llamafile's tinyBLAS, which reads the f32 operand as is;
-    /// a single token goes through ggml_vec_dot_f16 on converted rows. This
-    /// holds where src1 is contiguous: the logits and kqv (not kq, whose q
-    /// is a permuted view and is always converted).
-    fn f16_operand(t: usize) -> bool {
-        t == 1
-    }
-
     /// `out[d] = Σ_j p_j v_j[d]` (probabilities rounded to f16 when V is F16
     /// and ggml would convert them, see [`Compute::f16_operand`]).
     fn apply_row(&self, p: &[f32], vals: &[f32], hd: usize, t: usize, out: &mut [f32]) {
         out.fill(0.0);
-        let round = self.kv_f16 && Self::f16_operand(t);
+        let round = self.kv_f16 && Compute::f16_operand(t);
         for (&pj, vj) in p.iter().zip(vals.chunks_exact(hd)) {
             let pj = if round { round_f16(pj) } else { pj };
             for (o, &v) in out.iter_mut().zip(vj) {
@@ -312,189 +518,11 @@ impl Compute<'_> {
             }
         }
     }
-
-    /// Raw q·k for every head, [H, T, K]; future entries are 0 unless
-    /// NoCausalMask (then they are computed, for the softmax to use).
-    fn attn_scores(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
-        let c = self.config;
-        let (hd, t) = (c.head_dim, q.len() / c.n_embd);
-        let n_keys = pos0 + t;
-        let keys = self.gather(kv, l, n_keys, false);
-        let per_head: Vec<Vec<f32>> = self.pool.install(|| {
-            (0..c.n_head)
-                .into_par_iter()
-                .map(|h| {
-                    let keys = &keys[self.kv_head(h)];
-                    let mut s = vec![0f32; t * n_keys];
-                    for (ti, row) in s.chunks_exact_mut(n_keys).enumerate() {
-                        let n = self.visible(pos0, ti, n_keys);
-                        Self::score_row(&self.query(q, ti, h), keys, hd, &mut row[..n]);
-                    }
-                    s
-                })
-                .collect()
-        });
-        per_head.concat()
-    }
-
-    /// The canonical attn_scores: future entries zeroed.
-    fn causal_zero(&self, raw: &[f32], pos0: usize, t: usize) -> Vec<f32> {
-        let n_keys = pos0 + t;
-        let mut s = raw.to_vec();
-        for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
-            row[pos0 + i % t + 1..].fill(0.0);
-        }
-        s
-    }
-
-    /// Softmax of scaled scores per row; causal entries from `scores` (the
-    /// sink may have replaced them), future ones from `raw` under NoCausalMask.
-    fn attn_softmax(&self, scores: &[f32], raw: &[f32], pos0: usize, t: usize) -> Vec<f32> {
-        let n_keys = pos0 + t;
-        let mut probs = vec![0f32; scores.len()];
-        let mut row_in = vec![0f32; n_keys];
-        for (i, p) in probs.chunks_exact_mut(n_keys).enumerate() {
-            let causal = pos0 + i % t + 1;
-            let n = self.visible(pos0, i % t, n_keys);
-            row_in[..causal].copy_from_slice(&scores[i * n_keys..i * n_keys + causal]);
-            row_in[causal..n].copy_from_slice(&raw[i * n_keys + causal..i * n_keys + n]);
-            ops::softmax_row(&row_in, n, self.attn_scale(), p);
-        }
-        probs
-    }
-
-    /// probs [H, T, K] · V → [T, E].
-    fn attn_apply(&self, kv: &KvCache, l: usize, probs: &[f32], pos0: usize, t: usize) -> Vec<f32> {
-        let c = self.config;
-        let (hd, n_keys) = (c.head_dim, pos0 + t);
-        let vals = self.gather(kv, l, n_keys, true);
-        self.per_head_out(t, |h, out| {
-            let vals = &vals[self.kv_head(h)];
-            for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
-                let p = &probs[(h * t + ti) * n_keys..(h * t + ti + 1) * n_keys];
-                let n = self.visible(pos0, ti, n_keys);
-                self.apply_row(&p[..n], vals, hd, t, o);
-            }
-        })
-    }
-
-    /// Untraced attention: the same row math without [H, T, K] buffers.
-    fn attention(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
-        let c = self.config;
-        let (hd, t) = (c.head_dim, q.len() / c.n_embd);
-        let n_keys = pos0 + t;
-        let keys = self.gather(kv, l, n_keys, false);
-        let vals = self.gather(kv, l, n_keys, true);
-        self.per_head_out(t, |h, out| {
-            let (keys, vals) = (&keys[self.kv_head(h)], &vals[self.kv_head(h)]);
-            let mut raw = vec![0f32; n_keys];
-            let mut p = vec![0f32; n_keys];
-            for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
-                let n = self.visible(pos0, ti, n_keys);
-                Self::score_row(&self.query(q, ti, h), keys, hd, &mut raw[..n]);
-                ops::softmax_row(&raw, n, self.attn_scale(), &mut p);
-                self.apply_row(&p[..n], vals, hd, t, o);
-            }
-        })
-    }
-
-    /// Cached keys (or values) of every kv head as f32 [n_keys, head_dim],
-    /// converted once per kv head and shared by its query heads.
-    fn gather(&self, kv: &KvCache, l: usize, n_keys: usize, values: bool) -> Vec<Vec<f32>> {
-        self.pool.install(|| {
-            (0..self.config.n_head_kv)
-                .into_par_iter()
-                .map(|kvh| {
-                    if values {
-                        kv.values(l, kvh, n_keys)
-                    } else {
-                        kv.keys(l, kvh, n_keys)
-                    }
-                })
-                .collect()
-        })
-    }
-
-    /// Run `f(h, out[T, hd])` for every head in parallel and interleave the
-    /// heads into [T, E].
-    fn per_head_out(&self, t: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-        let c = self.config;
-        let hd = c.head_dim;
-        let per_head: Vec<Vec<f32>> = self.pool.install(|| {
-            (0..c.n_head)
-                .into_par_iter()
-                .map(|h| {
-                    let mut out = vec![0f32; t * hd];
-                    f(h, &mut out);
-                    out
-                })
-                .collect()
-        });
-        let mut y = vec![0f32; t * c.n_embd];
-        for (h, out) in per_head.iter().enumerate() {
-            for (ti, o) in out.chunks_exact(hd).enumerate() {
-                y[ti * c.n_embd + h * hd..ti * c.n_embd + (h + 1) * hd].copy_from_slice(o);
-            }
-        }
-        y
-    }
-
-    /// Logits [T, V] against the output (or tied embedding) matrix. With an
-    /// F16 matrix and one token the activations are rounded to f16 first, as
-    /// ggml's mul_mat does for an F16 src0 (see [`Compute::f16_operand`]); the dot itself is the 16-lane order of
-    /// `scalar::dot_dense` (ggml's SIMD order differs: compared tightly, not
-    /// exactly).
-    fn logits(&self, m: &DenseMatrix, x: &[f32]) -> Vec<f32> {
-        let (e, v) = (m.n_in, m.rows);
-        let t = x.len() / e;
-        let xs: Vec<f32> = if m.is_f16() && Self::f16_operand(t) {
-            x.iter().map(|&a| round_f16(a)).collect()
-        } else {
-            x.to_vec()
-        };
-        let data = self.file.tensor_data(&m.info);
-        let row_bytes = if m.is_f16() { 2 * e } else { 4 * e };
-        // Vocabulary blocks bound the transposition scratch (a prefill of
-        // 128 tokens over a 128k vocabulary would otherwise hold the logits twice).
-        let block = if t == 1 { v } else { LOGITS_BLOCK_ROWS.min(v) };
-        let mut y = vec![0f32; t * v];
-        let mut scratch = vec![0f32; block * t];
-        for b0 in (0..v).step_by(block) {
-            let rows = block.min(v - b0);
-            let out_t = &mut scratch[..rows * t];
-            let chunk = rows_per_task(rows, self.pool.current_num_threads());
-            self.pool.install(|| {
-                out_t
-                    .par_chunks_mut(chunk * t)
-                    .enumerate()
-                    .for_each(|(ci, out)| {
-                        for (ri, o) in out.chunks_exact_mut(t).enumerate() {
-                            let r = b0 + ci * chunk + ri;
-                            let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                            if m.is_f16() {
-                                self.kernel.dot_f16_tokens(row, &xs, o);
-                            } else {
-                                for (ti, oi) in o.iter_mut().enumerate() {
-                                    *oi = scalar::dot_f32_row(row, &xs[ti * e..(ti + 1) * e]);
-                                }
-                            }
-                        }
-                    })
-            });
-            for (r, o) in out_t.chunks_exact(t).enumerate() {
-                for (ti, &val) in o.iter().enumerate() {
-                    y[ti * v + b0 + r] = val;
-                }
-            }
-        }
-        y
-    }
 }
 
 /// Vocabulary rows per block of a multi-token logits product.
 const LOGITS_BLOCK_ROWS: usize = 4096;
 
-/// Rows per parallel task: a few tasks per thread, at least 16 rows.
-fn rows_per_task(n_rows: usize, threads: usize) -> usize {
-    (n_rows / (threads * 4)).max(16).min(n_rows.max(1))
-}
+/// Rows of a product are shared out in multiples of this (the kernels' row
+/// tiles; any split gives the same bits, this only keeps the tiles full).
+const ROW_ALIGN: usize = 16;

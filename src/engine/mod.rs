@@ -10,6 +10,7 @@
 //! - [`weights`]: mmap views; I2_S stays packed.
 //! - [`forward`]: the forward pass, one layer on one screen.
 //! - [`ops`]: the small named ops; [`kernels`]: the I2_S products.
+//! - [`team`]: the threads of one forward pass (they spin between products).
 //! - [`kv_cache`], [`faults`] (bug-zoo switches), [`oracle`] (f64 blame math).
 
 pub mod config;
@@ -19,6 +20,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod ops;
 pub mod oracle;
+pub(crate) mod team;
 pub mod tokenizer;
 pub mod weights;
 
@@ -125,7 +127,8 @@ pub enum EngineError {
     Options(String),
 }
 
-/// A loaded model, its KV cache and its thread pool.
+/// A loaded model and its KV cache (threads are started per forward pass,
+/// see [`team`]).
 pub struct Engine {
     file: Arc<GgufFile>,
     config: ModelConfig,
@@ -135,7 +138,6 @@ pub struct Engine {
     n_past: usize,
     kernel: Kernel,
     faults: FaultSet,
-    pool: rayon::ThreadPool,
 }
 
 impl Engine {
@@ -162,11 +164,6 @@ impl Engine {
             config.n_embd_kv(),
             config.head_dim,
         );
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(opts.threads)
-            .thread_name(|i| format!("engine-{i}"))
-            .build()
-            .map_err(|e| EngineError::Options(format!("thread pool: {e}")))?;
         Ok(Engine {
             faults: FaultSet::new(&opts.faults),
             kernel: Kernel::detect(),
@@ -176,7 +173,6 @@ impl Engine {
             weights,
             kv,
             n_past: 0,
-            pool,
         })
     }
 

@@ -90,6 +90,32 @@ impl Kernel {
         }
     }
 
+    /// [`Kernel::dot_f16_tokens`] for consecutive F16 rows of `n` values
+    /// (`rows`, 2n bytes each) with the tokens of `xs` ([T, n]):
+    /// `out[r * T + t]`, the same bits. A single token takes four rows per
+    /// pass on AVX-512, sharing the activation loads.
+    pub fn dot_f16_rows(self, n: usize, rows: &[u8], xs: &[f32], out: &mut [f32]) {
+        assert!(n > 0);
+        assert_eq!((rows.len() % (2 * n), xs.len() % n), (0, 0));
+        let (n_rows, n_tok) = (rows.len() / (2 * n), xs.len() / n);
+        assert_eq!(out.len(), n_rows * n_tok);
+        let mut r = 0;
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Vnni && n_tok == 1 {
+            while r + 4 <= n_rows {
+                // SAFETY: Avx512Vnni is only selected when avx512f is
+                // available; the slice is four rows of 2n bytes and x is n values.
+                let s = unsafe { avx512::dot_f16_4rows(&rows[2 * n * r..2 * n * (r + 4)], xs) };
+                out[r..r + 4].copy_from_slice(&s);
+                r += 4;
+            }
+        }
+        for r in r..n_rows {
+            let row = &rows[2 * n * r..2 * n * (r + 1)];
+            self.dot_f16_tokens(row, xs, &mut out[r * n_tok..(r + 1) * n_tok]);
+        }
+    }
+
     /// `out[(r - rows.start) * n_tok + t] = Σ code·q` for the packed rows
     /// `rows` of `w` (row length `n_in`) and the `n_tok` activation rows of
     /// `q`. `wrap` reproduces bitnet.cpp's 16-bit lane wrap.
@@ -102,7 +128,8 @@ impl Kernel {
         q: &[i8],
         out: &mut [i32],
     ) {
-        assert!(n_in > 0 && n_in % scalar::BLOCK == 0);
+        assert!(n_in > 0);
+        assert_eq!(n_in % scalar::BLOCK, 0);
         assert!(w.len() >= rows.end * n_in / 4);
         assert_eq!(q.len() % n_in, 0);
         assert_eq!(out.len(), rows.len() * (q.len() / n_in));
