@@ -173,12 +173,15 @@ proptest! {
         }
     }
 
-    /// Single-token products over many rows (the decode mat-vec takes four
-    /// rows per pass) equal the specification on raw bytes, from any start row.
+    /// Products over many rows and tokens (decode takes four rows per
+    /// pass, prefill tiles of four rows by four tokens) equal the
+    /// specification on raw bytes, from any start row, odd block counts
+    /// and remainders included.
     #[test]
-    fn single_token_row_tiles_equal_scalar(
+    fn row_and_token_tiles_equal_scalar(
         blocks in 1usize..=40,
         rows in 1usize..=13,
+        t in 1usize..=9,
         start in 0usize..4,
         seed in any::<u64>(),
     ) {
@@ -192,8 +195,8 @@ proptest! {
             state
         };
         let w: Vec<u8> = (0..n_in * rows / 4).map(|_| next() as u8).collect();
-        let q: Vec<i8> = (0..n_in).map(|_| next() as i8).collect();
-        let mut want = vec![0i32; rows - start];
+        let q: Vec<i8> = (0..n_in * t).map(|_| next() as i8).collect();
+        let mut want = vec![0i32; (rows - start) * t];
         Kernel::Scalar.matmul(false, &w, n_in, start..rows, &q, &mut want);
         for k in Kernel::available() {
             let mut got = vec![0i32; want.len()];
@@ -203,7 +206,8 @@ proptest! {
     }
 
     /// quantize_row_i8_s: codes are ggml's nearest_int (magic-number
-    /// rounding, ties to even) of x·s with s = (float)(127 / max(|x|, 1e-5)).
+    /// rounding, ties to even) of x·s with s = (float)(127 / max(|x|, 1e-5)),
+    /// with `x*s + 12582912.0f` fused into one FMA as GCC compiles it.
     #[test]
     fn act_quant_is_quantize_row_i8_s(x in proptest::collection::vec(-1e3f32..1e3, 1..300)) {
         let mut q = vec![0i8; x.len()];
@@ -213,7 +217,7 @@ proptest! {
         prop_assert_eq!(row.scale.to_bits(), s.to_bits());
         let mut sum = 0i32;
         for (&xi, &qi) in x.iter().zip(&q) {
-            let val = xi * s + 12582912.0f32;
+            let val = xi.mul_add(s, 12582912.0f32);
             let n = (val.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000;
             let n = n.clamp(-128, 127);
             prop_assert_eq!(qi as i32, n);

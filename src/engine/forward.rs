@@ -26,6 +26,13 @@ pub(crate) struct Compute<'a, 't> {
     pub heads: Heads<'a>,
 }
 
+/// Rows of activations quantized for an I2_S product ([T, n] codes and
+/// one scale and sum per row), shared by the products that read the same input.
+pub(crate) struct ActCodes {
+    q: Arc<[i8]>,
+    acts: Vec<ActRow>,
+}
+
 /// The per-head attention math, small enough to copy into a team task.
 #[derive(Clone, Copy)]
 pub(crate) struct Heads<'a> {
@@ -104,11 +111,12 @@ impl<'a> Compute<'a, '_> {
         // Attention: norm, projections, RoPE, cache, causal softmax over the cache.
         let mut cur = ops::rms_norm(&x, e, self.eps(), &w.attn_norm);
         sink.stage(at, Stage::AttnNorm, &[t, e], &mut cur);
-        let mut q = self.linear(&w.q, &cur);
+        let cur_q = self.quantize(&cur, e); // shared by q, k and v
+        let mut q = self.linear(&w.q, &cur_q);
         sink.stage(at, Stage::QProj, &[t, e], &mut q);
-        let mut k = self.linear(&w.k, &cur);
+        let mut k = self.linear(&w.k, &cur_q);
         sink.stage(at, Stage::KProj, &[t, ekv], &mut k);
-        let mut v = self.linear(&w.v, &cur);
+        let mut v = self.linear(&w.v, &cur_q);
         sink.stage(at, Stage::VProj, &[t, ekv], &mut v);
         self.rope(&mut q, c.n_head, pos0);
         sink.stage(at, Stage::QRope, &[t, e], &mut q);
@@ -132,7 +140,7 @@ impl<'a> Compute<'a, '_> {
             }
             sink.stage(at, Stage::AttnSubNorm, &[t, e], &mut attn);
         }
-        let mut o = self.linear(&w.o, &attn);
+        let mut o = self.linear(&w.o, &self.quantize(&attn, e));
         sink.stage(at, Stage::OProj, &[t, e], &mut o);
         let mut ffn_inp = ops::add(&o, &x);
         sink.stage(at, Stage::FfnInp, &[t, e], &mut ffn_inp);
@@ -140,7 +148,8 @@ impl<'a> Compute<'a, '_> {
         // Gated FFN: act(gate) * up, sub norm, down, residual.
         let mut cur = ops::rms_norm(&ffn_inp, e, self.eps(), &w.ffn_norm);
         sink.stage(at, Stage::FfnNorm, &[t, e], &mut cur);
-        let mut gate = self.linear(&w.gate, &cur);
+        let cur_q = self.quantize(&cur, e); // shared by gate and up
+        let mut gate = self.linear(&w.gate, &cur_q);
         sink.stage(at, Stage::FfnGate, &[t, f], &mut gate);
         let mut act = if self.ffn_relu2() {
             ops::relu2(&gate)
@@ -148,7 +157,7 @@ impl<'a> Compute<'a, '_> {
             ops::silu(&gate)
         };
         sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
-        let mut up = self.linear(&w.up, &cur);
+        let mut up = self.linear(&w.up, &cur_q);
         sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
         let mut prod = ops::mul(&act, &up);
         sink.stage(at, Stage::FfnMul, &[t, f], &mut prod);
@@ -156,7 +165,7 @@ impl<'a> Compute<'a, '_> {
             prod = ops::rms_norm(&prod, f, self.eps(), sub_norm);
             sink.stage(at, Stage::FfnSubNorm, &[t, f], &mut prod);
         }
-        let mut down = self.linear(&w.down, &prod);
+        let mut down = self.linear(&w.down, &self.quantize(&prod, f));
         sink.stage(at, Stage::FfnDown, &[t, e], &mut down);
         let mut l_out = ops::add(&down, &ffn_inp);
         sink.stage(at, Stage::LOut, &[t, e], &mut l_out);
@@ -200,15 +209,16 @@ impl<'a> Compute<'a, '_> {
         x
     }
 
-    /// An I2_S projection of the rows of `x`: per-row int8 quantization,
+    /// An I2_S projection of the rows quantized by [`Compute::quantize`]:
     /// integer products, then ggml's epilogue
     /// `((float)Σcode·q − (float)Σq) / act_scale * weight_scale` and the
     /// optional `*.scale` multiply. Rows of the matrix are split across
     /// threads; each output element is computed by exactly one thread.
-    fn linear(&self, m: &'a I2sMatrix, x: &[f32]) -> Vec<f32> {
+    fn linear(&self, m: &'a I2sMatrix, x: &ActCodes) -> Vec<f32> {
         let (n_in, n_out) = (m.n_in, m.n_out);
-        let t = x.len() / n_in;
-        let (q, acts) = self.quantize(x, n_in);
+        let (q, acts) = (x.q.clone(), &x.acts);
+        let t = acts.len();
+        assert_eq!(q.len(), t * n_in);
         let (codes, kernel, wrap) = (m.codes(self.file), self.kernel, self.wrap);
         let sums = self.team.map_ranges(n_out, ROW_ALIGN, move |rows| {
             let mut out = vec![0i32; rows.len() * t];
@@ -217,7 +227,7 @@ impl<'a> Compute<'a, '_> {
         });
         let mut y = vec![0f32; t * n_out];
         for (r, row_sums) in sums.chunks_exact(t).enumerate() {
-            for (ti, (&s, act)) in row_sums.iter().zip(&acts).enumerate() {
+            for (ti, (&s, act)) in row_sums.iter().zip(acts).enumerate() {
                 y[ti * n_out + r] = self.dequant(s, act, m);
             }
         }
@@ -226,13 +236,13 @@ impl<'a> Compute<'a, '_> {
 
     /// Per-row int8 quantization of `x` ([T, n]), rows split across the
     /// team when there are several.
-    fn quantize(&self, x: &[f32], n: usize) -> (Vec<i8>, Vec<ActRow>) {
+    fn quantize(&self, x: &[f32], n: usize) -> ActCodes {
         let variant = self.act_variant();
         let t = x.len() / n;
         let mut q = vec![0i8; x.len()];
         if t == 1 || self.team.threads() == 1 {
             let acts = quantize_rows(x, n, &mut q, variant);
-            return (q, acts);
+            return ActCodes { q: q.into(), acts };
         }
         let x = x.to_vec();
         let rows = self.team.map_ranges(t, 1, move |rows| {
@@ -248,7 +258,7 @@ impl<'a> Compute<'a, '_> {
             out.copy_from_slice(&qr);
             acts.push(act);
         }
-        (q, acts)
+        ActCodes { q: q.into(), acts }
     }
 
     #[inline]

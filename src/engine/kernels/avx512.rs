@@ -149,6 +149,59 @@ pub unsafe fn dot_pairs_4rows(codes: [&[u8]; 4], qp: &[i8]) -> [i32; 4] {
     sums
 }
 
+/// [`dot_pairs`] for four rows and four tokens (prefill): the codes of a
+/// block pair are shifted down to 0..3 (so every sub-vector adds into one
+/// accumulator per row and token: 16 of them) and each activation load
+/// serves four rows, which quarters the activation traffic per row.
+///
+/// # Safety
+/// As [`dot_pairs`], for each of the four rows and tokens.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // r and t index rows, tokens and accumulators together
+pub unsafe fn dot_pairs_tile(codes: [&[u8]; 4], qps: [&[i8]; 4]) -> [[i32; 4]; 4] {
+    let nb = codes[0].len() / BLOCK_BYTES;
+    let mask = _mm512_set1_epi8(3);
+    let mut acc = [[_mm512_setzero_si512(); 4]; 4];
+    for p in 0..nb / 2 {
+        let x = [
+            _mm512_loadu_si512(codes[0].as_ptr().add(p * 2 * BLOCK_BYTES) as *const _),
+            _mm512_loadu_si512(codes[1].as_ptr().add(p * 2 * BLOCK_BYTES) as *const _),
+            _mm512_loadu_si512(codes[2].as_ptr().add(p * 2 * BLOCK_BYTES) as *const _),
+            _mm512_loadu_si512(codes[3].as_ptr().add(p * 2 * BLOCK_BYTES) as *const _),
+        ];
+        for k in 0..4 {
+            let mut c = [_mm512_setzero_si512(); 4];
+            for r in 0..4 {
+                // Sub-vector k sits at bit shift 6 - 2k (16-bit shifts are
+                // fine: the mask drops what crosses from the next byte).
+                let shifted = match k {
+                    0 => _mm512_srli_epi16::<6>(x[r]),
+                    1 => _mm512_srli_epi16::<4>(x[r]),
+                    2 => _mm512_srli_epi16::<2>(x[r]),
+                    _ => x[r],
+                };
+                c[r] = _mm512_and_si512(shifted, mask);
+            }
+            for t in 0..4 {
+                let q = _mm512_loadu_si512(qps[t].as_ptr().add(p * 2 * BLOCK + 64 * k) as *const _);
+                for r in 0..4 {
+                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c[r], q);
+                }
+            }
+        }
+    }
+    let mut sums = [[0i32; 4]; 4];
+    for r in 0..4 {
+        for t in 0..4 {
+            sums[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+            if nb % 2 == 1 {
+                sums[r][t] = sums[r][t].wrapping_add(odd_block(codes[r], qps[t]));
+            }
+        }
+    }
+    sums
+}
+
 /// The sum of the four sub-vector accumulators of [`dot_pairs`], each
 /// divided back by its code scale 4^(3-k) (exact shifts).
 #[target_feature(enable = "avx512f")]
@@ -231,17 +284,34 @@ pub fn matmul(
     let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     let mut rows = rows;
     let mut out = out;
-    if n_tok == 1 {
-        while rows.len() >= 4 {
-            let r = rows.start;
+    while rows.len() >= 4 {
+        let r = rows.start;
+        let four = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+        if n_tok == 1 {
             // SAFETY: the features were checked above; each row is n_in/4
             // bytes and the token n_in values, n_in a multiple of 128.
-            let s =
-                unsafe { dot_pairs_4rows([row(r), row(r + 1), row(r + 2), row(r + 3)], tok(0)) };
+            let s = unsafe { dot_pairs_4rows(four, tok(0)) };
             out[..4].copy_from_slice(&s);
-            out = &mut out[4..];
-            rows.start += 4;
+        } else {
+            let mut t = 0;
+            while t + TOKEN_TILE <= n_tok {
+                // SAFETY: as above, four rows and four tokens.
+                let s =
+                    unsafe { dot_pairs_tile(four, [tok(t), tok(t + 1), tok(t + 2), tok(t + 3)]) };
+                for (i, si) in s.iter().enumerate() {
+                    out[i * n_tok + t..i * n_tok + t + TOKEN_TILE].copy_from_slice(si);
+                }
+                t += TOKEN_TILE;
+            }
+            for (i, codes) in four.iter().enumerate() {
+                for tt in t..n_tok {
+                    // SAFETY: as above, one row and one token.
+                    out[i * n_tok + tt] = unsafe { dot_pairs(codes, [tok(tt)]) }[0];
+                }
+            }
         }
+        out = &mut out[4 * n_tok..];
+        rows.start += 4;
     }
     for (ri, r) in rows.enumerate() {
         let codes = &w[r * row_bytes..(r + 1) * row_bytes];
@@ -354,6 +424,63 @@ pub unsafe fn dot_f16_4rows(rows: &[u8], x: &[f32]) -> [f32; 4] {
             lanes[j % DENSE_LANES] += v * x[j];
         }
         out[r] = super::scalar::fold_lanes(lanes);
+    }
+    out
+}
+
+/// [`super::scalar::dot_f16`] of four rows with four tokens each (prefill
+/// logits), for rows a multiple of 64 values long: `out[r][t]`. The
+/// specification's lanes are independent, so each of its four registers is
+/// accumulated in its own pass over the row (16 accumulators: four rows
+/// times four tokens); every converted row slice then serves four tokens
+/// and every activation slice four rows, which keeps the activations of
+/// the tile in L1. Same lanes, same order: the same bits.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; every row is `2 * n` bytes and every
+/// token `n` values, `n` a multiple of 64.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // r and t index rows, tokens and accumulators together
+pub unsafe fn dot_f16_tile(rows: [&[u8]; 4], xs: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    let n = xs[0].len();
+    let mut regs = [[[_mm512_setzero_ps(); 4]; 4]; 4];
+    for k in 0..4 {
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 16 * k;
+        while i < n {
+            let w = [
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    rows[0].as_ptr().add(2 * i) as *const __m256i
+                )),
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    rows[1].as_ptr().add(2 * i) as *const __m256i
+                )),
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    rows[2].as_ptr().add(2 * i) as *const __m256i
+                )),
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    rows[3].as_ptr().add(2 * i) as *const __m256i
+                )),
+            ];
+            for t in 0..4 {
+                let x = _mm512_loadu_ps(xs[t].as_ptr().add(i));
+                for r in 0..4 {
+                    acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_mul_ps(w[r], x));
+                }
+            }
+            i += DENSE_LANES;
+        }
+        for r in 0..4 {
+            for t in 0..4 {
+                regs[r][t][k] = acc[r][t];
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 4];
+    for r in 0..4 {
+        for t in 0..4 {
+            out[r][t] = fold_registers(regs[r][t]);
+        }
     }
     out
 }

@@ -101,6 +101,35 @@ impl Kernel {
         assert_eq!(out.len(), n_rows * n_tok);
         let mut r = 0;
         #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Vnni && n_tok > 1 && n & (scalar::DENSE_LANES - 1) == 0 {
+            let row = |r: usize| &rows[2 * n * r..2 * n * (r + 1)];
+            let x = |t: usize| &xs[t * n..(t + 1) * n];
+            while r + 4 <= n_rows {
+                let mut t = 0;
+                while t + 4 <= n_tok {
+                    // SAFETY: Avx512Vnni is only selected when avx512f is
+                    // available; rows are 2n bytes, tokens n values, n a
+                    // multiple of 64 (checked above).
+                    let s = unsafe {
+                        avx512::dot_f16_tile(
+                            [row(r), row(r + 1), row(r + 2), row(r + 3)],
+                            [x(t), x(t + 1), x(t + 2), x(t + 3)],
+                        )
+                    };
+                    for (i, si) in s.iter().enumerate() {
+                        out[(r + i) * n_tok + t..(r + i) * n_tok + t + 4].copy_from_slice(si);
+                    }
+                    t += 4;
+                }
+                for i in r..r + 4 {
+                    for tt in t..n_tok {
+                        out[i * n_tok + tt] = self.dot_f16(row(i), x(tt));
+                    }
+                }
+                r += 4;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
         if self == Kernel::Avx512Vnni && n_tok == 1 {
             while r + 4 <= n_rows {
                 // SAFETY: Avx512Vnni is only selected when avx512f is
