@@ -205,6 +205,36 @@ proptest! {
         }
     }
 
+    /// Every kernel's activation quantizer is quantize_row_i8_s: same
+    /// codes, scale and sum, on rows with exact .5 ties (max 127 makes the
+    /// scale 1), huge and tiny values, infinities and NaN, any length.
+    #[test]
+    fn kernel_act_quant_is_quantize_row_i8_s(
+        halves in proptest::collection::vec(-254i32..=254, 1..300),
+        special in proptest::collection::vec((0usize..300, prop_oneof![
+            Just(f32::NAN), Just(f32::INFINITY), Just(-1e30f32), Just(1e-30f32), -1e3f32..1e3,
+        ]), 0..3),
+        with_max in any::<bool>(),
+    ) {
+        let mut x: Vec<f32> = halves.iter().map(|&h| h as f32 / 2.0).collect();
+        if with_max {
+            x[0] = 127.0;
+        }
+        for (at, v) in special {
+            let n = x.len();
+            x[at % n] = v;
+        }
+        let mut want = vec![0i8; x.len()];
+        let want_row = quantize_row_i8_s(&x, &mut want, ActQuantVariant::REFERENCE);
+        for k in Kernel::available() {
+            let mut got = vec![0i8; x.len()];
+            let row = k.quantize_row(&x, &mut got, ActQuantVariant::REFERENCE);
+            prop_assert_eq!(&got, &want, "kernel {}", k.name());
+            prop_assert_eq!(row.scale.to_bits(), want_row.scale.to_bits());
+            prop_assert_eq!(row.sum, want_row.sum);
+        }
+    }
+
     /// quantize_row_i8_s: codes are ggml's nearest_int (magic-number
     /// rounding, ties to even) of x·s with s = (float)(127 / max(|x|, 1e-5)),
     /// with `x*s + 12582912.0f` fused into one FMA as GCC compiles it.

@@ -10,7 +10,7 @@ use super::team::{with_team, Team};
 use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
 use super::{Engine, I2sMode, KvType, ModelConfig};
 use crate::gguf::GgufFile;
-use crate::quant::act::{quantize_row_i8_s, quantize_rows, ActQuantVariant, ActRow};
+use crate::quant::act::{ActQuantVariant, ActRow};
 use crate::trace::{Stage, TraceSink};
 use std::sync::Arc;
 
@@ -237,18 +237,22 @@ impl<'a> Compute<'a, '_> {
     /// Per-row int8 quantization of `x` ([T, n]), rows split across the
     /// team when there are several.
     fn quantize(&self, x: &[f32], n: usize) -> ActCodes {
-        let variant = self.act_variant();
+        let (variant, kernel) = (self.act_variant(), self.kernel);
         let t = x.len() / n;
         let mut q = vec![0i8; x.len()];
         if t == 1 || self.team.threads() == 1 {
-            let acts = quantize_rows(x, n, &mut q, variant);
+            let acts = x
+                .chunks_exact(n)
+                .zip(q.chunks_exact_mut(n))
+                .map(|(xr, qr)| kernel.quantize_row(xr, qr, variant))
+                .collect();
             return ActCodes { q: q.into(), acts };
         }
         let x = x.to_vec();
         let rows = self.team.map_ranges(t, 1, move |rows| {
             rows.map(|r| {
                 let mut qr = vec![0i8; n];
-                let act = quantize_row_i8_s(&x[r * n..(r + 1) * n], &mut qr, variant);
+                let act = kernel.quantize_row(&x[r * n..(r + 1) * n], &mut qr, variant);
                 (qr, act)
             })
             .collect()

@@ -149,6 +149,43 @@ pub unsafe fn dot_pairs_4rows(codes: [&[u8]; 4], qp: &[i8]) -> [i32; 4] {
     sums
 }
 
+/// The codes and code sum of [`crate::quant::act::quantize_row_i8_s`]
+/// (reference variant) for a row whose activation scale is `scale`: the
+/// exact f64 product rounded once, ties to even, clamped to [-128, 127],
+/// NaN products giving 0 as the scalar cast does. Bit for bit the same codes.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL, and `out.len() == x.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_codes(x: &[f32], scale: f32, out: &mut [i8]) -> i32 {
+    let n = x.len();
+    let s = _mm512_set1_pd(scale as f64);
+    let (lo, hi) = (_mm512_set1_pd(-128.0), _mm512_set1_pd(127.0));
+    let mut sum = _mm512_setzero_si512();
+    let mut i = 0;
+    while i + 8 <= n {
+        let p = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i))), s);
+        let r = _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+        let r = _mm512_min_pd(_mm512_max_pd(r, lo), hi);
+        let nan = _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(p, p);
+        let q = _mm512_maskz_cvtpd_epi32(!nan, r);
+        sum = _mm512_add_epi32(sum, _mm512_zextsi256_si512(q));
+        _mm_storel_epi64(
+            out.as_mut_ptr().add(i) as *mut __m128i,
+            _mm256_cvtsepi32_epi8(q),
+        );
+        i += 8;
+    }
+    let mut total = _mm512_reduce_add_epi32(sum);
+    for j in i..n {
+        let p = f64::from(x[j]) * f64::from(scale);
+        let q = (p.round_ties_even() as i32).clamp(-128, 127);
+        out[j] = q as i8;
+        total += q;
+    }
+    total
+}
+
 /// [`dot_pairs`] for four rows and four tokens (prefill): the codes of a
 /// block pair are shifted down to 0..3 (so every sub-vector adds into one
 /// accumulator per row and token: 16 of them) and each activation load

@@ -1,6 +1,8 @@
 //! I2_S × int8 kernels with runtime dispatch. `scalar` is the specification;
 //! every other file is one instruction set, tested bit for bit against it.
 
+use crate::quant::act::{act_scale, quantize_row_i8_s, ActQuantVariant, ActRow};
+
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -143,6 +145,22 @@ impl Kernel {
             let row = &rows[2 * n * r..2 * n * (r + 1)];
             self.dot_f16_tokens(row, xs, &mut out[r * n_tok..(r + 1) * n_tok]);
         }
+    }
+
+    /// [`quantize_row_i8_s`] on the fastest path this kernel's CPU has
+    /// (AVX-512 for the reference variant; the bug-zoo variants run the
+    /// scalar function); always the same codes, scale and sum.
+    pub fn quantize_row(self, x: &[f32], out: &mut [i8], variant: ActQuantVariant) -> ActRow {
+        assert_eq!(x.len(), out.len());
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Vnni && variant == ActQuantVariant::REFERENCE {
+            let scale = act_scale(x, variant.scale_numerator);
+            // SAFETY: Avx512Vnni is only selected when avx512::available()
+            // (F/BW/VL included); lengths checked above.
+            let sum = unsafe { avx512::quantize_codes(x, scale, out) };
+            return ActRow { scale, sum };
+        }
+        quantize_row_i8_s(x, out, variant)
     }
 
     /// `out[(r - rows.start) * n_tok + t] = Σ code·q` for the packed rows
