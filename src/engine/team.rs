@@ -7,9 +7,8 @@
 //! per worker; bitnet.cpp's threads spin instead. The workers here spin on
 //! an epoch counter for up to [`SPIN`] after their last task, then sleep on
 //! a condition variable (so a forward pass waiting on a trace sink or on the
-//! reference does not hold a core). The work of every task is split
-//! statically: member `m` always takes the `m`-th contiguous range, so the
-//! same element is computed by the same code whatever the thread count.
+//! reference does not hold a core). Every element of a product is computed
+//! by the same code whatever member (and thread count) computes it.
 //!
 //! Tasks own what they read (or borrow it for the whole pass, `'env`) and
 //! hand results back by value: no `unsafe`, and per product only one small
@@ -160,19 +159,11 @@ impl<'env> Team<'_, 'env> {
         assert!(!board.panicked.load(SeqCst), "an engine worker panicked");
     }
 
-    /// Member `m`'s share of `0..n`: contiguous, in member order, sizes a
-    /// multiple of `align` except the last.
-    pub fn share(&self, n: usize, align: usize, m: usize) -> Range<usize> {
-        let units = n.div_ceil(align);
-        let per = units / self.threads;
-        let extra = units % self.threads;
-        let start = m * per + m.min(extra);
-        let len = per + usize::from(m < extra);
-        (start * align).min(n)..((start + len) * align).min(n)
-    }
-
-    /// `f` over every member's [`Team::share`] of `0..n`, the results
-    /// concatenated in range order.
+    /// `f` over consecutive ranges of `0..n` (sizes a multiple of `align`
+    /// except the last), the results concatenated in range order. Members
+    /// claim ranges from a shared counter, [`CHUNKS_PER_MEMBER`] per member
+    /// on average, so a member slowed down by the machine does not hold
+    /// the others up; which member computes a range never changes its bits.
     pub fn map_ranges<T: Send + 'env>(
         &self,
         n: usize,
@@ -182,14 +173,20 @@ impl<'env> Team<'_, 'env> {
         if self.threads == 1 {
             return f(0..n);
         }
+        let units = n.div_ceil(align);
+        let chunk = align * units.div_ceil(self.threads * CHUNKS_PER_MEMBER).max(1);
+        let n_chunks = n.div_ceil(chunk);
         let parts: Arc<Vec<Mutex<Vec<T>>>> =
-            Arc::new((0..self.threads).map(|_| Mutex::new(Vec::new())).collect());
-        let shares: Vec<Range<usize>> =
-            (0..self.threads).map(|m| self.share(n, align, m)).collect();
+            Arc::new((0..n_chunks).map(|_| Mutex::new(Vec::new())).collect());
+        let next = Arc::new(AtomicUsize::new(0));
         let out = parts.clone();
-        self.run(move |m| {
-            let r = f(shares[m].clone());
-            *out[m].lock().unwrap_or_else(|e| e.into_inner()) = r;
+        self.run(move |_| loop {
+            let c = next.fetch_add(1, SeqCst);
+            if c >= n_chunks {
+                break;
+            }
+            let r = f(c * chunk..((c + 1) * chunk).min(n));
+            *out[c].lock().unwrap_or_else(|e| e.into_inner()) = r;
         });
         let mut all = Vec::new();
         for p in parts.iter() {
@@ -198,3 +195,6 @@ impl<'env> Team<'_, 'env> {
         all
     }
 }
+
+/// Ranges per member of a [`Team::map_ranges`] (see there).
+const CHUNKS_PER_MEMBER: usize = 8;
