@@ -441,7 +441,11 @@ impl<'a> Compute<'a, '_> {
         // Vocabulary blocks bound the transposition scratch (a prefill of
         // 128 tokens over a 128k vocabulary would otherwise hold the logits twice).
         let block = if t == 1 { v } else { LOGITS_BLOCK_ROWS.min(v) };
-        let mut y = vec![0f32; t * v];
+        let mut y = if t == 1 {
+            Vec::new()
+        } else {
+            vec![0f32; t * v]
+        };
         for b0 in (0..v).step_by(block) {
             let rows = block.min(v - b0);
             let xs = xs.clone();
@@ -460,8 +464,7 @@ impl<'a> Compute<'a, '_> {
                 out
             });
             if t == 1 {
-                y[b0..b0 + rows].copy_from_slice(&out_t);
-                continue;
+                return out_t; // one block: already [1, V]
             }
             for (r, o) in out_t.chunks_exact(t).enumerate() {
                 for (ti, &val) in o.iter().enumerate() {

@@ -188,9 +188,13 @@ impl<'env> Team<'_, 'env> {
             let r = f(c * chunk..((c + 1) * chunk).min(n));
             *out[c].lock().unwrap_or_else(|e| e.into_inner()) = r;
         });
-        let mut all = Vec::new();
-        for p in parts.iter() {
-            all.append(&mut p.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut parts: Vec<Vec<T>> = parts
+            .iter()
+            .map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner())))
+            .collect();
+        let mut all = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+        for p in &mut parts {
+            all.append(p);
         }
         all
     }
