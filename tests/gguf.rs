@@ -4,6 +4,8 @@
 //! supported tensor type; every class of hostile file has a row in a table
 //! that names the error it must produce; random corruption must never panic.
 
+mod common;
+
 use divergence::gguf::{GgmlType, GgufError, GgufFile, GgufWriter, MetaArray, MetaValue};
 use divergence::quant::i2s;
 use proptest::collection::vec;
@@ -797,13 +799,7 @@ fn i2s_bytes_match_the_layout_by_hand() {
 /// rejects I2_S (type 36), so this file has F32/F16 tensors only.
 #[test]
 fn python_gguf_reader_agrees() {
-    let has_gguf = std::process::Command::new("python3")
-        .args(["-c", "import gguf"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_gguf {
-        eprintln!("skipped: python3 package `gguf` not installed (pip install 'gguf==0.19.*')");
+    if !common::python_gguf_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -858,18 +854,7 @@ tensors = [dict(name=t.name, shape=[int(d) for d in t.shape], type=int(t.tensor_
                 offset=int(t.data_offset), n_bytes=int(t.n_bytes)) for t in r.tensors]
 print(json.dumps(dict(fields=fields, tensors=tensors)))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "gguf reader failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let py = common::python_json(script, &path);
 
     let ours = GgufFile::open(&path).unwrap();
     let fields = py["fields"].as_object().unwrap();

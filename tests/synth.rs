@@ -2,6 +2,8 @@
 //! bytes, the weights have the statistics a real model would, the files
 //! carry what bitnet.cpp needs, and the tokenizer behaves like llama.cpp's SPM.
 
+mod common;
+
 use divergence::engine::tokenizer::Tokenizer;
 use divergence::gguf::{
     tensor_stats, GgmlType, GgufFile, GgufWriter, MetaArray, MetaValue, TensorStats,
@@ -628,13 +630,7 @@ fn gen_model_and_inspect_from_the_command_line() {
 /// `carries_what_the_reference_needs`. Skipped without the package.
 #[test]
 fn python_gguf_reads_synth_metadata() {
-    let has_gguf = std::process::Command::new("python3")
-        .args(["-c", "import gguf"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_gguf {
-        eprintln!("skipped: python3 package `gguf` not installed (pip install 'gguf==0.19.*')");
+    if !common::python_gguf_available() {
         return;
     }
     let model = load(&tiny());
@@ -656,18 +652,7 @@ fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF
 tensors = [[t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset), int(t.n_bytes)] for t in r.tensors]
 print(json.dumps(dict(fields=fields, tensors=tensors)))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let py = common::python_json(script, &path);
 
     let ours = GgufFile::open(&path).unwrap();
     let fields = py["fields"].as_object().unwrap();
