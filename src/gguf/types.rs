@@ -82,7 +82,7 @@ impl GgmlType {
     /// I2_S mirrors `ggml_nbytes` in bitnet.cpp: `n/4` bytes of codes plus 32
     /// bytes holding the f32 scale and padding.
     pub fn tensor_bytes(self, n_elements: u64) -> Option<u64> {
-        if n_elements % self.block_size() != 0 {
+        if !n_elements.is_multiple_of(self.block_size()) {
             return None;
         }
         match self {

@@ -85,7 +85,7 @@ fn nearest_int(p: f64) -> i32 {
 /// Quantize a [T, n] matrix row by row.
 pub fn quantize_rows(x: &[f32], n: usize, out: &mut [i8], variant: ActQuantVariant) -> Vec<ActRow> {
     assert_eq!(x.len(), out.len());
-    assert!(n > 0 && x.len() % n == 0);
+    assert!(n > 0 && x.len().is_multiple_of(n));
     x.chunks_exact(n)
         .zip(out.chunks_exact_mut(n))
         .map(|(xr, qr)| quantize_row_i8_s(xr, qr, variant))

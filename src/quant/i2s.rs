@@ -41,7 +41,7 @@ fn position(i: usize) -> (usize, u32) {
 /// If `ternary.len()` is not a multiple of 128 or a value is outside {-1, 0, 1}.
 pub fn pack(ternary: &[i8], scale: f32) -> Vec<u8> {
     assert!(
-        ternary.len() % BLOCK == 0,
+        ternary.len().is_multiple_of(BLOCK),
         "I2_S packs whole 128-value blocks; got {} values",
         ternary.len()
     );
@@ -72,7 +72,7 @@ pub fn pack(ternary: &[i8], scale: f32) -> Vec<u8> {
 /// If `n` is not a multiple of 128 or `bytes` is shorter than `n / 4 + 4`.
 pub fn unpack(bytes: &[u8], n: usize) -> (Vec<i8>, f32) {
     assert!(
-        n % BLOCK == 0,
+        n.is_multiple_of(BLOCK),
         "I2_S holds whole 128-value blocks; asked for {n} values"
     );
     let codes = &bytes[..n / 4];

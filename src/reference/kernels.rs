@@ -26,7 +26,7 @@ pub fn quantize_row_i8_s(x: &[f32]) -> (Vec<i8>, f32, i32) {
 /// of 128 or the slices are short (the kernel would read out of bounds).
 pub fn vec_dot_i2_i8_s(row: &[u8], q: &[i8]) -> Option<f32> {
     let n = q.len();
-    if n % 128 != 0 || row.len() < n / 4 || n > i32::MAX as usize || !available() {
+    if !n.is_multiple_of(128) || row.len() < n / 4 || n > i32::MAX as usize || !available() {
         return None;
     }
     // SAFETY: row holds n/4 packed bytes and q n codes, checked above.
@@ -35,7 +35,7 @@ pub fn vec_dot_i2_i8_s(row: &[u8], q: &[i8]) -> Option<f32> {
 
 /// `quantize_i2_s`: f32 weights [n_out rows of n_in] to the I2_S tensor bytes.
 pub fn quantize_i2_s(w: &[f32], n_in: usize, n_out: usize) -> Option<Vec<u8>> {
-    if n_in % 128 != 0 || w.len() != n_in * n_out {
+    if !n_in.is_multiple_of(128) || w.len() != n_in * n_out {
         return None;
     }
     let mut out = vec![0u8; n_in * n_out / 4 + 32];
@@ -50,7 +50,11 @@ pub fn quantize_i2_s(w: &[f32], n_in: usize, n_out: usize) -> Option<Vec<u8>> {
 /// The reference's full I2_S mat-vec for one activation row: quantize, dot
 /// every weight row, rescale, exactly as ggml's mul_mat does for I2_S.
 pub fn i2s_matvec(tensor: &[u8], n_in: usize, n_out: usize, x: &[f32]) -> Option<Vec<f32>> {
-    if n_in % 128 != 0 || x.len() != n_in || tensor.len() < n_in * n_out / 4 + 4 || !available() {
+    if !n_in.is_multiple_of(128)
+        || x.len() != n_in
+        || tensor.len() < n_in * n_out / 4 + 4
+        || !available()
+    {
         return None;
     }
     let mut out = vec![0f32; n_out];

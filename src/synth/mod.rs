@@ -218,19 +218,19 @@ impl SynthConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_head {} does not divide n_embd {}",
                 self.n_head, self.n_embd
             ));
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!(
                 "n_head_kv {} does not divide n_head {}",
                 self.n_head_kv, self.n_head
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()
@@ -239,7 +239,7 @@ impl SynthConfig {
         // Every I2_S projection has n_embd as one of its dims, so this makes
         // every tensor a whole number of 128-value blocks. n_ff may break rows
         // (the real 3B does); see `Preset::Bitnet3B`.
-        if self.n_embd % i2s::BLOCK != 0 {
+        if !self.n_embd.is_multiple_of(i2s::BLOCK) {
             return bad(format!(
                 "n_embd {} must be a multiple of {} (I2_S blocks)",
                 self.n_embd,
