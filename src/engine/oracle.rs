@@ -13,11 +13,10 @@
 //! steps go through tinyBLAS on f32 operands in the reference).
 
 use super::config::Arch;
-use super::kernels::scalar;
 use super::ops::round_f16;
 use super::weights::{DenseMatrix, I2sMatrix};
 use super::{Engine, KvType};
-use crate::quant::act::{quantize_rows, ActQuantVariant};
+use crate::quant::i2s;
 use crate::trace::Stage;
 
 /// The reference's tensors, as the oracle needs them.
@@ -240,25 +239,46 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f64> {
         .collect()
 }
 
-/// Int8 codes as the model defines them, an exact integer dot, then
-/// `(Σcode·q − Σq) / act_scale · weight_scale (· extra scale)` in f64.
+/// Int8 codes as the model defines them, an exact ternary dot, then
+/// `Σ w·q / act_scale · weight_scale (· extra scale)` in f64. Written out
+/// here, not borrowed from the candidate's quantizer or kernels: an oracle
+/// that shares the candidate's rounding would share its bugs (it once did,
+/// and blamed the reference for our f32-rounded activation products).
 fn linear(engine: &Engine, m: &I2sMatrix, x: &[f32]) -> Vec<f64> {
     let t = x.len() / m.n_in;
-    let mut q = vec![0i8; x.len()];
-    let acts = quantize_rows(x, m.n_in, &mut q, ActQuantVariant::REFERENCE);
     let codes = m.codes(engine.file());
-    let row_bytes = m.n_in / 4;
     let mut y = vec![0f64; t * m.n_out];
-    for r in 0..m.n_out {
-        let cr = &codes[r * row_bytes..(r + 1) * row_bytes];
-        for (ti, act) in acts.iter().enumerate() {
-            let s =
-                scalar::dot_exact(cr, &q[ti * m.n_in..(ti + 1) * m.n_in]) as i64 - act.sum as i64;
-            let v = s as f64 / act.scale as f64 * m.weight_scale as f64;
+    for (ti, row) in x.chunks_exact(m.n_in).enumerate() {
+        let (q, scale) = quantize_activations(row);
+        for r in 0..m.n_out {
+            let dot: i64 = q
+                .iter()
+                .enumerate()
+                .map(|(j, &qj)| (i2s::code_at(codes, r * m.n_in + j) as i64 - 1) * qj as i64)
+                .sum();
+            let v = dot as f64 / scale as f64 * m.weight_scale as f64;
             y[ti * m.n_out + r] = v * m.extra_scale.map_or(1.0, |s| s as f64);
         }
     }
     y
+}
+
+/// BitNet b1.58's per-token absmax int8 quantization: the scale 127/max
+/// (max floored at 1e-5) kept as the f32 the format stores, each code the
+/// integer nearest the exact product x·scale (ties to even), clamped to
+/// [-128, 127].
+fn quantize_activations(row: &[f32]) -> (Vec<i32>, f32) {
+    let max = row.iter().fold(1e-5f64, |m, &v| m.max((v as f64).abs()));
+    let scale = (127.0 / max) as f32;
+    let q = row
+        .iter()
+        .map(|&v| {
+            ((v as f64) * scale as f64)
+                .round_ties_even()
+                .clamp(-128.0, 127.0) as i32
+        })
+        .collect();
+    (q, scale)
 }
 
 fn rope(x: &[f32], n_heads: usize, hd: usize, pos0: usize, base: f32, arch: Arch) -> Vec<f64> {
