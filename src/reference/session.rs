@@ -165,16 +165,18 @@ pub struct ContextOptions {
     pub n_batch: usize,
 }
 
-/// Receives each captured node as it arrives.
-pub type NodeCallback = Box<dyn FnMut(&Node)>;
+/// Receives each captured node as it arrives, and owns it from then on.
+pub type NodeCallback = Box<dyn FnMut(Node)>;
 
 /// What the `cb_eval` callback writes into: owned by the context, boxed so its
 /// address stays fixed while bitnet.cpp holds a pointer to it.
 struct CaptureState {
     filter: CaptureFilter,
+    /// Captured nodes, unless `on_node` takes them.
     nodes: Vec<Node>,
     /// Called with each node as it is captured (the worker streams them so
-    /// that a crash still leaves the last stage reached).
+    /// that a crash still leaves the last stage reached); the node is then
+    /// not kept, so a full-size step's activations are never held twice.
     on_node: Option<NodeCallback>,
     panicked: bool,
 }
@@ -191,7 +193,8 @@ pub struct Context {
 pub struct Decoded {
     /// Row-major [T, n_vocab].
     pub logits: Vec<f32>,
-    /// Every captured graph node, in callback order.
+    /// Every captured graph node, in callback order (none when a node
+    /// callback streams them).
     pub nodes: Vec<Node>,
 }
 
@@ -246,7 +249,8 @@ impl Context {
         &self.model
     }
 
-    /// Streams every captured node to `f` as it is captured.
+    /// Streams every captured node to `f` as it is captured; `decode` then
+    /// returns no nodes.
     pub fn on_node(&mut self, f: NodeCallback) {
         self.capture.on_node = Some(f);
     }
@@ -338,10 +342,10 @@ unsafe extern "C" fn eval_callback(t: *mut ffi::ggml_tensor, ask: bool, user: *m
         }
         // SAFETY: the node has been computed; its data lives on the CPU.
         let node = unsafe { read_node(tensor, name) };
-        if let Some(f) = state.on_node.as_mut() {
-            f(&node);
+        match state.on_node.as_mut() {
+            Some(f) => f(node),
+            None => state.nodes.push(node),
         }
-        state.nodes.push(node);
         true
     }));
     match result {

@@ -88,11 +88,6 @@ fn handle(
     ctx: &mut Option<Context>,
     out: &Out,
 ) -> Result<(Reply, Vec<u8>), RefError> {
-    let need = |ctx: &mut Option<Context>| -> Result<(), RefError> {
-        ctx.as_ref()
-            .map(|_| ())
-            .ok_or_else(|| RefError::Worker("no model loaded".into()))
-    };
     match req {
         Request::Load {
             model,
@@ -105,10 +100,10 @@ fn handle(
             let n_vocab = m.n_vocab();
             let mut c = Context::new(m, &opts, filter)?;
             let sink = Arc::clone(out);
-            c.on_node(Box::new(move |node: &Node| {
+            c.on_node(Box::new(move |node: Node| {
                 let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
                 // Flushed per node: if the next op aborts, this one arrived.
-                let _ = write_frame(&mut *w, b'N', node, &f32_bytes(&node.data))
+                let _ = write_frame(&mut *w, b'N', &node, &f32_bytes(&node.data))
                     .and_then(|_| w.flush());
             }));
             *ctx = Some(c);
@@ -121,28 +116,15 @@ fn handle(
             ))
         }
         Request::Tokenize { text, add_bos } => {
-            need(ctx)?;
-            let ids = ctx
-                .as_ref()
-                .map(|c| c.model().tokenize(&text, add_bos))
-                .transpose()?
-                .unwrap_or_default();
+            let ids = loaded(ctx)?.model().tokenize(&text, add_bos)?;
             Ok((Reply::Tokens(ids), Vec::new()))
         }
         Request::Detokenize { ids } => {
-            need(ctx)?;
-            let text = ctx
-                .as_ref()
-                .map(|c| c.model().detokenize(&ids))
-                .unwrap_or_default();
+            let text = loaded(ctx)?.model().detokenize(&ids);
             Ok((Reply::Text(text), Vec::new()))
         }
         Request::Decode { tokens, pos0 } => {
-            need(ctx)?;
-            let c = ctx
-                .as_mut()
-                .ok_or_else(|| RefError::Worker("no model loaded".into()))?;
-            let decoded = c.decode(&tokens, pos0)?;
+            let decoded = loaded(ctx)?.decode(&tokens, pos0)?;
             Ok((
                 Reply::Decoded {
                     n_tokens: tokens.len(),
@@ -151,20 +133,20 @@ fn handle(
             ))
         }
         Request::SetFilter { filter } => {
-            need(ctx)?;
-            if let Some(c) = ctx.as_mut() {
-                c.set_filter(filter);
-            }
+            loaded(ctx)?.set_filter(filter);
             Ok((Reply::Done, Vec::new()))
         }
         Request::ClearKv => {
-            need(ctx)?;
-            if let Some(c) = ctx.as_mut() {
-                c.clear_kv();
-            }
+            loaded(ctx)?.clear_kv();
             Ok((Reply::Done, Vec::new()))
         }
     }
+}
+
+/// The loaded context, or the error every request but `Load` gives without one.
+fn loaded(ctx: &mut Option<Context>) -> Result<&mut Context, RefError> {
+    ctx.as_mut()
+        .ok_or_else(|| RefError::Worker("no model loaded".into()))
 }
 
 fn write_frame<W: Write, T: Serialize>(
