@@ -4,7 +4,9 @@
 //! quantizer is quantize_row_i8_s.
 
 use divergence::engine::kernels::{scalar, Kernel};
+use divergence::engine::kv_cache::{KvCache, KvRow};
 use divergence::engine::ops;
+use divergence::engine::KvType;
 use divergence::quant::act::{quantize_row_i8_s, ActQuantVariant};
 use divergence::quant::i2s;
 use proptest::prelude::*;
@@ -304,6 +306,63 @@ proptest! {
             }
         }
     }
+
+    /// Attention over a cache, every kernel against the scalar specification
+    /// bit for bit (both cache types, head sizes that are not a multiple of
+    /// the lanes, key counts that are not a multiple of the 4-key groups),
+    /// and the specification against f64.
+    #[test]
+    fn attention_kernels_equal_scalar(
+        hd in 1usize..=160,
+        n_keys in 0usize..=41,
+        f16 in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let kv_heads = 2;
+        let ty = if f16 { KvType::F16 } else { KvType::F32 };
+        let cache = KvCache::new(ty, 1, n_keys.max(1), kv_heads * hd, hd);
+        let mut rng = seed | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        };
+        for pos in 0..n_keys {
+            let k: Vec<f32> = (0..kv_heads * hd).map(|_| next()).collect();
+            let v: Vec<f32> = (0..kv_heads * hd).map(|_| next()).collect();
+            cache.write(0, pos, &k, &v);
+        }
+        let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+        let p: Vec<f32> = (0..n_keys).map(|_| next().abs()).collect();
+        for kvh in 0..kv_heads {
+            let (keys, vals) = (cache.keys(0, kvh), cache.values(0, kvh));
+            let mut want_s = vec![0f32; n_keys];
+            Kernel::Scalar.attn_scores(&q, &keys, &mut want_s);
+            let mut want_o = vec![7f32; hd];
+            Kernel::Scalar.attn_apply(&p, &vals, &mut want_o);
+            // The specification is the mathematics, to f32 rounding.
+            for (j, &s) in want_s.iter().enumerate() {
+                let k = kv_row_f64(keys.row(j));
+                let exact: f64 = q.iter().zip(&k).map(|(&a, &b)| a as f64 * b).sum();
+                let mag: f64 = q.iter().zip(&k).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                prop_assert!((s as f64 - exact).abs() <= 1e-5 * mag + 1e-30, "score {} vs {}", s, exact);
+            }
+            for (d, &o) in want_o.iter().enumerate() {
+                let exact: f64 = (0..n_keys).map(|j| p[j] as f64 * kv_row_f64(vals.row(j))[d]).sum();
+                let mag: f64 = (0..n_keys).map(|j| (p[j] as f64 * kv_row_f64(vals.row(j))[d]).abs()).sum();
+                prop_assert!((o as f64 - exact).abs() <= 1e-5 * mag + 1e-30, "apply {} vs {}", o, exact);
+            }
+            for kernel in Kernel::available() {
+                let mut s = vec![0f32; n_keys];
+                kernel.attn_scores(&q, &keys, &mut s);
+                prop_assert_eq!(bits(&s), bits(&want_s), "{:?} scores", kernel);
+                let mut o = vec![-3f32; hd];
+                kernel.attn_apply(&p, &vals, &mut o);
+                prop_assert_eq!(bits(&o), bits(&want_o), "{:?} apply", kernel);
+            }
+        }
+    }
 }
 
 #[test]
@@ -385,5 +444,16 @@ fn kernel_speed_report() {
                 s / reps as f64 * 1e6
             );
         }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn kv_row_f64(row: KvRow<'_>) -> Vec<f64> {
+    match row {
+        KvRow::F16(r) => r.iter().map(|v| v.to_f64()).collect(),
+        KvRow::F32(r) => r.iter().map(|&v| v as f64).collect(),
     }
 }

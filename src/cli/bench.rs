@@ -10,13 +10,14 @@
 
 use super::CliResult;
 use anyhow::{anyhow, Context as _};
+use divergence::compare::metrics::argmax;
 use divergence::engine::kernels::Kernel;
 use divergence::engine::{Engine, EngineOptions, KvType};
 use divergence::gguf::GgufFile;
 use divergence::quant::act::{quantize_row_i8_s, ActQuantVariant};
 use divergence::reference::worker::{default_exe, peak_rss_of, Worker};
 use divergence::reference::{kernels, CaptureFilter, ContextOptions};
-use divergence::trace::NoTrace;
+use divergence::trace::{NoTrace, StageClock, TraceSink};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,10 @@ pub struct Args {
     /// Decode steps measured.
     #[arg(long, default_value_t = 32)]
     decode: usize,
+    /// Model mode: rounds of (prefill, decode) per engine, alternating which
+    /// engine goes first; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Time the I2_S mat-vec kernels instead of whole models.
     #[arg(long)]
     kernel: bool,
@@ -49,6 +54,10 @@ pub struct Args {
     reps: usize,
     #[arg(long)]
     json: bool,
+    /// Model mode: also time the candidate's decode stage by stage (the
+    /// untraced code path, a clock read between stages).
+    #[arg(long)]
+    stages: bool,
 }
 
 #[derive(Serialize)]
@@ -71,10 +80,25 @@ struct ModelReport {
     candidate_kernel: String,
     candidate: EngineNumbers,
     reference: EngineNumbers,
+    /// Medians over this many rounds (each round times both engines).
+    rounds: usize,
+    /// Per round, in order: [prefill tok/s, decode tok/s].
+    candidate_rounds: Vec<[f64; 2]>,
+    reference_rounds: Vec<[f64; 2]>,
     decode_ratio: f64,
     prefill_ratio: f64,
     /// Candidate peak RSS over (file + KV cache); the target is <= 1.10.
     candidate_rss_over_file_plus_kv: Option<f64>,
+    /// With `--stages`: the candidate's decode time by stage (the time from
+    /// the previous stage to this one), all layers summed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    candidate_decode_stages: Option<Vec<StageTime>>,
+}
+
+#[derive(Serialize)]
+struct StageTime {
+    stage: String,
+    ms_per_token: f64,
 }
 
 #[derive(Serialize)]
@@ -101,6 +125,9 @@ pub fn run(args: Args) -> CliResult {
         .model
         .clone()
         .ok_or_else(|| anyhow!("--model is required"))?;
+    if args.rounds == 0 {
+        return Err(anyhow!("--rounds must be positive").into());
+    }
     if args.prefill == 0 || args.decode == 0 || args.prefill + args.decode + 1 > 4096 {
         return Err(
             anyhow!("--prefill and --decode must be positive and fit a 4096 context").into(),
@@ -116,29 +143,18 @@ pub fn run(args: Args) -> CliResult {
         ..Default::default()
     };
     let mut engine = Engine::from_gguf(file.clone(), opts)?;
+    let ref_err = |e: divergence::reference::RefError| super::Failure {
+        code: 3,
+        error: e.into(),
+    };
     let c = engine.config().clone();
     let prompt: Vec<u32> = (0..args.prefill)
         .map(|i| 3 + (i as u32 * 7919) % (c.n_vocab as u32 - 3))
         .collect();
 
-    // Candidate.
-    engine.forward(&prompt[..8.min(prompt.len())], &mut NoTrace)?; // warm the page cache
-    engine.reset();
-    let t = Instant::now();
-    let logits = engine.forward(&prompt, &mut NoTrace)?;
-    let cand_prefill = args.prefill as f64 / t.elapsed().as_secs_f64();
-    let mut next = divergence::compare::metrics::argmax(&logits[logits.len() - c.n_vocab..]) as u32;
-    let t = Instant::now();
-    for _ in 0..args.decode {
-        let l = engine.forward(&[next], &mut NoTrace)?;
-        next = divergence::compare::metrics::argmax(&l) as u32;
-    }
-    let cand_decode = args.decode as f64 / t.elapsed().as_secs_f64();
-    let cand_rss = peak_rss_of("/proc/self/status");
-    let weight_bytes = engine.weight_bytes();
-    drop(engine);
-
-    // Reference, in its worker, capturing nothing.
+    // Both engines stay loaded; rounds alternate which one goes first, and
+    // each number reported is the median over rounds, so a slow spell of
+    // this (shared, noisy) machine lands on both sides.
     let ctx = ContextOptions {
         threads: args.threads,
         kv_type: KvType::F16,
@@ -151,28 +167,44 @@ pub fn run(args: Args) -> CliResult {
             code: 3,
             error: e.into(),
         })?;
-    let ref_err = |e: divergence::reference::RefError| super::Failure {
-        code: 3,
-        error: e.into(),
-    };
-    reference
-        .decode(&prompt[..8.min(prompt.len())], 0)
-        .map_err(ref_err)?;
-    reference.clear_kv().map_err(ref_err)?;
-    let t = Instant::now();
-    let (logits, _) = reference.decode(&prompt, 0).map_err(ref_err)?;
-    let ref_prefill = args.prefill as f64 / t.elapsed().as_secs_f64();
-    let mut next = divergence::compare::metrics::argmax(&logits[logits.len() - c.n_vocab..]) as u32;
-    let t = Instant::now();
-    for i in 0..args.decode {
-        let (l, _) = reference
-            .decode(&[next], args.prefill + i)
-            .map_err(ref_err)?;
-        next = divergence::compare::metrics::argmax(&l) as u32;
+    let warm = &prompt[..8.min(prompt.len())]; // the page cache, both sides
+    engine.forward(warm, &mut NoTrace)?;
+    reference.decode(warm, 0).map_err(ref_err)?;
+    let mut clock = args.stages.then(StageClock::default);
+    let (mut cand, mut refr) = (Vec::new(), Vec::new());
+    // This process also receives the reference's logits (66 MB for a 128
+    // token prefill of a 128k vocabulary): the candidate's peak RSS is read
+    // after its own rounds, with the high-water mark reset before each
+    // where the kernel allows it (round 0 runs the candidate first anyway).
+    let mut cand_rss: Option<u64> = None;
+    for round in 0..args.rounds {
+        for side in [round % 2, 1 - round % 2] {
+            if side == 0 {
+                let reset = round == 0 || reset_peak_rss();
+                cand.push(time_candidate(&mut engine, &prompt, &args, clock.as_mut())?);
+                if reset {
+                    cand_rss = cand_rss.max(peak_rss_of("/proc/self/status"));
+                }
+            } else {
+                refr.push(time_reference(&mut reference, &prompt, &args).map_err(ref_err)?);
+            }
+        }
     }
-    let ref_decode = args.decode as f64 / t.elapsed().as_secs_f64();
+    let decode_stages = clock.map(|c| {
+        c.by_stage()
+            .filter(|&(_, s)| s > 0.0)
+            .map(|(stage, s)| StageTime {
+                stage: stage.name().to_string(),
+                ms_per_token: 1e3 * s / (args.decode * args.rounds) as f64,
+            })
+            .collect::<Vec<_>>()
+    });
     let ref_rss = reference.peak_rss_bytes();
+    let weight_bytes = engine.weight_bytes();
     drop(reference);
+    drop(engine);
+    let (cand_prefill, cand_decode) = medians(&cand);
+    let (ref_prefill, ref_decode) = medians(&refr);
 
     let kv_bytes = (2 * c.n_layer * n_ctx * c.n_embd_kv() * 2) as u64;
     let gb = |tok_s: f64| weight_bytes as f64 * tok_s / 1e9;
@@ -197,10 +229,14 @@ pub fn run(args: Args) -> CliResult {
             decode_gb_s: gb(ref_decode),
             peak_rss_bytes: ref_rss,
         },
+        rounds: args.rounds,
+        candidate_rounds: cand,
+        reference_rounds: refr,
         decode_ratio: cand_decode / ref_decode,
         prefill_ratio: cand_prefill / ref_prefill,
         candidate_rss_over_file_plus_kv: cand_rss
             .map(|r| r as f64 / (file.file_size() + kv_bytes) as f64),
+        candidate_decode_stages: decode_stages,
     };
     if args.json {
         println!(
@@ -213,11 +249,12 @@ pub fn run(args: Args) -> CliResult {
                 .unwrap_or("?".into())
         };
         println!(
-            "model {} ({:.0} MiB), {} threads, candidate kernel {}",
+            "model {} ({:.0} MiB), {} threads, candidate kernel {}; medians of {} rounds",
             report.model,
             report.file_bytes as f64 / 1048576.0,
             args.threads,
-            report.candidate_kernel
+            report.candidate_kernel,
+            args.rounds
         );
         println!(
             "{:<12} {:>14} {:>14} {:>12} {:>12}",
@@ -247,8 +284,88 @@ pub fn run(args: Args) -> CliResult {
                 .map(|r| format!("{r:.2}"))
                 .unwrap_or("?".into())
         );
+        if let Some(stages) = &report.candidate_decode_stages {
+            let total: f64 = stages.iter().map(|s| s.ms_per_token).sum();
+            println!("candidate decode by stage (ms/token, all layers):");
+            for s in stages {
+                println!(
+                    "  {:<16} {:>8.3} {:>6.1}%",
+                    s.stage,
+                    s.ms_per_token,
+                    100.0 * s.ms_per_token / total
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One round of the candidate: prefill the prompt from an empty cache, then
+/// greedy decode; [prefill tok/s, decode tok/s].
+fn time_candidate(
+    engine: &mut Engine,
+    prompt: &[u32],
+    args: &Args,
+    mut clock: Option<&mut StageClock>,
+) -> Result<[f64; 2], divergence::engine::EngineError> {
+    let n_vocab = engine.config().n_vocab;
+    engine.reset();
+    let t = Instant::now();
+    let logits = engine.forward(prompt, &mut NoTrace)?;
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    let mut next = argmax(&logits[logits.len() - n_vocab..]) as u32;
+    let t = Instant::now();
+    for _ in 0..args.decode {
+        let sink: &mut dyn TraceSink = match clock.as_deref_mut() {
+            Some(c) => {
+                c.restart();
+                c
+            }
+            None => &mut NoTrace,
+        };
+        next = argmax(&engine.forward(&[next], sink)?) as u32;
+    }
+    Ok([prefill, args.decode as f64 / t.elapsed().as_secs_f64()])
+}
+
+/// [`time_candidate`] for bitnet.cpp in its worker.
+fn time_reference(
+    reference: &mut Worker,
+    prompt: &[u32],
+    args: &Args,
+) -> Result<[f64; 2], divergence::reference::RefError> {
+    reference.clear_kv()?;
+    let t = Instant::now();
+    let (logits, _) = reference.decode(prompt, 0)?;
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    let n_vocab = logits.len() / prompt.len();
+    let mut next = argmax(&logits[logits.len() - n_vocab..]) as u32;
+    let t = Instant::now();
+    for i in 0..args.decode {
+        next = argmax(&reference.decode(&[next], prompt.len() + i)?.0) as u32;
+    }
+    Ok([prefill, args.decode as f64 / t.elapsed().as_secs_f64()])
+}
+
+/// Reset this process's peak RSS (VmHWM) to its current RSS; false where
+/// the kernel does not allow it.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Medians of the rounds' prefill and decode rates.
+fn medians(rounds: &[[f64; 2]]) -> (f64, f64) {
+    let median = |k: usize| {
+        let mut v: Vec<f64> = rounds.iter().map(|r| r[k]).collect();
+        v.sort_by(f64::total_cmp);
+        let m = v.len() / 2;
+        if v.len() % 2 == 1 {
+            v[m]
+        } else {
+            (v[m - 1] + v[m]) / 2.0
+        }
+    };
+    (median(0), median(1))
 }
 
 fn kernel_bench(args: &Args) -> CliResult {

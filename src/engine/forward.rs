@@ -4,7 +4,7 @@
 
 use super::faults::{Fault, FaultSet};
 use super::kernels::{scalar, Kernel};
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvHead};
 use super::ops::{self, round_f16};
 use super::team::{with_team, Team};
 use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
@@ -30,7 +30,7 @@ pub(crate) struct Compute<'a, 't> {
 /// one scale and sum per row), shared by the products that read the same input.
 pub(crate) struct ActCodes {
     q: Arc<[i8]>,
-    acts: Vec<ActRow>,
+    acts: Arc<[ActRow]>,
 }
 
 /// The per-head attention math, small enough to copy into a team task.
@@ -39,6 +39,7 @@ pub(crate) struct Heads<'a> {
     config: &'a ModelConfig,
     faults: FaultSet,
     kv_f16: bool,
+    kernel: Kernel,
 }
 
 pub(crate) fn forward<S: TraceSink + ?Sized>(
@@ -56,7 +57,8 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         kernel,
         faults,
     } = engine;
-    let (file, config, weights): (&GgufFile, &ModelConfig, &_) = (file, config, weights);
+    let (file, config, weights, kv): (&GgufFile, &ModelConfig, &_, &KvCache) =
+        (file, config, weights, kv);
     with_team(opts.threads, |team| {
         let cx = Compute {
             file,
@@ -69,6 +71,7 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
                 config,
                 faults: *faults,
                 kv_f16: opts.kv_type == KvType::F16,
+                kernel: *kernel,
             },
         };
         let (t, e) = (tokens.len(), config.n_embd);
@@ -92,7 +95,7 @@ impl<'a> Compute<'a, '_> {
         &self,
         l: usize,
         w: &'a LayerWeights,
-        kv: &mut KvCache,
+        kv: &'a KvCache,
         pos0: usize,
         x: Vec<f32>,
         sink: &mut S,
@@ -112,11 +115,9 @@ impl<'a> Compute<'a, '_> {
         let mut cur = ops::rms_norm(&x, e, self.eps(), &w.attn_norm);
         sink.stage(at, Stage::AttnNorm, &[t, e], &mut cur);
         let cur_q = self.quantize(&cur, e); // shared by q, k and v
-        let mut q = self.linear(&w.q, &cur_q);
+        let [mut q, mut k, mut v] = self.linear_many([&w.q, &w.k, &w.v], &cur_q);
         sink.stage(at, Stage::QProj, &[t, e], &mut q);
-        let mut k = self.linear(&w.k, &cur_q);
         sink.stage(at, Stage::KProj, &[t, ekv], &mut k);
-        let mut v = self.linear(&w.v, &cur_q);
         sink.stage(at, Stage::VProj, &[t, ekv], &mut v);
         self.rope(&mut q, c.n_head, pos0);
         sink.stage(at, Stage::QRope, &[t, e], &mut q);
@@ -149,7 +150,7 @@ impl<'a> Compute<'a, '_> {
         let mut cur = ops::rms_norm(&ffn_inp, e, self.eps(), &w.ffn_norm);
         sink.stage(at, Stage::FfnNorm, &[t, e], &mut cur);
         let cur_q = self.quantize(&cur, e); // shared by gate and up
-        let mut gate = self.linear(&w.gate, &cur_q);
+        let [mut gate, mut up] = self.linear_many([&w.gate, &w.up], &cur_q);
         sink.stage(at, Stage::FfnGate, &[t, f], &mut gate);
         let mut act = if self.ffn_relu2() {
             ops::relu2(&gate)
@@ -157,7 +158,6 @@ impl<'a> Compute<'a, '_> {
             ops::silu(&gate)
         };
         sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
-        let mut up = self.linear(&w.up, &cur_q);
         sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
         let mut prod = ops::mul(&act, &up);
         sink.stage(at, Stage::FfnMul, &[t, f], &mut prod);
@@ -209,29 +209,62 @@ impl<'a> Compute<'a, '_> {
         x
     }
 
-    /// An I2_S projection of the rows quantized by [`Compute::quantize`]:
-    /// integer products, then ggml's epilogue
-    /// `((float)Σcode·q − (float)Σq) / act_scale * weight_scale` and the
-    /// optional `*.scale` multiply. Rows of the matrix are split across
-    /// threads; each output element is computed by exactly one thread.
+    /// An I2_S projection of the rows quantized by [`Compute::quantize`]
+    /// (see [`Compute::linear_many`]).
     fn linear(&self, m: &'a I2sMatrix, x: &ActCodes) -> Vec<f32> {
-        let (n_in, n_out) = (m.n_in, m.n_out);
-        let (q, acts) = (x.q.clone(), &x.acts);
-        let t = acts.len();
-        assert_eq!(q.len(), t * n_in);
-        let (codes, kernel, wrap) = (m.codes(self.file), self.kernel, self.wrap);
-        let sums = self.team.map_ranges(n_out, ROW_ALIGN, move |rows| {
-            let mut out = vec![0i32; rows.len() * t];
-            kernel.matmul(wrap, codes, n_in, rows, &q, &mut out);
-            out
-        });
-        let mut y = vec![0f32; t * n_out];
-        for (r, row_sums) in sums.chunks_exact(t).enumerate() {
-            for (ti, (&s, act)) in row_sums.iter().zip(acts).enumerate() {
-                y[ti * n_out + r] = self.dequant(s, act, m);
-            }
-        }
+        let [y] = self.linear_many([m], x);
         y
+    }
+
+    /// I2_S projections of the same quantized rows by several matrices, as
+    /// one team task over their rows end to end (one hand-over instead of
+    /// one per matrix): integer products, then ggml's epilogue
+    /// `((float)Σcode·q − (float)Σq) / act_scale * weight_scale` and the
+    /// optional `*.scale` multiply, both in the task that computed the sums.
+    /// Each output element is computed by exactly one member, by the same
+    /// code whatever the thread count. Results are [T, n_out] per matrix.
+    fn linear_many<const N: usize>(&self, ms: [&'a I2sMatrix; N], x: &ActCodes) -> [Vec<f32>; N] {
+        let (q, acts) = (x.q.clone(), x.acts.clone());
+        let t = acts.len();
+        let n_in = ms[0].n_in;
+        assert!(ms.iter().all(|m| m.n_in == n_in));
+        assert_eq!(q.len(), t * n_in);
+        let (kernel, wrap) = (self.kernel, self.wrap);
+        let parts: [(&'a [u8], usize, Dequant); N] =
+            ms.map(|m| (m.codes(self.file), m.n_out, self.dequant_of(m)));
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        // [row, token] over all matrices' rows end to end.
+        let out = self.team.map_ranges(total, ROW_ALIGN, move |rows| {
+            let mut sums = vec![0i32; rows.len() * t];
+            let mut y = Vec::with_capacity(rows.len() * t);
+            let mut base = 0; // first row of the current matrix in `total`
+            for &(codes, n_out, dq) in &parts {
+                let lo = rows.start.max(base);
+                let hi = rows.end.min(base + n_out);
+                if lo < hi {
+                    let s = &mut sums[..(hi - lo) * t];
+                    kernel.matmul(wrap, codes, n_in, lo - base..hi - base, &q, s);
+                    dq.extend(s, &acts, &mut y);
+                }
+                base += n_out;
+            }
+            y
+        });
+        let mut base = 0;
+        parts.map(|(_, n_out, _)| {
+            let block = &out[base * t..(base + n_out) * t];
+            base += n_out;
+            if t == 1 {
+                return block.to_vec();
+            }
+            let mut y = vec![0f32; t * n_out];
+            for (r, row) in block.chunks_exact(t).enumerate() {
+                for (ti, &v) in row.iter().enumerate() {
+                    y[ti * n_out + r] = v;
+                }
+            }
+            y
+        })
     }
 
     /// Per-row int8 quantization of `x` ([T, n]), rows split across the
@@ -241,12 +274,15 @@ impl<'a> Compute<'a, '_> {
         let t = x.len() / n;
         let mut q = vec![0i8; x.len()];
         if t == 1 || self.team.threads() == 1 {
-            let acts = x
+            let acts: Vec<ActRow> = x
                 .chunks_exact(n)
                 .zip(q.chunks_exact_mut(n))
                 .map(|(xr, qr)| kernel.quantize_row(xr, qr, variant))
                 .collect();
-            return ActCodes { q: q.into(), acts };
+            return ActCodes {
+                q: q.into(),
+                acts: acts.into(),
+            };
         }
         let x = x.to_vec();
         let rows = self.team.map_ranges(t, 1, move |rows| {
@@ -262,27 +298,25 @@ impl<'a> Compute<'a, '_> {
             out.copy_from_slice(&qr);
             acts.push(act);
         }
-        ActCodes { q: q.into(), acts }
+        ActCodes {
+            q: q.into(),
+            acts: acts.into(),
+        }
     }
 
-    #[inline]
-    fn dequant(&self, sum: i32, act: &ActRow, m: &I2sMatrix) -> f32 {
-        let offset = if self.faults.has(Fault::MissingRowSum) {
-            0
-        } else if self.faults.has(Fault::I2sCodeOffByOne) {
-            2 * act.sum
-        } else {
-            act.sum
-        };
-        let v = (sum as f32 - offset as f32) / act.scale;
-        let v = if self.faults.has(Fault::WeightScaleDivide) {
-            v / m.weight_scale
-        } else {
-            v * m.weight_scale
-        };
-        match m.extra_scale {
-            Some(s) => v * s,
-            None => v,
+    /// The epilogue of an I2_S product by `m`, with this pass's faults.
+    fn dequant_of(&self, m: &I2sMatrix) -> Dequant {
+        Dequant {
+            offset_times: if self.faults.has(Fault::MissingRowSum) {
+                0
+            } else if self.faults.has(Fault::I2sCodeOffByOne) {
+                2
+            } else {
+                1
+            },
+            weight_scale: m.weight_scale,
+            divide_weight_scale: self.faults.has(Fault::WeightScaleDivide),
+            extra_scale: m.extra_scale,
         }
     }
 
@@ -305,19 +339,18 @@ impl<'a> Compute<'a, '_> {
 
     /// Raw q·k for every head, [H, T, K]; future entries are 0 unless
     /// NoCausalMask (then they are computed, for the softmax to use).
-    fn attn_scores(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
+    fn attn_scores(&self, kv: &'a KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
         let c = self.config;
-        let (hd, t) = (c.head_dim, q.len() / c.n_embd);
+        let t = q.len() / c.n_embd;
         let n_keys = pos0 + t;
-        let keys = self.gather(kv, l, n_keys, false);
         let (heads, q) = (self.heads, q.to_vec());
         self.team.map_ranges(c.n_head, 1, move |hs| {
             let mut s = vec![0f32; hs.len() * t * n_keys];
             for (h, sh) in hs.zip(s.chunks_exact_mut(t * n_keys)) {
-                let keys = &keys[heads.kv_head(h)];
+                let keys = kv.keys(l, heads.kv_head(h));
                 for (ti, row) in sh.chunks_exact_mut(n_keys).enumerate() {
                     let n = heads.visible(pos0, ti, n_keys);
-                    Heads::score_row(&heads.query(&q, ti, h), keys, hd, &mut row[..n]);
+                    heads.score_row(&heads.query(&q, ti, h), &keys, &mut row[..n]);
                 }
             }
             s
@@ -351,54 +384,46 @@ impl<'a> Compute<'a, '_> {
     }
 
     /// probs [H, T, K] · V → [T, E].
-    fn attn_apply(&self, kv: &KvCache, l: usize, probs: &[f32], pos0: usize, t: usize) -> Vec<f32> {
-        let c = self.config;
-        let (hd, n_keys) = (c.head_dim, pos0 + t);
-        let vals = self.gather(kv, l, n_keys, true);
+    fn attn_apply(
+        &self,
+        kv: &'a KvCache,
+        l: usize,
+        probs: &[f32],
+        pos0: usize,
+        t: usize,
+    ) -> Vec<f32> {
+        let n_keys = pos0 + t;
+        let hd = self.config.head_dim;
         let (heads, probs) = (self.heads, probs.to_vec());
         self.per_head_out(t, move |h, out| {
-            let vals = &vals[heads.kv_head(h)];
+            let vals = kv.values(l, heads.kv_head(h));
             for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
                 let p = &probs[(h * t + ti) * n_keys..(h * t + ti + 1) * n_keys];
                 let n = heads.visible(pos0, ti, n_keys);
-                heads.apply_row(&p[..n], vals, hd, t, o);
+                heads.apply_row(&p[..n], &vals, t, o);
             }
         })
     }
 
-    /// Untraced attention: the same row math without [H, T, K] buffers.
-    fn attention(&self, kv: &KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
+    /// Untraced attention: the same row math without [H, T, K] buffers,
+    /// reading the cache in place from inside the team's tasks.
+    fn attention(&self, kv: &'a KvCache, l: usize, q: &[f32], pos0: usize) -> Vec<f32> {
         let c = self.config;
         let (hd, t) = (c.head_dim, q.len() / c.n_embd);
         let n_keys = pos0 + t;
-        let keys = self.gather(kv, l, n_keys, false);
-        let vals = self.gather(kv, l, n_keys, true);
         let (heads, q) = (self.heads, q.to_vec());
         self.per_head_out(t, move |h, out| {
-            let (keys, vals) = (&keys[heads.kv_head(h)], &vals[heads.kv_head(h)]);
+            let keys = kv.keys(l, heads.kv_head(h));
+            let vals = kv.values(l, heads.kv_head(h));
             let mut raw = vec![0f32; n_keys];
             let mut p = vec![0f32; n_keys];
             for (ti, o) in out.chunks_exact_mut(hd).enumerate() {
                 let n = heads.visible(pos0, ti, n_keys);
-                Heads::score_row(&heads.query(&q, ti, h), keys, hd, &mut raw[..n]);
+                heads.score_row(&heads.query(&q, ti, h), &keys, &mut raw[..n]);
                 ops::softmax_row(&raw, n, heads.attn_scale(), &mut p);
-                heads.apply_row(&p[..n], vals, hd, t, o);
+                heads.apply_row(&p[..n], &vals, t, o);
             }
         })
-    }
-
-    /// Cached keys (or values) of every kv head as f32 [n_keys, head_dim],
-    /// converted once per kv head and shared by its query heads.
-    fn gather(&self, kv: &KvCache, l: usize, n_keys: usize, values: bool) -> Vec<Vec<f32>> {
-        (0..self.config.n_head_kv)
-            .map(|kvh| {
-                if values {
-                    kv.values(l, kvh, n_keys)
-                } else {
-                    kv.keys(l, kvh, n_keys)
-                }
-            })
-            .collect()
     }
 
     /// Run `f(h, out[T, hd])` for every head across the team and interleave
@@ -476,6 +501,49 @@ impl<'a> Compute<'a, '_> {
     }
 }
 
+/// ggml's I2_S epilogue for one matrix (and the bug-zoo faults in it).
+#[derive(Clone, Copy)]
+struct Dequant {
+    /// The activation sum subtracted this many times (1; the faults 0 or 2).
+    offset_times: i32,
+    weight_scale: f32,
+    divide_weight_scale: bool,
+    extra_scale: Option<f32>,
+}
+
+impl Dequant {
+    /// Append the outputs of `sums` ([rows, T], token-minor) to `out`.
+    fn extend(self, sums: &[i32], acts: &[ActRow], out: &mut Vec<f32>) {
+        let t = acts.len();
+        if t == 1 {
+            // One token: a straight loop the compiler can vectorise.
+            let act = acts[0];
+            out.extend(sums.iter().map(|&s| self.apply(s, act)));
+        } else {
+            out.extend(
+                sums.iter()
+                    .enumerate()
+                    .map(|(i, &s)| self.apply(s, acts[i % t])),
+            );
+        }
+    }
+
+    #[inline(always)]
+    fn apply(self, sum: i32, act: ActRow) -> f32 {
+        let offset = self.offset_times * act.sum;
+        let v = (sum as f32 - offset as f32) / act.scale;
+        let v = if self.divide_weight_scale {
+            v / self.weight_scale
+        } else {
+            v * self.weight_scale
+        };
+        match self.extra_scale {
+            Some(s) => v * s,
+            None => v,
+        }
+    }
+}
+
 impl Heads<'_> {
     /// The kv head query head `h` reads.
     fn kv_head(&self, h: usize) -> usize {
@@ -516,23 +584,19 @@ impl Heads<'_> {
         }
     }
 
-    /// `out[j] = q·k_j` for j < n (f32, left to right).
-    fn score_row(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
-        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
-            *o = ops::dot_f32(q, k);
-        }
+    /// `out[j] = q·k_j` for j < n ([`scalar::dot_attn`]'s order).
+    fn score_row(&self, q: &[f32], keys: &KvHead<'_>, out: &mut [f32]) {
+        self.kernel.attn_scores(q, keys, out);
     }
 
     /// `out[d] = Σ_j p_j v_j[d]` (probabilities rounded to f16 when V is F16
     /// and ggml would convert them, see [`Compute::f16_operand`]).
-    fn apply_row(&self, p: &[f32], vals: &[f32], hd: usize, t: usize, out: &mut [f32]) {
-        out.fill(0.0);
-        let round = self.kv_f16 && Compute::f16_operand(t);
-        for (&pj, vj) in p.iter().zip(vals.chunks_exact(hd)) {
-            let pj = if round { round_f16(pj) } else { pj };
-            for (o, &v) in out.iter_mut().zip(vj) {
-                *o += pj * v;
-            }
+    fn apply_row(&self, p: &[f32], vals: &KvHead<'_>, t: usize, out: &mut [f32]) {
+        if self.kv_f16 && Compute::f16_operand(t) {
+            let p: Vec<f32> = p.iter().map(|&pj| round_f16(pj)).collect();
+            self.kernel.attn_apply(&p, vals, out);
+        } else {
+            self.kernel.attn_apply(p, vals, out);
         }
     }
 }

@@ -1,10 +1,14 @@
 //! The KV cache: per layer, one row of K and one of V per position, stored
 //! F16 (the reference's default: values are rounded to half when cached) or
 //! F32. Buffers are zero-allocated up front; the OS maps pages lazily.
+//!
+//! Attention reads the cache where it lies, from inside the team's tasks:
+//! each layer's rows sit behind a lock that the forward pass takes for
+//! writing once per layer (uncontended) and the tasks take for reading.
 
 use super::KvType;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
+use std::sync::{RwLock, RwLockReadGuard};
 
 enum Rows {
     F16(Vec<f16>),
@@ -29,13 +33,53 @@ impl Rows {
             Rows::F32(v) => v[at..at + src.len()].copy_from_slice(src),
         }
     }
+}
 
-    fn read(&self, at: usize, dst: &mut [f32]) {
-        let n = dst.len();
+/// One cached row of one kv head, as stored.
+#[derive(Clone, Copy)]
+pub enum KvRow<'a> {
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
+impl<'a> KvRow<'a> {
+    /// The row of an F16 cache (panics on an F32 one).
+    pub fn f16(self) -> &'a [f16] {
         match self {
-            // Exact either way; the slice form converts with F16C in bulk.
-            Rows::F16(v) => v[at..at + n].convert_to_f32_slice(dst),
-            Rows::F32(v) => dst.copy_from_slice(&v[at..at + n]),
+            KvRow::F16(r) => r,
+            KvRow::F32(_) => panic!("an F32 row read as F16"),
+        }
+    }
+
+    /// The row of an F32 cache (panics on an F16 one).
+    pub fn f32(self) -> &'a [f32] {
+        match self {
+            KvRow::F32(r) => r,
+            KvRow::F16(_) => panic!("an F16 row read as F32"),
+        }
+    }
+}
+
+/// The keys (or values) of one kv head of one layer, read-locked.
+pub struct KvHead<'a> {
+    rows: RwLockReadGuard<'a, Rows>,
+    stride: usize,
+    offset: usize,
+    head_dim: usize,
+}
+
+impl KvHead<'_> {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// The row of position `j`.
+    #[inline]
+    pub fn row(&self, j: usize) -> KvRow<'_> {
+        let at = j * self.stride + self.offset;
+        match &*self.rows {
+            Rows::F16(v) => KvRow::F16(&v[at..at + self.head_dim]),
+            Rows::F32(v) => KvRow::F32(&v[at..at + self.head_dim]),
         }
     }
 }
@@ -44,8 +88,8 @@ pub struct KvCache {
     capacity: usize,
     n_embd_kv: usize,
     head_dim: usize,
-    k: Vec<Rows>,
-    v: Vec<Rows>,
+    k: Vec<RwLock<Rows>>,
+    v: Vec<RwLock<Rows>>,
 }
 
 impl KvCache {
@@ -58,7 +102,7 @@ impl KvCache {
     ) -> KvCache {
         let make = || {
             (0..n_layer)
-                .map(|_| Rows::new(ty, capacity * n_embd_kv))
+                .map(|_| RwLock::new(Rows::new(ty, capacity * n_embd_kv)))
                 .collect()
         };
         KvCache {
@@ -75,28 +119,34 @@ impl KvCache {
     }
 
     /// Store rows [T, n_embd_kv] of K and V for positions `pos0..pos0+T`.
-    pub fn write(&mut self, layer: usize, pos0: usize, k: &[f32], v: &[f32]) {
+    pub fn write(&self, layer: usize, pos0: usize, k: &[f32], v: &[f32]) {
         debug_assert!(pos0 * self.n_embd_kv + k.len() <= self.capacity * self.n_embd_kv);
-        self.k[layer].write(pos0 * self.n_embd_kv, k);
-        self.v[layer].write(pos0 * self.n_embd_kv, v);
-    }
-
-    fn gather(&self, rows: &Rows, kv_head: usize, n_keys: usize) -> Vec<f32> {
-        let hd = self.head_dim;
-        let mut out = vec![0f32; n_keys * hd];
-        for (j, dst) in out.chunks_exact_mut(hd).enumerate() {
-            rows.read(j * self.n_embd_kv + kv_head * hd, dst);
+        let at = pos0 * self.n_embd_kv;
+        // A poisoned lock only means a task panicked while reading (that
+        // panic is reported); the rows are plain numbers, so carry on.
+        for (rows, src) in [(&self.k[layer], k), (&self.v[layer], v)] {
+            rows.write()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(at, src);
         }
-        out
     }
 
-    /// Keys of one kv head for positions 0..n_keys, as f32 [n_keys, head_dim].
-    pub fn keys(&self, layer: usize, kv_head: usize, n_keys: usize) -> Vec<f32> {
-        self.gather(&self.k[layer], kv_head, n_keys)
+    fn head<'a>(&'a self, rows: &'a RwLock<Rows>, kv_head: usize) -> KvHead<'a> {
+        KvHead {
+            rows: rows.read().unwrap_or_else(|e| e.into_inner()),
+            stride: self.n_embd_kv,
+            offset: kv_head * self.head_dim,
+            head_dim: self.head_dim,
+        }
     }
 
-    /// Values of one kv head for positions 0..n_keys, as f32 [n_keys, head_dim].
-    pub fn values(&self, layer: usize, kv_head: usize, n_keys: usize) -> Vec<f32> {
-        self.gather(&self.v[layer], kv_head, n_keys)
+    /// The cached keys of one kv head of `layer` (row j = position j).
+    pub fn keys(&self, layer: usize, kv_head: usize) -> KvHead<'_> {
+        self.head(&self.k[layer], kv_head)
+    }
+
+    /// The cached values of one kv head of `layer` (row j = position j).
+    pub fn values(&self, layer: usize, kv_head: usize) -> KvHead<'_> {
+        self.head(&self.v[layer], kv_head)
     }
 }

@@ -143,29 +143,3 @@ pub fn softmax_row(raw: &[f32], n: usize, scale: f32, out: &mut [f32]) {
         *o = 0.0;
     }
 }
-
-/// `Σ a[i]·b[i]` in f32 with 8 interleaved accumulators (element i in lane
-/// i % 8, then a pairwise fold): a fixed order that the compiler can
-/// vectorise, so the result never depends on threads or call site.
-#[inline]
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a[..n].chunks_exact(8), b[..n].chunks_exact(8));
-    let (ra, rb) = (a8.remainder(), b8.remainder());
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-        acc[l] += x * y;
-    }
-    let s4 = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    (s4[0] + s4[2]) + (s4[1] + s4[3])
-}

@@ -201,4 +201,4 @@ impl<'env> Team<'_, 'env> {
 }
 
 /// Ranges per member of a [`Team::map_ranges`] (see there).
-const CHUNKS_PER_MEMBER: usize = 8;
+const CHUNKS_PER_MEMBER: usize = 1;

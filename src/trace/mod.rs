@@ -234,6 +234,50 @@ impl TraceSink for NoTrace {
     fn stage(&mut self, _: Option<usize>, _: Stage, _: &[usize], _: &mut [f32]) {}
 }
 
+/// Tracing off, but the wall time from one stage to the next is charged to
+/// the later stage (the work that produced it): where a forward pass spends
+/// its time, by stage, with the untraced code path (`divergence bench --stages`).
+#[derive(Debug, Clone)]
+pub struct StageClock {
+    last: std::time::Instant,
+    /// Seconds per stage, indexed like [`Stage::ALL`].
+    pub seconds: [f64; Stage::ALL.len()],
+}
+
+impl Default for StageClock {
+    fn default() -> Self {
+        StageClock {
+            last: std::time::Instant::now(),
+            seconds: [0.0; Stage::ALL.len()],
+        }
+    }
+}
+
+impl StageClock {
+    /// Start the clock for the next forward pass (time before this is not charged).
+    pub fn restart(&mut self) {
+        self.last = std::time::Instant::now();
+    }
+
+    /// Stages with their seconds, in execution order.
+    pub fn by_stage(&self) -> impl Iterator<Item = (Stage, f64)> + '_ {
+        Stage::ALL.iter().copied().zip(self.seconds.iter().copied())
+    }
+}
+
+impl TraceSink for StageClock {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    fn stage(&mut self, _: Option<usize>, stage: Stage, _: &[usize], _: &mut [f32]) {
+        let now = std::time::Instant::now();
+        let i = Stage::ALL.iter().position(|&s| s == stage).unwrap_or(0);
+        self.seconds[i] += (now - self.last).as_secs_f64();
+        self.last = now;
+    }
+}
+
 /// Records every stage it sees (one forward pass).
 #[derive(Default, Debug, Clone)]
 pub struct Recorder {

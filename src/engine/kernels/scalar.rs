@@ -142,6 +142,35 @@ pub fn dot_f32_row(row: &[u8], x: &[f32]) -> f32 {
     )
 }
 
+/// Accumulator lanes of the attention products (q·k per cached key).
+pub const ATTN_LANES: usize = 8;
+
+/// The specification of an attention score: element `i` of `q·k` is added
+/// to lane `i % 8` (product and sum as separate f32 operations), then the
+/// lanes are folded pairwise `acc[l] += acc[l + w]` for w = 4, 2, 1.
+pub fn dot_attn(k: impl Iterator<Item = f32>, q: &[f32]) -> f32 {
+    let mut acc = [0f32; ATTN_LANES];
+    for (i, (ki, &qi)) in k.zip(q).enumerate() {
+        acc[i % ATTN_LANES] += qi * ki;
+    }
+    let mut w = ATTN_LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// The specification of one step of `probs · V`: `out[d] += p * v[d]`
+/// (product and sum as separate f32 operations).
+pub fn axpy(p: f32, v: impl Iterator<Item = f32>, out: &mut [f32]) {
+    for (o, vd) in out.iter_mut().zip(v) {
+        *o += p * vd;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
