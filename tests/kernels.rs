@@ -307,6 +307,19 @@ proptest! {
         }
     }
 
+    /// Bulk f16 rounding is element-wise f16 rounding (any f32 bits:
+    /// subnormals, overflow to infinity, ties; NaN stays NaN).
+    #[test]
+    fn bulk_f16_rounding_is_elementwise(bits_in in proptest::collection::vec(any::<u32>(), 0..700)) {
+        let x: Vec<f32> = bits_in.iter().map(|&b| f32::from_bits(b)).collect();
+        let got = ops::round_f16_slice(&x);
+        prop_assert_eq!(got.len(), x.len());
+        for (&g, &v) in got.iter().zip(&x) {
+            let want = ops::round_f16(v);
+            prop_assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{} -> {} vs {}", v, g, want);
+        }
+    }
+
     /// Attention over a cache, every kernel against the scalar specification
     /// bit for bit (both cache types, head sizes that are not a multiple of
     /// the lanes, key counts that are not a multiple of the 4-key groups),

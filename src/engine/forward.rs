@@ -5,7 +5,7 @@
 use super::faults::{Fault, FaultSet};
 use super::kernels::{scalar, Kernel};
 use super::kv_cache::{KvCache, KvHead};
-use super::ops::{self, round_f16};
+use super::ops;
 use super::team::{with_team, Team};
 use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
 use super::{Engine, I2sMode, KvType, ModelConfig};
@@ -152,11 +152,7 @@ impl<'a> Compute<'a, '_> {
         let cur_q = self.quantize(&cur, e); // shared by gate and up
         let [mut gate, mut up] = self.linear_many([&w.gate, &w.up], &cur_q);
         sink.stage(at, Stage::FfnGate, &[t, f], &mut gate);
-        let mut act = if self.ffn_relu2() {
-            ops::relu2(&gate)
-        } else {
-            ops::silu(&gate)
-        };
+        let mut act = self.ffn_act(&gate);
         sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
         sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
         let mut prod = ops::mul(&act, &up);
@@ -187,6 +183,19 @@ impl<'a> Compute<'a, '_> {
 
     fn ffn_relu2(&self) -> bool {
         self.config.arch.ffn_relu2() != self.faults.has(Fault::WrongFfnAct)
+    }
+
+    /// The FFN activation (SiLU or squared ReLU) element-wise, split across
+    /// the team (SiLU's exp is the costly part of the serial work).
+    fn ffn_act(&self, gate: &[f32]) -> Vec<f32> {
+        let act: fn(&[f32]) -> Vec<f32> = if self.ffn_relu2() {
+            ops::relu2
+        } else {
+            ops::silu
+        };
+        let gate: Arc<[f32]> = gate.into();
+        self.team
+            .map_ranges(gate.len(), ACT_ALIGN, move |r| act(&gate[r]))
     }
 
     fn act_variant(&self) -> ActQuantVariant {
@@ -431,7 +440,8 @@ impl<'a> Compute<'a, '_> {
     fn per_head_out(&self, t: usize, f: impl Fn(usize, &mut [f32]) + Send + Sync + 'a) -> Vec<f32> {
         let c = self.config;
         let hd = c.head_dim;
-        let per_head = self.team.map_ranges(c.n_head, 1, move |hs| {
+        // Heads are short compute-bound tasks: small ranges balance them.
+        let per_head = self.team.map_ranges_by(c.n_head, 1, 8, move |hs| {
             let mut out = vec![0f32; hs.len() * t * hd];
             for (h, o) in hs.zip(out.chunks_exact_mut(t * hd)) {
                 f(h, o);
@@ -456,7 +466,7 @@ impl<'a> Compute<'a, '_> {
         let (e, v, f16) = (m.n_in, m.rows, m.is_f16());
         let t = x.len() / e;
         let xs: Arc<Vec<f32>> = Arc::new(if f16 && Self::f16_operand(t) {
-            x.iter().map(|&a| round_f16(a)).collect()
+            ops::round_f16_slice(x)
         } else {
             x.to_vec()
         });
@@ -578,7 +588,7 @@ impl Heads<'_> {
         let (e, hd) = (self.config.n_embd, self.config.head_dim);
         let row = &q[t * e + h * hd..t * e + (h + 1) * hd];
         if self.kv_f16 {
-            row.iter().map(|&v| round_f16(v)).collect()
+            ops::round_f16_slice(row)
         } else {
             row.to_vec()
         }
@@ -593,13 +603,16 @@ impl Heads<'_> {
     /// and ggml would convert them, see [`Compute::f16_operand`]).
     fn apply_row(&self, p: &[f32], vals: &KvHead<'_>, t: usize, out: &mut [f32]) {
         if self.kv_f16 && Compute::f16_operand(t) {
-            let p: Vec<f32> = p.iter().map(|&pj| round_f16(pj)).collect();
+            let p = ops::round_f16_slice(p);
             self.kernel.attn_apply(&p, vals, out);
         } else {
             self.kernel.attn_apply(p, vals, out);
         }
     }
 }
+
+/// Element ranges of an element-wise op are multiples of this (a cache line).
+const ACT_ALIGN: usize = 16;
 
 /// Vocabulary rows per block of a multi-token logits product.
 const LOGITS_BLOCK_ROWS: usize = 4096;

@@ -8,6 +8,7 @@
 
 use super::KvType;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::sync::{RwLock, RwLockReadGuard};
 
 enum Rows {
@@ -25,11 +26,7 @@ impl Rows {
 
     fn write(&mut self, at: usize, src: &[f32]) {
         match self {
-            Rows::F16(v) => {
-                for (d, &s) in v[at..at + src.len()].iter_mut().zip(src) {
-                    *d = f16::from_f32(s);
-                }
-            }
+            Rows::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
             Rows::F32(v) => v[at..at + src.len()].copy_from_slice(src),
         }
     }

@@ -11,6 +11,20 @@ pub fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
+/// [`round_f16`] of every element, in bulk (F16C where the CPU has it; the
+/// same bits as one at a time).
+pub fn round_f16_slice(x: &[f32]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![0f32; x.len()];
+    let mut half = [f16::ZERO; 256];
+    for (src, dst) in x.chunks(half.len()).zip(out.chunks_mut(half.len())) {
+        let h = &mut half[..src.len()];
+        h.convert_from_f32_slice(src);
+        h.convert_to_f32_slice(dst);
+    }
+    out
+}
+
 /// RMSNorm of each row of `x` ([rows, n]), then a separate multiply by `w`.
 /// Mirrors ggml_compute_forward_rms_norm_f32 (squares in f32 summed in f64,
 /// mean rounded to f32, `1.0f/sqrtf(mean + eps)`, `y = x*scale`) followed by

@@ -170,11 +170,24 @@ impl<'env> Team<'_, 'env> {
         align: usize,
         f: impl Fn(Range<usize>) -> Vec<T> + Send + Sync + 'env,
     ) -> Vec<T> {
+        self.map_ranges_by(n, align, CHUNKS_PER_MEMBER, f)
+    }
+
+    /// [`Team::map_ranges`] with `per_member` ranges per member on average:
+    /// few for weight streams (each new range restarts the prefetchers),
+    /// more for short compute-bound tasks of uneven length.
+    pub fn map_ranges_by<T: Send + 'env>(
+        &self,
+        n: usize,
+        align: usize,
+        per_member: usize,
+        f: impl Fn(Range<usize>) -> Vec<T> + Send + Sync + 'env,
+    ) -> Vec<T> {
         if self.threads == 1 {
             return f(0..n);
         }
         let units = n.div_ceil(align);
-        let chunk = align * units.div_ceil(self.threads * CHUNKS_PER_MEMBER).max(1);
+        let chunk = align * units.div_ceil(self.threads * per_member).max(1);
         let n_chunks = n.div_ceil(chunk);
         let parts: Arc<Vec<Mutex<Vec<T>>>> =
             Arc::new((0..n_chunks).map(|_| Mutex::new(Vec::new())).collect());
@@ -200,5 +213,7 @@ impl<'env> Team<'_, 'env> {
     }
 }
 
-/// Ranges per member of a [`Team::map_ranges`] (see there).
-const CHUNKS_PER_MEMBER: usize = 1;
+/// Ranges per member of a [`Team::map_ranges`]: few keep the weight streams
+/// long (each new range restarts the prefetchers), more let a member
+/// slowed down by the machine hand work over.
+const CHUNKS_PER_MEMBER: usize = 2;
