@@ -153,9 +153,12 @@ impl<'a> Compute<'a, '_> {
         let [mut gate, mut up] = self.linear_many([&w.gate, &w.up], &cur_q);
         sink.stage(at, Stage::FfnGate, &[t, f], &mut gate);
         let mut act = self.ffn_act(&gate);
+        drop(gate); // (buffers of [T, n_ff] are freed as soon as they are read)
         sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
         sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
-        let mut prod = ops::mul(&act, &up);
+        let mut prod = act;
+        ops::mul_assign(&mut prod, &up);
+        drop(up);
         sink.stage(at, Stage::FfnMul, &[t, f], &mut prod);
         if let Some(sub_norm) = &w.ffn_sub_norm {
             prod = ops::rms_norm(&prod, f, self.eps(), sub_norm);
@@ -232,9 +235,17 @@ impl<'a> Compute<'a, '_> {
     /// optional `*.scale` multiply, both in the task that computed the sums.
     /// Each output element is computed by exactly one member, by the same
     /// code whatever the thread count. Results are [T, n_out] per matrix.
+    /// (With several tokens the matrices go one at a time, see below.)
     fn linear_many<const N: usize>(&self, ms: [&'a I2sMatrix; N], x: &ActCodes) -> [Vec<f32>; N] {
         let (q, acts) = (x.q.clone(), x.acts.clone());
         let t = acts.len();
+        if N > 1 && t > 1 {
+            // A prefill's results are megabytes and are rearranged to
+            // [T, n_out] after the product: one matrix at a time holds one
+            // of them twice instead of all of them (the hand-overs saved by
+            // fusing matter only for single tokens).
+            return ms.map(|m| self.linear(m, x));
+        }
         let n_in = ms[0].n_in;
         assert!(ms.iter().all(|m| m.n_in == n_in));
         assert_eq!(q.len(), t * n_in);
@@ -243,37 +254,37 @@ impl<'a> Compute<'a, '_> {
             ms.map(|m| (m.codes(self.file), m.n_out, self.dequant_of(m)));
         let total: usize = parts.iter().map(|p| p.1).sum();
         // [row, token] over all matrices' rows end to end.
-        let out = self.team.map_ranges(total, ROW_ALIGN, move |rows| {
-            let mut sums = vec![0i32; rows.len() * t];
-            let mut y = Vec::with_capacity(rows.len() * t);
-            let mut base = 0; // first row of the current matrix in `total`
-            for &(codes, n_out, dq) in &parts {
-                let lo = rows.start.max(base);
-                let hi = rows.end.min(base + n_out);
-                if lo < hi {
-                    let s = &mut sums[..(hi - lo) * t];
-                    kernel.matmul(wrap, codes, n_in, lo - base..hi - base, &q, s);
-                    dq.extend(s, &acts, &mut y);
+        let parts = self
+            .team
+            .map_parts(total, ROW_ALIGN, CHUNKS_PER_MEMBER, move |rows| {
+                let mut sums = vec![0i32; rows.len() * t];
+                let mut y = Vec::with_capacity(rows.len() * t);
+                let mut base = 0; // first row of the current matrix in `total`
+                for &(codes, n_out, dq) in &parts {
+                    let lo = rows.start.max(base);
+                    let hi = rows.end.min(base + n_out);
+                    if lo < hi {
+                        let s = &mut sums[..(hi - lo) * t];
+                        kernel.matmul(wrap, codes, n_in, lo - base..hi - base, &q, s);
+                        dq.extend(s, &acts, &mut y);
+                    }
+                    base += n_out;
                 }
-                base += n_out;
-            }
-            y
-        });
-        let mut base = 0;
-        parts.map(|(_, n_out, _)| {
-            let block = &out[base * t..(base + n_out) * t];
-            base += n_out;
-            if t == 1 {
-                return block.to_vec();
-            }
-            let mut y = vec![0f32; t * n_out];
-            for (r, row) in block.chunks_exact(t).enumerate() {
+                y
+            });
+        // Scatter each range into [T, n_out] per matrix, freeing it as it goes.
+        let mut ys: [Vec<f32>; N] = std::array::from_fn(|i| vec![0f32; t * ms[i].n_out]);
+        let starts: [usize; N] = std::array::from_fn(|i| ms[..i].iter().map(|m| m.n_out).sum());
+        for (rows, y) in parts {
+            for (k, row) in rows.zip(y.chunks_exact(t)) {
+                let i = starts.iter().rposition(|&s0| s0 <= k).unwrap_or(0);
+                let (r, n_out) = (k - starts[i], ms[i].n_out);
                 for (ti, &v) in row.iter().enumerate() {
-                    y[ti * n_out + r] = v;
+                    ys[i][ti * n_out + r] = v;
                 }
             }
-            y
-        })
+        }
+        ys
     }
 
     /// Per-row int8 quantization of `x` ([T, n]), rows split across the
@@ -616,6 +627,9 @@ const ACT_ALIGN: usize = 16;
 
 /// Vocabulary rows per block of a multi-token logits product.
 const LOGITS_BLOCK_ROWS: usize = 4096;
+
+/// Ranges per member of a product (see [`Team::map_ranges`]).
+const CHUNKS_PER_MEMBER: usize = 2;
 
 /// Rows of a product are shared out in multiples of this (the kernels' row
 /// tiles; any split gives the same bits, this only keeps the tiles full).

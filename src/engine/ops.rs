@@ -51,9 +51,11 @@ pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
-/// Element-wise `a * b` in f32 (the gated FFN product, ggml_mul).
-pub fn mul(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter().zip(b).map(|(x, y)| x * y).collect()
+/// Element-wise `a *= b` in f32 (the gated FFN product, ggml_mul, in place).
+pub fn mul_assign(a: &mut [f32], b: &[f32]) {
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x *= y;
+    }
 }
 
 /// SiLU, `x / (1 + e^-x)` as ggml_silu_f32 (with libm's expf; ggml uses its

@@ -183,12 +183,34 @@ impl<'env> Team<'_, 'env> {
         per_member: usize,
         f: impl Fn(Range<usize>) -> Vec<T> + Send + Sync + 'env,
     ) -> Vec<T> {
+        let mut parts = self.map_parts(n, align, per_member, f);
+        if parts.len() == 1 {
+            return parts.pop().map(|p| p.1).unwrap_or_default();
+        }
+        let mut all = Vec::with_capacity(parts.iter().map(|p| p.1.len()).sum());
+        for (_, p) in &mut parts {
+            all.append(p);
+        }
+        all
+    }
+
+    /// [`Team::map_ranges_by`] without the concatenation: each range with
+    /// its results, in range order (a caller that rearranges the results
+    /// anyway need not hold them twice).
+    pub fn map_parts<T: Send + 'env>(
+        &self,
+        n: usize,
+        align: usize,
+        per_member: usize,
+        f: impl Fn(Range<usize>) -> Vec<T> + Send + Sync + 'env,
+    ) -> Vec<(Range<usize>, Vec<T>)> {
         if self.threads == 1 {
-            return f(0..n);
+            return vec![(0..n, f(0..n))];
         }
         let units = n.div_ceil(align);
         let chunk = align * units.div_ceil(self.threads * per_member).max(1);
         let n_chunks = n.div_ceil(chunk);
+        let range = move |c: usize| c * chunk..((c + 1) * chunk).min(n);
         let parts: Arc<Vec<Mutex<Vec<T>>>> =
             Arc::new((0..n_chunks).map(|_| Mutex::new(Vec::new())).collect());
         let next = Arc::new(AtomicUsize::new(0));
@@ -198,18 +220,17 @@ impl<'env> Team<'_, 'env> {
             if c >= n_chunks {
                 break;
             }
-            let r = f(c * chunk..((c + 1) * chunk).min(n));
+            let r = f(range(c));
             *out[c].lock().unwrap_or_else(|e| e.into_inner()) = r;
         });
-        let mut parts: Vec<Vec<T>> = parts
+        parts
             .iter()
-            .map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner())))
-            .collect();
-        let mut all = Vec::with_capacity(parts.iter().map(Vec::len).sum());
-        for p in &mut parts {
-            all.append(p);
-        }
-        all
+            .enumerate()
+            .map(|(c, p)| {
+                let v = std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner()));
+                (range(c), v)
+            })
+            .collect()
     }
 }
 
