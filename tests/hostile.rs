@@ -957,6 +957,7 @@ fn gen_model_and_bench_bad_inputs_exit_2() {
         (&["bench", "--kernel", "--n-in", "100"], "multiple of 128"),
         (&["bench", "--model", ng, "--threads", "0"], "--threads"),
         (&["bench", "--model", ng, "--prefill", "0"], "--prefill"),
+        (&["bench", "--model", ng, "--rounds", "0"], "--rounds"),
     ];
     for (args, needle) in cases {
         let r = run_limited(args, Duration::from_secs(20));
@@ -968,4 +969,60 @@ fn gen_model_and_bench_bad_inputs_exit_2() {
         );
         assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
     }
+}
+
+/// `bench` end to end on the tiny model: both engines timed in every
+/// round, medians and paired ratios consistent with the rounds, the stage
+/// clock's table present (no timing is asserted).
+#[test]
+fn bench_reports_rounds_ratios_and_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    divergence::synth::write_model(&tiny(), &model).unwrap();
+    let m = model.to_str().unwrap();
+    let args = [
+        "bench",
+        "--model",
+        m,
+        "--prefill",
+        "6",
+        "--decode",
+        "3",
+        "--rounds",
+        "3",
+        "--json",
+        "--stages",
+    ];
+    let r = run_limited(&args, Duration::from_secs(120));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let rounds = |side: &str| -> Vec<[f64; 2]> { serde_json::from_value(v[side].clone()).unwrap() };
+    let (cand, refr) = (rounds("candidate_rounds"), rounds("reference_rounds"));
+    assert_eq!((cand.len(), refr.len()), (3, 3));
+    assert!(cand
+        .iter()
+        .chain(&refr)
+        .flatten()
+        .all(|&x| x.is_finite() && x > 0.0));
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[1]
+    };
+    let paired = median(cand.iter().zip(&refr).map(|(c, r)| c[1] / r[1]).collect());
+    assert_eq!(v["decode_ratio"].as_f64().unwrap(), paired);
+    assert_eq!(
+        v["candidate"]["decode_tok_s"].as_f64().unwrap(),
+        median(cand.iter().map(|c| c[1]).collect())
+    );
+    let stages = v["candidate_decode_stages"].as_array().unwrap();
+    let names: Vec<&str> = stages
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    for want in ["attn_norm", "q_proj", "attn_out", "ffn_down", "logits"] {
+        assert!(names.contains(&want), "{names:?} lacks {want}");
+    }
+    assert!(stages.iter().all(|s| s["ms_per_token"]
+        .as_f64()
+        .is_some_and(|x| x.is_finite() && x >= 0.0)));
 }
