@@ -146,18 +146,18 @@ pub fn run(args: Args) -> CliResult {
         ..Default::default()
     };
     let mut engine = Engine::from_gguf(file.clone(), opts)?;
-    let ref_err = |e: divergence::reference::RefError| super::Failure {
-        code: 3,
-        error: e.into(),
-    };
     let c = engine.config().clone();
     let prompt: Vec<u32> = (0..args.prefill)
         .map(|i| 3 + (i as u32 * 7919) % (c.n_vocab as u32 - 3))
         .collect();
 
-    // Both engines stay loaded; rounds alternate which one goes first, and
-    // each number reported is the median over rounds, so a slow spell of
-    // this (shared, noisy) machine lands on both sides.
+    // Both engines stay loaded. The candidate first runs one round on its
+    // own (it warms the page cache, and its peak RSS is read then: in the
+    // timed rounds this process also receives the reference's logits, 66 MB
+    // for a 128-token prefill of a 128k vocabulary). In each timed round the
+    // two prefills run back to back and the decodes alternate in blocks of
+    // DECODE_BLOCK tokens, the side going first alternating by round, so a
+    // slow spell of this shared machine (they last seconds) lands on both.
     let ctx = ContextOptions {
         threads: args.threads,
         kv_type: KvType::F16,
@@ -165,34 +165,37 @@ pub fn run(args: Args) -> CliResult {
         n_batch: n_ctx,
     };
     let exe = default_exe().map_err(anyhow::Error::from)?;
-    let mut reference =
-        Worker::start(&exe, &model, &ctx, CaptureFilter::none()).map_err(|e| super::Failure {
-            code: 3,
-            error: e.into(),
-        })?;
-    let warm = &prompt[..8.min(prompt.len())]; // the page cache, both sides
-    engine.forward(warm, &mut NoTrace)?;
-    reference.decode(warm, 0).map_err(ref_err)?;
-    let mut clock = args.stages.then(StageClock::default);
+    let mut worker =
+        Worker::start(&exe, &model, &ctx, CaptureFilter::none()).map_err(ref_failure)?;
+    let mut candidate = Candidate {
+        engine: &mut engine,
+        clock: None,
+    };
+    let cand_rss = {
+        let reset = reset_peak_rss();
+        time_round([&mut candidate], &prompt, args.decode)?;
+        if reset {
+            peak_rss_of("/proc/self/status")
+        } else {
+            None // the high-water mark would include the reference's client
+        }
+    };
+    let mut reference = Reference(&mut worker);
+    reference.prefill(&prompt[..8.min(prompt.len())])?; // its page cache
+    candidate.clock = args.stages.then(StageClock::default);
     let (mut cand, mut refr) = (Vec::new(), Vec::new());
-    // This process also receives the reference's logits (66 MB for a 128
-    // token prefill of a 128k vocabulary): the candidate's peak RSS is read
-    // after its own rounds, with the high-water mark reset before each
-    // where the kernel allows it (round 0 runs the candidate first anyway).
-    let mut cand_rss: Option<u64> = None;
     for round in 0..args.rounds {
-        for side in [round % 2, 1 - round % 2] {
-            if side == 0 {
-                let reset = round == 0 || reset_peak_rss();
-                cand.push(time_candidate(&mut engine, &prompt, &args, clock.as_mut())?);
-                if reset {
-                    cand_rss = cand_rss.max(peak_rss_of("/proc/self/status"));
-                }
-            } else {
-                refr.push(time_reference(&mut reference, &prompt, &args).map_err(ref_err)?);
-            }
+        if round % 2 == 0 {
+            let [c, r] = time_round([&mut candidate, &mut reference], &prompt, args.decode)?;
+            cand.push(c);
+            refr.push(r);
+        } else {
+            let [r, c] = time_round([&mut reference, &mut candidate], &prompt, args.decode)?;
+            cand.push(c);
+            refr.push(r);
         }
     }
+    let clock = candidate.clock.take();
     let decode_stages = clock.map(|c| {
         c.by_stage()
             .filter(|&(_, s)| s > 0.0)
@@ -202,9 +205,9 @@ pub fn run(args: Args) -> CliResult {
             })
             .collect::<Vec<_>>()
     });
-    let ref_rss = reference.peak_rss_bytes();
+    let ref_rss = worker.peak_rss_bytes();
     let weight_bytes = engine.weight_bytes();
-    drop(reference);
+    drop(worker);
     drop(engine);
     let (cand_prefill, cand_decode) = medians(&cand);
     let (ref_prefill, ref_decode) = medians(&refr);
@@ -309,51 +312,99 @@ pub fn run(args: Args) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One round of the candidate: prefill the prompt from an empty cache, then
-/// greedy decode; [prefill tok/s, decode tok/s].
-fn time_candidate(
-    engine: &mut Engine,
-    prompt: &[u32],
-    args: &Args,
-    mut clock: Option<&mut StageClock>,
-) -> Result<[f64; 2], divergence::engine::EngineError> {
-    let n_vocab = engine.config().n_vocab;
-    engine.reset();
-    let t = Instant::now();
-    let logits = engine.forward(prompt, &mut NoTrace)?;
-    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
-    let mut next = argmax(&logits[logits.len() - n_vocab..]) as u32;
-    let t = Instant::now();
-    for _ in 0..args.decode {
-        let sink: &mut dyn TraceSink = match clock.as_deref_mut() {
-            Some(c) => {
-                c.restart();
-                c
-            }
-            None => &mut NoTrace,
-        };
-        next = argmax(&engine.forward(&[next], sink)?) as u32;
-    }
-    Ok([prefill, args.decode as f64 / t.elapsed().as_secs_f64()])
+/// Decode tokens per turn when the engines take turns within a round.
+const DECODE_BLOCK: usize = 8;
+
+/// An engine under the clock: greedy decoding from a prompt.
+trait Timed {
+    /// Run `prompt` from an empty cache; the next (argmax) token.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure>;
+    /// Feed `next` at position `pos`, then greedily `n - 1` more; the
+    /// token after the last.
+    fn decode(&mut self, next: u32, pos: usize, n: usize) -> Result<u32, super::Failure>;
 }
 
-/// [`time_candidate`] for bitnet.cpp in its worker.
-fn time_reference(
-    reference: &mut Worker,
-    prompt: &[u32],
-    args: &Args,
-) -> Result<[f64; 2], divergence::reference::RefError> {
-    reference.clear_kv()?;
-    let t = Instant::now();
-    let (logits, _) = reference.decode(prompt, 0)?;
-    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
-    let n_vocab = logits.len() / prompt.len();
-    let mut next = argmax(&logits[logits.len() - n_vocab..]) as u32;
-    let t = Instant::now();
-    for i in 0..args.decode {
-        next = argmax(&reference.decode(&[next], prompt.len() + i)?.0) as u32;
+struct Candidate<'e> {
+    engine: &'e mut Engine,
+    clock: Option<StageClock>,
+}
+
+impl Timed for Candidate<'_> {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
+        self.engine.reset();
+        let logits = self.engine.forward(prompt, &mut NoTrace)?;
+        let n_vocab = self.engine.config().n_vocab;
+        Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
     }
-    Ok([prefill, args.decode as f64 / t.elapsed().as_secs_f64()])
+
+    fn decode(&mut self, mut next: u32, _pos: usize, n: usize) -> Result<u32, super::Failure> {
+        for _ in 0..n {
+            let sink: &mut dyn TraceSink = match self.clock.as_mut() {
+                Some(c) => {
+                    c.restart();
+                    c
+                }
+                None => &mut NoTrace,
+            };
+            next = argmax(&self.engine.forward(&[next], sink)?) as u32;
+        }
+        Ok(next)
+    }
+}
+
+/// bitnet.cpp in its worker, capturing nothing.
+struct Reference<'w>(&'w mut Worker);
+
+impl Timed for Reference<'_> {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
+        self.0.clear_kv().map_err(ref_failure)?;
+        let (logits, _) = self.0.decode(prompt, 0).map_err(ref_failure)?;
+        let n_vocab = logits.len() / prompt.len();
+        Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
+    }
+
+    fn decode(&mut self, mut next: u32, pos: usize, n: usize) -> Result<u32, super::Failure> {
+        for i in 0..n {
+            let (logits, _) = self.0.decode(&[next], pos + i).map_err(ref_failure)?;
+            next = argmax(&logits) as u32;
+        }
+        Ok(next)
+    }
+}
+
+fn ref_failure(e: divergence::reference::RefError) -> super::Failure {
+    super::Failure {
+        code: 3,
+        error: e.into(),
+    }
+}
+
+/// One round: every side prefills (back to back), then the sides take
+/// turns decoding DECODE_BLOCK tokens until each has decoded `decode`.
+/// Per side: [prefill tok/s, decode tok/s].
+fn time_round<const N: usize>(
+    mut sides: [&mut dyn Timed; N],
+    prompt: &[u32],
+    decode: usize,
+) -> Result<[[f64; 2]; N], super::Failure> {
+    let mut next = [0u32; N];
+    let mut secs = [[0f64; 2]; N];
+    for (side, (next, secs)) in sides.iter_mut().zip(next.iter_mut().zip(&mut secs)) {
+        let t = Instant::now();
+        *next = side.prefill(prompt)?;
+        secs[0] = t.elapsed().as_secs_f64();
+    }
+    let mut done = 0;
+    while done < decode {
+        let n = DECODE_BLOCK.min(decode - done);
+        for (side, (next, secs)) in sides.iter_mut().zip(next.iter_mut().zip(&mut secs)) {
+            let t = Instant::now();
+            *next = side.decode(*next, prompt.len() + done, n)?;
+            secs[1] += t.elapsed().as_secs_f64();
+        }
+        done += n;
+    }
+    Ok(secs.map(|[p, d]| [prompt.len() as f64 / p, decode as f64 / d]))
 }
 
 /// Reset this process's peak RSS (VmHWM) to its current RSS; false where
