@@ -6,7 +6,7 @@ use super::faults::{Fault, FaultSet};
 use super::kernels::{scalar, Kernel};
 use super::kv_cache::{KvCache, KvHead};
 use super::ops;
-use super::team::{with_team, Team};
+use super::team::{with_team, Team, CHUNKS_PER_MEMBER};
 use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
 use super::{Engine, I2sMode, KvType, ModelConfig};
 use crate::gguf::GgufFile;
@@ -627,9 +627,6 @@ const ACT_ALIGN: usize = 16;
 
 /// Vocabulary rows per block of a multi-token logits product.
 const LOGITS_BLOCK_ROWS: usize = 4096;
-
-/// Ranges per member of a product (see [`Team::map_ranges`]).
-const CHUNKS_PER_MEMBER: usize = 2;
 
 /// Rows of a product are shared out in multiples of this (the kernels' row
 /// tiles; any split gives the same bits, this only keeps the tiles full).

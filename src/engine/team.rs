@@ -237,4 +237,4 @@ impl<'env> Team<'_, 'env> {
 /// Ranges per member of a [`Team::map_ranges`]: few keep the weight streams
 /// long (each new range restarts the prefetchers), more let a member
 /// slowed down by the machine hand work over.
-const CHUNKS_PER_MEMBER: usize = 2;
+pub(crate) const CHUNKS_PER_MEMBER: usize = 2;
