@@ -118,64 +118,69 @@ pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
     super::scalar::fold_lanes(lanes)
 }
 
-/// [`super::scalar::dot_attn`] of `q` with four F16 keys at once (four
+/// An element type of the KV cache, as the attention kernels read it.
+pub trait CacheElem: Copy {
+    /// Eight consecutive elements from `p`, as f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C, and `p..p + 8` must be readable.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn to_f32(self) -> f32;
+}
+
+impl CacheElem for half::f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+impl CacheElem for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// [`super::scalar::dot_attn`] of `q` with four cached keys at once (four
 /// independent add chains; each key keeps the specification's 8 lanes,
 /// multiply then add, no FMA, and its fold).
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C, and every key as long as `q`.
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn dot_attn_f16_x4(q: &[f32], k: [&[half::f16]; 4]) -> [f32; 4] {
+pub unsafe fn dot_attn_x4<T: CacheElem>(q: &[f32], k: [&[T]; 4]) -> [f32; 4] {
     let full = q.len() / 8 * 8;
     let mut acc = [_mm256_setzero_ps(); 4];
     for i in (0..full).step_by(8) {
         let qv = _mm256_loadu_ps(q.as_ptr().add(i));
         for (a, k) in acc.iter_mut().zip(k) {
-            let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i));
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, T::load8(k.as_ptr().add(i))));
         }
     }
-    std::array::from_fn(|r| fold_attn(acc[r], q, full, |i| k[r][i].to_f32()))
-}
-
-/// [`dot_attn_f16_x4`] for f32 keys.
-///
-/// # Safety
-/// The CPU must support AVX2, and every key as long as `q`.
-#[target_feature(enable = "avx2")]
-pub unsafe fn dot_attn_f32_x4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
-    let full = q.len() / 8 * 8;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for i in (0..full).step_by(8) {
-        let qv = _mm256_loadu_ps(q.as_ptr().add(i));
-        for (a, k) in acc.iter_mut().zip(k) {
-            let kv = _mm256_loadu_ps(k.as_ptr().add(i));
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 8 f32, one unaligned 256-bit store.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+        for (i, &qi) in q.iter().enumerate().skip(full) {
+            lanes[i % 8] += qi * k[r][i].to_f32();
         }
-    }
-    std::array::from_fn(|r| fold_attn(acc[r], q, full, |i| k[r][i]))
+        super::scalar::fold_lanes(lanes)
+    })
 }
 
-/// The tail (elements `full..`) and the lane fold of the attention dot.
-#[target_feature(enable = "avx2")]
-fn fold_attn(acc: __m256, q: &[f32], full: usize, k: impl Fn(usize) -> f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` is 8 f32, one unaligned 256-bit store.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-    for (i, &qi) in q.iter().enumerate().skip(full) {
-        lanes[i % 8] += qi * k(i);
-    }
-    let s4 = [
-        lanes[0] + lanes[4],
-        lanes[1] + lanes[5],
-        lanes[2] + lanes[6],
-        lanes[3] + lanes[7],
-    ];
-    (s4[0] + s4[2]) + (s4[1] + s4[3])
-}
-
-/// Dimensions of the output kept in registers by [`apply_f16`]: eight
-/// 8-lane accumulators.
+/// Dimensions of the output kept in registers by [`apply`]: eight 8-lane
+/// accumulators.
 const APPLY_BLOCK: usize = 64;
 
 /// `out = Σ_j p[j] · v_j` (`out` starts at zero), each element summed over
@@ -187,7 +192,11 @@ const APPLY_BLOCK: usize = 64;
 /// The CPU must support AVX2 and F16C, and `v(j).len() == out.len()` for
 /// every j < p.len().
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn apply_f16<'v>(p: &[f32], v: impl Fn(usize) -> &'v [half::f16], out: &mut [f32]) {
+pub unsafe fn apply<'v, T: CacheElem + 'v>(
+    p: &[f32],
+    v: impl Fn(usize) -> &'v [T],
+    out: &mut [f32],
+) {
     let n = out.len();
     let mut d0 = 0;
     while d0 + APPLY_BLOCK <= n {
@@ -195,8 +204,7 @@ pub unsafe fn apply_f16<'v>(p: &[f32], v: impl Fn(usize) -> &'v [half::f16], out
         for (j, &pj) in p.iter().enumerate() {
             let (pv, row) = (_mm256_set1_ps(pj), v(j).as_ptr().add(d0));
             for (b, a) in acc.iter_mut().enumerate() {
-                let vv = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * b) as *const __m128i));
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, vv));
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, T::load8(row.add(8 * b))));
             }
         }
         for (b, a) in acc.iter().enumerate() {
@@ -208,7 +216,7 @@ pub unsafe fn apply_f16<'v>(p: &[f32], v: impl Fn(usize) -> &'v [half::f16], out
     while d0 < full {
         let mut a = _mm256_setzero_ps();
         for (j, &pj) in p.iter().enumerate() {
-            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v(j).as_ptr().add(d0) as *const __m128i));
+            let vv = T::load8(v(j).as_ptr().add(d0));
             a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(pj), vv));
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(d0), a);
@@ -218,46 +226,6 @@ pub unsafe fn apply_f16<'v>(p: &[f32], v: impl Fn(usize) -> &'v [half::f16], out
         *o = 0.0;
         for (j, &pj) in p.iter().enumerate() {
             *o += pj * v(j)[d].to_f32();
-        }
-    }
-}
-
-/// [`apply_f16`] for f32 rows.
-///
-/// # Safety
-/// The CPU must support AVX2, and `v(j).len() == out.len()` for every
-/// j < p.len().
-#[target_feature(enable = "avx2")]
-pub unsafe fn apply_f32<'v>(p: &[f32], v: impl Fn(usize) -> &'v [f32], out: &mut [f32]) {
-    let n = out.len();
-    let mut d0 = 0;
-    while d0 + APPLY_BLOCK <= n {
-        let mut acc = [_mm256_setzero_ps(); APPLY_BLOCK / 8];
-        for (j, &pj) in p.iter().enumerate() {
-            let (pv, row) = (_mm256_set1_ps(pj), v(j).as_ptr().add(d0));
-            for (b, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(row.add(8 * b))));
-            }
-        }
-        for (b, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * b), *a);
-        }
-        d0 += APPLY_BLOCK;
-    }
-    let full = n / 8 * 8;
-    while d0 < full {
-        let mut a = _mm256_setzero_ps();
-        for (j, &pj) in p.iter().enumerate() {
-            let vv = _mm256_loadu_ps(v(j).as_ptr().add(d0));
-            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(pj), vv));
-        }
-        _mm256_storeu_ps(out.as_mut_ptr().add(d0), a);
-        d0 += 8;
-    }
-    for (d, o) in out.iter_mut().enumerate().skip(full) {
-        *o = 0.0;
-        for (j, &pj) in p.iter().enumerate() {
-            *o += pj * v(j)[d];
         }
     }
 }

@@ -166,10 +166,10 @@ impl Kernel {
                 let s = unsafe {
                     match rows {
                         [KvRow::F16(a), KvRow::F16(b), KvRow::F16(c), KvRow::F16(d)] => {
-                            avx2::dot_attn_f16_x4(q, [a, b, c, d])
+                            avx2::dot_attn_x4(q, [a, b, c, d])
                         }
                         [KvRow::F32(a), KvRow::F32(b), KvRow::F32(c), KvRow::F32(d)] => {
-                            avx2::dot_attn_f32_x4(q, [a, b, c, d])
+                            avx2::dot_attn_x4(q, [a, b, c, d])
                         }
                         _ => unreachable!("one cache holds one element type"),
                     }
@@ -198,8 +198,8 @@ impl Kernel {
             // head_dim long, checked equal to out's length above.
             unsafe {
                 match vals.row(0) {
-                    KvRow::F16(_) => avx2::apply_f16(p, |j| vals.row(j).f16(), out),
-                    KvRow::F32(_) => avx2::apply_f32(p, |j| vals.row(j).f32(), out),
+                    KvRow::F16(_) => avx2::apply(p, |j| vals.row(j).f16(), out),
+                    KvRow::F32(_) => avx2::apply(p, |j| vals.row(j).f32(), out),
                 }
             }
             return;

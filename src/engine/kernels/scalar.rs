@@ -112,9 +112,10 @@ pub fn dot_dense(a: impl Iterator<Item = f32>, x: &[f32]) -> f32 {
     fold_lanes(acc)
 }
 
-/// The pairwise lane fold of [`dot_dense`].
-pub fn fold_lanes(mut acc: [f32; DENSE_LANES]) -> f32 {
-    let mut w = DENSE_LANES / 2;
+/// The pairwise lane fold of [`dot_dense`] and [`dot_attn`]:
+/// `acc[l] += acc[l + w]` for w = N/2, N/4, ..., 1 (N a power of two).
+pub fn fold_lanes<const N: usize>(mut acc: [f32; N]) -> f32 {
+    let mut w = N / 2;
     while w > 0 {
         for l in 0..w {
             acc[l] += acc[l + w];
@@ -153,14 +154,7 @@ pub fn dot_attn(k: impl Iterator<Item = f32>, q: &[f32]) -> f32 {
     for (i, (ki, &qi)) in k.zip(q).enumerate() {
         acc[i % ATTN_LANES] += qi * ki;
     }
-    let mut w = ATTN_LANES / 2;
-    while w > 0 {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-        w /= 2;
-    }
-    acc[0]
+    fold_lanes(acc)
 }
 
 /// The specification of one step of `probs · V`: `out[d] += p * v[d]`
