@@ -77,14 +77,8 @@ proptest! {
     fn kernels_equal_scalar((n_in, rows, w, q) in case(), wrap in any::<bool>(), start in 0usize..5) {
         let packed = pack(&w);
         let start = start.min(rows - 1);
-        let t = q.len() / n_in;
-        let mut want = vec![0i32; (rows - start) * t];
-        Kernel::Scalar.matmul(wrap, &packed, n_in, start..rows, &q, &mut want);
-        for k in Kernel::available() {
-            let mut got = vec![0i32; want.len()];
-            k.matmul(wrap, &packed, n_in, start..rows, &q, &mut got);
-            prop_assert_eq!(&got, &want, "kernel {}", k.name());
-        }
+        let bad = kernels_differing_from_scalar(wrap, &packed, n_in, start..rows, &q);
+        prop_assert!(bad.is_empty(), "kernels {:?} differ from scalar", bad);
     }
 
     /// The same on raw bytes: any 2-bit code, including the unused code 3,
@@ -97,22 +91,11 @@ proptest! {
     ) {
         let n_in = blocks * scalar::BLOCK;
         let rows = 3;
-        let mut state = seed | 1;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(seed);
         let w: Vec<u8> = (0..n_in * rows / 4).map(|_| next() as u8).collect();
         let q: Vec<i8> = (0..n_in * 2).map(|_| next() as i8).collect();
-        let mut want = vec![0i32; rows * 2];
-        Kernel::Scalar.matmul(wrap, &w, n_in, 0..rows, &q, &mut want);
-        for k in Kernel::available() {
-            let mut got = vec![0i32; want.len()];
-            k.matmul(wrap, &w, n_in, 0..rows, &q, &mut got);
-            prop_assert_eq!(&got, &want, "kernel {}", k.name());
-        }
+        let bad = kernels_differing_from_scalar(wrap, &w, n_in, 0..rows, &q);
+        prop_assert!(bad.is_empty(), "kernels {:?} differ from scalar", bad);
     }
 
     /// The F16 logits dot: every kernel equals the 16-lane specification
@@ -154,12 +137,10 @@ proptest! {
         t in 1usize..=5,
         seed in any::<u64>(),
     ) {
-        let mut state = seed | 1;
+        let mut raw = xorshift(seed);
         let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % 20001) as f32 / 2500.0 - 4.0
+            let x = raw();
+            (x % 20001) as f32 / 2500.0 - 4.0
         };
         let data: Vec<u8> = (0..rows * n).flat_map(|_| half::f16::from_f32(next()).to_le_bytes()).collect();
         let xs: Vec<f32> = (0..t * n).map(|_| next()).collect();
@@ -189,22 +170,11 @@ proptest! {
     ) {
         let n_in = blocks * scalar::BLOCK;
         let start = start.min(rows - 1);
-        let mut state = seed | 1;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(seed);
         let w: Vec<u8> = (0..n_in * rows / 4).map(|_| next() as u8).collect();
         let q: Vec<i8> = (0..n_in * t).map(|_| next() as i8).collect();
-        let mut want = vec![0i32; (rows - start) * t];
-        Kernel::Scalar.matmul(false, &w, n_in, start..rows, &q, &mut want);
-        for k in Kernel::available() {
-            let mut got = vec![0i32; want.len()];
-            k.matmul(false, &w, n_in, start..rows, &q, &mut got);
-            prop_assert_eq!(&got, &want, "kernel {}", k.name());
-        }
+        let bad = kernels_differing_from_scalar(false, &w, n_in, start..rows, &q);
+        prop_assert!(bad.is_empty(), "kernels {:?} differ from scalar", bad);
     }
 
     /// Every kernel's activation quantizer is quantize_row_i8_s: same
@@ -334,12 +304,10 @@ proptest! {
         let kv_heads = 2;
         let ty = if f16 { KvType::F16 } else { KvType::F32 };
         let cache = KvCache::new(ty, 1, n_keys.max(1), kv_heads * hd, hd);
-        let mut rng = seed | 1;
+        let mut raw = xorshift(seed);
         let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            let x = raw();
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
         };
         for pos in 0..n_keys {
             let k: Vec<f32> = (0..kv_heads * hd).map(|_| next()).collect();
@@ -399,28 +367,20 @@ fn long_rows_and_odd_row_counts_in_every_kernel() {
     // 3 tokens, extreme activations so that lanes do wrap.
     let n_in = 4096 + 3 * 128;
     let rows = 7;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
     let w: Vec<i8> = (0..n_in * rows)
-        .map(|_| if next() % 4 == 0 { 0 } else { 1 })
+        .map(|_| if next().is_multiple_of(4) { 0 } else { 1 })
         .collect();
     let q: Vec<i8> = (0..n_in * 3)
         .map(|i| if i % 11 == 0 { -128 } else { 127 })
         .collect();
     let packed = i2s::pack(&w, 1.0);
     for wrap in [false, true] {
-        let mut want = vec![0i32; rows * 3];
-        Kernel::Scalar.matmul(wrap, &packed, n_in, 0..rows, &q, &mut want);
-        for k in Kernel::available() {
-            let mut got = vec![0i32; rows * 3];
-            k.matmul(wrap, &packed, n_in, 0..rows, &q, &mut got);
-            assert_eq!(got, want, "{} wrap={wrap}", k.name());
-        }
+        let bad = kernels_differing_from_scalar(wrap, &packed, n_in, 0..rows, &q);
+        assert!(
+            bad.is_empty(),
+            "kernels {bad:?} differ from scalar, wrap={wrap}"
+        );
     }
     let mut exact = vec![0i32; rows * 3];
     let mut wrapped = vec![0i32; rows * 3];
@@ -469,4 +429,37 @@ fn kv_row_f64(row: KvRow<'_>) -> Vec<f64> {
         KvRow::F16(r) => r.iter().map(|v| v.to_f64()).collect(),
         KvRow::F32(r) => r.iter().map(|&v| v as f64).collect(),
     }
+}
+
+/// A xorshift64 stream (deterministic test data from one seed).
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// The kernels whose I2_S product of `rows` of `w` with `q` is not
+/// bit-identical to the scalar specification's.
+fn kernels_differing_from_scalar(
+    wrap: bool,
+    w: &[u8],
+    n_in: usize,
+    rows: std::ops::Range<usize>,
+    q: &[i8],
+) -> Vec<&'static str> {
+    let mut want = vec![0i32; rows.len() * (q.len() / n_in)];
+    Kernel::Scalar.matmul(wrap, w, n_in, rows.clone(), q, &mut want);
+    Kernel::available()
+        .into_iter()
+        .filter(|k| {
+            let mut got = vec![0i32; want.len()];
+            k.matmul(wrap, w, n_in, rows.clone(), q, &mut got);
+            got != want
+        })
+        .map(Kernel::name)
+        .collect()
 }
