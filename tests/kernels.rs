@@ -303,19 +303,37 @@ proptest! {
     ) {
         let kv_heads = 2;
         let ty = if f16 { KvType::F16 } else { KvType::F32 };
-        let cache = KvCache::new(ty, 1, n_keys.max(1), kv_heads * hd, hd);
+        // Room for more positions than are written: each kv head's block
+        // starts `capacity` rows after the previous one.
+        let cache = KvCache::new(ty, 1, n_keys + 3, kv_heads * hd, hd);
         let mut raw = xorshift(seed);
         let mut next = move || {
             let x = raw();
             (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
         };
+        let mut written = Vec::new();
         for pos in 0..n_keys {
             let k: Vec<f32> = (0..kv_heads * hd).map(|_| next()).collect();
             let v: Vec<f32> = (0..kv_heads * hd).map(|_| next()).collect();
             cache.write(0, pos, &k, &v);
+            written.push((k, v));
         }
         let q: Vec<f32> = (0..hd).map(|_| next()).collect();
         let p: Vec<f32> = (0..n_keys).map(|_| next().abs()).collect();
+        // The cache hands back, per kv head and position, what was written
+        // there (rounded to half in an F16 cache).
+        for (pos, (k, v)) in written.iter().enumerate() {
+            for kvh in 0..kv_heads {
+                let want = |x: &[f32]| -> Vec<f64> {
+                    x[kvh * hd..(kvh + 1) * hd]
+                        .iter()
+                        .map(|&e| if f16 { half::f16::from_f32(e).to_f64() } else { e as f64 })
+                        .collect()
+                };
+                prop_assert_eq!(kv_row_f64(cache.keys(0, kvh).row(pos)), want(k));
+                prop_assert_eq!(kv_row_f64(cache.values(0, kvh).row(pos)), want(v));
+            }
+        }
         for kvh in 0..kv_heads {
             let (keys, vals) = (cache.keys(0, kvh), cache.values(0, kvh));
             let mut want_s = vec![0f32; n_keys];

@@ -451,8 +451,11 @@ impl<'a> Compute<'a, '_> {
     fn per_head_out(&self, t: usize, f: impl Fn(usize, &mut [f32]) + Send + Sync + 'a) -> Vec<f32> {
         let c = self.config;
         let hd = c.head_dim;
-        // Heads are short compute-bound tasks: small ranges balance them.
-        let per_head = self.team.map_ranges_by(c.n_head, 1, 8, move |hs| {
+        // One range of consecutive heads per member: heads of a GQA group
+        // share a kv head, so its keys and values come from DRAM once and
+        // stay in L2 for the group's other heads (every head costs the
+        // same, so equal ranges balance; finer ones split the groups).
+        let per_head = self.team.map_ranges_by(c.n_head, 1, 1, move |hs| {
             let mut out = vec![0f32; hs.len() * t * hd];
             for (h, o) in hs.zip(out.chunks_exact_mut(t * hd)) {
                 f(h, o);

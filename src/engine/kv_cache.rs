@@ -60,7 +60,6 @@ impl<'a> KvRow<'a> {
 /// The keys (or values) of one kv head of one layer, read-locked.
 pub struct KvHead<'a> {
     rows: RwLockReadGuard<'a, Rows>,
-    stride: usize,
     offset: usize,
     head_dim: usize,
 }
@@ -73,10 +72,19 @@ impl KvHead<'_> {
     /// The row of position `j`.
     #[inline]
     pub fn row(&self, j: usize) -> KvRow<'_> {
-        let at = j * self.stride + self.offset;
+        self.slice(j * self.head_dim, self.head_dim)
+    }
+
+    /// The rows of positions `0..n`, back to back (the cache is head-major).
+    pub fn rows(&self, n: usize) -> KvRow<'_> {
+        self.slice(0, n * self.head_dim)
+    }
+
+    fn slice(&self, at: usize, len: usize) -> KvRow<'_> {
+        let at = self.offset + at;
         match &*self.rows {
-            Rows::F16(v) => KvRow::F16(&v[at..at + self.head_dim]),
-            Rows::F32(v) => KvRow::F32(&v[at..at + self.head_dim]),
+            Rows::F16(v) => KvRow::F16(&v[at..at + len]),
+            Rows::F32(v) => KvRow::F32(&v[at..at + len]),
         }
     }
 }
@@ -116,23 +124,28 @@ impl KvCache {
     }
 
     /// Store rows [T, n_embd_kv] of K and V for positions `pos0..pos0+T`.
+    /// The cache is head-major: each kv head's rows are one contiguous block
+    /// (`capacity` rows of `head_dim`), so attention streams a head's keys
+    /// and values sequentially instead of striding across all heads.
     pub fn write(&self, layer: usize, pos0: usize, k: &[f32], v: &[f32]) {
         debug_assert!(pos0 * self.n_embd_kv + k.len() <= self.capacity * self.n_embd_kv);
-        let at = pos0 * self.n_embd_kv;
+        let hd = self.head_dim;
         // A poisoned lock only means a task panicked while reading (that
         // panic is reported); the rows are plain numbers, so carry on.
         for (rows, src) in [(&self.k[layer], k), (&self.v[layer], v)] {
-            rows.write()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(at, src);
+            let mut rows = rows.write().unwrap_or_else(|e| e.into_inner());
+            for (t, token) in src.chunks_exact(self.n_embd_kv).enumerate() {
+                for (h, head) in token.chunks_exact(hd).enumerate() {
+                    rows.write((h * self.capacity + pos0 + t) * hd, head);
+                }
+            }
         }
     }
 
     fn head<'a>(&'a self, rows: &'a RwLock<Rows>, kv_head: usize) -> KvHead<'a> {
         KvHead {
             rows: rows.read().unwrap_or_else(|e| e.into_inner()),
-            stride: self.n_embd_kv,
-            offset: kv_head * self.head_dim,
+            offset: kv_head * self.capacity * self.head_dim,
             head_dim: self.head_dim,
         }
     }

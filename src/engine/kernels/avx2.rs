@@ -152,57 +152,90 @@ impl CacheElem for f32 {
     }
 }
 
-/// [`super::scalar::dot_attn`] of `q` with four cached keys at once (four
-/// independent add chains; each key keeps the specification's 8 lanes,
-/// multiply then add, no FMA, and its fold).
+/// `out[j] =` [`super::scalar::dot_attn`] of `q` with key j, for the
+/// `out.len()` keys stored back to back in `keys` (rows of `q.len()`).
+/// Four keys per pass (four independent add chains); each key keeps the
+/// specification's 8 lanes, multiply then add (no FMA), and its pairwise
+/// lane fold, done in registers when the rows are a multiple of 8 long.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C, and every key as long as `q`.
+/// The CPU must support AVX2 and F16C, and `keys.len() == out.len() * q.len()`.
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn dot_attn_x4<T: CacheElem>(q: &[f32], k: [&[T]; 4]) -> [f32; 4] {
+pub unsafe fn dot_attn_rows<T: CacheElem>(q: &[f32], keys: &[T], out: &mut [f32]) {
+    let hd = q.len();
+    let key = |j: usize| keys.as_ptr().add(j * hd);
+    let mut j = 0;
+    while j + 4 <= out.len() {
+        let s = dot_attn_x4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+        out[j..j + 4].copy_from_slice(&s);
+        j += 4;
+    }
+    while j < out.len() {
+        // The last 1-3 keys: the same lanes and fold, one key at a time.
+        out[j] = dot_attn_x4(q, [key(j); 4])[0];
+        j += 1;
+    }
+}
+
+/// [`super::scalar::dot_attn`] of `q` with four keys of `q.len()` elements.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dot_attn_x4<T: CacheElem>(q: &[f32], k: [*const T; 4]) -> [f32; 4] {
     let full = q.len() / 8 * 8;
     let mut acc = [_mm256_setzero_ps(); 4];
     for i in (0..full).step_by(8) {
         let qv = _mm256_loadu_ps(q.as_ptr().add(i));
         for (a, k) in acc.iter_mut().zip(k) {
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, T::load8(k.as_ptr().add(i))));
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, T::load8(k.add(i))));
         }
+    }
+    if full == q.len() {
+        return acc.map(|a| fold8(a));
     }
     std::array::from_fn(|r| {
         let mut lanes = [0f32; 8];
         // SAFETY: `lanes` is 8 f32, one unaligned 256-bit store.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
         for (i, &qi) in q.iter().enumerate().skip(full) {
-            lanes[i % 8] += qi * k[r][i].to_f32();
+            // SAFETY: key r has q.len() elements (the caller's contract).
+            lanes[i % 8] += qi * unsafe { *k[r].add(i) }.to_f32();
         }
         super::scalar::fold_lanes(lanes)
     })
+}
+
+/// [`super::scalar::fold_lanes`] of one 8-lane register, in registers:
+/// `l[i] += l[i + w]` for w = 4, 2, 1 (the same adds in the same pairs).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fold8(a: __m256) -> f32 {
+    let e = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a)); // w = 4
+    let f = _mm_add_ps(e, _mm_movehl_ps(e, e)); // w = 2
+    let g = _mm_add_ss(f, _mm_shuffle_ps::<0b01>(f, f)); // w = 1
+    _mm_cvtss_f32(g)
 }
 
 /// Dimensions of the output kept in registers by [`apply`]: eight 8-lane
 /// accumulators.
 const APPLY_BLOCK: usize = 64;
 
-/// `out = Σ_j p[j] · v_j` (`out` starts at zero), each element summed over
-/// j in order with a separate multiply and add: [`super::scalar::axpy`]
+/// `out = Σ_j p[j] · v_j` (`out` starts at zero) for the values stored
+/// back to back in `vals` (rows of `out.len()`), each element summed over j
+/// in order with a separate multiply and add: [`super::scalar::axpy`]
 /// applied for j = 0, 1, ... . Blocks of 64 dimensions stay in registers
 /// across all j.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C, and `v(j).len() == out.len()` for
-/// every j < p.len().
+/// The CPU must support AVX2 and F16C, and `vals.len() >= p.len() * out.len()`.
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn apply<'v, T: CacheElem + 'v>(
-    p: &[f32],
-    v: impl Fn(usize) -> &'v [T],
-    out: &mut [f32],
-) {
+pub unsafe fn apply<T: CacheElem>(p: &[f32], vals: &[T], out: &mut [f32]) {
     let n = out.len();
+    let v = |j: usize, d: usize| vals.as_ptr().add(j * n + d);
     let mut d0 = 0;
     while d0 + APPLY_BLOCK <= n {
         let mut acc = [_mm256_setzero_ps(); APPLY_BLOCK / 8];
         for (j, &pj) in p.iter().enumerate() {
-            let (pv, row) = (_mm256_set1_ps(pj), v(j).as_ptr().add(d0));
+            let (pv, row) = (_mm256_set1_ps(pj), v(j, d0));
             for (b, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, T::load8(row.add(8 * b))));
             }
@@ -216,8 +249,7 @@ pub unsafe fn apply<'v, T: CacheElem + 'v>(
     while d0 < full {
         let mut a = _mm256_setzero_ps();
         for (j, &pj) in p.iter().enumerate() {
-            let vv = T::load8(v(j).as_ptr().add(d0));
-            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(pj), vv));
+            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(pj), T::load8(v(j, d0))));
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(d0), a);
         d0 += 8;
@@ -225,7 +257,7 @@ pub unsafe fn apply<'v, T: CacheElem + 'v>(
     for (d, o) in out.iter_mut().enumerate().skip(full) {
         *o = 0.0;
         for (j, &pj) in p.iter().enumerate() {
-            *o += pj * v(j)[d].to_f32();
+            *o += pj * (*v(j, d)).to_f32();
         }
     }
 }

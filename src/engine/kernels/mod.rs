@@ -152,37 +152,25 @@ impl Kernel {
     /// (F16 keys converted exactly); always the same bits.
     pub fn attn_scores(self, q: &[f32], keys: &KvHead<'_>, out: &mut [f32]) {
         assert_eq!(keys.head_dim(), q.len());
-        let mut j = 0;
+        let rows = keys.rows(out.len());
         #[cfg(target_arch = "x86_64")]
         if self != Kernel::Scalar {
-            let n = out.len();
-            while j < n {
-                // A last group of 1-3 keys repeats its last key (its extra
-                // results are dropped): every key takes the same path.
-                let rows: [KvRow<'_>; 4] = std::array::from_fn(|r| keys.row((j + r).min(n - 1)));
-                // SAFETY: both SIMD kernels are only selected when
-                // avx2::available() (AVX2 and F16C); every row of a KvHead
-                // is head_dim long, checked equal to q's length above.
-                let s = unsafe {
-                    match rows {
-                        [KvRow::F16(a), KvRow::F16(b), KvRow::F16(c), KvRow::F16(d)] => {
-                            avx2::dot_attn_x4(q, [a, b, c, d])
-                        }
-                        [KvRow::F32(a), KvRow::F32(b), KvRow::F32(c), KvRow::F32(d)] => {
-                            avx2::dot_attn_x4(q, [a, b, c, d])
-                        }
-                        _ => unreachable!("one cache holds one element type"),
-                    }
-                };
-                let m = (n - j).min(4);
-                out[j..j + m].copy_from_slice(&s[..m]);
-                j += m;
+            // SAFETY: both SIMD kernels are only selected when
+            // avx2::available() (AVX2 and F16C); `rows` holds out.len()
+            // rows of head_dim, checked equal to q's length above.
+            unsafe {
+                match rows {
+                    KvRow::F16(k) => avx2::dot_attn_rows(q, k, out),
+                    KvRow::F32(k) => avx2::dot_attn_rows(q, k, out),
+                }
             }
+            return;
         }
-        for (j, o) in out.iter_mut().enumerate().skip(j) {
-            *o = match keys.row(j) {
-                KvRow::F16(k) => scalar::dot_attn(k.iter().map(|v| v.to_f32()), q),
-                KvRow::F32(k) => scalar::dot_attn(k.iter().copied(), q),
+        let hd = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = match rows {
+                KvRow::F16(k) => scalar::dot_attn(k[j * hd..][..hd].iter().map(|v| v.to_f32()), q),
+                KvRow::F32(k) => scalar::dot_attn(k[j * hd..][..hd].iter().copied(), q),
             };
         }
     }
@@ -190,25 +178,29 @@ impl Kernel {
     /// `out = Σ_j p[j] · value j` for j < p.len(), each element summed in
     /// order of j by [`scalar::axpy`] from zero; always the same bits.
     pub fn attn_apply(self, p: &[f32], vals: &KvHead<'_>, out: &mut [f32]) {
-        assert_eq!(vals.head_dim(), out.len());
+        let hd = vals.head_dim();
+        assert_eq!(hd, out.len());
+        let rows = vals.rows(p.len());
         #[cfg(target_arch = "x86_64")]
-        if self != Kernel::Scalar && !p.is_empty() {
+        if self != Kernel::Scalar {
             // SAFETY: both SIMD kernels are only selected when
-            // avx2::available() (AVX2 and F16C); every row of a KvHead is
-            // head_dim long, checked equal to out's length above.
+            // avx2::available() (AVX2 and F16C); `rows` holds p.len() rows
+            // of head_dim, checked equal to out's length above.
             unsafe {
-                match vals.row(0) {
-                    KvRow::F16(_) => avx2::apply(p, |j| vals.row(j).f16(), out),
-                    KvRow::F32(_) => avx2::apply(p, |j| vals.row(j).f32(), out),
+                match rows {
+                    KvRow::F16(v) => avx2::apply(p, v, out),
+                    KvRow::F32(v) => avx2::apply(p, v, out),
                 }
             }
             return;
         }
         out.fill(0.0);
         for (j, &pj) in p.iter().enumerate() {
-            match vals.row(j) {
-                KvRow::F16(v) => scalar::axpy(pj, v.iter().map(|v| v.to_f32()), out),
-                KvRow::F32(v) => scalar::axpy(pj, v.iter().copied(), out),
+            match rows {
+                KvRow::F16(v) => {
+                    scalar::axpy(pj, v[j * hd..][..hd].iter().map(|v| v.to_f32()), out)
+                }
+                KvRow::F32(v) => scalar::axpy(pj, v[j * hd..][..hd].iter().copied(), out),
             }
         }
     }
