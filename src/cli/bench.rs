@@ -3,8 +3,8 @@
 //!
 //! Model mode: prefill tokens/s and decode tokens/s of each engine, the
 //! weight bytes a decode token streams and the effective GB/s, peak RSS.
-//! Kernel mode (`--kernel`): our I2_S mat-vec (activation quantization, the
-//! integer product, the f32 epilogue) against the reference's
+//! Kernel mode (`--kernel`): our I2_S mat-vec (activation quantization on
+//! the engine's path, the integer product, the f32 epilogue) against the reference's
 //! `quantize_row_i8_s` + `ggml_vec_dot_i2_i8_s` through the shim, single
 //! thread, on the same packed bytes.
 
@@ -14,7 +14,7 @@ use divergence::compare::metrics::argmax;
 use divergence::engine::kernels::Kernel;
 use divergence::engine::{Engine, EngineOptions, KvType};
 use divergence::gguf::GgufFile;
-use divergence::quant::act::{quantize_row_i8_s, ActQuantVariant};
+use divergence::quant::act::ActQuantVariant;
 use divergence::reference::worker::{default_exe, peak_rss_of, Worker};
 use divergence::reference::{kernels, CaptureFilter, ContextOptions};
 use divergence::trace::{NoTrace, StageClock, TraceSink};
@@ -461,7 +461,7 @@ fn kernel_bench(args: &Args) -> CliResult {
 
     let ours = |out: &mut Vec<f32>| {
         let mut q = vec![0i8; n_in];
-        let row = quantize_row_i8_s(&x, &mut q, ActQuantVariant::REFERENCE);
+        let row = kernel.quantize_row(&x, &mut q, ActQuantVariant::REFERENCE);
         let mut acc = vec![0i32; n_out];
         kernel.matmul(false, codes, n_in, 0..n_out, &q, &mut acc);
         out.clear();
