@@ -32,29 +32,12 @@ impl Rows {
     }
 }
 
-/// One cached row of one kv head, as stored.
+/// Cached values of one kv head as stored: one row ([`KvHead::row`]) or
+/// several back to back ([`KvHead::rows`]).
 #[derive(Clone, Copy)]
 pub enum KvRow<'a> {
     F16(&'a [f16]),
     F32(&'a [f32]),
-}
-
-impl<'a> KvRow<'a> {
-    /// The row of an F16 cache (panics on an F32 one).
-    pub fn f16(self) -> &'a [f16] {
-        match self {
-            KvRow::F16(r) => r,
-            KvRow::F32(_) => panic!("an F32 row read as F16"),
-        }
-    }
-
-    /// The row of an F32 cache (panics on an F16 one).
-    pub fn f32(self) -> &'a [f32] {
-        match self {
-            KvRow::F32(r) => r,
-            KvRow::F16(_) => panic!("an F16 row read as F32"),
-        }
-    }
 }
 
 /// The keys (or values) of one kv head of one layer, read-locked.

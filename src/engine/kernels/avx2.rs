@@ -208,7 +208,7 @@ unsafe fn dot_attn_x4<T: CacheElem>(q: &[f32], k: [*const T; 4]) -> [f32; 4] {
 /// `l[i] += l[i + w]` for w = 4, 2, 1 (the same adds in the same pairs).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn fold8(a: __m256) -> f32 {
+pub(super) fn fold8(a: __m256) -> f32 {
     let e = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a)); // w = 4
     let f = _mm_add_ps(e, _mm_movehl_ps(e, e)); // w = 2
     let g = _mm_add_ss(f, _mm_shuffle_ps::<0b01>(f, f)); // w = 1

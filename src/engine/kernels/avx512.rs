@@ -534,10 +534,7 @@ fn fold_registers(acc: [__m512; 4]) -> f32 {
         _mm512_castps512_ps256(c),
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(c))),
     ); // w = 8
-    let e = _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps::<1>(d)); // w = 4
-    let f = _mm_add_ps(e, _mm_movehl_ps(e, e)); // w = 2
-    let g = _mm_add_ss(f, _mm_shuffle_ps::<0b01>(f, f)); // w = 1
-    _mm_cvtss_f32(g)
+    avx2::fold8(d) // w = 4, 2, 1
 }
 
 /// [`super::scalar::dot_f16`] with `vcvtph2ps`: the specification's 64
