@@ -358,14 +358,14 @@ struct Reference<'w>(&'w mut Worker);
 impl Timed for Reference<'_> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
         self.0.clear_kv().map_err(ref_failure)?;
-        let (logits, _) = self.0.decode(prompt, 0).map_err(ref_failure)?;
+        let (logits, _, _) = self.0.decode(prompt, 0).map_err(ref_failure)?;
         let n_vocab = logits.len() / prompt.len();
         Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
     }
 
     fn decode(&mut self, mut next: u32, pos: usize, n: usize) -> Result<u32, super::Failure> {
         for i in 0..n {
-            let (logits, _) = self.0.decode(&[next], pos + i).map_err(ref_failure)?;
+            let (logits, _, _) = self.0.decode(&[next], pos + i).map_err(ref_failure)?;
             next = argmax(&logits) as u32;
         }
         Ok(next)

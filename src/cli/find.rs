@@ -4,7 +4,7 @@
 use super::{CliResult, Failure};
 use anyhow::{anyhow, Context as _};
 use divergence::engine::{Fault, KvType};
-use divergence::lockstep::{Mode, Prompt, TokenFault, Verdict};
+use divergence::lockstep::{Mode, Prompt, TokenFault, TokenSource, Verdict};
 use divergence::receipt::{self, Receipt, RunRecord};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -185,27 +185,39 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
     Ok(receipt)
 }
 
-/// 0 no divergence, 1 divergence, 3 the reference failed; 130 when the user
-/// interrupted a run that had not diverged yet (its receipt says so).
+/// 0 no divergence, 1 divergence, 3 the reference failed, 4 incomplete
+/// (something expected was not judged), 5 the candidate failed; 130 when
+/// the user interrupted a run that had not diverged yet (its receipt says so).
 pub fn exit_code(r: &Receipt) -> ExitCode {
-    if r.interrupted && r.verdict == Verdict::NoDivergence {
+    if r.interrupted && matches!(r.verdict, Verdict::NoDivergence | Verdict::Incomplete) {
         return ExitCode::from(130);
     }
-    match r.verdict {
-        Verdict::NoDivergence => ExitCode::SUCCESS,
-        Verdict::Divergence => ExitCode::from(1),
-        Verdict::ReferenceFailed => ExitCode::from(3),
+    ExitCode::from(verdict_code(r.verdict))
+}
+
+/// The exit code of a verdict (see [`exit_code`]).
+pub fn verdict_code(v: Verdict) -> u8 {
+    match v {
+        Verdict::NoDivergence => 0,
+        Verdict::Divergence => 1,
+        Verdict::ReferenceFailed => 3,
+        Verdict::Incomplete => 4,
+        Verdict::CandidateFailed => 5,
     }
 }
 
 fn print_summary(r: &Receipt, path: &Path) {
+    let (arch, layers) = match (&r.model.file, &r.model.config) {
+        (Some(f), _) => (f.arch.clone(), f.n_layer),
+        (None, Some(c)) => (c.arch.name().to_string(), c.n_layer),
+        (None, None) => ("?".to_string(), 0),
+    };
     println!(
-        "model   {} ({}, {} layers, sha256 {}…)",
+        "model   {} ({arch}, {layers} layers, sha256 {}…)",
         r.model.path,
-        r.model.config.arch.name(),
-        r.model.config.n_layer,
-        &r.model.sha256[..12]
+        &r.model.sha256[..12.min(r.model.sha256.len())]
     );
+    println!("candidate {} ({})", r.candidate.engine, r.candidate.build);
     println!(
         "run     mode {:?}, {} step(s), {} thread(s), KV {:?}, policy {}",
         r.run.mode, r.run.steps, r.run.threads, r.run.kv_type, r.policy.name
@@ -214,12 +226,33 @@ fn print_summary(r: &Receipt, path: &Path) {
     println!(
         "tokens  reference {:?}{}",
         t.reference,
-        if t.equal {
-            " (candidate agrees)".to_string()
-        } else {
-            format!(", candidate {:?}", t.candidate)
+        match (t.source, t.equal) {
+            (TokenSource::IdsGiven, _) => " (given: both sides were fed these ids)".to_string(),
+            (TokenSource::CandidateHasNoTokenizer, _) => {
+                " (NOT compared: the candidate has no tokenizer for this vocabulary and was fed these ids)".to_string()
+            }
+            (_, true) => " (candidate agrees)".to_string(),
+            (_, false) => format!(", candidate {:?}", t.candidate),
         }
     );
+    if let Some(d) = &t.first_difference {
+        let piece = |p: &Option<String>| p.as_ref().map(|p| format!(" {p:?}")).unwrap_or_default();
+        println!(
+            "        first difference at {}: {} (reference {}{}, candidate {}{})",
+            d.position,
+            d.description,
+            d.reference.map_or("-".into(), |v| v.to_string()),
+            piece(&d.reference_piece),
+            d.candidate.map_or("-".into(), |v| v.to_string()),
+            piece(&d.candidate_piece)
+        );
+    }
+    for m in &r.config_check {
+        println!(
+            "config  the candidate read {} = {}, the file says {}",
+            m.field, m.candidate, m.file
+        );
+    }
     if !t.duplicate_bos_candidate.is_empty() || !t.duplicate_bos_reference.is_empty() {
         println!(
             "        duplicated BOS at: reference {:?}, candidate {:?}",
@@ -264,15 +297,33 @@ fn print_summary(r: &Receipt, path: &Path) {
                 r.reference_failure.as_deref().unwrap_or("unknown")
             );
         }
+        (Verdict::CandidateFailed, _) => {
+            if let Some(f) = &r.candidate_failure {
+                println!(
+                    "CANDIDATE FAILED ({}) at step {}, after stage {}: {}",
+                    f.kind,
+                    f.step.map_or("-".to_string(), |s| s.to_string()),
+                    f.last_stage.map_or("(none)".to_string(), |k| k.to_string()),
+                    f.message
+                );
+            }
+        }
         (_, Some(d)) => {
             println!(
-                "FIRST DIVERGENCE  step {} position {} layer {} stage {} (class {:?})",
+                "FIRST DIVERGENCE  step {} position {} layer {} stage {} (class {:?}, {:?} error)",
                 d.step,
                 d.position,
                 d.layer.map_or("-".to_string(), |l| l.to_string()),
                 d.stage,
-                d.rule.class
+                d.rule.class,
+                d.measured
             );
+            if let Some(shape) = &d.metrics.candidate_shape {
+                println!(
+                    "  the shapes differ: reference {:?}, candidate {:?}",
+                    d.shape, shape
+                );
+            }
             println!(
                 "  nmse {:.3e}  max_abs {:.3e}  max_ulp {}  outside {} of {}  cosine {:.6}",
                 d.metrics.nmse,
@@ -293,9 +344,34 @@ fn print_summary(r: &Receipt, path: &Path) {
                         .unwrap_or_default()
                 );
             }
+            if let Some(p) = &d.propagated {
+                println!("  propagated (free run) nmse {:.3e} at this stage", p.nmse);
+            }
             println!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
         }
         (_, None) if !r.tokens.equal => println!("DIVERGENCE in the prompt's token ids"),
+        (Verdict::Incomplete, None) => {
+            println!("INCOMPLETE: nothing failed, but not everything expected was judged:");
+            for n in &r.coverage.notes {
+                println!("  {n}");
+            }
+            for s in &r.coverage.steps {
+                if !s.missing_reference.is_empty() {
+                    println!(
+                        "  step {}: the reference lacks {}",
+                        s.step,
+                        keys(&s.missing_reference)
+                    );
+                }
+                if !s.missing_candidate.is_empty() {
+                    println!(
+                        "  step {}: the candidate did not emit {}",
+                        s.step,
+                        keys(&s.missing_candidate)
+                    );
+                }
+            }
+        }
         (_, None) if r.interrupted => println!(
             "INTERRUPTED after {} of {} steps: no divergence in the steps that ran",
             r.steps_run,
@@ -313,13 +389,23 @@ fn print_summary(r: &Receipt, path: &Path) {
                 .collect::<Vec<_>>()
         );
     }
-    if !r.unknown_reference_nodes.is_empty() {
+    if !r.coverage.unmapped_reference_nodes.is_empty() {
         println!(
             "unmapped reference nodes: {}",
-            r.unknown_reference_nodes.join(", ")
+            r.coverage.unmapped_reference_nodes.join(", ")
         );
     }
     println!("receipt {}", path.display());
+}
+
+/// Stage keys as a short list (`q_proj[0], ffn_up[3], ...`).
+fn keys(ks: &[divergence::trace::StageKey]) -> String {
+    let shown: Vec<String> = ks.iter().take(8).map(|k| k.to_string()).collect();
+    if ks.len() > shown.len() {
+        format!("{} and {} more", shown.join(", "), ks.len() - shown.len())
+    } else {
+        shown.join(", ")
+    }
 }
 
 #[derive(clap::Args)]

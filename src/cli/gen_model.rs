@@ -56,6 +56,9 @@ pub struct Args {
     /// attn_norm weights around 0.01..0.05, as in the real 2B-4T.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     tiny_attn_norm: Option<bool>,
+    /// Write a separate output.weight (untied logits; not for arch bitnet).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    untied_output: Option<bool>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where to write the model (replaced atomically).
@@ -84,6 +87,7 @@ impl Args {
             rms_eps <- self.eps,
             scale_tensors <- self.scale_tensors,
             tiny_attn_norm <- self.tiny_attn_norm,
+            untied_output <- self.untied_output,
         );
         if let Some(t) = self.embd_type {
             cfg.embd_type = match t {

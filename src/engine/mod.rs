@@ -11,7 +11,7 @@
 //! - [`forward`]: the forward pass, one layer on one screen.
 //! - [`ops`]: the small named ops; [`kernels`]: the I2_S products.
 //! - [`team`]: the threads of one forward pass (they spin between products).
-//! - [`kv_cache`], [`faults`] (bug-zoo switches), [`oracle`] (f64 blame math).
+//! - [`kv_cache`], [`faults`] (bug-zoo switches).
 
 pub mod config;
 pub mod faults;
@@ -19,7 +19,6 @@ pub mod forward;
 pub mod kernels;
 pub mod kv_cache;
 pub mod ops;
-pub mod oracle;
 pub(crate) mod team;
 pub mod tokenizer;
 pub mod weights;
@@ -138,6 +137,8 @@ pub struct Engine {
     n_past: usize,
     kernel: Kernel,
     faults: FaultSet,
+    /// The vocabulary's tokenizer, when the engine has one for it.
+    tokenizer: Option<tokenizer::Tokenizer>,
 }
 
 impl Engine {
@@ -147,8 +148,9 @@ impl Engine {
     }
 
     pub fn from_gguf(file: Arc<GgufFile>, opts: EngineOptions) -> Result<Engine, EngineError> {
-        let config = ModelConfig::from_gguf(&file)?;
-        let weights = Weights::from_gguf(&file, &config)?;
+        let faults = FaultSet::new(&opts.faults);
+        let config = ModelConfig::from_gguf_with(&file, faults)?;
+        let weights = Weights::from_gguf_with(&file, &config, faults)?;
         if opts.threads == 0 {
             return Err(EngineError::Options("threads must be at least 1".into()));
         }
@@ -165,7 +167,8 @@ impl Engine {
             config.head_dim,
         );
         Ok(Engine {
-            faults: FaultSet::new(&opts.faults),
+            tokenizer: tokenizer::Tokenizer::from_gguf(&file).ok(),
+            faults,
             kernel: Kernel::detect(),
             file,
             config,
@@ -178,6 +181,11 @@ impl Engine {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The tokenizer for the model's vocabulary, if the engine has one.
+    pub fn tokenizer(&self) -> Option<&tokenizer::Tokenizer> {
+        self.tokenizer.as_ref()
     }
 
     pub fn options(&self) -> &EngineOptions {

@@ -6,12 +6,14 @@
 //! identity (everything but `volatile` and build-environment facts) is what
 //! the parity suite compares with the checked-in copies in `receipts/`.
 
+use crate::candidate::{BuiltinCandidate, CandidateLoader, KvSemantics};
 use crate::compare::Policy;
 use crate::engine::{Fault, KvType, ModelConfig};
 use crate::lockstep::{
-    self, Divergence, Mode, Outcome, Prompt, RunConfig, RunError, StageSummary, TokenCheck,
-    TokenDisagreement, TokenFault, Verdict,
+    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Mode, Outcome, Prompt, RunConfig,
+    RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault, Verdict,
 };
+use crate::oracle::FileFacts;
 use crate::reference::BuildInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// The JSON Schema every receipt validates against.
 pub const SCHEMA: &str = include_str!("../../receipts/schema.json");
 
@@ -44,11 +46,17 @@ pub struct Receipt {
     pub later_divergences: Vec<Divergence>,
     /// Per (layer, stage), aggregated over the steps run, up to the divergence.
     pub stages: Vec<StageSummary>,
+    /// Per step, every stage judged (the report's heatmap).
+    pub step_results: Vec<StepRecord>,
+    /// What was and was not judged.
+    pub coverage: Coverage,
+    /// Hyperparameters the candidate read differently from the file.
+    pub config_check: Vec<ConfigMismatch>,
     pub generated: Generated,
-    pub unknown_reference_nodes: Vec<String>,
     /// F32/F16 weights holding NaN or Inf (the run went on).
     pub weight_warnings: Vec<String>,
     pub reference_failure: Option<String>,
+    pub candidate_failure: Option<CandidateFailure>,
     /// Never part of the receipt's identity.
     pub volatile: Volatile,
 }
@@ -73,8 +81,11 @@ pub struct ModelRecord {
     pub path: String,
     pub sha256: String,
     pub file_size: u64,
-    /// Shapes and hyperparameters as the candidate read them.
-    pub config: ModelConfig,
+    /// Shapes and hyperparameters as the candidate read them (none: it
+    /// failed to load).
+    pub config: Option<ModelConfig>,
+    /// The same as the file states them, read by the oracle.
+    pub file: Option<FileFacts>,
     /// bitnet.cpp's own description of the model.
     pub reference_description: String,
 }
@@ -82,10 +93,9 @@ pub struct ModelRecord {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CandidateRecord {
     pub engine: String,
-    pub version: String,
-    pub kernel: String,
-    pub i2s_mode: String,
+    pub build: String,
     pub threads: usize,
+    pub kv_semantics: Option<KvSemantics>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -111,6 +121,21 @@ impl Receipt {
         progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Receipt, RunError> {
+        let builtin = BuiltinCandidate {
+            faults: record.faults.clone(),
+            ..BuiltinCandidate::default()
+        };
+        Self::run_with(record, &builtin, worker_exe, progress, cancel)
+    }
+
+    /// [`Receipt::run`] with any candidate (`record.faults` is then only recorded).
+    pub fn run_with(
+        record: &RunRecord,
+        candidate: &dyn CandidateLoader,
+        worker_exe: PathBuf,
+        progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Receipt, RunError> {
         let policy = match &record.policy_path {
             Some(p) => Policy::load(Path::new(p))?,
             None => Policy::default_policy(),
@@ -122,7 +147,6 @@ impl Receipt {
             threads: record.threads,
             kv_type: record.kv_type,
             keep_going: record.keep_going,
-            faults: record.faults.clone(),
             token_faults: record.token_faults.clone(),
             progress,
             cancel,
@@ -133,7 +157,7 @@ impl Receipt {
                 worker_exe,
             )
         };
-        let outcome = lockstep::run(&cfg)?;
+        let outcome = lockstep::run(&cfg, candidate)?;
         let sha256 = sha256_file(&model)
             .map_err(|e| RunError::Io(format!("hashing {}: {e}", model.display())))?;
         Ok(Receipt::build(record.clone(), sha256, policy, outcome))
@@ -149,14 +173,14 @@ impl Receipt {
                 sha256,
                 file_size: outcome.model_file_size,
                 config: outcome.model,
+                file: outcome.file_facts,
                 reference_description: outcome.reference_description,
             },
             candidate: CandidateRecord {
-                engine: "divergence pure-Rust BitNet engine".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                kernel: outcome.candidate_kernel,
-                i2s_mode: outcome.candidate_i2s_mode,
+                engine: outcome.candidate.name,
+                build: outcome.candidate.build,
                 threads,
+                kv_semantics: outcome.candidate.kv_semantics,
             },
             run,
             reference: BuildInfo::current(threads),
@@ -168,14 +192,17 @@ impl Receipt {
             first_divergence: outcome.first_divergence,
             later_divergences: outcome.later_divergences,
             stages: outcome.summary,
+            step_results: outcome.steps,
+            coverage: outcome.coverage,
+            config_check: outcome.config_check,
             generated: Generated {
                 reference: outcome.generated_reference,
                 candidate: outcome.generated_candidate,
                 disagreements: outcome.token_disagreements,
             },
-            unknown_reference_nodes: outcome.unknown_nodes,
             weight_warnings: outcome.weight_warnings,
             reference_failure: outcome.reference_failure,
+            candidate_failure: outcome.candidate_failure,
             volatile: Volatile {
                 timestamp_unix: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -222,7 +249,10 @@ impl Receipt {
             "tokens": self.tokens,
             "first_divergence": self.first_divergence,
             "generated": self.generated,
+            "coverage": self.coverage,
+            "config_check": self.config_check,
             "reference_failed": self.reference_failure.is_some(),
+            "candidate_failure": self.candidate_failure,
         })
     }
 
