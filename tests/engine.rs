@@ -205,7 +205,7 @@ fn every_kernel_gives_bit_identical_logits() {
                 assert_eq!(e.kernel_name(), k.name());
                 e.forward(&PROMPT, &mut divergence::trace::NoTrace).unwrap()
             };
-            let want = run(Kernel::Scalar);
+            let want = run(Kernel::SCALAR);
             for k in Kernel::available() {
                 assert!(bits(&run(k)) == bits(&want), "{arch} {mode:?} {}", k.name());
             }

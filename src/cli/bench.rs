@@ -251,7 +251,7 @@ pub fn run(args: Args) -> CliResult {
         candidate_decode_stages: decode_stages,
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
         );
@@ -260,7 +260,7 @@ pub fn run(args: Args) -> CliResult {
             b.map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
                 .unwrap_or("?".into())
         };
-        println!(
+        outln!(
             "model {} ({:.0} MiB), {} threads, candidate kernel {}; medians of {} rounds",
             report.model,
             report.file_bytes as f64 / 1048576.0,
@@ -268,15 +268,19 @@ pub fn run(args: Args) -> CliResult {
             report.candidate_kernel,
             args.rounds
         );
-        println!(
+        outln!(
             "{:<12} {:>14} {:>14} {:>12} {:>12}",
-            "engine", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS"
+            "engine",
+            "prefill tok/s",
+            "decode tok/s",
+            "decode GB/s",
+            "peak RSS"
         );
         for (name, n) in [
             ("candidate", &report.candidate),
             ("bitnet.cpp", &report.reference),
         ] {
-            println!(
+            outln!(
                 "{name:<12} {:>14.1} {:>14.2} {:>12.2} {:>12}",
                 n.prefill_tok_s,
                 n.decode_tok_s,
@@ -284,11 +288,11 @@ pub fn run(args: Args) -> CliResult {
                 mb(n.peak_rss_bytes)
             );
         }
-        println!(
+        outln!(
             "ratio (candidate / bitnet.cpp, median of per-round ratios): prefill {:.2}x, decode {:.2}x",
             report.prefill_ratio, report.decode_ratio
         );
-        println!(
+        outln!(
             "weights streamed per decode token: {:.1} MiB; candidate RSS / (file + KV): {}",
             weight_bytes as f64 / 1048576.0,
             report
@@ -298,9 +302,9 @@ pub fn run(args: Args) -> CliResult {
         );
         if let Some(stages) = &report.candidate_decode_stages {
             let total: f64 = stages.iter().map(|s| s.ms_per_token).sum();
-            println!("candidate decode by stage (ms/token, all layers):");
+            outln!("candidate decode by stage (ms/token, all layers):");
             for s in stages {
-                println!(
+                outln!(
                     "  {:<16} {:>8.3} {:>6.1}%",
                     s.stage,
                     s.ms_per_token,
@@ -502,27 +506,29 @@ fn kernel_bench(args: &Args) -> CliResult {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
         );
     } else {
-        println!(
+        outln!(
             "I2_S mat-vec {n_in} x {n_out} ({:.2} MiB of codes), 1 thread, {} reps",
             bytes as f64 / 1048576.0,
             args.reps
         );
-        println!(
+        outln!(
             "candidate ({:<11}) {:>8.2} GB/s",
-            report.candidate_kernel, report.candidate_gb_s
+            report.candidate_kernel,
+            report.candidate_gb_s
         );
-        println!(
+        outln!(
             "bitnet.cpp (AVX2)       {:>8.2} GB/s",
             report.reference_gb_s
         );
-        println!(
+        outln!(
             "ratio {:.2}x; outputs bit-identical: {}",
-            report.ratio, report.outputs_equal
+            report.ratio,
+            report.outputs_equal
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -151,7 +151,7 @@ pub fn run(args: Args) -> CliResult {
         error: e.into(),
     })?;
     if args.json {
-        print!("{}", receipt.to_json());
+        out!("{}", receipt.to_json());
     } else {
         print_summary(&receipt, &args.receipt);
     }
@@ -212,18 +212,22 @@ fn print_summary(r: &Receipt, path: &Path) {
         (None, Some(c)) => (c.arch.name().to_string(), c.n_layer),
         (None, None) => ("?".to_string(), 0),
     };
-    println!(
+    outln!(
         "model   {} ({arch}, {layers} layers, sha256 {}…)",
         r.model.path,
         &r.model.sha256[..12.min(r.model.sha256.len())]
     );
-    println!("candidate {} ({})", r.candidate.engine, r.candidate.build);
-    println!(
+    outln!("candidate {} ({})", r.candidate.engine, r.candidate.build);
+    outln!(
         "run     mode {:?}, {} step(s), {} thread(s), KV {:?}, policy {}",
-        r.run.mode, r.run.steps, r.run.threads, r.run.kv_type, r.policy.name
+        r.run.mode,
+        r.run.steps,
+        r.run.threads,
+        r.run.kv_type,
+        r.policy.name
     );
     let t = &r.tokens;
-    println!(
+    outln!(
         "tokens  reference {:?}{}",
         t.reference,
         match (t.source, t.equal) {
@@ -237,7 +241,7 @@ fn print_summary(r: &Receipt, path: &Path) {
     );
     if let Some(d) = &t.first_difference {
         let piece = |p: &Option<String>| p.as_ref().map(|p| format!(" {p:?}")).unwrap_or_default();
-        println!(
+        outln!(
             "        first difference at {}: {} (reference {}{}, candidate {}{})",
             d.position,
             d.description,
@@ -248,15 +252,18 @@ fn print_summary(r: &Receipt, path: &Path) {
         );
     }
     for m in &r.config_check {
-        println!(
+        outln!(
             "config  the candidate read {} = {}, the file says {}",
-            m.field, m.candidate, m.file
+            m.field,
+            m.candidate,
+            m.file
         );
     }
     if !t.duplicate_bos_candidate.is_empty() || !t.duplicate_bos_reference.is_empty() {
-        println!(
+        outln!(
             "        duplicated BOS at: reference {:?}, candidate {:?}",
-            t.duplicate_bos_reference, t.duplicate_bos_candidate
+            t.duplicate_bos_reference,
+            t.duplicate_bos_candidate
         );
     }
     // Per-layer table: one column per stage, the worst NMSE up to the divergence.
@@ -267,7 +274,7 @@ fn print_summary(r: &Receipt, path: &Path) {
     let mut layers: Vec<Option<usize>> = r.stages.iter().map(|s| s.layer).collect();
     layers.sort_by_key(|l| l.map_or(usize::MAX, |v| v));
     layers.dedup();
-    println!("\nworst per stage (= bit-exact, ~ within policy, X failed; number: worst NMSE)");
+    outln!("\nworst per stage (= bit-exact, ~ within policy, X failed; number: worst NMSE)");
     for layer in layers {
         let label = layer.map_or("model".to_string(), |l| format!("layer {l}"));
         let mut cells = Vec::new();
@@ -287,19 +294,19 @@ fn print_summary(r: &Receipt, path: &Path) {
                 });
             }
         }
-        println!("  {label:>8}  {}", cells.join(" "));
+        outln!("  {label:>8}  {}", cells.join(" "));
     }
-    println!();
+    outln!();
     match (&r.verdict, &r.first_divergence) {
         (Verdict::ReferenceFailed, _) => {
-            println!(
+            outln!(
                 "REFERENCE FAILED: {}",
                 r.reference_failure.as_deref().unwrap_or("unknown")
             );
         }
         (Verdict::CandidateFailed, _) => {
             if let Some(f) = &r.candidate_failure {
-                println!(
+                outln!(
                     "CANDIDATE FAILED ({}) at step {}, after stage {}: {}",
                     f.kind,
                     f.step.map_or("-".to_string(), |s| s.to_string()),
@@ -309,7 +316,7 @@ fn print_summary(r: &Receipt, path: &Path) {
             }
         }
         (_, Some(d)) => {
-            println!(
+            outln!(
                 "FIRST DIVERGENCE  step {} position {} layer {} stage {} (class {:?}, {:?} error)",
                 d.step,
                 d.position,
@@ -319,12 +326,13 @@ fn print_summary(r: &Receipt, path: &Path) {
                 d.measured
             );
             if let Some(shape) = &d.metrics.candidate_shape {
-                println!(
+                outln!(
                     "  the shapes differ: reference {:?}, candidate {:?}",
-                    d.shape, shape
+                    d.shape,
+                    shape
                 );
             }
-            println!(
+            outln!(
                 "  nmse {:.3e}  max_abs {:.3e}  max_ulp {}  outside {} of {}  cosine {:.6}",
                 d.metrics.nmse,
                 d.metrics.max_abs,
@@ -334,7 +342,7 @@ fn print_summary(r: &Receipt, path: &Path) {
                 d.metrics.cosine
             );
             for w in d.worst.iter().take(4) {
-                println!(
+                outln!(
                     "  at {:?}: reference {} candidate {}{}",
                     w.index,
                     w.reference,
@@ -345,26 +353,26 @@ fn print_summary(r: &Receipt, path: &Path) {
                 );
             }
             if let Some(p) = &d.propagated {
-                println!("  propagated (free run) nmse {:.3e} at this stage", p.nmse);
+                outln!("  propagated (free run) nmse {:.3e} at this stage", p.nmse);
             }
-            println!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
+            outln!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
         }
-        (_, None) if !r.tokens.equal => println!("DIVERGENCE in the prompt's token ids"),
+        (_, None) if !r.tokens.equal => outln!("DIVERGENCE in the prompt's token ids"),
         (Verdict::Incomplete, None) => {
-            println!("INCOMPLETE: nothing failed, but not everything expected was judged:");
+            outln!("INCOMPLETE: nothing failed, but not everything expected was judged:");
             for n in &r.coverage.notes {
-                println!("  {n}");
+                outln!("  {n}");
             }
             for s in &r.coverage.steps {
                 if !s.missing_reference.is_empty() {
-                    println!(
+                    outln!(
                         "  step {}: the reference lacks {}",
                         s.step,
                         keys(&s.missing_reference)
                     );
                 }
                 if !s.missing_candidate.is_empty() {
-                    println!(
+                    outln!(
                         "  step {}: the candidate did not emit {}",
                         s.step,
                         keys(&s.missing_candidate)
@@ -372,15 +380,15 @@ fn print_summary(r: &Receipt, path: &Path) {
                 }
             }
         }
-        (_, None) if r.interrupted => println!(
+        (_, None) if r.interrupted => outln!(
             "INTERRUPTED after {} of {} steps: no divergence in the steps that ran",
             r.steps_run,
             r.run.steps + 1
         ),
-        (_, None) => println!("NO DIVERGENCE: every stage of every step is within the policy"),
+        (_, None) => outln!("NO DIVERGENCE: every stage of every step is within the policy"),
     }
     if !r.generated.disagreements.is_empty() {
-        println!(
+        outln!(
             "greedy tokens disagreed at steps {:?}",
             r.generated
                 .disagreements
@@ -390,12 +398,12 @@ fn print_summary(r: &Receipt, path: &Path) {
         );
     }
     if !r.coverage.unmapped_reference_nodes.is_empty() {
-        println!(
+        outln!(
             "unmapped reference nodes: {}",
             r.coverage.unmapped_reference_nodes.join(", ")
         );
     }
-    println!("receipt {}", path.display());
+    outln!("receipt {}", path.display());
 }
 
 /// Stage keys as a short list (`q_proj[0], ffn_up[3], ...`).
@@ -432,15 +440,18 @@ pub fn verify(args: VerifyArgs) -> CliResult {
             )
             .into());
         }
-        let new = execute(&old.run, false)?;
+        let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
+        let new = old
+            .rerun(worker, None, Some(interrupt_flag()))
+            .with_context(|| format!("{}: model {}", path.display(), old.run.model_path))?;
         let diffs = old.differences(&new);
         if diffs.is_empty() {
-            println!("{}: same result ({:?})", path.display(), new.verdict);
+            outln!("{}: same result ({:?})", path.display(), new.verdict);
         } else {
             all_same = false;
-            println!("{}: DIFFERENT", path.display());
+            outln!("{}: DIFFERENT", path.display());
             for d in diffs {
-                println!("  {d}");
+                outln!("  {d}");
             }
         }
     }

@@ -106,10 +106,10 @@ pub fn run(args: Args) -> CliResult {
     synth::write_model(&cfg, &args.output)?;
     let elapsed = started.elapsed();
     let (size, digest) = sha256_file(&args.output)?;
-    println!("path    {}", args.output.display());
-    println!("size    {size} bytes");
-    println!("sha256  {digest}");
-    println!(
+    outln!("path    {}", args.output.display());
+    outln!("size    {size} bytes");
+    outln!("sha256  {digest}");
+    outln!(
         "model   {} preset {} seed {}: n_embd {} n_layer {} heads {}/{} n_ff {} n_vocab {} ({:.1} s)",
         cfg.arch,
         args.preset,

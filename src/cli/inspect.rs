@@ -38,7 +38,7 @@ pub fn run(args: Args) -> CliResult {
             .collect()
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&file, &stats))?);
+        outln!("{}", serde_json::to_string_pretty(&to_json(&file, &stats))?);
     } else {
         print_text(&file, &stats);
     }
@@ -47,33 +47,37 @@ pub fn run(args: Args) -> CliResult {
 
 fn print_text(file: &GgufFile, stats: &[Option<TensorStats>]) {
     if let Some(p) = file.path() {
-        println!("file         {}", p.display());
+        outln!("file         {}", p.display());
     }
-    println!("version      {}", file.version());
-    println!("file size    {} bytes", file.file_size());
-    println!("alignment    {}", file.alignment());
-    println!("data offset  {}", file.data_offset());
-    println!("metadata     {} keys", file.metadata().len());
-    println!("tensors      {}", file.tensors().len());
+    outln!("version      {}", file.version());
+    outln!("file size    {} bytes", file.file_size());
+    outln!("alignment    {}", file.alignment());
+    outln!("data offset  {}", file.data_offset());
+    outln!("metadata     {} keys", file.metadata().len());
+    outln!("tensors      {}", file.tensors().len());
 
-    println!("\nmetadata:");
+    outln!("\nmetadata:");
     for (key, value) in file.metadata() {
         match value {
             // An array summary starts with its own type and length.
-            MetaValue::Array(_) => println!("  {key:<48} {value}"),
-            _ => println!("  {key:<48} {:<6} {value}", value.type_description()),
+            MetaValue::Array(_) => outln!("  {key:<48} {value}"),
+            _ => outln!("  {key:<48} {:<6} {value}", value.type_description()),
         }
     }
 
-    println!("\ntensors:");
-    println!(
+    outln!("\ntensors:");
+    outln!(
         "  {:<32} {:<5} {:<20} {:>12} {:>12}  stats",
-        "name", "type", "dims", "bytes", "offset"
+        "name",
+        "type",
+        "dims",
+        "bytes",
+        "offset"
     );
     for (t, s) in file.tensors().iter().zip(stats) {
         let dims = format!("{:?}", t.dims);
         let s = s.as_ref().map(stats_text).unwrap_or_default();
-        println!(
+        outln!(
             "  {:<32} {:<5} {:<20} {:>12} {:>12}  {s}",
             t.name,
             t.ty.name(),

@@ -57,10 +57,13 @@ pub enum Fault {
     KvSlotDecodeOffByOne,
     /// Layers ≥ 1 use the previous layer's `attn_output` weights.
     OProjPreviousLayer,
+    /// The engine panics computing `ffn_up` of layer 0 (a crash, not a
+    /// numeric bug: the harness must still write a receipt).
+    PanicAtFfnUp,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 23] = [
+    pub const ALL: [Fault; 24] = [
         Fault::RopeInterleaved,
         Fault::GqaModulo,
         Fault::ActRoundHalfAway,
@@ -84,6 +87,7 @@ impl Fault {
         Fault::RopeDecodeOffByOne,
         Fault::KvSlotDecodeOffByOne,
         Fault::OProjPreviousLayer,
+        Fault::PanicAtFfnUp,
     ];
 
     /// The kebab-case name (as in serde and on the command line).
@@ -112,6 +116,7 @@ impl Fault {
             Fault::RopeDecodeOffByOne => "rope-decode-off-by-one",
             Fault::KvSlotDecodeOffByOne => "kv-slot-decode-off-by-one",
             Fault::OProjPreviousLayer => "o-proj-previous-layer",
+            Fault::PanicAtFfnUp => "panic-at-ffn-up",
         }
     }
 }

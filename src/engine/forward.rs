@@ -166,6 +166,9 @@ impl<'a> Compute<'a, '_> {
         let mut act = self.ffn_act(&gate);
         drop(gate); // (buffers of [T, n_ff] are freed as soon as they are read)
         sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
+        if l == 0 && self.faults.has(Fault::PanicAtFfnUp) {
+            panic!("injected panic computing ffn_up of layer 0");
+        }
         sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
         let mut prod = act;
         ops::mul_assign(&mut prod, &up);

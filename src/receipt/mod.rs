@@ -140,6 +140,40 @@ impl Receipt {
             Some(p) => Policy::load(Path::new(p))?,
             None => Policy::default_policy(),
         };
+        Self::run_with_policy(record, policy, candidate, worker_exe, progress, cancel)
+    }
+
+    /// Runs `record` again under the policy this receipt recorded (not
+    /// today's default, nor whatever the policy file holds now): what
+    /// `divergence verify` checks.
+    pub fn rerun(
+        &self,
+        worker_exe: PathBuf,
+        progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Receipt, RunError> {
+        let builtin = BuiltinCandidate {
+            faults: self.run.faults.clone(),
+            ..BuiltinCandidate::default()
+        };
+        Self::run_with_policy(
+            &self.run,
+            self.policy.clone(),
+            &builtin,
+            worker_exe,
+            progress,
+            cancel,
+        )
+    }
+
+    fn run_with_policy(
+        record: &RunRecord,
+        policy: Policy,
+        candidate: &dyn CandidateLoader,
+        worker_exe: PathBuf,
+        progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Receipt, RunError> {
         let model = PathBuf::from(&record.model_path);
         let cfg = RunConfig {
             steps: record.steps,
@@ -256,10 +290,29 @@ impl Receipt {
         })
     }
 
-    /// Differences in identity between two receipts, as readable lines.
+    /// Differences in identity between two receipts, as readable lines,
+    /// and every stage this receipt found bit-exact that `other` does not.
     pub fn differences(&self, other: &Receipt) -> Vec<String> {
         let (a, b) = (self.identity(), other.identity());
         let mut out = Vec::new();
+        for s in self.stages.iter().filter(|s| s.all_exact) {
+            let now = other
+                .stages
+                .iter()
+                .find(|o| o.layer == s.layer && o.stage == s.stage);
+            match now {
+                Some(o) if o.all_exact => {}
+                Some(o) => out.push(format!(
+                    "stage {}: was bit-exact, now worst NMSE {:.3e}",
+                    crate::trace::StageKey::new(s.layer, s.stage),
+                    o.worst_nmse
+                )),
+                None => out.push(format!(
+                    "stage {}: was bit-exact, now not judged",
+                    crate::trace::StageKey::new(s.layer, s.stage)
+                )),
+            }
+        }
         if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
             for (k, va) in a {
                 let vb = b.get(k).unwrap_or(&serde_json::Value::Null);
