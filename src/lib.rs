@@ -9,6 +9,7 @@
 
 pub mod candidate;
 pub mod compare;
+pub mod dump;
 pub mod engine;
 pub mod gguf;
 pub mod lockstep;

@@ -60,7 +60,7 @@ pub struct Args {
     inject_token: Vec<TokenFault>,
 }
 
-fn parse_kv(s: &str) -> Result<KvType, String> {
+pub fn parse_kv(s: &str) -> Result<KvType, String> {
     match s {
         "f16" => Ok(KvType::F16),
         "f32" => Ok(KvType::F32),
@@ -206,7 +206,7 @@ pub fn verdict_code(v: Verdict) -> u8 {
     }
 }
 
-fn print_summary(r: &Receipt, path: &Path) {
+pub fn print_summary(r: &Receipt, path: &Path) {
     let (arch, layers) = match (&r.model.file, &r.model.config) {
         (Some(f), _) => (f.arch.clone(), f.n_layer),
         (None, Some(c)) => (c.arch.name().to_string(), c.n_layer),

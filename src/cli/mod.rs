@@ -16,6 +16,7 @@ macro_rules! out {
 }
 
 mod bench;
+mod capture;
 mod find;
 mod gen_model;
 mod inspect;
@@ -57,6 +58,10 @@ enum Command {
     Find(find::Args),
     /// Re-run what receipts recorded and check the result is the same.
     Verify(find::VerifyArgs),
+    /// Run one engine and write every stage of every step to a safetensors dump.
+    Capture(capture::CaptureArgs),
+    /// Judge a candidate's dump against a reference dump offline.
+    Compare(capture::CompareArgs),
     /// Time both engines (or their I2_S kernels) on the same model and threads.
     Bench(bench::Args),
     /// Print a GGUF file's header, metadata, tensor table and statistics.
@@ -105,6 +110,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Find(a) => find::run(a),
         Command::Verify(a) => find::verify(a),
+        Command::Capture(a) => capture::capture(a),
+        Command::Compare(a) => capture::compare(a),
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::GenModel(a) => gen_model::run(a),

@@ -25,6 +25,7 @@
 //! A clean verdict is only given when everything expected was judged;
 //! otherwise the verdict is `incomplete`.
 
+pub mod offline;
 mod outcome;
 
 pub use outcome::*;
@@ -453,7 +454,7 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
                 .find(|j| j.key == f.key)
                 .map(|j| j.metrics.clone());
             let mut div = divergence(
-                cfg,
+                &cfg.policy,
                 step,
                 f,
                 oracle.as_ref().map_err(|e| e.to_string()),
@@ -705,7 +706,7 @@ fn step_coverage(
 
 /// A failure turned into a divergence: worst elements, position, blame.
 fn divergence(
-    cfg: &RunConfig,
+    policy: &Policy,
     step: usize,
     f: StageFailure,
     oracle: Result<&Oracle<'_>, String>,
@@ -713,7 +714,7 @@ fn divergence(
     pos0: usize,
     t: usize,
 ) -> Divergence {
-    let rule = cfg.policy.rule(f.key.stage, false).clone();
+    let rule = policy.rule(f.key.stage, false).clone();
     let recomputed = match oracle {
         Ok(o) => o.recompute(f.key.layer, f.key.stage, inputs),
         Err(e) => Err(e),

@@ -57,8 +57,27 @@ pub struct Receipt {
     pub weight_warnings: Vec<String>,
     pub reference_failure: Option<String>,
     pub candidate_failure: Option<CandidateFailure>,
+    /// Set when this receipt is an offline comparison of two dumps
+    /// (`divergence compare`), not a lockstep run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<OfflineRecord>,
     /// Never part of the receipt's identity.
     pub volatile: Volatile,
+}
+
+/// What an offline comparison compared.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OfflineRecord {
+    /// The reference dump.
+    pub reference_dump: String,
+    /// The candidate dump.
+    pub candidate_dump: String,
+    /// The map the candidate dump was read through.
+    pub map: Option<String>,
+    /// Whether the model file was given (the oracle could blame).
+    pub model_given: bool,
+    /// What an offline comparison can and cannot tell.
+    pub note: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -197,6 +216,20 @@ impl Receipt {
         Ok(Receipt::build(record.clone(), sha256, policy, outcome))
     }
 
+    /// The receipt of an offline comparison: `run` describes the reference
+    /// dump's run (mode free).
+    pub fn offline(
+        run: RunRecord,
+        sha256: String,
+        policy: Policy,
+        outcome: Outcome,
+        offline: OfflineRecord,
+    ) -> Receipt {
+        let mut r = Receipt::build(run, sha256, policy, outcome);
+        r.offline = Some(offline);
+        r
+    }
+
     fn build(run: RunRecord, sha256: String, policy: Policy, outcome: Outcome) -> Receipt {
         let threads = run.threads;
         Receipt {
@@ -237,6 +270,7 @@ impl Receipt {
             weight_warnings: outcome.weight_warnings,
             reference_failure: outcome.reference_failure,
             candidate_failure: outcome.candidate_failure,
+            offline: None,
             volatile: Volatile {
                 timestamp_unix: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
