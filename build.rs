@@ -55,7 +55,13 @@ struct Pin {
 fn run() -> Result<(), String> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
     let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    for p in ["build.rs", "build", "vendor/bitnet-cpp.pin", "vendor/patches", "ffi"] {
+    for p in [
+        "build.rs",
+        "build",
+        "vendor/bitnet-cpp.pin",
+        "vendor/patches",
+        "ffi",
+    ] {
         println!("cargo:rerun-if-changed={p}");
     }
     println!("cargo:rerun-if-env-changed=BITNET_CPP_DIR");

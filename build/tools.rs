@@ -80,49 +80,60 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
         require("make", "make")?; // CMake's default generator on Unix
     }
 
-    let mut fetched = Vec::new();
-
-    match env::var_os("CMAKE") {
-        Some(cmake) if !runs(&cmake) => {
+    let cmake_missing = match env::var_os("CMAKE") {
+        Some(cmake) if !runs(&cmake) => return Err(format!(
+            "CMAKE={} does not run (`--version` failed): point it at a working cmake, or unset it",
+            Path::new(&cmake).display()
+        )),
+        Some(_) => false,
+        None => !runs("cmake"),
+    };
+    // clang-sys's search is bindgen's: what it loads here, bindgen uses.
+    let libclang_missing = match clang_sys::load() {
+        Ok(()) => None,
+        Err(e) if env::var_os("LIBCLANG_PATH").is_some() => {
             return Err(format!(
-                "CMAKE={} does not run (`--version` failed): point it at a working cmake, or unset it",
-                Path::new(&cmake).display()
+                "LIBCLANG_PATH is set, but no usable libclang is there ({}): point it at the folder holding libclang.so, or unset it",
+                e.lines().next().unwrap_or_default()
             ))
         }
-        Some(_) => {}
-        None if runs("cmake") => {}
-        None => {
-            let cmake = unpacked(&CMAKE_WHEEL, &tool_cache(out_dir)?)
-                .map(|dir| dir.join(CMAKE_IN_WHEEL))
-                .and_then(|cmake| {
-                    if runs(&cmake) {
-                        Ok(cmake)
-                    } else {
-                        Err(format!("{} does not run", cmake.display()))
-                    }
-                })
-                .map_err(|e| {
-                    format!(
-                        "`cmake` was not found, and fetching it from PyPI failed: {e}\n  \
-                         install it (Debian: `apt-get install cmake`), or set CMAKE=/path/to/cmake"
-                    )
-                })?;
-            // The cmake crate runs `$CMAKE` when set; nothing else in this
-            // build script runs concurrently.
-            env::set_var("CMAKE", &cmake);
-            fetched.push(format!("CMake {}", CMAKE_WHEEL.version));
-        }
-    }
+        Err(e) => Some(e.lines().next().unwrap_or_default().to_string()),
+    };
+    // When a fetch fails, name every package the machine lacks at once.
+    let debian: Vec<&str> = [
+        (cmake_missing, "cmake"),
+        (libclang_missing.is_some(), "libclang-dev"),
+    ]
+    .into_iter()
+    .filter_map(|(missing, package)| missing.then_some(package))
+    .collect();
+    let failed = |what: String, error: String, variable: &str| {
+        format!(
+            "{what}, and fetching it from PyPI failed: {error}\n  \
+             install it (Debian: `apt-get install {}`), or set {variable}",
+            debian.join(" ")
+        )
+    };
 
+    let mut fetched = Vec::new();
+    if cmake_missing {
+        let cmake = unpacked(&CMAKE_WHEEL, &tool_cache(out_dir)?)
+            .map(|dir| dir.join(CMAKE_IN_WHEEL))
+            .and_then(|cmake| {
+                if runs(&cmake) {
+                    Ok(cmake)
+                } else {
+                    Err(format!("{} does not run", cmake.display()))
+                }
+            })
+            .map_err(|e| failed("`cmake` was not found".into(), e, "CMAKE=/path/to/cmake"))?;
+        // The cmake crate runs `$CMAKE` when set; nothing else in this
+        // build script runs concurrently.
+        env::set_var("CMAKE", &cmake);
+        fetched.push(format!("CMake {}", CMAKE_WHEEL.version));
+    }
     let mut clang_args = Vec::new();
-    // clang-sys's search is bindgen's: what it loads here, bindgen uses.
-    if let Err(not_found) = clang_sys::load() {
-        let not_found = not_found.lines().next().unwrap_or_default().to_string();
-        if env::var_os("LIBCLANG_PATH").is_some() {
-            return Err(format!(
-                "LIBCLANG_PATH is set, but no usable libclang is there ({not_found}): point it at the folder holding libclang.so, or unset it"
-            ));
-        }
+    if let Some(not_found) = libclang_missing {
         unpacked(&LIBCLANG_WHEEL, &tool_cache(out_dir)?)
             .and_then(|dir| {
                 // clang-sys searches only LIBCLANG_PATH when it is set.
@@ -130,9 +141,10 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
                 clang_sys::load()
             })
             .map_err(|e| {
-                format!(
-                    "libclang was not found ({not_found}), and fetching it from PyPI failed: {e}\n  \
-                     install it (Debian: `apt-get install libclang-dev`), or set LIBCLANG_PATH to the folder holding libclang.so"
+                failed(
+                    format!("libclang was not found ({not_found})"),
+                    e,
+                    "LIBCLANG_PATH to the folder holding libclang.so",
                 )
             })?;
         let headers = compiler_builtin_headers()?;
@@ -177,7 +189,8 @@ fn runs(tool: impl AsRef<std::ffi::OsStr>) -> bool {
 fn tool_cache(out_dir: &Path) -> Result<PathBuf, String> {
     if let Some(dir) = env::var_os("DIVERGENCE_TOOLS_DIR").map(PathBuf::from) {
         // An explicit choice must work; the defaults fall back.
-        fs::create_dir_all(&dir).map_err(|e| format!("DIVERGENCE_TOOLS_DIR={}: {e}", dir.display()))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| format!("DIVERGENCE_TOOLS_DIR={}: {e}", dir.display()))?;
         return Ok(dir);
     }
     let user_cache = env::var_os("XDG_CACHE_HOME")
@@ -294,12 +307,25 @@ fn pip(args: &[OsString]) -> Result<(), String> {
     if output.status.success() {
         return Ok(());
     }
+    // pip's own verdict is its ERROR lines (retries come as warnings).
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let errors: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("ERROR"))
+        .collect();
+    let shown = if errors.is_empty() {
+        &lines[lines.len().saturating_sub(3)..]
+    } else {
+        &errors[..]
+    };
     Err(format!(
         "`python3 -m pip {}` failed: {}",
-        args.first().map(|a| a.to_string_lossy()).unwrap_or_default(),
-        tail[tail.len().saturating_sub(3)..].join(" / ")
+        args.first()
+            .map(|a| a.to_string_lossy())
+            .unwrap_or_default(),
+        shown.join(" / ")
     ))
 }
 
