@@ -81,10 +81,12 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
     }
 
     let cmake_missing = match env::var_os("CMAKE") {
-        Some(cmake) if !runs(&cmake) => return Err(format!(
+        Some(cmake) if !runs(&cmake) => {
+            return Err(format!(
             "CMAKE={} does not run (`--version` failed): point it at a working cmake, or unset it",
             Path::new(&cmake).display()
-        )),
+        ))
+        }
         Some(_) => false,
         None => !runs("cmake"),
     };
