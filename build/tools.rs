@@ -99,7 +99,8 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
                 e.lines().next().unwrap_or_default()
             ))
         }
-        Err(e) => Some(e.lines().next().unwrap_or_default().to_string()),
+        // Its message goes on to advise LIBCLANG_PATH; we advise below.
+        Err(e) => Some(e.split(", set the").next().unwrap_or_default().to_string()),
     };
     // When a fetch fails, name every package the machine lacks at once.
     let debian: Vec<&str> = [
@@ -112,7 +113,7 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
     let failed = |what: String, error: String, variable: &str| {
         format!(
             "{what}, and fetching it from PyPI failed: {error}\n  \
-             install it (Debian: `apt-get install {}`), or set {variable}",
+             install what is missing (Debian: `apt-get install {}`), or set {variable}",
             debian.join(" ")
         )
     };
@@ -322,11 +323,19 @@ fn pip(args: &[OsString]) -> Result<(), String> {
     } else {
         &errors[..]
     };
+    let offline = ["NewConnectionError", "Failed to establish a new connection"]
+        .iter()
+        .any(|symptom| stderr.contains(symptom));
     Err(format!(
-        "`python3 -m pip {}` failed: {}",
+        "`python3 -m pip {}` failed{}: {}",
         args.first()
             .map(|a| a.to_string_lossy())
             .unwrap_or_default(),
+        if offline {
+            " (it could not reach its package index)"
+        } else {
+            ""
+        },
         shown.join(" / ")
     ))
 }
