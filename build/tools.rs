@@ -83,9 +83,10 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
     let cmake_missing = match env::var_os("CMAKE") {
         Some(cmake) if !runs(&cmake) => {
             return Err(format!(
-            "CMAKE={} does not run (`--version` failed): point it at a working cmake, or unset it",
-            Path::new(&cmake).display()
-        ))
+                "CMAKE={} does not run (`--version` failed): \
+                 point it at a working cmake, or unset it",
+                Path::new(&cmake).display()
+            ))
         }
         Some(_) => false,
         None => !runs("cmake"),
@@ -95,12 +96,12 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
         Ok(()) => None,
         Err(e) if env::var_os("LIBCLANG_PATH").is_some() => {
             return Err(format!(
-                "LIBCLANG_PATH is set, but no usable libclang is there ({}): point it at the folder holding libclang.so, or unset it",
-                e.lines().next().unwrap_or_default()
+                "LIBCLANG_PATH is set, but no usable libclang is there ({}): \
+                 point it at the folder holding libclang.so, or unset it",
+                search_result(&e)
             ))
         }
-        // Its message goes on to advise LIBCLANG_PATH; we advise below.
-        Err(e) => Some(e.split(", set the").next().unwrap_or_default().to_string()),
+        Err(e) => Some(search_result(&e).to_string()),
     };
     // When a fetch fails, name every package the machine lacks at once.
     let debian: Vec<&str> = [
@@ -162,12 +163,22 @@ pub fn provide(out_dir: &Path) -> Result<BuildTools, String> {
 
     if !fetched.is_empty() {
         println!(
-            "cargo:warning=not installed on this machine, so taken from PyPI wheels (pinned sha256) unpacked in {}: {}; installed ones take precedence (Debian: `apt-get install cmake libclang-dev`)",
+            "cargo:warning=not installed on this machine, so taken from PyPI wheels \
+             (pinned sha256) unpacked in {}: {}; installed ones take precedence \
+             (Debian: `apt-get install {}`)",
             &tool_cache(out_dir)?.display(),
-            fetched.join(", ")
+            fetched.join(", "),
+            debian.join(" ")
         );
     }
     Ok(BuildTools { clang_args })
+}
+
+/// What clang-sys searched and found unusable, without its advice (to set
+/// LIBCLANG_PATH), which our messages give in full.
+fn search_result(error: &str) -> &str {
+    let first_line = error.lines().next().unwrap_or_default();
+    first_line.split(", set the").next().unwrap_or_default()
 }
 
 /// `tool --version` succeeds, or the error names the Debian package.
