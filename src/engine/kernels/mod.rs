@@ -226,6 +226,26 @@ impl Kernel {
         }
     }
 
+    /// [`scalar::xor_fold`] with this kernel's widest loads (the bench's
+    /// streaming read); always the same bits.
+    pub fn xor_fold(self, words: &[u64]) -> u64 {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                // SAFETY: Avx512Vnni is only selected when avx512::available()
+                // (which includes avx512f); the kernel reads only `words`.
+                unsafe { avx512::xor_fold(words) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 is only selected when avx2::available(); the
+                // kernel reads only `words`.
+                unsafe { avx2::xor_fold(words) }
+            }
+            _ => scalar::xor_fold(words),
+        }
+    }
+
     /// [`quantize_row_i8_s`] on the fastest path this kernel's CPU has
     /// (AVX-512 for the reference variant; the bug-zoo variants run the
     /// scalar function); always the same codes, scale and sum.
@@ -267,6 +287,37 @@ impl Kernel {
             Isa::Avx512Vnni => avx512::matmul(wrap, w, n_in, rows, q, out),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no SIMD kernels on this target"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel's read fold is the plain XOR of the words, at every
+    /// length around its step sizes and from unaligned starts.
+    #[test]
+    fn xor_fold_is_the_plain_xor_on_every_kernel() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let words: Vec<u64> = (0..1100)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            })
+            .collect();
+        for start in [0, 1, 3] {
+            for len in [
+                0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 1000,
+            ] {
+                let slice = &words[start..start + len];
+                let want = slice.iter().fold(0, |acc, &w| acc ^ w);
+                for kernel in Kernel::available() {
+                    assert_eq!(kernel.xor_fold(slice), want, "{} len {len}", kernel.name());
+                }
+            }
         }
     }
 }
