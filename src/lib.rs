@@ -19,3 +19,5 @@ pub mod receipt;
 pub mod reference;
 pub mod synth;
 pub mod trace;
+
+pub use engine::{Arch, KvType, ModelConfig};
