@@ -10,7 +10,9 @@
 //!
 //! The stage list and each stage's logical layout are the contract; they are
 //! written once in `docs/candidate-api.md` (tested against
-//! [`crate::trace::Stage`]).
+//! [`crate::trace::Stage`]), which follows.
+//!
+#![doc = include_str!("../docs/candidate-api.md")]
 
 use crate::engine::{Engine, EngineOptions, Fault, I2sMode, KvType, ModelConfig};
 use crate::trace::TraceSink;
@@ -102,6 +104,9 @@ pub trait Candidate {
 
     /// Whether values the sink writes into `k_rope` / `v_proj` reach the KV cache.
     fn kv_semantics(&self) -> KvSemantics;
+
+    /// Forgets every cached position: the next forward starts at position 0.
+    fn reset(&mut self);
 
     /// Runs `tokens` at positions `pos0..pos0 + T` (the engine has cached
     /// exactly `pos0` positions), hands every canonical stage to `sink` in
@@ -204,6 +209,10 @@ impl Candidate for Engine {
     fn kv_semantics(&self) -> KvSemantics {
         // forward.rs writes the cache after the sink saw k_rope and v_proj.
         KvSemantics::CachesSinkValues
+    }
+
+    fn reset(&mut self) {
+        Engine::reset(self)
     }
 
     fn forward(

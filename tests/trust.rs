@@ -92,6 +92,9 @@ impl Candidate for Wrapped {
     fn kv_semantics(&self) -> KvSemantics {
         self.inner.kv_semantics()
     }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
     fn forward(
         &mut self,
         tokens: &[u32],

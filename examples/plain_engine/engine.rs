@@ -449,6 +449,11 @@ impl Candidate for PlainEngine {
         KvSemantics::CachesSinkValues
     }
 
+    fn reset(&mut self) {
+        self.k_cache.iter_mut().for_each(Vec::clear);
+        self.v_cache.iter_mut().for_each(Vec::clear);
+    }
+
     fn forward(
         &mut self,
         tokens: &[u32],

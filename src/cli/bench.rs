@@ -391,7 +391,10 @@ pub fn run(args: Args) -> CliResult {
 /// Decode tokens per turn when the engines take turns within a round.
 const DECODE_BLOCK: usize = 8;
 
-/// An engine under the clock: greedy decoding from a prompt.
+/// An engine under the clock: greedy decoding from a prompt. The candidate
+/// side is any [`divergence::candidate::Candidate`], driven through that
+/// trait as the lockstep runner drives it; the reference is bitnet.cpp in
+/// its worker.
 trait Timed {
     /// Run `prompt` from an empty cache; the next (argmax) token.
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure>;
@@ -401,20 +404,20 @@ trait Timed {
 }
 
 struct Candidate<'e> {
-    engine: &'e mut Engine,
+    engine: &'e mut dyn divergence::candidate::Candidate,
     clock: Option<StageClock>,
 }
 
 impl Timed for Candidate<'_> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
         self.engine.reset();
-        let logits = self.engine.forward(prompt, &mut NoTrace)?;
+        let logits = self.engine.forward(prompt, 0, &mut NoTrace)?;
         let n_vocab = self.engine.config().n_vocab;
         Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
     }
 
-    fn decode(&mut self, mut next: u32, _pos: usize, n: usize) -> Result<u32, super::Failure> {
-        for _ in 0..n {
+    fn decode(&mut self, mut next: u32, pos: usize, n: usize) -> Result<u32, super::Failure> {
+        for i in 0..n {
             let sink: &mut dyn TraceSink = match self.clock.as_mut() {
                 Some(c) => {
                     c.restart();
@@ -422,7 +425,7 @@ impl Timed for Candidate<'_> {
                 }
                 None => &mut NoTrace,
             };
-            next = argmax(&self.engine.forward(&[next], sink)?) as u32;
+            next = argmax(&self.engine.forward(&[next], pos + i, sink)?) as u32;
         }
         Ok(next)
     }
