@@ -14,9 +14,16 @@ prompt="The quick brown fox"
 "$bin" gen-model --preset tiny --seed 1 -o "$models/tiny-bitnet.gguf" >/dev/null
 "$bin" gen-model --preset tiny --arch llama --seed 1 -o "$models/tiny-llama.gguf" >/dev/null
 "$bin" gen-model --preset small --seed 1 -o "$models/small-bitnet.gguf" >/dev/null
+"$bin" gen-model --preset tiny --rope-theta 500000 --seed 1 -o "$models/tiny-bitnet-theta500k.gguf" >/dev/null
+"$bin" gen-model --preset tiny --arch llama --untied-output --seed 1 -o "$models/tiny-llama-untied.gguf" >/dev/null
+"$bin" gen-model --preset tiny --scale-tensors --seed 1 -o "$models/tiny-bitnet-scales.gguf" >/dev/null
 
-# find exits 1 on a divergence: that is a result here, not a failure.
-find_receipt() { "$bin" find -q "$@" >/dev/null || [ $? -eq 1 ]; }
+# find exits 1 on a divergence and 5 when the candidate fails: results here, not failures.
+find_receipt() {
+  local code=0
+  "$bin" find -q "$@" >/dev/null || code=$?
+  [ "$code" -eq 0 ] || [ "$code" -eq 1 ] || [ "$code" -eq 5 ]
+}
 
 # Clean parity cases (the ones tests/parity.rs compares against).
 for mode in resync free; do
@@ -34,12 +41,24 @@ find_receipt --model "$models/small-bitnet.gguf" --steps 4 --threads 2 \
   --receipt receipts/parity-small-bitnet-resync-t2-f16.json
 
 # The bug zoo: one receipt per injected candidate fault (docs/bug-zoo.md).
-for fault in rope-interleaved gqa-modulo act-round-half-away act-scale128 missing-row-sum \
-             eps-hardcoded skip-attn-sub-norm wrong-ffn-act attn-scale-inv-head-dim \
-             no-causal-mask weight-scale-divide i2s-code-off-by-one; do
+for fault in rope-interleaved gqa-modulo act-round-half-away act-scale128 act-scale-per-batch \
+             missing-row-sum eps-hardcoded rms-norm-eps-outside-sqrt skip-attn-sub-norm \
+             wrong-ffn-act attn-scale-inv-head-dim no-causal-mask weight-scale-divide \
+             i2s-code-off-by-one swap-gate-up f16-row-stride o-proj-previous-layer \
+             final-norm-wrong-weight rope-decode-off-by-one kv-slot-decode-off-by-one \
+             panic-at-ffn-up; do
   find_receipt --model "$models/tiny-bitnet.gguf" --prompt "$prompt" --steps 2 \
     --inject "$fault" --receipt "receipts/zoo-$fault.json"
 done
+find_receipt --model "$models/tiny-bitnet-theta500k.gguf" --prompt "$prompt" --steps 2 \
+  --inject theta-wrong-key --receipt receipts/zoo-theta-wrong-key.json
+find_receipt --model "$models/tiny-llama-untied.gguf" --prompt "$prompt" --steps 2 \
+  --inject logits-wrong-matrix --receipt receipts/zoo-logits-wrong-matrix.json
+find_receipt --model "$models/tiny-bitnet-scales.gguf" --prompt "$prompt" --steps 2 \
+  --inject scale-tensor-ignored --receipt receipts/zoo-scale-tensor-ignored.json
+# Free mode: the same fault found by local error, with its propagation.
+find_receipt --model "$models/tiny-bitnet.gguf" --prompt "$prompt" --steps 2 --mode free \
+  --inject o-proj-previous-layer --receipt receipts/zoo-o-proj-previous-layer-free.json
 find_receipt --model "$models/tiny-bitnet.gguf" --prompt "$prompt" --steps 2 --mode free \
   --inject-token duplicate-bos --receipt receipts/zoo-duplicate-bos.json
 echo "receipts regenerated: $(ls receipts/*.json | wc -l) files"

@@ -50,34 +50,14 @@ fn every_checked_in_receipt_validates_against_the_schema() {
 }
 
 #[test]
-fn verify_reproduces_every_checked_in_receipt() {
-    // The same commands as scripts/regen-receipts.sh.
-    let models = repo().join("target/receipt-models");
-    std::fs::create_dir_all(&models).unwrap();
-    for (name, extra) in [
-        ("tiny-bitnet", &[][..]),
-        ("tiny-llama", &["--arch", "llama"][..]),
-        ("small-bitnet", &["--preset", "small"][..]),
-    ] {
-        let mut cmd = Command::new(EXE);
-        cmd.current_dir(repo()).arg("gen-model");
-        if !extra.contains(&"--preset") {
-            cmd.args(["--preset", "tiny"]);
-        }
-        let out = cmd
-            .args(extra)
-            .args(["--seed", "1", "-o"])
-            .arg(models.join(format!("{name}.gguf")))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+fn verify_reproduces_every_checked_in_receipt_from_a_fresh_working_directory() {
+    // As on a fresh clone: no model exists yet. Every receipt records the
+    // recipe of its synthetic model; verify makes the model again (checking
+    // its sha256) and re-runs what the receipt recorded, under the policy it
+    // recorded.
+    let fresh = tempfile::tempdir().unwrap();
     let out = Command::new(EXE)
-        .current_dir(repo())
+        .current_dir(fresh.path())
         .arg("verify")
         .args(receipts())
         .output()
@@ -91,6 +71,31 @@ fn verify_reproduces_every_checked_in_receipt() {
     assert_eq!(
         stdout.matches("same result").count(),
         receipts().len(),
+        "{stdout}"
+    );
+    assert!(stdout.contains("made target/receipt-models/"), "{stdout}");
+}
+
+#[test]
+fn verify_notices_a_changed_result() {
+    // A receipt whose recorded first divergence is edited no longer verifies.
+    let src = repo().join("receipts/zoo-gqa-modulo.json");
+    let mut r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    r["first_divergence"]["layer"] = serde_json::json!(1);
+    let dir = tempfile::tempdir().unwrap();
+    let edited = dir.path().join("edited.json");
+    std::fs::write(&edited, serde_json::to_string_pretty(&r).unwrap()).unwrap();
+    let out = Command::new(EXE)
+        .current_dir(dir.path())
+        .arg("verify")
+        .arg(&edited)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("DIFFERENT") && stdout.contains("first_divergence"),
         "{stdout}"
     );
 }

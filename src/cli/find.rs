@@ -428,7 +428,37 @@ pub fn verify(args: VerifyArgs) -> CliResult {
     let mut all_same = true;
     for path in &args.receipts {
         let old = Receipt::read(path)?;
+        if let Some(off) = &old.offline {
+            return Err(anyhow!(
+                "{}: an offline comparison of {} and {}: run `divergence compare` on those dumps again",
+                path.display(),
+                off.reference_dump,
+                off.candidate_dump
+            )
+            .into());
+        }
         let model = Path::new(&old.run.model_path);
+        if !model.exists() {
+            // A synthetic model records its recipe: make the same bytes again.
+            let recipe = old.model.recipe.as_ref().ok_or_else(|| {
+                anyhow!(
+                    "{}: model {} is missing, and the receipt has no recipe to make it again",
+                    path.display(),
+                    model.display()
+                )
+            })?;
+            if let Some(dir) = model.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            divergence::synth::write_model(recipe, model)
+                .with_context(|| format!("{}: regenerating {}", path.display(), model.display()))?;
+            outln!(
+                "{}: made {} again from the recipe it records",
+                path.display(),
+                model.display()
+            );
+        }
         let sha = receipt::sha256_file(model)
             .with_context(|| format!("{}: model {}", path.display(), model.display()))?;
         if sha != old.model.sha256 {

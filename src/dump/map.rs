@@ -330,7 +330,8 @@ fn join_heads(
 pub fn map_dump(dump: &Dump, map: Option<&DumpMap>) -> Result<MappedDump, MapError> {
     let mut out = MappedDump::default();
     // Per-head parts waiting to be joined: (step, key) → (rule, [(head, tensor)]).
-    let mut parts: BTreeMap<(usize, StageKey), (usize, Vec<(usize, Tensor)>)> = BTreeMap::new();
+    type Heads = (usize, Vec<(usize, Tensor)>);
+    let mut parts: BTreeMap<(usize, StageKey), Heads> = BTreeMap::new();
     let names: Vec<String> = dump.names().map(str::to_owned).collect();
     for name in names {
         let tensor = dump.tensor(&name)?.expect("listed names exist");

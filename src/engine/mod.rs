@@ -126,6 +126,19 @@ pub enum EngineError {
     Options(String),
 }
 
+/// Checks that `file` is a model bitnet.cpp's loader would accept: the
+/// hyperparameters agree with each other and with the tensor table, and
+/// every tensor the arch needs is there with its type and shape (the rules
+/// of llama.cpp's `llm_load_hparams` / `llm_load_tensors` that
+/// [`ModelConfig::from_gguf`] and [`Weights::from_gguf`] encode). The
+/// lockstep runner calls it before any engine loads, so a broken file is bad
+/// input whatever the candidate.
+pub fn validate(file: &GgufFile) -> Result<ModelConfig, EngineError> {
+    let config = ModelConfig::from_gguf(file)?;
+    Weights::from_gguf(file, &config)?;
+    Ok(config)
+}
+
 /// A loaded model and its KV cache (threads are started per forward pass,
 /// see [`team`]).
 pub struct Engine {

@@ -123,6 +123,9 @@ pub enum RunError {
     /// A policy file is not valid.
     #[error(transparent)]
     Policy(#[from] crate::compare::policy::PolicyError),
+    /// The model is not one bitnet.cpp's loader accepts.
+    #[error(transparent)]
+    Model(#[from] crate::engine::EngineError),
     /// A file could not be read or written.
     #[error("{0}")]
     Io(String),
@@ -174,6 +177,7 @@ const WORST_K: usize = 8;
 pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, RunError> {
     let t_total = Instant::now();
     let file = GgufFile::open(&cfg.model)?;
+    crate::engine::validate(&file)?;
     let oracle = Oracle::new(&file, cfg.kv_type == KvType::F16);
     let facts = oracle.as_ref().ok().map(|o| o.facts().clone());
     let model_ctx = facts
@@ -220,6 +224,7 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
             model: None,
             file_facts: facts.clone(),
             model_file_size: file.file_size(),
+            recipe: crate::synth::recipe_of(&file),
             candidate: CandidateInfo::default(),
             weight_warnings: non_finite_weights(&file),
             timings: Timings::default(),

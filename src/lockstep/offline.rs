@@ -80,6 +80,7 @@ pub fn compare_dumps(
             model: candidate.manifest.and_then(|m| m.engine_config.clone()),
             file_facts: manifest.model.clone(),
             model_file_size: 0,
+            recipe: None,
             candidate: CandidateInfo {
                 name: candidate
                     .manifest

@@ -337,6 +337,8 @@ pub struct Outcome {
     pub file_facts: Option<FileFacts>,
     /// The file's size.
     pub model_file_size: u64,
+    /// The synthetic model's recipe, when the file carries one.
+    pub recipe: Option<crate::synth::SynthConfig>,
     /// The candidate's self-description.
     pub candidate: CandidateInfo,
     /// F32/F16 tensors holding NaN or Inf: a warning, the run goes on.
@@ -385,11 +387,11 @@ impl StageSummary {
 }
 
 /// The summary entry of `key`, created on first use.
-pub(crate) fn summary_slot<'a>(
-    summary: &'a mut Vec<StageSummary>,
+pub(crate) fn summary_slot(
+    summary: &mut Vec<StageSummary>,
     key: StageKey,
     class: compare::Class,
-) -> &'a mut StageSummary {
+) -> &mut StageSummary {
     match summary
         .iter()
         .position(|s| s.layer == key.layer && s.stage == key.stage)

@@ -107,6 +107,10 @@ pub struct ModelRecord {
     pub file: Option<FileFacts>,
     /// bitnet.cpp's own description of the model.
     pub reference_description: String,
+    /// For a synthetic model: how it was made (`divergence verify` makes
+    /// it again when the file is missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<crate::synth::SynthConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -242,6 +246,7 @@ impl Receipt {
                 config: outcome.model,
                 file: outcome.file_facts,
                 reference_description: outcome.reference_description,
+                recipe: outcome.recipe,
             },
             candidate: CandidateRecord {
                 engine: outcome.candidate.name,

@@ -103,8 +103,10 @@ pub enum SynthError {
 }
 
 /// Everything that shapes a synthetic model. Plain data: start from
-/// [`SynthConfig::preset`] and override any field.
-#[derive(Clone, Debug, PartialEq)]
+/// [`SynthConfig::preset`] and override any field. Every file made from it
+/// carries it as JSON under [`RECIPE_KEY`], so a receipt can name the recipe
+/// and `divergence verify` can make the same bytes again on a fresh clone.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SynthConfig {
     /// `bitnet`, `bitnet-b1.58` or `llama` (the metadata key prefix too).
     pub arch: String,
@@ -118,6 +120,7 @@ pub struct SynthConfig {
     pub rope_theta: f32,
     pub rms_eps: f32,
     /// Type of `token_embd.weight`: F16 or F32.
+    #[serde(with = "embd_type_name")]
     pub embd_type: GgmlType,
     /// Write `blk.N.<proj>.scale` F32 `[1]` tensors; the I2_S inline scales are then 1.0.
     pub scale_tensors: bool,
@@ -130,6 +133,32 @@ pub struct SynthConfig {
 }
 
 pub const ARCHES: [&str; 3] = ["bitnet", "bitnet-b1.58", "llama"];
+
+/// The metadata key holding a synthetic model's [`SynthConfig`] as JSON.
+pub const RECIPE_KEY: &str = "divergence.synth.recipe";
+
+/// `embd_type` as its ggml name ("f16", "f32") in a recipe.
+mod embd_type_name {
+    use crate::gguf::GgmlType;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &GgmlType, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(t.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GgmlType, D::Error> {
+        let name = String::deserialize(d)?;
+        GgmlType::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown tensor type {name:?}")))
+    }
+}
+
+/// The recipe a synthetic model file carries, if it has one.
+pub fn recipe_of(file: &crate::gguf::GgufFile) -> Option<SynthConfig> {
+    serde_json::from_str(file.get_str(RECIPE_KEY).ok()?).ok()
+}
 
 impl SynthConfig {
     pub fn preset(p: Preset) -> Self {
@@ -288,6 +317,10 @@ pub fn generate(cfg: &SynthConfig) -> Result<GgufWriter, SynthError> {
     cfg.validate()?;
     let mut w = GgufWriter::new();
     write_metadata(&mut w, cfg);
+    w.set(
+        RECIPE_KEY,
+        MetaValue::String(serde_json::to_string(cfg).expect("recipes serialize")),
+    );
 
     let (e, ff, kv) = (
         cfg.n_embd as u64,
