@@ -308,12 +308,12 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     let bos = tokenizer.as_ref().and_then(|t| t.bos());
     let (ref_tokens, cand_tokens) = match &cfg.prompt {
         Prompt::Text(text) => {
-            let r = match reference.tokenize(text, true) {
+            let r = match reference.tokenize(text, true, false) {
                 Ok(r) => r,
                 Err(e) => return Ok(reference_failed(outcome, e, timings, t_total)),
             };
             let mut c = match &tokenizer {
-                Some(tk) => tk.encode(text, true),
+                Some(tk) => tk.encode(text, true, false),
                 None => r.clone(),
             };
             if cfg.token_faults.contains(&TokenFault::DuplicateBos) {
