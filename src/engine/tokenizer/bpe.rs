@@ -28,9 +28,11 @@ impl Bpe {
         for (rank, merge) in merges.iter().enumerate() {
             // A merge without a separating space is the pair ("", ""),
             // which no lookup ever asks for.
-            let key = match merge.get(1..).and_then(|rest| rest.find(' ')) {
-                Some(_) => merge.to_string(),
-                None => " ".to_string(),
+            let has_separator = merge.bytes().skip(1).any(|b| b == b' ');
+            let key = if has_separator {
+                merge.to_string()
+            } else {
+                " ".to_string()
             };
             ranks.entry(key).or_insert(rank as u32);
         }
