@@ -486,8 +486,14 @@ fn tokenizer_breaks_ties_leftmost() {
         MetaValue::Array(MetaArray::I32(vec![2, 3, 3, 1, 1, 1])),
     );
     let tok = Tokenizer::from_gguf(&GgufFile::from_bytes(w.to_bytes()).unwrap()).unwrap();
-    assert_eq!(pieces(&tok, &tok.encode("aaa", false, false)), ["▁", "aa", "a"]);
-    assert_eq!(pieces(&tok, &tok.encode("aaaa", false, false)), ["▁", "aa", "aa"]);
+    assert_eq!(
+        pieces(&tok, &tok.encode("aaa", false, false)),
+        ["▁", "aa", "a"]
+    );
+    assert_eq!(
+        pieces(&tok, &tok.encode("aaaa", false, false)),
+        ["▁", "aa", "aa"]
+    );
     // No byte tokens at all: unknown characters become <unk>.
     assert_eq!(tok.encode("b", false, false), vec![3, 0]);
 }

@@ -10,7 +10,7 @@
 
 use divergence::engine::tokenizer::chat::{render_chat, ChatMessage};
 use divergence::engine::tokenizer::{PreTokenizer, Tokenizer, TokenizerKind};
-use divergence::gguf::{GgufFile, GgufWriter, MetaArray, MetaValue};
+use divergence::gguf::{GgufFile, GgufWriter, MetaValue};
 use divergence::reference::Model;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,13 +30,9 @@ fn vocab_file(name: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vocab"));
     let path = dir.join(name);
-    let complete = [
-        "",
-        ".inp",
-        ".out",
-    ]
-    .iter()
-    .all(|ext| Path::new(&format!("{}{ext}", path.display())).is_file());
+    let complete = ["", ".inp", ".out"]
+        .iter()
+        .all(|ext| Path::new(&format!("{}{ext}", path.display())).is_file());
     if complete {
         return Some(path);
     }
@@ -75,7 +71,12 @@ fn test_cases(vocab: &Path) -> Vec<(String, Vec<u32>)> {
         .lines()
         .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
         .collect();
-    assert_eq!(texts.len(), ids.len(), "{}: .inp and .out disagree", vocab.display());
+    assert_eq!(
+        texts.len(),
+        ids.len(),
+        "{}: .inp and .out disagree",
+        vocab.display()
+    );
     texts.into_iter().zip(ids).collect()
 }
 
@@ -128,15 +129,29 @@ fn llama_cpp_cases_on_the_llama3_vocab() {
     let (tok, model) = load(&bpe);
     assert_eq!(tok.kind(), TokenizerKind::Bpe(PreTokenizer::Llama3));
     assert_eq!(tok.vocab_size(), 128256);
-    assert_eq!((tok.bos(), tok.eos(), tok.add_bos()), (Some(128000), Some(128001), true));
+    assert_eq!(
+        (tok.bos(), tok.eos(), tok.add_bos()),
+        (Some(128000), Some(128001), true)
+    );
     let cases = test_cases(&bpe);
     assert!(cases.len() >= 40, "{} cases", cases.len());
     for (text, want) in &cases {
         // test-tokenizer-0: add_special = false, parse_special = false.
-        assert_eq!(&tok.encode(text, false, false), want, "candidate on {text:?}");
-        assert_eq!(&model.tokenize(text, false, false).unwrap(), want, "bitnet.cpp on {text:?}");
+        assert_eq!(
+            &tok.encode(text, false, false),
+            want,
+            "candidate on {text:?}"
+        );
+        assert_eq!(
+            &model.tokenize(text, false, false).unwrap(),
+            want,
+            "bitnet.cpp on {text:?}"
+        );
     }
-    eprintln!("llama3 vocab: {} llama.cpp cases, both engines equal the .out ids", cases.len());
+    eprintln!(
+        "llama3 vocab: {} llama.cpp cases, both engines equal the .out ids",
+        cases.len()
+    );
 }
 
 #[test]
@@ -149,10 +164,21 @@ fn llama_cpp_cases_on_the_llama2_spm_vocab() {
     for (text, want) in &cases {
         // The .out ids are Hugging Face's for the text as it is: the SPM
         // space prefix is llama.cpp's own (add_space_prefix), not the file's.
-        assert_eq!(&tok.encode(text, false, false), want, "candidate on {text:?}");
-        assert_eq!(&model.tokenize(text, false, false).unwrap(), want, "bitnet.cpp on {text:?}");
+        assert_eq!(
+            &tok.encode(text, false, false),
+            want,
+            "candidate on {text:?}"
+        );
+        assert_eq!(
+            &model.tokenize(text, false, false).unwrap(),
+            want,
+            "bitnet.cpp on {text:?}"
+        );
     }
-    eprintln!("llama2 vocab: {} llama.cpp cases, both engines equal the .out ids", cases.len());
+    eprintln!(
+        "llama2 vocab: {} llama.cpp cases, both engines equal the .out ids",
+        cases.len()
+    );
 }
 
 /// Candidate and reference ids for every flag combination, and the same
@@ -168,7 +194,11 @@ fn assert_same_as_bitnet(tok: &Tokenizer, model: &Model, texts: &[String], label
                     ours, theirs,
                     "{label}: {text:?} add_special={add_special} parse_special={parse_special}"
                 );
-                assert_eq!(tok.decode(&ours), model.detokenize(&theirs), "{label}: decode of {text:?}");
+                assert_eq!(
+                    tok.decode(&ours),
+                    model.detokenize(&theirs),
+                    "{label}: decode of {text:?}"
+                );
                 checked += 1;
             }
         }
@@ -186,7 +216,10 @@ fn own_inputs_match_bitnet_cpp_with_and_without_the_pre_tokenizer_key() {
 
     let no_pre = bpe_without_pre(&bpe);
     let (tok_default, model_default) = load(&no_pre);
-    assert_eq!(tok_default.kind(), TokenizerKind::Bpe(PreTokenizer::Default));
+    assert_eq!(
+        tok_default.kind(),
+        TokenizerKind::Bpe(PreTokenizer::Default)
+    );
     assert_eq!(tok_default.pre_name(), None);
     assert!(tok_default.add_bos() && model_default.specials().add_bos);
     let m = assert_same_as_bitnet(&tok_default, &model_default, &inputs, "no pre");
@@ -195,10 +228,12 @@ fn own_inputs_match_bitnet_cpp_with_and_without_the_pre_tokenizer_key() {
     // the llama3 pre-tokenizer turns add_bos on.
     let dir = tempfile::tempdir().unwrap();
     let bare = dir.path().join("bare.gguf");
-    edited_copy(&bpe, &bare, |m| m.retain(|(k, _)| k != "tokenizer.ggml.pre"));
+    edited_copy(&bpe, &bare, |m| {
+        m.retain(|(k, _)| k != "tokenizer.ggml.pre")
+    });
     let (tok_bare, model_bare) = load(&bare);
     assert!(!tok_bare.add_bos());
-    assert_eq!(model_bare.specials().add_bos, false);
+    assert!(!model_bare.specials().add_bos);
     assert_same_as_bitnet(&tok_bare, &model_bare, &inputs[..20], "bare");
 
     // The two pre-tokenizers really differ on some of these inputs.
@@ -309,8 +344,20 @@ fn json_of(out: &std::process::Output) -> serde_json::Value {
 fn tokens_agree_on_llama_cpp_cases_of_a_vocab_only_file() {
     let Some(bpe) = vocab_file(BPE) else { return };
     let inp = format!("{}.inp", bpe.display());
-    let out = divergence(&["tokens", "--model", bpe.to_str().unwrap(), "--inputs", &inp, "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = divergence(&[
+        "tokens",
+        "--model",
+        bpe.to_str().unwrap(),
+        "--inputs",
+        &inp,
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = json_of(&out);
     let cases = v["cases"].as_array().unwrap();
     assert_eq!(cases.len(), test_cases(&bpe).len());
@@ -331,8 +378,19 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
     // The tokenizer.json of the file with its llama3 pre-tokenizer (what a
     // downloaded tokenizer.json for 2B-4T has), used on the file without it.
     let json = dir.path().join("tokenizer.json");
-    let out = divergence(&["export-tokenizer", "--model", bpe.to_str().unwrap(), "-o", json.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = divergence(&[
+        "export-tokenizer",
+        "--model",
+        bpe.to_str().unwrap(),
+        "-o",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let args = |text: &str| {
         divergence(&[
             "tokens",
@@ -349,7 +407,12 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
     // pieces there and one under llama3's regex.
     let text = "Don't panic.";
     let out = args(text);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = json_of(&out);
     let case = &v["cases"][0];
     assert_eq!(case["text"], text);
@@ -360,14 +423,58 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
     let position = first["position"].as_u64().unwrap() as usize;
     let reference: Vec<u64> = serde_json::from_value(case["reference"].clone()).unwrap();
     let hf: Vec<u64> = serde_json::from_value(case["tokenizer_json"].clone()).unwrap();
-    let computed = reference.iter().zip(&hf).take_while(|(a, b)| a == b).count();
+    let computed = reference
+        .iter()
+        .zip(&hf)
+        .take_while(|(a, b)| a == b)
+        .count();
     assert_eq!(position, computed);
-    assert!(first["explanation"].as_str().unwrap().contains("tokenizer_json"), "{first}");
+    assert!(
+        first["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("tokenizer_json"),
+        "{first}"
+    );
+
+    // Same pre-tokenizer, different Unicode tables: bitnet.cpp's are 15.1,
+    // the tokenizers crate's regex engine knows Unicode 16, where U+1C89
+    // (CYRILLIC CAPITAL LETTER TJE) is a letter.
+    let out = divergence(&[
+        "tokens",
+        "--model",
+        bpe.to_str().unwrap(),
+        "--text",
+        "x \u{1C89}y",
+        "--tokenizer-json",
+        json.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let case = &json_of(&out)["cases"][0];
+    assert_eq!(case["reference"], case["candidate"]);
+    assert_ne!(case["reference"], case["tokenizer_json"]);
 
     // The same text through the exported default pre-tokenizer agrees.
     let json_default = dir.path().join("tokenizer-default.json");
-    let out = divergence(&["export-tokenizer", "--model", no_pre.to_str().unwrap(), "-o", json_default.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = divergence(&[
+        "export-tokenizer",
+        "--model",
+        no_pre.to_str().unwrap(),
+        "-o",
+        json_default.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = divergence(&[
         "tokens",
         "--model",
@@ -377,7 +484,12 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
         "--tokenizer-json",
         json_default.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -397,7 +509,12 @@ fn tokens_chat_shows_the_duplicated_bos() {
         template.to_str().unwrap(),
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = json_of(&out);
     let case = &v["cases"][0];
     assert_eq!(case["candidate"][0], BOS);
@@ -415,7 +532,14 @@ fn tokens_chat_shows_the_duplicated_bos() {
             MetaValue::String(LLAMA3_TEMPLATE.into()),
         ))
     });
-    let out = divergence(&["tokens", "--model", with_template.to_str().unwrap(), "--text", "hi", "--chat"]);
+    let out = divergence(&[
+        "tokens",
+        "--model",
+        with_template.to_str().unwrap(),
+        "--text",
+        "hi",
+        "--chat",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("position 1"), "{text}");
@@ -430,13 +554,32 @@ fn tokens_rejects_bad_input_with_exit_2() {
     let model = bpe.to_str().unwrap();
     for args in [
         vec!["tokens", "--model", model],
-        vec!["tokens", "--model", model, "--inputs", bad_json.to_str().unwrap()],
+        vec![
+            "tokens",
+            "--model",
+            model,
+            "--inputs",
+            bad_json.to_str().unwrap(),
+        ],
         vec!["tokens", "--model", "/nonexistent.gguf", "--text", "x"],
-        vec!["tokens", "--model", model, "--text", "x", "--tokenizer-json", bad_json.to_str().unwrap()],
+        vec![
+            "tokens",
+            "--model",
+            model,
+            "--text",
+            "x",
+            "--tokenizer-json",
+            bad_json.to_str().unwrap(),
+        ],
         vec!["tokens", "--model", model, "--text", "x", "--chat"],
     ] {
         let out = divergence(&args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         assert!(!out.stderr.is_empty());
     }
     // A pre-tokenizer the candidate does not implement is named.
@@ -458,8 +601,19 @@ fn exported_tokenizer_json_loads_and_matches_on_llama_cpp_cases() {
     let Some(bpe) = vocab_file(BPE) else { return };
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("tokenizer.json");
-    let out = divergence(&["export-tokenizer", "--model", bpe.to_str().unwrap(), "-o", json.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = divergence(&[
+        "export-tokenizer",
+        "--model",
+        bpe.to_str().unwrap(),
+        "-o",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let hf = tokenizers::Tokenizer::from_file(&json).unwrap();
     assert_eq!(hf.get_vocab_size(true), 128256);
     // The .out ids are Hugging Face's own: the export reproduces them.
@@ -471,7 +625,13 @@ fn exported_tokenizer_json_loads_and_matches_on_llama_cpp_cases() {
     assert_eq!(hf.encode("hi", true).unwrap().get_ids()[0], BOS);
     // SPM is refused clearly.
     if let Some(spm) = vocab_file(SPM) {
-        let out = divergence(&["export-tokenizer", "--model", spm.to_str().unwrap(), "-o", json.to_str().unwrap()]);
+        let out = divergence(&[
+            "export-tokenizer",
+            "--model",
+            spm.to_str().unwrap(),
+            "-o",
+            json.to_str().unwrap(),
+        ]);
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("SentencePiece"));
     }
@@ -498,4 +658,72 @@ fn default_and_llama3_pre_tokenizers_differ_on_these_inputs() {
     }
     assert!(differ.iter().any(|t| t == "don't"), "contractions differ");
     assert!(!differ.iter().any(|t| t == "Hello world"));
+}
+
+/// The other measurement docs/tokenizer.md reports: on the 2B-4T layout,
+/// bitnet.cpp against the `tokenizers` crate loading (a) a tokenizer.json
+/// with llama3's pre-tokenizer, as the model's published tokenizer.json
+/// has, and (b) our export of the file itself (`default`). Prints where
+/// they part.
+#[test]
+fn hugging_face_tokenizers_against_bitnet_cpp_on_the_2b4t_layout() {
+    let Some(bpe) = vocab_file(BPE) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let no_pre = bpe_without_pre(&bpe);
+    let export = |src: &Path, name: &str| {
+        let path = dir.path().join(name);
+        let out = divergence(&[
+            "export-tokenizer",
+            "--model",
+            src.to_str().unwrap(),
+            "-o",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokenizers::Tokenizer::from_file(&path).unwrap()
+    };
+    let llama3_json = export(&bpe, "llama3.json");
+    let default_json = export(&no_pre, "default.json");
+    let (candidate, model) = load(&no_pre);
+    let inputs = own_inputs();
+    for (label, hf) in [
+        ("llama3 tokenizer.json", &llama3_json),
+        ("default export", &default_json),
+    ] {
+        let mut differ = Vec::new();
+        for text in &inputs {
+            let reference = model.tokenize(text, true, true).unwrap();
+            assert_eq!(candidate.encode(text, true, true), reference, "{text:?}");
+            let ids = hf.encode(text.as_str(), true).unwrap().get_ids().to_vec();
+            if ids != reference {
+                let at = ids
+                    .iter()
+                    .zip(&reference)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                differ.push((text, at, reference, ids));
+            }
+        }
+        eprintln!(
+            "bitnet.cpp (no pre) vs {label}: {} of {} inputs differ",
+            differ.len(),
+            inputs.len()
+        );
+        for (text, at, r, h) in &differ {
+            let end = (at + 3).min(r.len().max(h.len()));
+            eprintln!(
+                "  {text:?} at {at}: bitnet.cpp {:?} vs {:?}",
+                &r[*at..end.min(r.len())],
+                &h[*at..end.min(h.len())]
+            );
+        }
+        if label.starts_with("llama3") {
+            assert!(differ.len() > 50, "llama3 and default part on many inputs");
+        }
+    }
 }

@@ -66,8 +66,12 @@ pub fn run(args: Args) -> CliResult {
         (None, Some(path)) => read_inputs(path)?,
         (None, None) => unreachable!("clap requires one of --text and --inputs"),
     };
-    let candidate = Tokenizer::from_gguf(&file)
-        .map_err(|e| anyhow::anyhow!("the candidate cannot tokenize {}: {e}", args.model.display()))?;
+    let candidate = Tokenizer::from_gguf(&file).map_err(|e| {
+        anyhow::anyhow!(
+            "the candidate cannot tokenize {}: {e}",
+            args.model.display()
+        )
+    })?;
     let template = if args.chat {
         Some(match &args.chat_template {
             Some(path) => Template {
@@ -178,8 +182,10 @@ fn tokenize_case(
                     RefError::Input(_) => Failure::from(anyhow::Error::from(e)),
                     e => ref_failure(e),
                 })?;
-            let special_text =
-                |id: Option<u32>| id.and_then(|id| candidate.token_text(id)).unwrap_or_default();
+            let special_text = |id: Option<u32>| {
+                id.and_then(|id| candidate.token_text(id))
+                    .unwrap_or_default()
+            };
             let cand_text = render_chat(
                 &t.text,
                 &messages,
@@ -280,7 +286,8 @@ impl Case {
         match &self.difference {
             None => println!("  equal"),
             Some(d) => {
-                let before: Vec<String> = d.before.iter().map(|t| format!("{:?}", t.piece)).collect();
+                let before: Vec<String> =
+                    d.before.iter().map(|t| format!("{:?}", t.piece)).collect();
                 println!("  DIFFER {}", d.explanation);
                 if !before.is_empty() {
                     println!("  (after {})", before.join(" "));

@@ -68,7 +68,10 @@ pub fn first_difference(
         None => "nothing (its ids end here)".to_string(),
     };
     let is_duplicated_bos = |ids: &[u32]| {
-        position > 0 && bos.is_some() && ids.get(position) == bos.as_ref() && ids[position - 1] == ids[position]
+        position > 0
+            && bos.is_some()
+            && ids.get(position) == bos.as_ref()
+            && ids[position - 1] == ids[position]
     };
     let mut parts = Vec::new();
     for (name, ids) in others {
@@ -114,7 +117,13 @@ mod tests {
 
     #[test]
     fn names_the_first_difference() {
-        assert!(first_difference(("reference", &[1, 2]), &[("candidate", &[1, 2])], Some(1), &show).is_none());
+        assert!(first_difference(
+            ("reference", &[1, 2]),
+            &[("candidate", &[1, 2])],
+            Some(1),
+            &show
+        )
+        .is_none());
         let d = first_difference(
             ("reference", &[1, 5, 6]),
             &[("candidate", &[1, 1, 5, 6]), ("tokenizer_json", &[1, 5, 7])],
@@ -127,11 +136,33 @@ mod tests {
             d.explanation,
             "at position 1 the candidate has a duplicated BOS 1 \"t1\" where the reference has 5 \"t5\""
         );
-        assert_eq!(d.before, [ShownToken { id: 1, piece: "t1".into() }]);
-        let d = first_difference(("reference", &[1, 5]), &[("candidate", &[5])], Some(1), &show).unwrap();
+        assert_eq!(
+            d.before,
+            [ShownToken {
+                id: 1,
+                piece: "t1".into()
+            }]
+        );
+        let d = first_difference(
+            ("reference", &[1, 5]),
+            &[("candidate", &[5])],
+            Some(1),
+            &show,
+        )
+        .unwrap();
         assert_eq!(d.position, 0);
         assert!(d.explanation.contains("(no BOS)"), "{}", d.explanation);
-        let d = first_difference(("reference", &[5, 6]), &[("candidate", &[5])], Some(1), &show).unwrap();
-        assert!(d.explanation.contains("nothing (its ids end here)"), "{}", d.explanation);
+        let d = first_difference(
+            ("reference", &[5, 6]),
+            &[("candidate", &[5])],
+            Some(1),
+            &show,
+        )
+        .unwrap();
+        assert!(
+            d.explanation.contains("nothing (its ids end here)"),
+            "{}",
+            d.explanation
+        );
     }
 }

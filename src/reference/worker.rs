@@ -11,8 +11,8 @@
 //! crash report.
 
 use super::session::{Context, ContextOptions, Model, VocabSpecials};
-use crate::engine::tokenizer::chat::ChatMessage;
 use super::{CaptureFilter, Node, RefError};
+use crate::engine::tokenizer::chat::ChatMessage;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -84,9 +84,9 @@ pub fn serve() -> i32 {
     for line in stdin.lock().lines() {
         let Ok(line) = line else { return 0 };
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match tokenizer_request(req, &ctx, &mut vocab) {
-                Ok(reply) => reply,
-                Err(req) => handle(req, &mut ctx, &out),
+            Ok(req) => match tokenizer_request(&req, &ctx, &mut vocab) {
+                Some(answer) => answer,
+                None => handle(req, &mut ctx, &out),
             },
             Err(e) => Err(RefError::Worker(format!("bad request: {e}"))),
         };
@@ -160,12 +160,12 @@ fn handle(
 type Answer = Result<(Reply, Vec<u8>), RefError>;
 
 /// The requests that need only a vocabulary: answered with the loaded
-/// model's, else with the vocab-only one; any other request is handed back.
+/// model's, else with the vocab-only one; `None` for any other request.
 fn tokenizer_request(
-    req: Request,
+    req: &Request,
     ctx: &Option<Context>,
     vocab: &mut Option<Model>,
-) -> Result<Answer, Request> {
+) -> Option<Answer> {
     let model = || -> Result<&Model, RefError> {
         ctx.as_ref()
             .map(Context::model)
@@ -175,7 +175,7 @@ fn tokenizer_request(
     let answer = match req {
         Request::LoadVocab { model: path } => {
             *vocab = None;
-            Model::load_vocab_only(&path).map(|m| {
+            Model::load_vocab_only(path).map(|m| {
                 let reply = Reply::Loaded {
                     n_vocab: m.n_vocab(),
                     description: m.describe(),
@@ -189,10 +189,10 @@ fn tokenizer_request(
             add_special,
             parse_special,
         } => model()
-            .and_then(|m| m.tokenize(&text, add_special, parse_special))
+            .and_then(|m| m.tokenize(text, *add_special, *parse_special))
             .map(|ids| (Reply::Tokens(ids), Vec::new())),
         Request::Detokenize { ids } => {
-            model().map(|m| (Reply::Text(m.detokenize(&ids)), Vec::new()))
+            model().map(|m| (Reply::Text(m.detokenize(ids)), Vec::new()))
         }
         Request::Pieces { ids } => model().map(|m| {
             let pieces = ids.iter().map(|&id| m.piece(id)).collect();
@@ -204,11 +204,11 @@ fn tokenizer_request(
             messages,
             add_assistant,
         } => model()
-            .and_then(|m| m.apply_chat_template(template.as_deref(), &messages, add_assistant))
+            .and_then(|m| m.apply_chat_template(template.as_deref(), messages, *add_assistant))
             .map(|text| (Reply::Text(text), Vec::new())),
-        other => return Err(other),
+        _ => return None,
     };
-    Ok(answer)
+    Some(answer)
 }
 
 /// The loaded context, or the error every request but `Load` gives without one.

@@ -145,8 +145,7 @@ impl Bpe {
                 // skips the bytes that are not.
                 None => {
                     for b in piece.bytes() {
-                        if let Some(id) = std::str::from_utf8(&[b]).ok().and_then(|s| vocab.id(s))
-                        {
+                        if let Some(id) = std::str::from_utf8(&[b]).ok().and_then(|s| vocab.id(s)) {
                             out.push(id);
                         }
                     }
@@ -262,6 +261,9 @@ mod tests {
             assert_eq!(char_byte(byte_char(b)), Some(b));
         }
         assert_eq!(decode_text("ĠhiĊ"), b" hi\n");
-        assert_eq!(decode_text("a€"), b"a[UNK_BYTE_0xe282aca\xe2\x82\xac]".to_vec());
+        assert_eq!(
+            decode_text("a€"),
+            b"a[UNK_BYTE_0xe282aca\xe2\x82\xac]".to_vec()
+        );
     }
 }

@@ -25,7 +25,8 @@ use crate::gguf::GgufFile;
 use serde_json::{json, Map, Value};
 
 pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+pub const GPT2_REGEX: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// llama.cpp's `default:` list (`llm_tokenizer_bpe`), in order.
 pub const DEFAULT_REGEXES: [&str; 4] = [
     r"[\p{P}\$\+<=>\^~\|]+",
@@ -129,7 +130,10 @@ pub fn tokenizer_json(f: &GgufFile) -> Result<Value, ExportError> {
 fn post_processor(tok: &Tokenizer) -> Value {
     let special = |id: u32| {
         let text = tok.token_text(id).unwrap_or_default().to_string();
-        (text.clone(), json!({ "id": text, "ids": [id], "tokens": [text] }))
+        (
+            text.clone(),
+            json!({ "id": text, "ids": [id], "tokens": [text] }),
+        )
     };
     let mut single = Vec::new();
     let mut pair = Vec::new();
@@ -137,7 +141,8 @@ fn post_processor(tok: &Tokenizer) -> Value {
     let bos = tok.bos().filter(|_| tok.add_bos()).map(special);
     let eos = tok.eos().filter(|_| tok.add_eos()).map(special);
     let seq = |id: &str, type_id: u32| json!({ "Sequence": { "id": id, "type_id": type_id } });
-    let tok_item = |text: &str, type_id: u32| json!({ "SpecialToken": { "id": text, "type_id": type_id } });
+    let tok_item =
+        |text: &str, type_id: u32| json!({ "SpecialToken": { "id": text, "type_id": type_id } });
     for (sequence, type_id) in [("A", 0), ("B", 1)] {
         if let Some((text, _)) = &bos {
             pair.push(tok_item(text, type_id));

@@ -126,7 +126,10 @@ impl Vocab {
     }
 
     fn attr(&self, id: u32) -> u32 {
-        self.attrs.get(id as usize).copied().unwrap_or(attr::UNDEFINED)
+        self.attrs
+            .get(id as usize)
+            .copied()
+            .unwrap_or(attr::UNDEFINED)
     }
 
     /// `llama_byte_to_token_impl` for SPM: `<0xXX>`, else the byte as a
@@ -280,9 +283,9 @@ impl Tokenizer {
         // Control-looking texts are forced to control type, for the roles
         // whose id no key set (the EOG list: always).
         for (role_keys, texts_of_role) in CONTROL_LOOKING {
-            let set_by_key = role_keys.iter().any(|key| {
-                special_id(key, None).ok().flatten().is_some()
-            });
+            let set_by_key = role_keys
+                .iter()
+                .any(|key| special_id(key, None).ok().flatten().is_some());
             if set_by_key {
                 continue;
             }
@@ -308,7 +311,9 @@ impl Tokenizer {
             None => String::new(),
         };
         let set = |attrs: &mut Vec<u32>, text: &'static str, bit: u32, on: bool| {
-            let id = *ids.get(text).ok_or(TokenizerError::MissingNamedToken(text))?;
+            let id = *ids
+                .get(text)
+                .ok_or(TokenizerError::MissingNamedToken(text))?;
             let a = &mut attrs[id as usize];
             *a = if on { *a | bit } else { *a & !bit };
             Ok::<(), TokenizerError>(())
@@ -667,7 +672,9 @@ fn clean_up_spaces(text: &mut Vec<u8>) {
         if src[i - 1] == b' ' && x == b'\'' && i + 1 < src.len() {
             let x1 = src[i + 1];
             let x2 = src.get(i + 2).copied();
-            if matches!(x1, b's' | b'm') || matches!((x1, x2), (b'r', Some(b'e')) | (b'v', Some(b'e'))) {
+            if matches!(x1, b's' | b'm')
+                || matches!((x1, x2), (b'r', Some(b'e')) | (b'v', Some(b'e')))
+            {
                 out.pop();
             }
         }
@@ -734,7 +741,10 @@ const CONTROL_LOOKING: &[(&[&str], &[&str])] = &[
         &["fim_mid_token_id", "middle_token_id"],
         &["<|fim_middle|>", "<fim-middle>", "<｜fim▁end｜>", "<MID>"],
     ),
-    (&["fim_pad_token_id"], &["<|fim_pad|>", "<fim-pad>", "<PAD>"]),
+    (
+        &["fim_pad_token_id"],
+        &["<|fim_pad|>", "<fim-pad>", "<PAD>"],
+    ),
     (
         &["fim_rep_token_id"],
         &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>"],

@@ -445,7 +445,10 @@ mod tests {
     #[test]
     fn default_split() {
         // Punctuation runs first, then GPT-2, then numbers, then digit triples.
-        let w = words(PreTokenizer::Default, "Hello, y'all!!  1234567 x=>y `a` I'M");
+        let w = words(
+            PreTokenizer::Default,
+            "Hello, y'all!!  1234567 x=>y `a` I'M",
+        );
         assert_eq!(
             w,
             [

@@ -60,7 +60,9 @@ pub(super) fn tokenize(vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
     while let Some(bigram) = queue.pop() {
         let (l, r) = (bigram.left, bigram.right);
         // Stale: one side was merged away since this pair was queued.
-        if symbols[l].len == 0 || symbols[r].len == 0 || symbols[l].len + symbols[r].len != bigram.size
+        if symbols[l].len == 0
+            || symbols[r].len == 0
+            || symbols[l].len + symbols[r].len != bigram.size
         {
             continue;
         }

@@ -98,9 +98,7 @@ fn class(c: char) -> Class {
         | Gc::InitialPunctuation
         | Gc::FinalPunctuation
         | Gc::OtherPunctuation => Class::Punctuation,
-        Gc::MathSymbol | Gc::CurrencySymbol | Gc::ModifierSymbol | Gc::OtherSymbol => {
-            Class::Symbol
-        }
+        Gc::MathSymbol | Gc::CurrencySymbol | Gc::ModifierSymbol | Gc::OtherSymbol => Class::Symbol,
         Gc::Control | Gc::Format | Gc::Surrogate | Gc::PrivateUse => Class::Control,
         Gc::Unassigned => Class::Undefined,
     }
