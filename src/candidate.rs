@@ -14,6 +14,7 @@
 //!
 #![doc = include_str!("../docs/candidate-api.md")]
 
+use crate::engine::tokenizer::chat::{render_chat, ChatMessage};
 use crate::engine::{Engine, EngineOptions, Fault, I2sMode, KvType, ModelConfig};
 use crate::trace::TraceSink;
 use serde::{Deserialize, Serialize};
@@ -99,6 +100,14 @@ pub trait Candidate {
 
     /// Which tokenizer [`Candidate::tokenize`] uses, for the receipt.
     fn tokenizer_description(&self) -> Option<String> {
+        None
+    }
+
+    /// The chat prompt for `messages` as the engine formats it (usually the
+    /// GGUF's `tokenizer.chat_template` rendered as Hugging Face does),
+    /// ending with the assistant's turn opened. `None`: the engine has no
+    /// chat formatting (then `find --chat` cannot compare it).
+    fn chat_prompt(&self, _messages: &[ChatMessage]) -> Option<Result<String, CandidateError>> {
         None
     }
 
@@ -195,15 +204,37 @@ impl Candidate for Engine {
     }
 
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Option<Vec<u32>> {
-        // The SentencePiece tokenizer never parses specials (llama.cpp's
-        // parse_special = false), which is all it is asked for today.
-        let _ = parse_special;
-        self.tokenizer().map(|t| t.encode(text, add_special))
+        self.tokenizer()
+            .map(|t| t.encode(text, add_special, parse_special))
     }
 
     fn tokenizer_description(&self) -> Option<String> {
         self.tokenizer()
-            .map(|_| "divergence SentencePiece tokenizer (llama vocabulary)".to_string())
+            .map(|t| format!("divergence tokenizer: {}", t.describe()))
+    }
+
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> Option<Result<String, CandidateError>> {
+        let tok = self.tokenizer()?;
+        let template = match crate::engine::tokenizer::Tokenizer::chat_template(self.file()) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Some(Err(CandidateError::new(
+                    "the model has no tokenizer.chat_template",
+                )))
+            }
+            Err(e) => return Some(Err(CandidateError::new(e))),
+        };
+        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+        Some(
+            render_chat(
+                &template,
+                messages,
+                true,
+                &text(tok.bos()),
+                &text(tok.eos()),
+            )
+            .map_err(CandidateError::new),
+        )
     }
 
     fn kv_semantics(&self) -> KvSemantics {

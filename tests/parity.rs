@@ -39,6 +39,7 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
         faults: vec![],
         token_faults: vec![],
         policy_path: None,
+        chat: false,
     };
     Receipt::run(
         &record,
@@ -217,6 +218,7 @@ fn free_run_32_steps_top1_agrees_at_every_position() {
         faults: vec![],
         token_faults: vec![],
         policy_path: Some(policy_path.display().to_string()),
+        chat: false,
     };
     let r = Receipt::run(
         &record,

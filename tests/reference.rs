@@ -60,7 +60,7 @@ fn tiny_decode_captures_every_stage_with_config_shapes_and_threads_agree() {
     let cfg = SynthConfig::preset(Preset::Tiny);
     write_model(&cfg, &path).unwrap();
     let model = Arc::new(Model::load(&path).expect("the reference loads the tiny model"));
-    let prompt = model.tokenize("hello", true).unwrap();
+    let prompt = model.tokenize("hello", true, false).unwrap();
     let prompt: Vec<u32> = prompt
         .into_iter()
         .chain([300, 301, 302, 303, 304])

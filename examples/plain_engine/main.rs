@@ -57,6 +57,7 @@ fn main() -> ExitCode {
         faults: vec![],
         token_faults: vec![],
         policy_path: None,
+        chat: false,
     };
     let loader = |opts: &LoadOptions| -> Result<Box<dyn Candidate>, CandidateError> {
         Ok(Box::new(PlainEngine::load(opts, bug)?))

@@ -184,6 +184,7 @@ pub fn compare(args: CompareArgs) -> CliResult {
         faults: vec![],
         token_faults: vec![],
         policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
+        chat: false,
     };
     let offline = OfflineRecord {
         reference_dump: args.reference.display().to_string(),

@@ -46,6 +46,11 @@ pub struct Args {
     /// Record every divergence instead of stopping at the first.
     #[arg(long)]
     keep_going: bool,
+    /// Format the prompt as one user message with each side's chat template
+    /// (bitnet.cpp's llama_chat_apply_template; the candidate renders the
+    /// GGUF's Jinja tokenizer.chat_template) before tokenizing.
+    #[arg(long, conflicts_with = "tokens")]
+    chat: bool,
     /// Print the receipt JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -143,6 +148,7 @@ pub fn run(args: Args) -> CliResult {
         faults: args.inject.clone(),
         token_faults: args.inject_token.clone(),
         policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
+        chat: args.chat,
     };
     let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
     let receipt = execute(&record, show_progress)?;

@@ -17,9 +17,11 @@ macro_rules! out {
 
 mod bench;
 mod capture;
+mod export_tokenizer;
 mod find;
 mod gen_model;
 mod inspect;
+mod tokens;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -68,6 +70,10 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a deterministic synthetic BitNet model.
     GenModel(gen_model::Args),
+    /// Token ids from bitnet.cpp, the candidate and a tokenizer.json; where they differ.
+    Tokens(tokens::Args),
+    /// Write a GGUF's vocabulary as a Hugging Face tokenizer.json.
+    ExportTokenizer(export_tokenizer::Args),
     /// Internal: serve the reference engine over stdin/stdout (crash isolation).
     #[command(name = "__reference-worker", hide = true)]
     ReferenceWorker,
@@ -115,6 +121,8 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::GenModel(a) => gen_model::run(a),
+        Command::Tokens(a) => tokens::run(a),
+        Command::ExportTokenizer(a) => export_tokenizer::run(a),
         Command::ReferenceWorker => {
             return ExitCode::from(divergence::reference::worker::serve() as u8)
         }

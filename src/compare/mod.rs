@@ -7,6 +7,7 @@
 pub mod judge;
 pub mod metrics;
 pub mod policy;
+pub mod tokens;
 
 pub use metrics::{Metrics, WorstElement};
 pub use policy::{Class, Policy, Rule};

@@ -113,7 +113,7 @@ pub fn capture_reference(
     };
     let mut worker = Worker::start(worker_exe, &cfg.model, &ctx, filter)?;
     let mut batch = match &cfg.prompt {
-        Prompt::Text(t) => worker.tokenize(t, true)?,
+        Prompt::Text(t) => worker.tokenize(t, true, true)?,
         Prompt::Tokens(ids) => ids.clone(),
     };
     check_room(batch.len(), cfg.steps, n_ctx)?;
@@ -162,7 +162,7 @@ pub fn capture_candidate(
         })
         .map_err(|e| CaptureError::Candidate(e.to_string()))?;
     let mut batch = match &cfg.prompt {
-        Prompt::Text(t) => cand.tokenize(t, true, false).ok_or_else(|| {
+        Prompt::Text(t) => cand.tokenize(t, true, true).ok_or_else(|| {
             CaptureError::Input(
                 "the candidate has no tokenizer for this vocabulary: give --tokens".into(),
             )

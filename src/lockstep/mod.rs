@@ -33,6 +33,7 @@ pub use outcome::*;
 use crate::candidate::{Candidate, CandidateError, CandidateLoader, LoadOptions};
 use crate::compare::judge::{Judged, StageFailure, StageJudge};
 use crate::compare::{self, metrics, Blame, BlameReport, Policy};
+use crate::engine::tokenizer::chat::ChatMessage;
 use crate::engine::KvType;
 use crate::gguf::GgufFile;
 use crate::oracle::{Oracle, OracleInputs};
@@ -104,6 +105,10 @@ pub struct RunConfig {
     /// Set (by a Ctrl-C handler) to stop after the current step; the outcome
     /// then says `interrupted` and covers the steps that finished.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Format the text prompt as one user message with each side's chat
+    /// template (bitnet.cpp's `llama_chat_apply_template`, the candidate's
+    /// own) before tokenizing it.
+    pub chat: bool,
     /// Test hook: rename reference graph nodes (old base name, new base
     /// name) before mapping, as a future bitnet.cpp might.
     #[doc(hidden)]
@@ -148,6 +153,7 @@ impl RunConfig {
             worker_exe,
             progress: None,
             cancel: None,
+            chat: false,
             rename_reference_nodes: vec![],
         }
     }
@@ -166,6 +172,10 @@ fn non_finite_weights(file: &GgufFile) -> Vec<String> {
         })
         .collect()
 }
+
+/// Bytes a chat template may add around a prompt (role headers, a default
+/// system prompt): only sizes the KV caches.
+const CHAT_TEMPLATE_ALLOWANCE: usize = 1024;
 
 /// How many worst elements a divergence lists.
 const WORST_K: usize = 8;
@@ -189,6 +199,8 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
     // a text prompt is at most one token per byte, plus the space prefix,
     // BOS and an injected duplicate BOS.
     let prompt_bound = match &cfg.prompt {
+        // A chat template adds its role headers: a generous allowance.
+        Prompt::Text(text) if cfg.chat => text.len() + 3 + CHAT_TEMPLATE_ALLOWANCE,
         Prompt::Text(text) => text.len() + 3,
         Prompt::Tokens(ids) => ids.len(),
     };
@@ -206,6 +218,7 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
                 reference_tokenizer: None,
                 candidate_tokenizer: None,
                 first_difference: None,
+                chat: None,
             },
             first_divergence: None,
             later_divergences: vec![],
@@ -288,20 +301,55 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
     run.outcome.timings.reference_load_s = t.elapsed().as_secs_f64();
     run.outcome.reference_description = reference.description.clone();
 
-    // The token check.
+    // The token check: each side makes its own ids from the text (and, with
+    // --chat, its own chat prompt first), as llama-cli does: BOS as the
+    // vocabulary asks, special tokens in the text recognised.
     let bos = bos_id(&file);
     let n_vocab_file = facts.as_ref().map(|f| f.n_vocab);
     let (ref_tokens, cand_tokens) = match &cfg.prompt {
         Prompt::Text(text) => {
-            let r = match reference.tokenize(text, true) {
+            let (ref_text, cand_text) = if cfg.chat {
+                let messages = [ChatMessage::user(text)];
+                let r = match reference.apply_chat_template(None, &messages, true) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(run.reference_failed(e)),
+                };
+                let c = match guarded(|| Ok(local.chat_prompt(&messages))) {
+                    Ok(Some(Ok(c))) => Some(c),
+                    Ok(Some(Err(e))) => {
+                        return Err(RunError::Input(format!(
+                            "--chat: the candidate cannot format the chat prompt: {e}"
+                        )))
+                    }
+                    Ok(None) => None,
+                    Err(f) => return Ok(run.candidate_failed("chat_prompt", f, None, None)),
+                };
+                run.outcome.tokens.chat = Some(ChatPrompts {
+                    reference: r.clone(),
+                    candidate: c.clone(),
+                });
+                (r, c)
+            } else {
+                (text.clone(), Some(text.clone()))
+            };
+            let r = match reference.tokenize(&ref_text, true, true) {
                 Ok(r) => r,
                 Err(e) => return Ok(run.reference_failed(e)),
             };
-            run.outcome.tokens.reference_tokenizer =
-                Some("bitnet.cpp llama_tokenize (add_special)".into());
-            let own = match guarded(|| Ok(local.tokenize(text, true, false))) {
-                Ok(own) => own,
-                Err(f) => return Ok(run.candidate_failed("tokenize", f, None, None)),
+            run.outcome.tokens.reference_tokenizer = Some(format!(
+                "bitnet.cpp llama_tokenize (add_special, parse_special){}",
+                if cfg.chat {
+                    " of llama_chat_apply_template's prompt"
+                } else {
+                    ""
+                }
+            ));
+            let own = match &cand_text {
+                Some(t) => match guarded(|| Ok(local.tokenize(t, true, true))) {
+                    Ok(own) => own,
+                    Err(f) => return Ok(run.candidate_failed("tokenize", f, None, None)),
+                },
+                None => None,
             };
             let mut c = match own {
                 Some(c) => {
@@ -311,9 +359,11 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
                 }
                 None => {
                     run.outcome.tokens.source = TokenSource::CandidateHasNoTokenizer;
-                    run.outcome.coverage.notes.push(
-                        "tokens not compared: the candidate has no tokenizer for this vocabulary, so it was fed the reference's ids".into(),
-                    );
+                    run.outcome.coverage.notes.push(if cand_text.is_none() {
+                        "tokens not compared: the candidate has no chat formatting, so it was fed the reference's ids".into()
+                    } else {
+                        "tokens not compared: the candidate has no tokenizer for this vocabulary, so it was fed the reference's ids".into()
+                    });
                     r.clone()
                 }
             };
@@ -583,25 +633,44 @@ impl Run {
         t.duplicate_bos_reference = dup(&reference);
         t.duplicate_bos_candidate = dup(&candidate);
         if !t.equal {
-            let mut piece = |id: Option<u32>| id.and_then(|id| worker.detokenize(&[id]).ok());
-            let position = reference
-                .iter()
-                .zip(&candidate)
-                .position(|(a, b)| a != b)
-                .unwrap_or(reference.len().min(candidate.len()));
-            let (r, c) = (
-                reference.get(position).copied(),
-                candidate.get(position).copied(),
-            );
-            let description = describe_token_difference(&reference, &candidate, position, bos);
-            t.first_difference = Some(TokenDifference {
-                position,
-                reference: r,
-                candidate: c,
-                reference_piece: piece(r),
-                candidate_piece: piece(c),
-                description,
-            });
+            let mut pieces = |ids: &[u32]| -> Vec<Option<String>> {
+                worker
+                    .pieces(ids)
+                    .map(|p| {
+                        p.into_iter()
+                            .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let (ref_pieces, cand_pieces) = (pieces(&reference), pieces(&candidate));
+            let show = |side: &str, id: u32| {
+                let (ids, ps) = if side == "reference" {
+                    (&reference, &ref_pieces)
+                } else {
+                    (&candidate, &cand_pieces)
+                };
+                ids.iter()
+                    .position(|&i| i == id)
+                    .and_then(|i| ps.get(i).cloned().flatten())
+                    .unwrap_or_default()
+            };
+            if let Some(d) = crate::compare::tokens::first_difference(
+                ("reference", &reference),
+                &[("candidate", &candidate)],
+                bos,
+                &show,
+            ) {
+                let at = d.position;
+                t.first_difference = Some(TokenDifference {
+                    position: at,
+                    reference: reference.get(at).copied(),
+                    candidate: candidate.get(at).copied(),
+                    reference_piece: reference.get(at).map(|&id| show("reference", id)),
+                    candidate_piece: candidate.get(at).map(|&id| show("candidate", id)),
+                    description: d.explanation,
+                });
+            }
         }
         t.reference = reference;
         t.candidate = candidate;

@@ -62,6 +62,7 @@ pub fn compare_dumps(
                 reference_tokenizer: None,
                 candidate_tokenizer: None,
                 first_difference: None,
+                chat: None,
             },
             first_divergence: None,
             later_divergences: vec![],

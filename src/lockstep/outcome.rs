@@ -80,6 +80,19 @@ pub struct TokenCheck {
     /// The first difference, named in words.
     #[serde(default)]
     pub first_difference: Option<TokenDifference>,
+    /// With `--chat`: each side's formatted prompt (none on the candidate
+    /// side when it has no chat formatting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatPrompts>,
+}
+
+/// The chat prompts each side formatted before tokenizing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatPrompts {
+    /// bitnet.cpp's `llama_chat_apply_template` output.
+    pub reference: String,
+    /// The candidate's (its Jinja rendering of the template).
+    pub candidate: Option<String>,
 }
 
 /// Where one side's stages did not cover what the arch implies.

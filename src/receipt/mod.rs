@@ -93,6 +93,9 @@ pub struct RunRecord {
     pub token_faults: Vec<TokenFault>,
     /// A policy file given with --policy, else the built-in one.
     pub policy_path: Option<String>,
+    /// The prompt was formatted with each side's chat template.
+    #[serde(default)]
+    pub chat: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -205,6 +208,7 @@ impl Receipt {
             kv_type: record.kv_type,
             keep_going: record.keep_going,
             token_faults: record.token_faults.clone(),
+            chat: record.chat,
             progress,
             cancel,
             ..RunConfig::new(

@@ -17,7 +17,7 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 
-pub use session::{Context, ContextOptions, Decoded, Model};
+pub use session::{Context, ContextOptions, Decoded, Model, VocabSpecials};
 
 /// KV cache element type: one type for both engines.
 pub use crate::engine::KvType;

@@ -57,6 +57,18 @@ impl Model {
     /// Loads a GGUF the caller has already validated with `crate::gguf`
     /// (bitnet.cpp aborts on some malformed files instead of failing).
     pub fn load(path: &Path) -> Result<Model, RefError> {
+        Model::load_with(path, false)
+    }
+
+    /// Loads only the vocabulary (`llama_model_params.vocab_only`), as
+    /// llama.cpp's tokenizer tests do: a file without tensors, like the
+    /// `ggml-vocab-*.gguf` files, loads. Tokenizing, detokenizing and chat
+    /// templates work; no context can be made.
+    pub fn load_vocab_only(path: &Path) -> Result<Model, RefError> {
+        Model::load_with(path, true)
+    }
+
+    fn load_with(path: &Path, vocab_only: bool) -> Result<Model, RefError> {
         backend_init();
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| RefError::Load(format!("{}: path contains a NUL byte", path.display())))?;
@@ -65,6 +77,7 @@ impl Model {
         let ptr = unsafe {
             let mut params = ffi::llama_model_default_params();
             params.use_mmap = true;
+            params.vocab_only = vocab_only;
             ffi::llama_load_model_from_file(c_path.as_ptr(), params)
         };
         NonNull::new(ptr)
@@ -87,8 +100,16 @@ impl Model {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// Token ids as the reference's tokenizer makes them.
-    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, RefError> {
+    /// Token ids as the reference's tokenizer makes them:
+    /// `llama_tokenize(text, add_special, parse_special)`.
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, RefError> {
+        let len =
+            i32::try_from(text.len()).map_err(|_| RefError::Input("prompt too long".into()))?;
         let mut cap = text.len() + 8;
         loop {
             let mut out = vec![0i32; cap];
@@ -97,56 +118,177 @@ impl Model {
                 ffi::llama_tokenize(
                     self.ptr.as_ptr(),
                     text.as_ptr().cast(),
-                    i32::try_from(text.len())
-                        .map_err(|_| RefError::Input("prompt too long".into()))?,
+                    len,
                     out.as_mut_ptr(),
-                    cap as i32,
-                    add_bos,
-                    false,
+                    i32::try_from(cap).unwrap_or(i32::MAX),
+                    add_special,
+                    parse_special,
                 )
             };
             if n >= 0 {
                 out.truncate(n as usize);
                 return Ok(out.into_iter().map(|t| t as u32).collect());
             }
-            cap = (-n) as usize;
+            cap = n.unsigned_abs() as usize;
         }
     }
 
-    /// Text of token ids, as the reference renders them. Ids outside the
-    /// vocabulary render as nothing: `llama_token_to_piece` indexes its
-    /// token table unchecked (found under ASan, docs/asan.md).
+    /// Text of token ids as `llama_detokenize(ids, remove_special = false,
+    /// unparse_special = false)` renders it. Ids outside the vocabulary are
+    /// dropped first: `llama_token_to_piece` indexes its token table
+    /// unchecked (found under ASan, docs/asan.md).
     pub fn detokenize(&self, ids: &[u32]) -> String {
         let n_vocab = self.n_vocab();
-        let mut bytes = Vec::new();
-        let mut buf = vec![0u8; 64];
-        for &id in ids.iter().filter(|&&id| (id as usize) < n_vocab) {
-            // A piece longer than the buffer comes back as its negated length:
-            // grow once and ask again.
-            for _ in 0..2 {
-                // SAFETY: buf is writable for its length; id < n_vocab <= i32::MAX,
-                // so it is a valid index into the model's token table.
-                let n = unsafe {
-                    ffi::llama_token_to_piece(
-                        self.ptr.as_ptr(),
-                        id as i32,
-                        buf.as_mut_ptr().cast(),
-                        i32::try_from(buf.len()).unwrap_or(i32::MAX),
-                        0,
-                        false,
-                    )
-                };
-                match usize::try_from(n) {
-                    Ok(len) => {
-                        bytes.extend_from_slice(&buf[..len.min(buf.len())]);
-                        break;
-                    }
-                    Err(_) => buf.resize(n.unsigned_abs() as usize, 0),
-                }
+        let ids: Vec<i32> = ids
+            .iter()
+            .filter(|&&id| (id as usize) < n_vocab)
+            .map(|&id| id as i32)
+            .collect();
+        let Ok(n_ids) = i32::try_from(ids.len()) else {
+            return String::new();
+        };
+        let mut buf = vec![0u8; 64 + 16 * ids.len()];
+        // A text longer than the buffer comes back as its negated length:
+        // grow once and ask again.
+        for _ in 0..2 {
+            // SAFETY: ids holds n_ids valid token ids (< n_vocab); buf is
+            // writable for its length.
+            let n = unsafe {
+                ffi::llama_detokenize(
+                    self.ptr.as_ptr(),
+                    ids.as_ptr(),
+                    n_ids,
+                    buf.as_mut_ptr().cast(),
+                    i32::try_from(buf.len()).unwrap_or(i32::MAX),
+                    false,
+                    false,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(len) => return String::from_utf8_lossy(&buf[..len.min(buf.len())]).into_owned(),
+                Err(_) => buf.resize(n.unsigned_abs() as usize, 0),
             }
         }
-        String::from_utf8_lossy(&bytes).into_owned()
+        String::new()
     }
+
+    /// The bytes of one token, special tokens as their text:
+    /// `llama_token_to_piece(id, lstrip = 0, special = true)`; `None` outside
+    /// the vocabulary.
+    pub fn piece(&self, id: u32) -> Option<Vec<u8>> {
+        if id as usize >= self.n_vocab() {
+            return None;
+        }
+        let mut buf = vec![0u8; 64];
+        for _ in 0..2 {
+            // SAFETY: buf is writable for its length; id < n_vocab <= i32::MAX,
+            // so it is a valid index into the model's token table.
+            let n = unsafe {
+                ffi::llama_token_to_piece(
+                    self.ptr.as_ptr(),
+                    id as i32,
+                    buf.as_mut_ptr().cast(),
+                    i32::try_from(buf.len()).unwrap_or(i32::MAX),
+                    0,
+                    true,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(len) => {
+                    buf.truncate(len);
+                    return Some(buf);
+                }
+                Err(_) => buf.resize(n.unsigned_abs() as usize, 0),
+            }
+        }
+        None
+    }
+
+    /// What the vocabulary says about specials: `llama_token_bos`,
+    /// `llama_token_eos` (`None` for -1), `llama_add_bos_token`,
+    /// `llama_add_eos_token`.
+    pub fn specials(&self) -> VocabSpecials {
+        let id = |t: i32| u32::try_from(t).ok();
+        // SAFETY: ptr is a live model; these read plain fields.
+        unsafe {
+            VocabSpecials {
+                bos: id(ffi::llama_token_bos(self.ptr.as_ptr())),
+                eos: id(ffi::llama_token_eos(self.ptr.as_ptr())),
+                add_bos: ffi::llama_add_bos_token(self.ptr.as_ptr()),
+                add_eos: ffi::llama_add_eos_token(self.ptr.as_ptr()),
+            }
+        }
+    }
+
+    /// `messages` formatted by `llama_chat_apply_template`: `template` is a
+    /// template text (or a name such as "llama3"), `None` the model's own
+    /// `tokenizer.chat_template` (of which llama.cpp reads at most 2047
+    /// bytes; none at all means "chatml"). The template is recognised by
+    /// substrings, not rendered, and no BOS is written.
+    pub fn apply_chat_template(
+        &self,
+        template: Option<&str>,
+        messages: &[crate::engine::tokenizer::chat::ChatMessage],
+        add_assistant: bool,
+    ) -> Result<String, RefError> {
+        let nul = |what: &str| RefError::Input(format!("{what} contains a NUL byte"));
+        let template = template
+            .map(|t| CString::new(t).map_err(|_| nul("the chat template")))
+            .transpose()?;
+        let mut strings = Vec::with_capacity(messages.len());
+        for m in messages {
+            strings.push((
+                CString::new(m.role.as_str()).map_err(|_| nul("a chat role"))?,
+                CString::new(m.content.as_str()).map_err(|_| nul("a chat message"))?,
+            ));
+        }
+        let chat: Vec<ffi::llama_chat_message> = strings
+            .iter()
+            .map(|(role, content)| ffi::llama_chat_message {
+                role: role.as_ptr(),
+                content: content.as_ptr(),
+            })
+            .collect();
+        let mut buf = vec![0u8; 1024 + 2 * messages.iter().map(|m| m.content.len()).sum::<usize>()];
+        for _ in 0..2 {
+            // SAFETY: every pointer in chat points into a CString of
+            // `strings`, alive for the call; template is NUL-terminated or
+            // null; buf is writable for its length.
+            let n = unsafe {
+                ffi::llama_chat_apply_template(
+                    self.ptr.as_ptr(),
+                    template.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
+                    chat.as_ptr(),
+                    chat.len(),
+                    add_assistant,
+                    buf.as_mut_ptr().cast(),
+                    i32::try_from(buf.len()).unwrap_or(i32::MAX),
+                )
+            };
+            let Ok(len) = usize::try_from(n) else {
+                return Err(RefError::Input(
+                    "llama_chat_apply_template does not recognise this chat template".into(),
+                ));
+            };
+            if len <= buf.len() {
+                buf.truncate(len);
+                return String::from_utf8(buf)
+                    .map_err(|_| RefError::Input("the formatted chat is not UTF-8".into()));
+            }
+            // The whole text did not fit: it was cut at the buffer's end.
+            buf.resize(len + 1, 0);
+        }
+        Err(RefError::Input("the formatted chat kept growing".into()))
+    }
+}
+
+/// The vocabulary's special ids and flags as bitnet.cpp loaded them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VocabSpecials {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
 }
 
 impl Drop for Model {

@@ -10,8 +10,9 @@
 //! last node it reached. The child's stderr is kept (last 8 KiB) for the
 //! crash report.
 
-use super::session::{Context, ContextOptions, Model};
+use super::session::{Context, ContextOptions, Model, VocabSpecials};
 use super::{CaptureFilter, GraphNode, Node, RefError};
+use crate::engine::tokenizer::chat::ChatMessage;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -30,9 +31,14 @@ enum Request {
         ctx: ContextOptions,
         filter: CaptureFilter,
     },
+    /// Loads only a vocabulary (no context): for the tokenizer requests.
+    LoadVocab {
+        model: PathBuf,
+    },
     Tokenize {
         text: String,
-        add_bos: bool,
+        add_special: bool,
+        parse_special: bool,
     },
     Detokenize {
         ids: Vec<u32>,
@@ -45,6 +51,15 @@ enum Request {
         filter: CaptureFilter,
     },
     ClearKv,
+    Pieces {
+        ids: Vec<u32>,
+    },
+    Specials,
+    ApplyChatTemplate {
+        template: Option<String>,
+        messages: Vec<ChatMessage>,
+        add_assistant: bool,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -60,6 +75,8 @@ enum Reply {
         graph: Vec<GraphNode>,
     },
     Done,
+    Pieces(Vec<Option<Vec<u8>>>),
+    Specials(VocabSpecials),
 }
 
 // ---------------------------------------------------------------- child side
@@ -69,10 +86,14 @@ pub fn serve() -> i32 {
     let stdin = std::io::stdin();
     let out = Arc::new(Mutex::new(std::io::BufWriter::new(std::io::stdout())));
     let mut ctx: Option<Context> = None;
+    let mut vocab: Option<Model> = None;
     for line in stdin.lock().lines() {
         let Ok(line) = line else { return 0 };
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, &mut ctx, &out),
+            Ok(req) => match tokenizer_request(&req, &ctx, &mut vocab) {
+                Some(answer) => answer,
+                None => handle(req, &mut ctx, &out),
+            },
             Err(e) => Err(RefError::Worker(format!("bad request: {e}"))),
         };
         let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
@@ -121,14 +142,6 @@ fn handle(
                 Vec::new(),
             ))
         }
-        Request::Tokenize { text, add_bos } => {
-            let ids = loaded(ctx)?.model().tokenize(&text, add_bos)?;
-            Ok((Reply::Tokens(ids), Vec::new()))
-        }
-        Request::Detokenize { ids } => {
-            let text = loaded(ctx)?.model().detokenize(&ids);
-            Ok((Reply::Text(text), Vec::new()))
-        }
         Request::Decode { tokens, pos0 } => {
             let decoded = loaded(ctx)?.decode(&tokens, pos0)?;
             Ok((
@@ -147,7 +160,62 @@ fn handle(
             loaded(ctx)?.clear_kv();
             Ok((Reply::Done, Vec::new()))
         }
+        other => Err(RefError::Worker(format!("unhandled request {other:?}"))),
     }
+}
+
+type Answer = Result<(Reply, Vec<u8>), RefError>;
+
+/// The requests that need only a vocabulary: answered with the loaded
+/// model's, else with the vocab-only one; `None` for any other request.
+fn tokenizer_request(
+    req: &Request,
+    ctx: &Option<Context>,
+    vocab: &mut Option<Model>,
+) -> Option<Answer> {
+    let model = || -> Result<&Model, RefError> {
+        ctx.as_ref()
+            .map(Context::model)
+            .or(vocab.as_ref())
+            .ok_or_else(|| RefError::Worker("no model loaded".into()))
+    };
+    let answer = match req {
+        Request::LoadVocab { model: path } => {
+            *vocab = None;
+            Model::load_vocab_only(path).map(|m| {
+                let reply = Reply::Loaded {
+                    n_vocab: m.n_vocab(),
+                    description: m.describe(),
+                };
+                *vocab = Some(m);
+                (reply, Vec::new())
+            })
+        }
+        Request::Tokenize {
+            text,
+            add_special,
+            parse_special,
+        } => model()
+            .and_then(|m| m.tokenize(text, *add_special, *parse_special))
+            .map(|ids| (Reply::Tokens(ids), Vec::new())),
+        Request::Detokenize { ids } => {
+            model().map(|m| (Reply::Text(m.detokenize(ids)), Vec::new()))
+        }
+        Request::Pieces { ids } => model().map(|m| {
+            let pieces = ids.iter().map(|&id| m.piece(id)).collect();
+            (Reply::Pieces(pieces), Vec::new())
+        }),
+        Request::Specials => model().map(|m| (Reply::Specials(m.specials()), Vec::new())),
+        Request::ApplyChatTemplate {
+            template,
+            messages,
+            add_assistant,
+        } => model()
+            .and_then(|m| m.apply_chat_template(template.as_deref(), messages, *add_assistant))
+            .map(|text| (Reply::Text(text), Vec::new())),
+        _ => return None,
+    };
+    Some(answer)
 }
 
 /// The loaded context, or the error every request but `Load` gives without one.
@@ -227,6 +295,54 @@ impl Worker {
         ctx: &ContextOptions,
         filter: CaptureFilter,
     ) -> Result<Worker, RefError> {
+        let mut w = Worker::spawn(exe)?;
+        let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
+        match w.call(
+            &Request::Load {
+                model,
+                ctx: ctx.clone(),
+                filter,
+            },
+            &mut Vec::new(),
+        )? {
+            (
+                Reply::Loaded {
+                    n_vocab,
+                    description,
+                },
+                _,
+            ) => {
+                w.n_vocab = n_vocab;
+                w.description = description;
+                Ok(w)
+            }
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Starts the worker with only the vocabulary of `model` loaded
+    /// (`vocab_only`): tokenizer requests work, decoding does not. A GGUF
+    /// without tensors loads.
+    pub fn start_vocab_only(exe: &Path, model: &Path) -> Result<Worker, RefError> {
+        let mut w = Worker::spawn(exe)?;
+        let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
+        match w.call(&Request::LoadVocab { model }, &mut Vec::new())? {
+            (
+                Reply::Loaded {
+                    n_vocab,
+                    description,
+                },
+                _,
+            ) => {
+                w.n_vocab = n_vocab;
+                w.description = description;
+                Ok(w)
+            }
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn spawn(exe: &Path) -> Result<Worker, RefError> {
         // Its own process group: a terminal's Ctrl-C reaches only us, and we
         // decide how to stop (the worker exits when its stdin closes).
         let mut child = Command::new(exe)
@@ -256,7 +372,7 @@ impl Worker {
                 t.drain(..excess);
             }
         });
-        let mut w = Worker {
+        Ok(Worker {
             child,
             stdin,
             stdout: BufReader::new(stdout),
@@ -264,40 +380,59 @@ impl Worker {
             last_node: "(none: it died before the first graph node)".into(),
             n_vocab: 0,
             description: String::new(),
-        };
-        let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
-        match w.call(
-            &Request::Load {
-                model,
-                ctx: ctx.clone(),
-                filter,
-            },
-            &mut Vec::new(),
-        )? {
-            (
-                Reply::Loaded {
-                    n_vocab,
-                    description,
-                },
-                _,
-            ) => {
-                w.n_vocab = n_vocab;
-                w.description = description;
-                Ok(w)
-            }
-            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
-        }
+        })
     }
 
-    pub fn tokenize(&mut self, text: &str, add_bos: bool) -> Result<Vec<u32>, RefError> {
+    /// `llama_tokenize(text, add_special, parse_special)` in the worker.
+    pub fn tokenize(
+        &mut self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, RefError> {
         match self.call(
             &Request::Tokenize {
                 text: text.into(),
-                add_bos,
+                add_special,
+                parse_special,
             },
             &mut Vec::new(),
         )? {
             (Reply::Tokens(t), _) => Ok(t),
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// [`Model::piece`] of each id in the worker.
+    pub fn pieces(&mut self, ids: &[u32]) -> Result<Vec<Option<Vec<u8>>>, RefError> {
+        match self.call(&Request::Pieces { ids: ids.to_vec() }, &mut Vec::new())? {
+            (Reply::Pieces(p), _) => Ok(p),
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// [`Model::specials`] in the worker.
+    pub fn specials(&mut self) -> Result<VocabSpecials, RefError> {
+        match self.call(&Request::Specials, &mut Vec::new())? {
+            (Reply::Specials(s), _) => Ok(s),
+            (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// [`Model::apply_chat_template`] in the worker.
+    pub fn apply_chat_template(
+        &mut self,
+        template: Option<&str>,
+        messages: &[ChatMessage],
+        add_assistant: bool,
+    ) -> Result<String, RefError> {
+        let req = Request::ApplyChatTemplate {
+            template: template.map(str::to_owned),
+            messages: messages.to_vec(),
+            add_assistant,
+        };
+        match self.call(&req, &mut Vec::new())? {
+            (Reply::Text(t), _) => Ok(t),
             (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
         }
     }
