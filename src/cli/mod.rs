@@ -1,7 +1,8 @@
 //! Command-line front end: argument parsing, exit codes, human output.
 //!
 //! Exit codes: 0 no divergence / success, 1 divergence found, 2 bad input or
-//! usage, 3 the reference failed (crashed or refused the model).
+//! usage, 3 the reference failed (crashed or refused the model). A sweep (and
+//! a merge) exits with the worst of its prompts' codes (`Sweep::exit_code`).
 
 /// `println!` that ends the process quietly when stdout is a closed pipe
 /// (`divergence inspect M | head`): std's `println!` panics there.
@@ -20,6 +21,8 @@ mod capture;
 mod find;
 mod gen_model;
 mod inspect;
+mod report;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -68,6 +71,12 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a deterministic synthetic BitNet model.
     GenModel(gen_model::Args),
+    /// Render receipts (or a sweep) as one self-contained HTML file.
+    Report(report::Args),
+    /// Run every prompt of a corpus in lockstep; KL and error statistics over them.
+    Sweep(sweep::SweepArgs),
+    /// Merge the shard files of one sweep into what the unsharded sweep writes.
+    Merge(sweep::MergeArgs),
     /// Internal: serve the reference engine over stdin/stdout (crash isolation).
     #[command(name = "__reference-worker", hide = true)]
     ReferenceWorker,
@@ -115,6 +124,9 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::GenModel(a) => gen_model::run(a),
+        Command::Report(a) => report::run(a),
+        Command::Sweep(a) => sweep::sweep(a),
+        Command::Merge(a) => sweep::merge(a),
         Command::ReferenceWorker => {
             return ExitCode::from(divergence::reference::worker::serve() as u8)
         }
