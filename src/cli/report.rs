@@ -20,22 +20,25 @@ pub struct Args {
 
 /// What an input file holds.
 enum Input {
-    Receipt(Receipt),
-    Sweep(Sweep),
+    Receipt(Box<Receipt>),
+    Sweep(Box<Sweep>),
 }
 
 fn read_input(path: &Path) -> Result<Input, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{} is not JSON: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{} is not JSON: {e}", path.display()))?;
     if sweep::is_sweep(&value) {
         let s = Sweep::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        return Ok(Input::Sweep(s));
+        return Ok(Input::Sweep(Box::new(s)));
     }
-    let r = Receipt::parse(&text)
-        .map_err(|e| anyhow!("{} is neither a receipt nor a sweep file: {e}", path.display()))?;
-    Ok(Input::Receipt(r))
+    let r = Receipt::parse(&text).map_err(|e| {
+        anyhow!(
+            "{} is neither a receipt nor a sweep file: {e}",
+            path.display()
+        )
+    })?;
+    Ok(Input::Receipt(Box::new(r)))
 }
 
 /// A file's name for headings.
@@ -55,8 +58,8 @@ pub fn run(args: Args) -> CliResult {
     let mut sweeps = Vec::new();
     for path in &args.inputs {
         match read_input(path)? {
-            Input::Receipt(r) => receipts.push((label(path), r)),
-            Input::Sweep(s) => sweeps.push((label(path), s)),
+            Input::Receipt(r) => receipts.push((label(path), *r)),
+            Input::Sweep(s) => sweeps.push((label(path), *s)),
         }
     }
     match (receipts.is_empty(), sweeps.len()) {

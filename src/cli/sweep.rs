@@ -135,7 +135,11 @@ pub fn merge(args: MergeArgs) -> CliResult {
     }
     merged.write(&args.out).map_err(failure)?;
     print_summary(&merged);
-    outln!("merged {} shard(s) into {}", args.shards.len(), args.out.display());
+    outln!(
+        "merged {} shard(s) into {}",
+        args.shards.len(),
+        args.out.display()
+    );
     Ok(ExitCode::from(merged.exit_code()))
 }
 
@@ -147,7 +151,8 @@ fn print_summary(sw: &Sweep) {
         "prompts {} of {}{}: {}",
         s.prompts,
         sw.config.corpus_prompts,
-        sw.shard.map_or(String::new(), |sh| format!(" (shard {sh})")),
+        sw.shard
+            .map_or(String::new(), |sh| format!(" (shard {sh})")),
         verdicts.join(", ")
     );
     match &s.kld {
@@ -191,7 +196,10 @@ fn print_summary(sw: &Sweep) {
             d.stage,
             s.stages.iter().filter(|d| d.exact_fraction >= 1.0).count()
         ),
-        None => outln!("stages  {} judged, every one always bit-exact", s.stages.len()),
+        None => outln!(
+            "stages  {} judged, every one always bit-exact",
+            s.stages.len()
+        ),
     }
     for p in sw.prompts.iter().filter(|p| p.not_run.is_some()) {
         outln!(

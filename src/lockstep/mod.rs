@@ -495,7 +495,13 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
         } else {
             local_logits
         };
-        run.compare_position_logits(step, ref_pos - batch.len(), &ref_logits, &cand_logits, n_vocab);
+        run.compare_position_logits(
+            step,
+            ref_pos - batch.len(),
+            &ref_logits,
+            &cand_logits,
+            n_vocab,
+        );
         let last = |l: &[f32]| metrics::argmax(&l[l.len().saturating_sub(n_vocab)..]) as u32;
         let (r_next, c_next) = (last(&ref_logits), last(&cand_logits));
         if step > 0 || cfg.steps > 0 {

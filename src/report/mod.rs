@@ -20,8 +20,8 @@
 
 pub mod html;
 pub mod receipt;
-pub mod sweep;
 pub mod svg;
+pub mod sweep;
 
 use crate::receipt::Receipt;
 use html::{esc, sci};
@@ -94,11 +94,9 @@ fn comparison_table(receipts: &[(String, Receipt)]) -> String {
                 "-".into(),
                 "candidate".into(),
             ),
-            (None, _) if !r.tokens.equal => (
-                "the prompt's token ids".into(),
-                "-".into(),
-                "-".into(),
-            ),
+            (None, _) if !r.tokens.equal => {
+                ("the prompt's token ids".into(), "-".into(), "-".into())
+            }
             _ => ("-".into(), "-".into(), "-".into()),
         };
         let disagreements = r.generated.disagreements.len();
@@ -121,10 +119,7 @@ fn comparison_table(receipts: &[(String, Receipt)]) -> String {
             if disagreements == 0 {
                 format!("{} agree", r.generated.reference.len())
             } else {
-                format!(
-                    "{disagreements} of {} differ",
-                    r.generated.reference.len()
-                )
+                format!("{disagreements} of {} differ", r.generated.reference.len())
             },
             receipt::thumbnail(r)
         );

@@ -73,12 +73,7 @@ pub fn prompt_text(p: &Prompt) -> String {
 
 /// A worst element's multi-index in the stage's own terms (the layouts
 /// of [`crate::trace::Stage`]); `pos0` is the step's first position.
-pub fn decode_index(
-    stage: Stage,
-    index: &[usize],
-    pos0: usize,
-    head_dim: Option<usize>,
-) -> String {
+pub fn decode_index(stage: Stage, index: &[usize], pos0: usize, head_dim: Option<usize>) -> String {
     if stage.is_attention_matrix() {
         if let [h, t, k] = index {
             return format!("head {h}, query position {}, key position {k}", pos0 + t);
@@ -209,7 +204,11 @@ fn blame_name(b: Blame) -> &'static str {
 fn run_facts(r: &Receipt) -> String {
     let mut s = String::from("<h3>Run</h3><dl class=\"facts\">");
     fact(&mut s, "model", &esc(&r.model.path));
-    fact(&mut s, "sha256", &format!("<code>{}</code>", esc(&r.model.sha256)));
+    fact(
+        &mut s,
+        "sha256",
+        &format!("<code>{}</code>", esc(&r.model.sha256)),
+    );
     if let Some(f) = &r.model.file {
         fact(
             &mut s,
@@ -313,7 +312,9 @@ fn run_facts(r: &Receipt) -> String {
                 "reference dump {}, candidate dump {}{}; {}",
                 o.reference_dump,
                 o.candidate_dump,
-                o.map.as_ref().map_or(String::new(), |m| format!(", map {m}")),
+                o.map
+                    .as_ref()
+                    .map_or(String::new(), |m| format!(", map {m}")),
                 o.note
             )),
         );
@@ -379,15 +380,23 @@ fn metric_rows(m: &Metrics) -> Vec<(&'static str, String)> {
         ),
     ];
     if let Some(l) = &m.logits {
-        rows.push(("top-1 agree", format!("{} of {} rows", l.top1_agree, l.rows)));
-        rows.push(("top-k overlap", format!("{:.3} (k = {})", l.topk_overlap, l.top_k)));
+        rows.push((
+            "top-1 agree",
+            format!("{} of {} rows", l.top1_agree, l.rows),
+        ));
+        rows.push((
+            "top-k overlap",
+            format!("{:.3} (k = {})", l.topk_overlap, l.top_k),
+        ));
         rows.push(("max KL", sci(l.max_kl)));
     }
     rows
 }
 
 fn first_divergence(r: &Receipt, d: &Divergence) -> String {
-    let mut s = String::from(r#"<div class="first-divergence"><h3>First divergence</h3><dl class="facts">"#);
+    let mut s = String::from(
+        r#"<div class="first-divergence"><h3>First divergence</h3><dl class="facts">"#,
+    );
     fact(&mut s, "where", &esc(&divergence_place(d)));
     fact(
         &mut s,
@@ -397,7 +406,11 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
             _ => "-".into(),
         }),
     );
-    fact(&mut s, "shape (canonical layout)", &esc(&format!("{:?}", d.shape)));
+    fact(
+        &mut s,
+        "shape (canonical layout)",
+        &esc(&format!("{:?}", d.shape)),
+    );
     if let Some(shape) = &d.metrics.candidate_shape {
         fact(
             &mut s,
@@ -472,8 +485,16 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
         blame_name(b.blame)
     );
     let opt = |v: Option<f64>| v.map_or("-".to_string(), sci);
-    fact(&mut s, "reference NMSE vs oracle", &opt(b.reference_nmse_vs_oracle));
-    fact(&mut s, "candidate NMSE vs oracle", &opt(b.candidate_nmse_vs_oracle));
+    fact(
+        &mut s,
+        "reference NMSE vs oracle",
+        &opt(b.reference_nmse_vs_oracle),
+    );
+    fact(
+        &mut s,
+        "candidate NMSE vs oracle",
+        &opt(b.candidate_nmse_vs_oracle),
+    );
     if b.reference_error_over_rounding.is_some() || b.candidate_error_over_rounding.is_some() {
         fact(
             &mut s,
@@ -536,7 +557,11 @@ fn step_cells(r: &Receipt, step: &StepRecord, propagated: bool) -> Vec<Cell> {
                     title: format!(
                         "{where_}: propagated NMSE {}{}",
                         sci(p),
-                        if failed { ", outside the free-run rule" } else { "" }
+                        if failed {
+                            ", outside the free-run rule"
+                        } else {
+                            ""
+                        }
                     ),
                 })
             } else {
@@ -561,7 +586,11 @@ fn step_cells(r: &Receipt, step: &StepRecord, propagated: bool) -> Vec<Cell> {
                             format!("NMSE {}, max abs {}", sci(x.nmse), sci(x.max_abs))
                         },
                         if x.pass { "" } else { ", FAILED its rule" },
-                        if is_div { " — the first divergence" } else { "" }
+                        if is_div {
+                            " — the first divergence"
+                        } else {
+                            ""
+                        }
                     ),
                 })
             }
@@ -701,11 +730,12 @@ fn growth_series(r: &Receipt, stage: Stage) -> Vec<Series> {
 
 fn growth(id: usize, r: &Receipt) -> String {
     let layers = n_layer(r);
-    let stages = svg::columns(
-        r.step_results
+    let stages = svg::columns(r.step_results.iter().flat_map(|st| {
+        st.stages
             .iter()
-            .flat_map(|st| st.stages.iter().filter(|x| x.layer.is_some()).map(|x| &x.stage)),
-    );
+            .filter(|x| x.layer.is_some())
+            .map(|x| &x.stage)
+    }));
     if stages.is_empty() || layers == 0 {
         return String::new();
     }
@@ -730,9 +760,9 @@ fn growth(id: usize, r: &Receipt) -> String {
             if *st == chosen { " checked" } else { "" },
             st.name()
         );
-        let _ = write!(
+        let _ = writeln!(
             css,
-            "#{rid}:checked ~ .charts #chart-{id}-{} {{ display: block; }}\n",
+            "#{rid}:checked ~ .charts #chart-{id}-{} {{ display: block; }}",
             st.name()
         );
     }
@@ -903,7 +933,9 @@ fn coverage(r: &Receipt) -> String {
         let _ = write!(s, "<p class=\"muted\">Note: {}</p>", esc(n));
     }
     if !r.config_check.is_empty() {
-        s.push_str("<table><tr><th>hyperparameter</th><th>candidate read</th><th>file says</th></tr>");
+        s.push_str(
+            "<table><tr><th>hyperparameter</th><th>candidate read</th><th>file says</th></tr>",
+        );
         for m in &r.config_check {
             let _ = write!(
                 s,

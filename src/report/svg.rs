@@ -122,10 +122,7 @@ impl Heatmap<'_> {
     pub fn render(&self) -> String {
         let (cw, ch, left, top) = geometry(self.compact);
         let rows = self.n_layer + 2;
-        let (w, h) = (
-            left + self.columns.len() * cw + 4,
-            top + rows * ch + 4,
-        );
+        let (w, h) = (left + self.columns.len() * cw + 4, top + rows * ch + 4);
         let mut s = String::new();
         let _ = write!(
             s,
@@ -341,7 +338,11 @@ pub fn line_chart(n_layer: usize, series: &[Series], stage: Stage) -> String {
             left + plot_w,
             left - 4.0,
             y + 3.0,
-            if v == ymin { "exact".to_string() } else { format!("{v:.0}") }
+            if v == ymin {
+                "exact".to_string()
+            } else {
+                format!("{v:.0}")
+            }
         );
         v += 2.0;
     }

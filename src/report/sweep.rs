@@ -31,7 +31,11 @@ fn facts(sw: &Sweep) -> String {
     };
     fact(
         "model",
-        format!("{} <code>{}</code>", esc(&c.model_path), esc(&c.model_sha256)),
+        format!(
+            "{} <code>{}</code>",
+            esc(&c.model_path),
+            esc(&c.model_sha256)
+        ),
     );
     fact(
         "corpus",
@@ -290,7 +294,10 @@ fn stages(sw: &Sweep) -> String {
 }
 
 fn max_kl(p: &PromptResult) -> f64 {
-    p.positions.iter().map(|x| x.compared.kl).fold(0.0, f64::max)
+    p.positions
+        .iter()
+        .map(|x| x.compared.kl)
+        .fold(0.0, f64::max)
 }
 
 fn worst_local(p: &PromptResult) -> f64 {
@@ -305,11 +312,9 @@ fn receipt_link(p: &PromptResult, page_dir: &Path) -> String {
         Some(r) => format!(
             r#"<a class="receipt-link" href="{}">{}</a>"#,
             esc(&href(&relative_to(page_dir, Path::new(r)))),
-            esc(
-                &Path::new(r)
-                    .file_name()
-                    .map_or(r.clone(), |n| n.to_string_lossy().into_owned())
-            )
+            esc(&Path::new(r)
+                .file_name()
+                .map_or(r.clone(), |n| n.to_string_lossy().into_owned()))
         ),
         None => "-".into(),
     }

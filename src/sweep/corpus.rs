@@ -85,9 +85,13 @@ impl Corpus {
                     ))
                 })?;
                 let prompt = match (j.prompt, j.tokens) {
-                    (Some(p), None) if p.is_empty() => return Err(bad("\"prompt\" is empty".into())),
+                    (Some(p), None) if p.is_empty() => {
+                        return Err(bad("\"prompt\" is empty".into()))
+                    }
                     (Some(p), None) => Prompt::Text(p),
-                    (None, Some(t)) if t.is_empty() => return Err(bad("\"tokens\" is empty".into())),
+                    (None, Some(t)) if t.is_empty() => {
+                        return Err(bad("\"tokens\" is empty".into()))
+                    }
                     (None, Some(t)) => Prompt::Tokens(t),
                     (Some(_), Some(_)) => {
                         return Err(bad("give \"prompt\" or \"tokens\", not both".into()))

@@ -298,8 +298,10 @@ pub fn run(
             Ok(mut outcome) => {
                 let positions = std::mem::take(&mut outcome.logit_positions);
                 if candidate_build.is_none() && !outcome.candidate.name.is_empty() {
-                    candidate_build =
-                        Some((outcome.candidate.name.clone(), outcome.candidate.build.clone()));
+                    candidate_build = Some((
+                        outcome.candidate.name.clone(),
+                        outcome.candidate.build.clone(),
+                    ));
                 }
                 volatile.reference_peak_rss_bytes = volatile
                     .reference_peak_rss_bytes
@@ -309,7 +311,9 @@ pub fn run(
                 let receipt_path = match &req.receipts_dir {
                     Some(dir) => {
                         let path = dir.join(receipt_name(p.index));
-                        receipt.write(&path).map_err(|e| SweepError::Io(e.to_string()))?;
+                        receipt
+                            .write(&path)
+                            .map_err(|e| SweepError::Io(e.to_string()))?;
                         Some(path.display().to_string())
                     }
                     None => None,
@@ -514,7 +518,12 @@ impl Sweep {
         let prompts: Vec<String> = self
             .prompts
             .iter()
-            .map(|p| format!("    {}", serde_json::to_string(p).expect("sweeps serialize")))
+            .map(|p| {
+                format!(
+                    "    {}",
+                    serde_json::to_string(p).expect("sweeps serialize")
+                )
+            })
             .collect();
         field(
             "prompts",
@@ -604,7 +613,11 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
     };
     let count = match first.shard {
         Some(s) => s.count,
-        None => return bad(format!("{first_label} is not a shard (it ran the whole corpus)")),
+        None => {
+            return bad(format!(
+                "{first_label} is not a shard (it ran the whole corpus)"
+            ))
+        }
     };
     let mut seen = vec![None::<&str>; count];
     for (label, s) in &shards {
@@ -645,7 +658,8 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
         .collect();
     prompts.sort_by_key(|p| p.index);
     let expected = first.config.corpus_prompts;
-    let complete = prompts.len() == expected && prompts.iter().enumerate().all(|(i, p)| p.index == i);
+    let complete =
+        prompts.len() == expected && prompts.iter().enumerate().all(|(i, p)| p.index == i);
     if !complete {
         return bad(format!(
             "the shards hold {} prompts, the corpus has {expected}: a shard file is incomplete",

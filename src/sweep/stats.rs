@@ -161,7 +161,8 @@ impl KldSummary {
     /// None for no positions. `positions` in prompt order, then position order.
     pub fn of<'a>(positions: impl IntoIterator<Item = &'a PositionLogits>) -> Option<KldSummary> {
         let mut kl = Vec::new();
-        let (mut agree, mut p_ref, mut p_cand, mut d_sum, mut d_max) = (0usize, 0.0, 0.0, 0.0, 0.0f64);
+        let (mut agree, mut p_ref, mut p_cand, mut d_sum, mut d_max) =
+            (0usize, 0.0, 0.0, 0.0, 0.0f64);
         for p in positions {
             let c = &p.compared;
             kl.push(c.kl);
