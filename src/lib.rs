@@ -5,7 +5,8 @@
 //! The spine, one module each:
 //! `gguf` (read, validate, write) → `reference` (bitnet.cpp via FFI) and
 //! `engine` (the candidate) → `trace` (canonical stages) → `compare`
-//! (metrics, policy, oracle blame) → `lockstep` (steps, resync) → `receipt`.
+//! (metrics, policy, oracle blame) → `lockstep` (steps, resync) → `receipt`;
+//! `sweep` runs a corpus of prompts, `report` renders receipts and sweeps as HTML.
 
 pub mod candidate;
 pub mod compare;
@@ -17,6 +18,8 @@ pub mod oracle;
 pub mod quant;
 pub mod receipt;
 pub mod reference;
+pub mod report;
+pub mod sweep;
 pub mod synth;
 pub mod trace;
 

@@ -43,6 +43,9 @@ pub struct Args {
     /// Where to write the receipt.
     #[arg(long, default_value = "divergence-receipt.json")]
     receipt: PathBuf,
+    /// Also write the receipt's HTML report here.
+    #[arg(long)]
+    html: Option<PathBuf>,
     /// Record every divergence instead of stopping at the first.
     #[arg(long)]
     keep_going: bool,
@@ -73,7 +76,7 @@ pub fn parse_kv(s: &str) -> Result<KvType, String> {
     }
 }
 
-fn parse_fault(s: &str) -> Result<Fault, String> {
+pub fn parse_fault(s: &str) -> Result<Fault, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("unknown fault `{s}`"))
 }
@@ -156,10 +159,17 @@ pub fn run(args: Args) -> CliResult {
         code: 2,
         error: e.into(),
     })?;
+    if let Some(html) = &args.html {
+        let label = args.receipt.display().to_string();
+        super::report::write_receipts_page(&[(label, receipt.clone())], html)?;
+    }
     if args.json {
         out!("{}", receipt.to_json());
     } else {
         print_summary(&receipt, &args.receipt);
+        if let Some(html) = &args.html {
+            outln!("report  {}", html.display());
+        }
     }
     Ok(exit_code(&receipt))
 }

@@ -1,7 +1,8 @@
 //! Command-line front end: argument parsing, exit codes, human output.
 //!
 //! Exit codes: 0 no divergence / success, 1 divergence found, 2 bad input or
-//! usage, 3 the reference failed (crashed or refused the model).
+//! usage, 3 the reference failed (crashed or refused the model). A sweep (and
+//! a merge) exits with the worst of its prompts' codes (`Sweep::exit_code`).
 
 /// `println!` that ends the process quietly when stdout is a closed pipe
 /// (`divergence inspect M | head`): std's `println!` panics there.
@@ -21,6 +22,8 @@ mod export_tokenizer;
 mod find;
 mod gen_model;
 mod inspect;
+mod report;
+mod sweep;
 mod tokens;
 
 use clap::{Parser, Subcommand};
@@ -74,6 +77,12 @@ enum Command {
     Tokens(tokens::Args),
     /// Write a GGUF's vocabulary as a Hugging Face tokenizer.json.
     ExportTokenizer(export_tokenizer::Args),
+    /// Render receipts (or a sweep) as one self-contained HTML file.
+    Report(report::Args),
+    /// Run every prompt of a corpus in lockstep; KL and error statistics over them.
+    Sweep(sweep::SweepArgs),
+    /// Merge the shard files of one sweep into what the unsharded sweep writes.
+    Merge(sweep::MergeArgs),
     /// Internal: serve the reference engine over stdin/stdout (crash isolation).
     #[command(name = "__reference-worker", hide = true)]
     ReferenceWorker,
@@ -123,6 +132,9 @@ pub fn main() -> ExitCode {
         Command::GenModel(a) => gen_model::run(a),
         Command::Tokens(a) => tokens::run(a),
         Command::ExportTokenizer(a) => export_tokenizer::run(a),
+        Command::Report(a) => report::run(a),
+        Command::Sweep(a) => sweep::sweep(a),
+        Command::Merge(a) => sweep::merge(a),
         Command::ReferenceWorker => {
             return ExitCode::from(divergence::reference::worker::serve() as u8)
         }

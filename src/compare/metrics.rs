@@ -310,6 +310,55 @@ fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         .max(0.0)
 }
 
+/// One position's next-token distributions compared as `llama-perplexity
+/// --kl-divergence` compares them (`kl_divergence` in
+/// `tools/perplexity/perplexity.cpp`), from full-precision logits: both rows
+/// go through a log-softmax in f64.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PositionKl {
+    /// KL(P_ref ‖ P_cand) = Σ p_ref (log p_ref − log p_cand), in nats.
+    pub kl: f64,
+    /// The reference's most probable token.
+    pub reference_top: u32,
+    /// The candidate's most probable token.
+    pub candidate_top: u32,
+    /// The reference's probability of its own top token.
+    pub reference_top_p: f64,
+    /// The candidate's probability of the reference's top token.
+    pub candidate_top_p: f64,
+}
+
+/// [`PositionKl`] of one row of logits per side (the same vocabulary).
+/// Non-finite results (NaN logits) are clamped as [`finite_or_max`] does,
+/// so a receipt or sweep file can hold them.
+pub fn position_kl(reference: &[f32], candidate: &[f32]) -> PositionKl {
+    let lp = log_softmax(reference);
+    let lq = log_softmax(candidate);
+    let kl = lp
+        .iter()
+        .zip(&lq)
+        .map(|(&a, &b)| a.exp() * (a - b))
+        .sum::<f64>();
+    let reference_top = argmax(reference);
+    let p_of = |logp: &[f64]| {
+        let p = logp.get(reference_top).map_or(0.0, |&l| l.exp());
+        if p.is_nan() {
+            0.0
+        } else {
+            p
+        }
+    };
+    PositionKl {
+        // A KL below zero is rounding: clamped as `kl` does for receipts
+        // (a NaN stays NaN here and becomes the largest finite number).
+        kl: finite_or_max(if kl < 0.0 { 0.0 } else { kl }),
+        reference_top: reference_top as u32,
+        candidate_top: argmax(candidate) as u32,
+        reference_top_p: p_of(&lp),
+        candidate_top_p: p_of(&lq),
+    }
+}
+
 /// The `k` elements with the largest absolute difference (NaN/Inf first),
 /// ties to the lower index, so receipts are deterministic.
 pub fn worst_elements(

@@ -240,6 +240,7 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
             recipe: crate::synth::recipe_of(&file),
             candidate: CandidateInfo::default(),
             weight_warnings: non_finite_weights(&file),
+            logit_positions: vec![],
             timings: Timings::default(),
         },
         t_total,
@@ -549,6 +550,13 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
         } else {
             local_logits
         };
+        run.compare_position_logits(
+            step,
+            ref_pos - batch.len(),
+            &ref_logits,
+            &cand_logits,
+            n_vocab,
+        );
         let last = |l: &[f32]| metrics::argmax(&l[l.len().saturating_sub(n_vocab)..]) as u32;
         let (r_next, c_next) = (last(&ref_logits), last(&cand_logits));
         if step > 0 || cfg.steps > 0 {
@@ -674,6 +682,33 @@ impl Run {
         }
         t.reference = reference;
         t.candidate = candidate;
+    }
+
+    /// Compares the two sides' logits position by position (the sweep's
+    /// KL statistics). Skipped for a step whose two sides have different
+    /// row counts (the prompts' ids differ): no row pairs with another.
+    fn compare_position_logits(
+        &mut self,
+        step: usize,
+        pos0: usize,
+        reference: &[f32],
+        candidate: &[f32],
+        n_vocab: usize,
+    ) {
+        if n_vocab == 0 || reference.len() != candidate.len() {
+            return;
+        }
+        for (row, (r, c)) in reference
+            .chunks_exact(n_vocab)
+            .zip(candidate.chunks_exact(n_vocab))
+            .enumerate()
+        {
+            self.outcome.logit_positions.push(PositionLogits {
+                step,
+                position: pos0 + row,
+                compared: metrics::position_kl(r, c),
+            });
+        }
     }
 
     /// Adds one step's judged stages to the summary and the step records.

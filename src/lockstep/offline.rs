@@ -92,6 +92,7 @@ pub fn compare_dumps(
                 kv_semantics: None,
             },
             weight_warnings: vec![],
+            logit_positions: vec![],
             timings: Timings::default(),
         },
         t_total,

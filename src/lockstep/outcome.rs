@@ -356,8 +356,27 @@ pub struct Outcome {
     pub candidate: CandidateInfo,
     /// F32/F16 tensors holding NaN or Inf: a warning, the run goes on.
     pub weight_warnings: Vec<String>,
+    /// Per position, the two sides' next-token distributions compared (KL,
+    /// top tokens): a few numbers per position, never the vocabulary. Not
+    /// part of a receipt; `divergence sweep` gathers them over a corpus.
+    #[serde(default)]
+    pub logit_positions: Vec<PositionLogits>,
     /// Volatile timings.
     pub timings: Timings,
+}
+
+/// One position's logits, reference against candidate: the logits the
+/// greedy choice was made from on each side (in free mode the candidate's
+/// own, in resync the resynced candidate's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PositionLogits {
+    /// The step.
+    pub step: usize,
+    /// The absolute position.
+    pub position: usize,
+    /// KL(P_ref ‖ P_cand) and the top tokens.
+    #[serde(flatten)]
+    pub compared: metrics::PositionKl,
 }
 
 impl StageSummary {

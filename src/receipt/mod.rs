@@ -238,6 +238,18 @@ impl Receipt {
         r
     }
 
+    /// The receipt of a lockstep run the caller ran itself (`divergence
+    /// sweep` keeps what it needs of the outcome first): `sha256` is the
+    /// model file's.
+    pub fn from_outcome(
+        run: RunRecord,
+        sha256: String,
+        policy: Policy,
+        outcome: Outcome,
+    ) -> Receipt {
+        Receipt::build(run, sha256, policy, outcome)
+    }
+
     fn build(run: RunRecord, sha256: String, policy: Policy, outcome: Outcome) -> Receipt {
         let threads = run.threads;
         Receipt {
