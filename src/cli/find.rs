@@ -6,6 +6,7 @@ use anyhow::{anyhow, Context as _};
 use divergence::engine::{Fault, KvType};
 use divergence::lockstep::{Mode, Prompt, TokenFault, Verdict};
 use divergence::receipt::{self, Receipt, RunRecord};
+use divergence::reference::FfnAct;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,6 +44,11 @@ pub struct Args {
     /// Where to write the receipt.
     #[arg(long, default_value = "divergence-receipt.json")]
     receipt: PathBuf,
+    /// The reference's FFN activation on arch bitnet-b1.58: relu2 as the
+    /// model is defined, or silu, which upstream bitnet.cpp runs today
+    /// (BitNet issues #588, #602). A usage error on other arches.
+    #[arg(long, value_enum, default_value = "relu2")]
+    reference_ffn_act: FfnAct,
     /// Record every divergence instead of stopping at the first.
     #[arg(long)]
     keep_going: bool,
@@ -143,6 +149,7 @@ pub fn run(args: Args) -> CliResult {
         faults: args.inject.clone(),
         token_faults: args.inject_token.clone(),
         policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
+        reference_ffn_act: args.reference_ffn_act,
     };
     let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
     let receipt = execute(&record, show_progress)?;
@@ -210,6 +217,12 @@ fn print_summary(r: &Receipt, path: &Path) {
         "run     mode {:?}, {} step(s), {} thread(s), KV {:?}, policy {}",
         r.run.mode, r.run.steps, r.run.threads, r.run.kv_type, r.policy.name
     );
+    if r.run.reference_ffn_act != FfnAct::default() {
+        println!(
+            "        reference FFN activation {} (--reference-ffn-act: upstream bitnet.cpp's bitnet-b1.58 bug, on demand)",
+            r.run.reference_ffn_act.name()
+        );
+    }
     let t = &r.tokens;
     println!(
         "tokens  reference {:?}{}",

@@ -18,7 +18,7 @@ use crate::compare::{self, metrics, policy, Blame, BlameReport, Metrics, Policy,
 use crate::engine::{oracle, Engine, EngineOptions, Fault, KvType, ModelConfig};
 use crate::gguf::GgufFile;
 use crate::reference::worker::Worker;
-use crate::reference::{CaptureFilter, ContextOptions, RefError};
+use crate::reference::{CaptureFilter, ContextOptions, FfnAct, RefError};
 use crate::trace::reference_map::{capture_base_names, map_nodes};
 use crate::trace::{Stage, StageKey, Tensor, TraceSink};
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,9 @@ pub struct RunConfig {
     pub keep_going: bool,
     pub faults: Vec<Fault>,
     pub token_faults: Vec<TokenFault>,
+    /// The reference's FFN activation for arch `bitnet-b1.58` (SiLU
+    /// reproduces upstream's current bug); other arches refuse SiLU here.
+    pub reference_ffn_act: FfnAct,
     /// Our own binary, started as the reference worker.
     pub worker_exe: PathBuf,
     /// Called after each step with (step, total steps).
@@ -203,6 +206,7 @@ impl RunConfig {
             keep_going: false,
             faults: vec![],
             token_faults: vec![],
+            reference_ffn_act: FfnAct::default(),
             worker_exe,
             progress: None,
             cancel: None,
@@ -234,7 +238,14 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     let t_total = Instant::now();
     let mut timings = Timings::default();
     let file = Arc::new(GgufFile::open(&cfg.model)?);
-    let model_ctx = ModelConfig::from_gguf(&file)?.n_ctx_train.clamp(1, 4096);
+    let model_config = ModelConfig::from_gguf(&file)?;
+    if cfg.reference_ffn_act == FfnAct::Silu && !model_config.arch.ffn_relu2() {
+        return Err(RunError::Input(format!(
+            "--reference-ffn-act silu applies to arch bitnet-b1.58 only: arch {} is SiLU by design",
+            model_config.arch.name()
+        )));
+    }
+    let model_ctx = model_config.n_ctx_train.clamp(1, 4096);
     // Both KV caches are sized for what this run can need, not the model's
     // whole context (4096 positions of a 2B-4T cache are 315 MB per side):
     // a text prompt is at most one token per byte, plus the space prefix,
@@ -297,7 +308,14 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         name_patterns: vec![],
         base_names: capture_base_names(),
     };
-    let mut reference = match Worker::start(&cfg.worker_exe, &cfg.model, &ctx, filter) {
+    let started = Worker::start_with(
+        &cfg.worker_exe,
+        &cfg.model,
+        &ctx,
+        filter,
+        cfg.reference_ffn_act,
+    );
+    let mut reference = match started {
         Ok(w) => w,
         Err(e) => return Ok(reference_failed(outcome, e, timings, t_total)),
     };

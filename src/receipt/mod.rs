@@ -12,7 +12,7 @@ use crate::lockstep::{
     self, Divergence, Mode, Outcome, Prompt, RunConfig, RunError, StageSummary, TokenCheck,
     TokenDisagreement, TokenFault, Verdict,
 };
-use crate::reference::BuildInfo;
+use crate::reference::{BuildInfo, FfnAct};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -66,6 +66,10 @@ pub struct RunRecord {
     pub token_faults: Vec<TokenFault>,
     /// A policy file given with --policy, else the built-in one.
     pub policy_path: Option<String>,
+    /// The reference's `bitnet-b1.58` FFN activation (`--reference-ffn-act`);
+    /// absent in receipts written before it existed.
+    #[serde(default)]
+    pub reference_ffn_act: FfnAct,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -124,6 +128,7 @@ impl Receipt {
             keep_going: record.keep_going,
             faults: record.faults.clone(),
             token_faults: record.token_faults.clone(),
+            reference_ffn_act: record.reference_ffn_act,
             progress,
             cancel,
             ..RunConfig::new(
