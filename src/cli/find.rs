@@ -307,6 +307,9 @@ fn print_summary(r: &Receipt, path: &Path) {
                 );
             }
             println!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
+            if let Some(cause) = &d.blame.cause {
+                println!("  cause: {cause}");
+            }
         }
         (_, None) if !r.tokens.equal => println!("DIVERGENCE in the prompt's token ids"),
         (_, None) if r.interrupted => println!(

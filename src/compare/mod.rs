@@ -33,6 +33,10 @@ pub struct BlameReport {
     /// NMSE of the candidate against the oracle.
     pub candidate_nmse_vs_oracle: Option<f64>,
     pub reason: String,
+    /// When the reference is blamed and a known bug of it reproduces its
+    /// output bit for bit: that bug (`engine::reference_bugs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 /// A side is blamed when it is this many times farther from the oracle than
@@ -50,6 +54,7 @@ pub fn blame(reference: &[f32], candidate: &[f32], oracle: Option<&[f64]>) -> Bl
             reference_nmse_vs_oracle: None,
             candidate_nmse_vs_oracle: None,
             reason: "the oracle has no recomputation for this stage".into(),
+            cause: None,
         };
     };
     let r = metrics::nmse_f64(oracle, reference);
@@ -86,5 +91,6 @@ pub fn blame(reference: &[f32], candidate: &[f32], oracle: Option<&[f64]>) -> Bl
         reference_nmse_vs_oracle: Some(metrics::finite_or_max(r)),
         candidate_nmse_vs_oracle: Some(metrics::finite_or_max(c)),
         reason,
+        cause: None,
     }
 }

@@ -11,7 +11,8 @@
 //! - [`forward`]: the forward pass, one layer on one screen.
 //! - [`ops`]: the small named ops; [`kernels`]: the I2_S products.
 //! - [`team`]: the threads of one forward pass (they spin between products).
-//! - [`kv_cache`], [`faults`] (bug-zoo switches), [`oracle`] (f64 blame math).
+//! - [`kv_cache`], [`faults`] (bug-zoo switches), [`oracle`] (f64 blame math),
+//!   [`reference_bugs`] (known reference bugs, recognised by reproducing them).
 
 pub mod config;
 pub mod faults;
@@ -20,6 +21,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod ops;
 pub mod oracle;
+pub mod reference_bugs;
 pub(crate) mod team;
 pub mod tokenizer;
 pub mod weights;

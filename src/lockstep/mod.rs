@@ -15,7 +15,9 @@
 //! reference's inputs, and the side farther from it is blamed.
 
 use crate::compare::{self, metrics, policy, Blame, BlameReport, Metrics, Policy, WorstElement};
-use crate::engine::{oracle, Engine, EngineOptions, Fault, KvType, ModelConfig};
+use crate::engine::{
+    oracle, reference_bugs, Engine, EngineOptions, Fault, I2sMode, KvType, ModelConfig,
+};
 use crate::gguf::GgufFile;
 use crate::reference::worker::Worker;
 use crate::reference::{CaptureFilter, ContextOptions, FfnAct, RefError};
@@ -69,6 +71,9 @@ pub struct RunConfig {
     /// The reference's FFN activation for arch `bitnet-b1.58` (SiLU
     /// reproduces upstream's current bug); other arches refuse SiLU here.
     pub reference_ffn_act: FfnAct,
+    /// How the candidate accumulates I2_S products (`ReferenceWrap` mirrors
+    /// the reference's kernel bugs; tests use it to show they are the cause).
+    pub i2s_mode: I2sMode,
     /// Our own binary, started as the reference worker.
     pub worker_exe: PathBuf,
     /// Called after each step with (step, total steps).
@@ -207,6 +212,7 @@ impl RunConfig {
             faults: vec![],
             token_faults: vec![],
             reference_ffn_act: FfnAct::default(),
+            i2s_mode: I2sMode::default(),
             worker_exe,
             progress: None,
             cancel: None,
@@ -261,7 +267,7 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         kv_type: cfg.kv_type,
         faults: cfg.faults.clone(),
         n_ctx,
-        ..EngineOptions::default()
+        i2s_mode: cfg.i2s_mode,
     };
     let mut engine = Engine::from_gguf(file.clone(), opts)?;
     timings.candidate_load_s = t.elapsed().as_secs_f64();
@@ -433,13 +439,22 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
             let oracle_values = oracle::recompute(&engine, f.key.layer, f.key.stage, &inputs);
             let mut div = state.divergence(
                 step,
-                f,
+                &f,
                 oracle_values.as_deref(),
                 state.ref_pos,
                 batch.len(),
             );
             if step == 0 && !outcome.tokens.equal && div.stage == Stage::TokEmbd {
                 div.blame = token_blame(&outcome.tokens);
+            }
+            if div.blame.blame == Blame::Reference {
+                div.blame.cause = reference_bugs::explain(
+                    &engine,
+                    f.key.layer,
+                    f.key.stage,
+                    &inputs,
+                    &f.reference,
+                );
             }
             if outcome.first_divergence.is_none() {
                 outcome.first_divergence = Some(div);
@@ -576,7 +591,7 @@ impl<'a> RunState<'a> {
     fn divergence(
         &self,
         step: usize,
-        f: Failure,
+        f: &Failure,
         oracle: Option<&[f64]>,
         pos0: usize,
         t: usize,
@@ -605,9 +620,9 @@ impl<'a> RunState<'a> {
             position,
             layer: f.key.layer,
             stage: f.key.stage,
-            shape: f.shape,
+            shape: f.shape.clone(),
             rule,
-            metrics: f.metrics,
+            metrics: f.metrics.clone(),
             worst,
             blame,
         }
@@ -768,5 +783,6 @@ fn token_blame(tokens: &TokenCheck) -> BlameReport {
         reference_nmse_vs_oracle: None,
         candidate_nmse_vs_oracle: None,
         reason: reason.into(),
+        cause: None,
     }
 }

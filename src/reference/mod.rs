@@ -9,10 +9,12 @@
 //!   reference becomes [`RefError::Crashed`] with the signal and the last node
 //!   the child reported, and the harness lives on to write the receipt.
 //! - [`kernels`]: bitnet.cpp's internal I2_S kernels through `ffi/shim.c`.
+//! - [`vocab`]: how bitnet.cpp will read a file's tokenizer keys (no FFI).
 
 mod ffi;
 pub mod kernels;
 pub mod session;
+pub mod vocab;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};
