@@ -43,8 +43,10 @@ pub enum Preset {
     BitnetLarge,
     /// The shape of 1bitLLM/bitnet_b1_58-3B. Its n_ff of 8640 is not a
     /// multiple of 128: the tensors still pack (I2_S blocks the flattened
-    /// tensor), but bitnet.cpp's I2_S kernel drops the last 64 values of
-    /// every ffn_down row. Kept, because it is the real shape.
+    /// tensor), but bitnet.cpp computes ffn_down wrong: each row loses its
+    /// last 64 values, and odd rows, which start inside a block, are read
+    /// as if they started one (`engine::reference_bugs`). Kept, because it
+    /// is the real shape: `find` blames the reference there, with the cause.
     #[value(name = "bitnet_b1_58-3B")]
     Bitnet3B,
     /// The shape of microsoft/BitNet-b1.58-2B-4T (about 1.2 GB here).
@@ -264,8 +266,8 @@ impl SynthConfig {
                 n_ctx: 2048,
                 ..base
             },
-            // n_ff 8640 is not a multiple of 128: ffn_down rows lose their last
-            // 64 values in bitnet.cpp's I2_S kernel. Kept: it is the real shape.
+            // n_ff 8640 is not a multiple of 128: bitnet.cpp misreads ffn_down
+            // (see `Preset::Bitnet3B`). Kept: it is the real shape.
             Preset::Bitnet3B => SynthConfig {
                 n_embd: 3200,
                 n_layer: 26,
@@ -554,6 +556,22 @@ fn write_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
     w.set("tokenizer.ggml.add_bos_token", MetaValue::Bool(true));
 }
 
+/// The tokenizer keys of the published 2B-4T file after `general.file_type`, in its order.
+const PUBLISHED_TOKENIZER_KEYS: [&str; 9] = [
+    KEY_TOKENIZER_MODEL,
+    KEY_TOKENS,
+    KEY_SCORES,
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    KEY_EOS,
+    KEY_PADDING,
+    KEY_CHAT_TEMPLATE,
+];
+const KEY_SCORES: &str = "tokenizer.ggml.scores";
+const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+const KEY_PADDING: &str = "tokenizer.ggml.padding_token_id";
+
 /// `general.file_type` of an I2_S model (`LLAMA_FTYPE_MOSTLY_I2_S`).
 const FILE_TYPE_I2_S: u32 = 40;
 
@@ -563,7 +581,10 @@ const FILE_TYPE_I2_S: u32 = 40;
 /// no `general.alignment` (the default 32 applies) and no
 /// `tokenizer.ggml.pre` (bitnet.cpp then uses its `default` pre-tokenizer).
 /// With a copied vocab its `tokenizer.*` keys replace the synthetic ones,
-/// except `tokenizer.ggml.pre`, which the published layout does not have.
+/// except `tokenizer.ggml.pre`, which the published layout does not have;
+/// published keys the source lacks are written as the published file has
+/// them (llama.cpp's ggml-vocab-llama-bpe.gguf has no scores, padding id or
+/// chat template).
 fn write_published_b158_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
     let key = |k: &str| format!("{ARCH_B158}.{k}");
     let u32_of = |n: usize| MetaValue::U32(n as u32);
@@ -597,16 +618,31 @@ fn write_published_b158_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
     w.set("general.file_type", MetaValue::U32(FILE_TYPE_I2_S));
     match &cfg.vocab {
         Some(v) => {
-            for (k, value) in &v.keys {
-                if k != KEY_PRE && k != KEY_ADD_BOS {
-                    w.set(k, value.clone());
+            // The published tokenizer keys in the published order, from the
+            // source where it has them, else as the published file has them
+            // (scores all 0, padding = EOS, our llama3-style template); then
+            // any other tokenizer key of the source.
+            let n = v.n_tokens().unwrap_or(0);
+            let fill = |k: &str| -> Option<MetaValue> {
+                match k {
+                    KEY_SCORES => Some(MetaValue::Array(MetaArray::F32(vec![0.0; n]))),
+                    KEY_PADDING => v.get(KEY_EOS).cloned(),
+                    KEY_CHAT_TEMPLATE => Some(MetaValue::String(byte_bpe::CHAT_TEMPLATE.into())),
+                    _ => None,
+                }
+            };
+            for k in PUBLISHED_TOKENIZER_KEYS {
+                if let Some(value) = v.get(k).cloned().or_else(|| fill(k)) {
+                    w.set(k, value);
                 }
             }
-            if v.get(KEY_CHAT_TEMPLATE).is_none() {
-                w.set(
-                    KEY_CHAT_TEMPLATE,
-                    MetaValue::String(byte_bpe::CHAT_TEMPLATE.into()),
-                );
+            for (k, value) in &v.keys {
+                if !(PUBLISHED_TOKENIZER_KEYS.contains(&k.as_str())
+                    || k == KEY_PRE
+                    || k == KEY_ADD_BOS)
+                {
+                    w.set(k, value.clone());
+                }
             }
         }
         None => {
