@@ -11,6 +11,14 @@
 //! norm weights around 1 (or 0.01..0.05 for the attention norms, as in the
 //! real 2B-4T), and embeddings whose rows have norm about 4. Activations then
 //! stay O(1) through every layer and every comparison is meaningful.
+//!
+//! Vocab and metadata per arch ([`VocabKind`]): `bitnet-b1.58` files follow
+//! the published BitNet-b1.58-2B-4T layout (its 24 keys in its order, a
+//! byte-level BPE `gpt2` vocab from [`byte_bpe`] with llama3's special
+//! tokens and a llama3-style chat template, no `tokenizer.ggml.pre`); `bitnet`
+//! and `llama` files carry the SentencePiece `llama` vocab of [`vocab`] (their
+//! bytes, and so the receipts made from them, are what they always were).
+//! Any arch can take another file's tokenizer instead ([`CopiedVocab`]).
 
 pub mod byte_bpe;
 mod rng;

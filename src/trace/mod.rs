@@ -35,7 +35,7 @@ use std::fmt;
 /// | `ffn_inp` | [T, E] | `ffn_inp-L` (ADD) |
 /// | `ffn_norm` | [T, E] | `ffn_norm-L` (MUL) |
 /// | `ffn_gate` | [T, F] | `ffn_gate-L` (MUL_MAT / MUL) |
-/// | `ffn_act` | [T, F] | `ffn_silu-L` (UNARY) |
+/// | `ffn_act` | [T, F] | `ffn_silu-L` (UNARY); `bitnet-b1.58`: `ffn_relu_sqr-L` (SQR) |
 /// | `ffn_up` | [T, F] | `ffn_up-L` (MUL_MAT / MUL) |
 /// | `ffn_mul` | [T, F] | `ffn_sub_out-L` (MUL) |
 /// | `ffn_sub_norm` | [T, F] | `ffn_sub_norm-L` (MUL) |
