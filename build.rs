@@ -3,6 +3,8 @@
 //! small C shim (`ffi/shim.c`) that exposes internal kernels for tests.
 //!
 //! Steps (each one fails with a message that names the fix):
+//! 0. tools: a C++ compiler and make from the machine; CMake and libclang
+//!    from the machine, else from pinned PyPI wheels (`build/tools.rs`);
 //! 1. source: `BITNET_CPP_DIR`, or the crates.io package in
 //!    `vendor/bitnet-cpp.pin` fetched with cargo and checked against the
 //!    pinned `.crate` sha256, copied to `vendor/bitnet-src/` (git-ignored);
@@ -10,6 +12,9 @@
 //! 3. CMake (Release, static, I2_S path: TL1/TL2 off, no OpenMP);
 //! 4. the shim with `cc`, bindings with `bindgen` from `ffi/wrapper.h`;
 //! 5. build facts for receipts as `DIVERGENCE_REF_*` compile-time variables.
+
+#[path = "build/tools.rs"]
+mod tools;
 
 use sha2::{Digest, Sha256};
 use std::env;
@@ -50,12 +55,18 @@ struct Pin {
 fn run() -> Result<(), String> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
     let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    for p in ["build.rs", "vendor/bitnet-cpp.pin", "vendor/patches", "ffi"] {
+    for p in [
+        "build.rs",
+        "build",
+        "vendor/bitnet-cpp.pin",
+        "vendor/patches",
+        "ffi",
+    ] {
         println!("cargo:rerun-if-changed={p}");
     }
     println!("cargo:rerun-if-env-changed=BITNET_CPP_DIR");
 
-    check_tools()?;
+    let tools = tools::provide(&out_dir)?;
     let pin = read_pin(&manifest_dir.join("vendor/bitnet-cpp.pin"))?;
     let patches = list_patches(&manifest_dir.join("vendor/patches"))?;
 
@@ -164,6 +175,7 @@ fn run() -> Result<(), String> {
     for inc in &includes {
         bindings = bindings.clang_arg(format!("-I{}", inc.display()));
     }
+    bindings = bindings.clang_args(&tools.clang_args);
     let bindings = bindings.generate().map_err(|e| {
         format!("bindgen failed ({e}); it needs libclang: `apt-get install libclang-dev` (Debian), or set LIBCLANG_PATH")
     })?;
@@ -193,23 +205,6 @@ fn run() -> Result<(), String> {
             .join(" ")
     );
     println!("cargo:rustc-env=DIVERGENCE_REF_MARCH=native");
-    Ok(())
-}
-
-fn check_tools() -> Result<(), String> {
-    let probes: [(&str, &str); 2] = [("cmake", "cmake"), ("c++", "g++ (or clang)")];
-    for (tool, package) in probes {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !ok {
-            return Err(format!(
-                "`{tool}` was not found: install it (Debian: `apt-get install {package}`)"
-            ));
-        }
-    }
     Ok(())
 }
 

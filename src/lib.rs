@@ -7,12 +7,17 @@
 //! `engine` (the candidate) → `trace` (canonical stages) → `compare`
 //! (metrics, policy, oracle blame) → `lockstep` (steps, resync) → `receipt`.
 
+pub mod candidate;
 pub mod compare;
+pub mod dump;
 pub mod engine;
 pub mod gguf;
 pub mod lockstep;
+pub mod oracle;
 pub mod quant;
 pub mod receipt;
 pub mod reference;
 pub mod synth;
 pub mod trace;
+
+pub use engine::{Arch, KvType, ModelConfig};

@@ -21,6 +21,7 @@
 
 mod common;
 
+use divergence::candidate::BuiltinCandidate;
 use divergence::compare::{Blame, Class, Policy};
 use divergence::engine::kernels::scalar;
 use divergence::engine::weights::realign_rows;
@@ -140,11 +141,15 @@ fn assert_clean(r: &Receipt, what: &str) {
         }
     }
     assert!(
-        r.unknown_reference_nodes.is_empty(),
-        "{what}: unmapped nodes {:?}",
-        r.unknown_reference_nodes
+        r.coverage.unmapped_reference_nodes.is_empty() && r.coverage.complete,
+        "{what}: coverage {:?}",
+        r.coverage
     );
-    assert_eq!(r.model.config.arch.name(), "bitnet-b1.58", "{what}");
+    assert_eq!(
+        r.model.config.as_ref().map(|c| c.arch.name()),
+        Some("bitnet-b1.58"),
+        "{what}"
+    );
 }
 
 /// A fresh receipt against the checked-in one: model, verdict, tokens,
@@ -356,7 +361,7 @@ fn the_silu_switch_changes_only_the_activation_node() {
     };
     let names = |act: FfnAct| -> Vec<String> {
         let mut w = Worker::start_with(&exe(), &path, &opts, CaptureFilter::all(), act).unwrap();
-        let (_, nodes) = w.decode(&prompt_ids(cfg.n_vocab), 0).unwrap();
+        let (_, nodes, _) = w.decode(&prompt_ids(cfg.n_vocab), 0).unwrap();
         nodes
             .into_iter()
             .map(|n| format!("{} [{}]", n.name, n.op))
@@ -592,11 +597,18 @@ fn the_reference_kernel_drops_each_row_remainder_and_misreads_rows_that_start_in
     }
 }
 
-fn unaligned_config(mode: Mode, i2s_mode: I2sMode, model: &Path) -> RunConfig {
+/// Our engine as the candidate, accumulating I2_S products as `i2s_mode` says.
+fn candidate(i2s_mode: I2sMode) -> BuiltinCandidate {
+    BuiltinCandidate {
+        i2s_mode,
+        ..BuiltinCandidate::default()
+    }
+}
+
+fn unaligned_config(mode: Mode, model: &Path) -> RunConfig {
     RunConfig {
         steps: 2,
         mode,
-        i2s_mode,
         ..RunConfig::new(
             model.to_path_buf(),
             Prompt::Tokens(vec![1, 300, 301, 302, 303]),
@@ -617,8 +629,11 @@ fn unaligned_ffn_down_rows_are_blamed_on_the_reference_with_the_cause_and_mirror
             ..SynthConfig::preset(Preset::Tiny)
         };
         let m = write(dir.path(), arch, &cfg);
-        let outcome = lockstep::run(&unaligned_config(Mode::Resync, I2sMode::Exact, &m))
-            .expect("the run completes");
+        let outcome = lockstep::run(
+            &unaligned_config(Mode::Resync, &m),
+            &candidate(I2sMode::Exact),
+        )
+        .expect("the run completes");
         let d = outcome.first_divergence.as_ref().expect("a divergence");
         assert_eq!(
             (d.stage, d.layer, d.step, d.blame.blame),
@@ -639,8 +654,11 @@ fn unaligned_ffn_down_rows_are_blamed_on_the_reference_with_the_cause_and_mirror
         // Mirroring the reference's kernel, the candidate agrees with it
         // exactly: the row layout is the whole difference.
         for mode in [Mode::Resync, Mode::Free] {
-            let mirrored = lockstep::run(&unaligned_config(mode, I2sMode::ReferenceWrap, &m))
-                .expect("the run completes");
+            let mirrored = lockstep::run(
+                &unaligned_config(mode, &m),
+                &candidate(I2sMode::ReferenceWrap),
+            )
+            .expect("the run completes");
             assert_eq!(
                 mirrored.verdict,
                 Verdict::NoDivergence,
@@ -1053,9 +1071,9 @@ fn the_full_3b_preset_differs_from_the_reference_only_by_the_row_layout() {
         return;
     };
     let path = PathBuf::from(path);
-    let mut cfg = unaligned_config(Mode::Resync, I2sMode::Exact, &path);
+    let mut cfg = unaligned_config(Mode::Resync, &path);
     cfg.threads = 2;
-    let outcome = lockstep::run(&cfg).expect("the run completes");
+    let outcome = lockstep::run(&cfg, &candidate(I2sMode::Exact)).expect("the run completes");
     let d = outcome.first_divergence.as_ref().expect("a divergence");
     assert_eq!(
         (d.stage, d.layer, d.step, d.blame.blame),
@@ -1067,8 +1085,8 @@ fn the_full_3b_preset_differs_from_the_reference_only_by_the_row_layout() {
         .as_deref()
         .unwrap_or("")
         .contains("rows of 8640 values"));
-    cfg.i2s_mode = I2sMode::ReferenceWrap;
-    let mirrored = lockstep::run(&cfg).expect("the run completes");
+    let mirrored =
+        lockstep::run(&cfg, &candidate(I2sMode::ReferenceWrap)).expect("the run completes");
     assert_eq!(
         mirrored.verdict,
         Verdict::NoDivergence,

@@ -1014,6 +1014,45 @@ fn bench_reports_rounds_ratios_and_stages() {
         v["candidate"]["decode_tok_s"].as_f64().unwrap(),
         median(cand.iter().map(|c| c[1]).collect())
     );
+    // The machine's read bandwidth around every round, and each engine's
+    // decode GB/s as a fraction of it: the median over rounds of the
+    // round's decode GB/s over the round's bandwidth.
+    let bandwidth: Vec<f64> = serde_json::from_value(v["bandwidth_rounds"].clone()).unwrap();
+    assert_eq!(bandwidth.len(), 3);
+    assert!(bandwidth.iter().all(|&b| b.is_finite() && b > 0.0));
+    assert_eq!(
+        v["bandwidth_gbs"].as_f64().unwrap(),
+        median(bandwidth.clone())
+    );
+    assert!(v["bandwidth_read_bytes"].as_u64().unwrap() >= 1 << 30);
+    let weight_gb = v["weight_bytes_per_decode_token"].as_f64().unwrap() / 1e9;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+    for (side, rounds) in [("candidate", &cand), ("reference", &refr)] {
+        let n = &v[side];
+        let decode_gb_s = n["decode_gb_s"].as_f64().unwrap();
+        assert!(close(
+            decode_gb_s,
+            weight_gb * n["decode_tok_s"].as_f64().unwrap()
+        ));
+        let fractions: Vec<f64> = rounds
+            .iter()
+            .zip(&bandwidth)
+            .map(|(r, b)| weight_gb * r[1] / b)
+            .collect();
+        let fraction = n["decode_bandwidth_fraction"].as_f64().unwrap();
+        assert!(
+            close(fraction, median(fractions.clone())),
+            "{side}: {fraction} vs {fractions:?}"
+        );
+        let range: [f64; 2] =
+            serde_json::from_value(n["decode_bandwidth_fraction_range"].clone()).unwrap();
+        let lowest = fractions.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = fractions.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert!(
+            close(range[0], lowest) && close(range[1], highest),
+            "{side}: {range:?}"
+        );
+    }
     let stages = v["candidate_decode_stages"].as_array().unwrap();
     let names: Vec<&str> = stages
         .iter()

@@ -337,9 +337,9 @@ proptest! {
         for kvh in 0..kv_heads {
             let (keys, vals) = (cache.keys(0, kvh), cache.values(0, kvh));
             let mut want_s = vec![0f32; n_keys];
-            Kernel::Scalar.attn_scores(&q, &keys, &mut want_s);
+            Kernel::SCALAR.attn_scores(&q, &keys, &mut want_s);
             let mut want_o = vec![7f32; hd];
-            Kernel::Scalar.attn_apply(&p, &vals, &mut want_o);
+            Kernel::SCALAR.attn_apply(&p, &vals, &mut want_o);
             // The specification is the mathematics, to f32 rounding.
             for (j, &s) in want_s.iter().enumerate() {
                 let k = kv_row_f64(keys.row(j));
@@ -402,8 +402,8 @@ fn long_rows_and_odd_row_counts_in_every_kernel() {
     }
     let mut exact = vec![0i32; rows * 3];
     let mut wrapped = vec![0i32; rows * 3];
-    Kernel::Scalar.matmul(false, &packed, n_in, 0..rows, &q, &mut exact);
-    Kernel::Scalar.matmul(true, &packed, n_in, 0..rows, &q, &mut wrapped);
+    Kernel::SCALAR.matmul(false, &packed, n_in, 0..rows, &q, &mut exact);
+    Kernel::SCALAR.matmul(true, &packed, n_in, 0..rows, &q, &mut wrapped);
     assert_ne!(exact, wrapped, "this input must provoke the wrap");
 }
 
@@ -470,7 +470,7 @@ fn kernels_differing_from_scalar(
     q: &[i8],
 ) -> Vec<&'static str> {
     let mut want = vec![0i32; rows.len() * (q.len() / n_in)];
-    Kernel::Scalar.matmul(wrap, w, n_in, rows.clone(), q, &mut want);
+    Kernel::SCALAR.matmul(wrap, w, n_in, rows.clone(), q, &mut want);
     Kernel::available()
         .into_iter()
         .filter(|k| {

@@ -2,7 +2,9 @@
 //! machine, measured in one run; ratios, not absolute claims.
 //!
 //! Model mode: prefill tokens/s and decode tokens/s of each engine, the
-//! weight bytes a decode token streams and the effective GB/s, peak RSS.
+//! weight bytes a decode token streams and the effective GB/s, peak RSS,
+//! and that GB/s as a fraction of the machine's streaming read bandwidth,
+//! measured around every round (`bandwidth`).
 //! Kernel mode (`--kernel`): our I2_S mat-vec (activation quantization on
 //! the engine's path, the integer product, the f32 epilogue) against the reference's
 //! `quantize_row_i8_s` + `ggml_vec_dot_i2_i8_s` through the shim, single
@@ -23,6 +25,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
+
+mod bandwidth;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -66,6 +70,11 @@ struct EngineNumbers {
     decode_tok_s: f64,
     decode_gb_s: f64,
     peak_rss_bytes: Option<u64>,
+    /// Median over rounds of the round's decode GB/s over the round's
+    /// read bandwidth (`bandwidth_rounds`).
+    decode_bandwidth_fraction: f64,
+    /// The lowest and highest of those per-round fractions.
+    decode_bandwidth_fraction_range: [f64; 2],
 }
 
 #[derive(Serialize)]
@@ -90,6 +99,15 @@ struct ModelReport {
     /// (which last seconds here) mostly cancel within a pair.
     decode_ratio: f64,
     prefill_ratio: f64,
+    /// The machine's streaming read bandwidth (GB/s) at `threads` threads:
+    /// the median over rounds of `bandwidth_rounds`.
+    bandwidth_gbs: f64,
+    /// Per round: a read of `bandwidth_read_bytes` right before the round
+    /// and one right after, total bytes over total time.
+    bandwidth_rounds: Vec<f64>,
+    bandwidth_read_bytes: u64,
+    /// The loads of the read (the candidate kernel's widest).
+    bandwidth_kernel: String,
     /// Candidate peak RSS over (file + KV cache); the target is <= 1.10.
     candidate_rss_over_file_plus_kv: Option<f64>,
     /// With `--stages`: the candidate's decode time by stage (the time from
@@ -183,8 +201,11 @@ pub fn run(args: Args) -> CliResult {
     let mut reference = Reference(&mut worker);
     reference.prefill(&prompt[..8.min(prompt.len())])?; // its page cache
     candidate.clock = args.stages.then(StageClock::default);
-    let (mut cand, mut refr) = (Vec::new(), Vec::new());
+    // Allocated after the candidate's RSS was read, which it would inflate.
+    let read_probe = bandwidth::ReadProbe::new(args.threads);
+    let (mut cand, mut refr, mut read_rounds) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
+        let read_before = read_probe.pass();
         if round % 2 == 0 {
             let [c, r] = time_round([&mut candidate, &mut reference], &prompt, args.decode)?;
             cand.push(c);
@@ -194,7 +215,10 @@ pub fn run(args: Args) -> CliResult {
             cand.push(c);
             refr.push(r);
         }
+        read_rounds.push((read_before + read_probe.pass()).gb_s());
     }
+    let read_kernel = read_probe.kernel();
+    drop(read_probe);
     let clock = candidate.clock.take();
     let decode_stages = clock.map(|c| {
         c.by_stage()
@@ -220,6 +244,20 @@ pub fn run(args: Args) -> CliResult {
 
     let kv_bytes = (2 * c.n_layer * n_ctx * c.n_embd_kv() * 2) as u64;
     let gb = |tok_s: f64| weight_bytes as f64 * tok_s / 1e9;
+    let fractions: Vec<[f64; 2]> = cand
+        .iter()
+        .zip(&refr)
+        .zip(&read_rounds)
+        .map(|((c, r), &read)| [gb(c[1]) / read, gb(r[1]) / read])
+        .collect();
+    let (cand_fraction, ref_fraction) = medians(&fractions);
+    let fraction_range = |k: usize| {
+        let side = fractions.iter().map(|f| f[k]);
+        [
+            side.clone().fold(f64::INFINITY, f64::min),
+            side.fold(f64::NEG_INFINITY, f64::max),
+        ]
+    };
     let report = ModelReport {
         model: model.display().to_string(),
         file_bytes: file.file_size(),
@@ -234,24 +272,32 @@ pub fn run(args: Args) -> CliResult {
             decode_tok_s: cand_decode,
             decode_gb_s: gb(cand_decode),
             peak_rss_bytes: cand_rss,
+            decode_bandwidth_fraction: cand_fraction,
+            decode_bandwidth_fraction_range: fraction_range(0),
         },
         reference: EngineNumbers {
             prefill_tok_s: ref_prefill,
             decode_tok_s: ref_decode,
             decode_gb_s: gb(ref_decode),
             peak_rss_bytes: ref_rss,
+            decode_bandwidth_fraction: ref_fraction,
+            decode_bandwidth_fraction_range: fraction_range(1),
         },
         rounds: args.rounds,
         candidate_rounds: cand,
         reference_rounds: refr,
         decode_ratio,
         prefill_ratio,
+        bandwidth_gbs: median(read_rounds.clone()),
+        bandwidth_rounds: read_rounds,
+        bandwidth_read_bytes: bandwidth::READ_BYTES as u64,
+        bandwidth_kernel: read_kernel.name().into(),
         candidate_rss_over_file_plus_kv: cand_rss
             .map(|r| r as f64 / (file.file_size() + kv_bytes) as f64),
         candidate_decode_stages: decode_stages,
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
         );
@@ -260,7 +306,7 @@ pub fn run(args: Args) -> CliResult {
             b.map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
                 .unwrap_or("?".into())
         };
-        println!(
+        outln!(
             "model {} ({:.0} MiB), {} threads, candidate kernel {}; medians of {} rounds",
             report.model,
             report.file_bytes as f64 / 1048576.0,
@@ -268,15 +314,19 @@ pub fn run(args: Args) -> CliResult {
             report.candidate_kernel,
             args.rounds
         );
-        println!(
+        outln!(
             "{:<12} {:>14} {:>14} {:>12} {:>12}",
-            "engine", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS"
+            "engine",
+            "prefill tok/s",
+            "decode tok/s",
+            "decode GB/s",
+            "peak RSS"
         );
         for (name, n) in [
             ("candidate", &report.candidate),
             ("bitnet.cpp", &report.reference),
         ] {
-            println!(
+            outln!(
                 "{name:<12} {:>14.1} {:>14.2} {:>12.2} {:>12}",
                 n.prefill_tok_s,
                 n.decode_tok_s,
@@ -284,11 +334,37 @@ pub fn run(args: Args) -> CliResult {
                 mb(n.peak_rss_bytes)
             );
         }
-        println!(
+        outln!(
             "ratio (candidate / bitnet.cpp, median of per-round ratios): prefill {:.2}x, decode {:.2}x",
             report.prefill_ratio, report.decode_ratio
         );
-        println!(
+        let [bw_lo, bw_hi] = [f64::min, f64::max].map(|pick| {
+            report
+                .bandwidth_rounds
+                .iter()
+                .copied()
+                .reduce(pick)
+                .unwrap_or(0.0)
+        });
+        outln!(
+            "streaming read bandwidth ({} threads, {} GiB {} read before and after each round): {:.1} GB/s ({:.1}-{:.1})",
+            args.threads,
+            report.bandwidth_read_bytes >> 30,
+            report.bandwidth_kernel,
+            report.bandwidth_gbs,
+            bw_lo,
+            bw_hi
+        );
+        let fraction = |n: &EngineNumbers| {
+            let [lo, hi] = n.decode_bandwidth_fraction_range;
+            format!("{:.2} ({lo:.2}-{hi:.2})", n.decode_bandwidth_fraction)
+        };
+        outln!(
+            "decode GB/s / read bandwidth, median of per-round fractions (lowest-highest): candidate {}, bitnet.cpp {}",
+            fraction(&report.candidate),
+            fraction(&report.reference)
+        );
+        outln!(
             "weights streamed per decode token: {:.1} MiB; candidate RSS / (file + KV): {}",
             weight_bytes as f64 / 1048576.0,
             report
@@ -298,9 +374,9 @@ pub fn run(args: Args) -> CliResult {
         );
         if let Some(stages) = &report.candidate_decode_stages {
             let total: f64 = stages.iter().map(|s| s.ms_per_token).sum();
-            println!("candidate decode by stage (ms/token, all layers):");
+            outln!("candidate decode by stage (ms/token, all layers):");
             for s in stages {
-                println!(
+                outln!(
                     "  {:<16} {:>8.3} {:>6.1}%",
                     s.stage,
                     s.ms_per_token,
@@ -315,7 +391,10 @@ pub fn run(args: Args) -> CliResult {
 /// Decode tokens per turn when the engines take turns within a round.
 const DECODE_BLOCK: usize = 8;
 
-/// An engine under the clock: greedy decoding from a prompt.
+/// An engine under the clock: greedy decoding from a prompt. The candidate
+/// side is any [`divergence::candidate::Candidate`], driven through that
+/// trait as the lockstep runner drives it; the reference is bitnet.cpp in
+/// its worker.
 trait Timed {
     /// Run `prompt` from an empty cache; the next (argmax) token.
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure>;
@@ -325,20 +404,20 @@ trait Timed {
 }
 
 struct Candidate<'e> {
-    engine: &'e mut Engine,
+    engine: &'e mut dyn divergence::candidate::Candidate,
     clock: Option<StageClock>,
 }
 
 impl Timed for Candidate<'_> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
         self.engine.reset();
-        let logits = self.engine.forward(prompt, &mut NoTrace)?;
+        let logits = self.engine.forward(prompt, 0, &mut NoTrace)?;
         let n_vocab = self.engine.config().n_vocab;
         Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
     }
 
-    fn decode(&mut self, mut next: u32, _pos: usize, n: usize) -> Result<u32, super::Failure> {
-        for _ in 0..n {
+    fn decode(&mut self, mut next: u32, pos: usize, n: usize) -> Result<u32, super::Failure> {
+        for i in 0..n {
             let sink: &mut dyn TraceSink = match self.clock.as_mut() {
                 Some(c) => {
                     c.restart();
@@ -346,7 +425,7 @@ impl Timed for Candidate<'_> {
                 }
                 None => &mut NoTrace,
             };
-            next = argmax(&self.engine.forward(&[next], sink)?) as u32;
+            next = argmax(&self.engine.forward(&[next], pos + i, sink)?) as u32;
         }
         Ok(next)
     }
@@ -358,14 +437,14 @@ struct Reference<'w>(&'w mut Worker);
 impl Timed for Reference<'_> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
         self.0.clear_kv().map_err(ref_failure)?;
-        let (logits, _) = self.0.decode(prompt, 0).map_err(ref_failure)?;
+        let (logits, _, _) = self.0.decode(prompt, 0).map_err(ref_failure)?;
         let n_vocab = logits.len() / prompt.len();
         Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
     }
 
     fn decode(&mut self, mut next: u32, pos: usize, n: usize) -> Result<u32, super::Failure> {
         for i in 0..n {
-            let (logits, _) = self.0.decode(&[next], pos + i).map_err(ref_failure)?;
+            let (logits, _, _) = self.0.decode(&[next], pos + i).map_err(ref_failure)?;
             next = argmax(&logits) as u32;
         }
         Ok(next)
@@ -413,19 +492,22 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Medians of the rounds' prefill and decode rates.
+/// Medians of the rounds' two figures (prefill and decode rates, or the
+/// two engines' fractions).
 fn medians(rounds: &[[f64; 2]]) -> (f64, f64) {
-    let median = |k: usize| {
-        let mut v: Vec<f64> = rounds.iter().map(|r| r[k]).collect();
-        v.sort_by(f64::total_cmp);
-        let m = v.len() / 2;
-        if v.len() % 2 == 1 {
-            v[m]
-        } else {
-            (v[m - 1] + v[m]) / 2.0
-        }
-    };
-    (median(0), median(1))
+    let column = |k: usize| median(rounds.iter().map(|r| r[k]).collect());
+    (column(0), column(1))
+}
+
+/// The median (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
 }
 
 fn kernel_bench(args: &Args) -> CliResult {
@@ -502,27 +584,29 @@ fn kernel_bench(args: &Args) -> CliResult {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
         );
     } else {
-        println!(
+        outln!(
             "I2_S mat-vec {n_in} x {n_out} ({:.2} MiB of codes), 1 thread, {} reps",
             bytes as f64 / 1048576.0,
             args.reps
         );
-        println!(
+        outln!(
             "candidate ({:<11}) {:>8.2} GB/s",
-            report.candidate_kernel, report.candidate_gb_s
+            report.candidate_kernel,
+            report.candidate_gb_s
         );
-        println!(
+        outln!(
             "bitnet.cpp (AVX2)       {:>8.2} GB/s",
             report.reference_gb_s
         );
-        println!(
+        outln!(
             "ratio {:.2}x; outputs bit-identical: {}",
-            report.ratio, report.outputs_equal
+            report.ratio,
+            report.outputs_equal
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -4,7 +4,7 @@
 use super::{CliResult, Failure};
 use anyhow::{anyhow, Context as _};
 use divergence::engine::{Fault, KvType};
-use divergence::lockstep::{Mode, Prompt, TokenFault, Verdict};
+use divergence::lockstep::{Mode, Prompt, TokenFault, TokenSource, Verdict};
 use divergence::receipt::{self, Receipt, RunRecord};
 use divergence::reference::FfnAct;
 use std::io::IsTerminal;
@@ -66,7 +66,7 @@ pub struct Args {
     inject_token: Vec<TokenFault>,
 }
 
-fn parse_kv(s: &str) -> Result<KvType, String> {
+pub fn parse_kv(s: &str) -> Result<KvType, String> {
     match s {
         "f16" => Ok(KvType::F16),
         "f32" => Ok(KvType::F32),
@@ -158,7 +158,7 @@ pub fn run(args: Args) -> CliResult {
         error: e.into(),
     })?;
     if args.json {
-        print!("{}", receipt.to_json());
+        out!("{}", receipt.to_json());
     } else {
         print_summary(&receipt, &args.receipt);
     }
@@ -192,30 +192,46 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
     Ok(receipt)
 }
 
-/// 0 no divergence, 1 divergence, 3 the reference failed; 130 when the user
-/// interrupted a run that had not diverged yet (its receipt says so).
+/// 0 no divergence, 1 divergence, 3 the reference failed, 4 incomplete
+/// (something expected was not judged), 5 the candidate failed; 130 when
+/// the user interrupted a run that had not diverged yet (its receipt says so).
 pub fn exit_code(r: &Receipt) -> ExitCode {
-    if r.interrupted && r.verdict == Verdict::NoDivergence {
+    if r.interrupted && matches!(r.verdict, Verdict::NoDivergence | Verdict::Incomplete) {
         return ExitCode::from(130);
     }
-    match r.verdict {
-        Verdict::NoDivergence => ExitCode::SUCCESS,
-        Verdict::Divergence => ExitCode::from(1),
-        Verdict::ReferenceFailed => ExitCode::from(3),
+    ExitCode::from(verdict_code(r.verdict))
+}
+
+/// The exit code of a verdict (see [`exit_code`]).
+pub fn verdict_code(v: Verdict) -> u8 {
+    match v {
+        Verdict::NoDivergence => 0,
+        Verdict::Divergence => 1,
+        Verdict::ReferenceFailed => 3,
+        Verdict::Incomplete => 4,
+        Verdict::CandidateFailed => 5,
     }
 }
 
-fn print_summary(r: &Receipt, path: &Path) {
-    println!(
-        "model   {} ({}, {} layers, sha256 {}…)",
+pub fn print_summary(r: &Receipt, path: &Path) {
+    let (arch, layers) = match (&r.model.file, &r.model.config) {
+        (Some(f), _) => (f.arch.clone(), f.n_layer),
+        (None, Some(c)) => (c.arch.name().to_string(), c.n_layer),
+        (None, None) => ("?".to_string(), 0),
+    };
+    outln!(
+        "model   {} ({arch}, {layers} layers, sha256 {}…)",
         r.model.path,
-        r.model.config.arch.name(),
-        r.model.config.n_layer,
-        &r.model.sha256[..12]
+        &r.model.sha256[..12.min(r.model.sha256.len())]
     );
-    println!(
+    outln!("candidate {} ({})", r.candidate.engine, r.candidate.build);
+    outln!(
         "run     mode {:?}, {} step(s), {} thread(s), KV {:?}, policy {}",
-        r.run.mode, r.run.steps, r.run.threads, r.run.kv_type, r.policy.name
+        r.run.mode,
+        r.run.steps,
+        r.run.threads,
+        r.run.kv_type,
+        r.policy.name
     );
     if r.run.reference_ffn_act != FfnAct::default() {
         println!(
@@ -224,19 +240,43 @@ fn print_summary(r: &Receipt, path: &Path) {
         );
     }
     let t = &r.tokens;
-    println!(
+    outln!(
         "tokens  reference {:?}{}",
         t.reference,
-        if t.equal {
-            " (candidate agrees)".to_string()
-        } else {
-            format!(", candidate {:?}", t.candidate)
+        match (t.source, t.equal) {
+            (TokenSource::IdsGiven, _) => " (given: both sides were fed these ids)".to_string(),
+            (TokenSource::CandidateHasNoTokenizer, _) => {
+                " (NOT compared: the candidate has no tokenizer for this vocabulary and was fed these ids)".to_string()
+            }
+            (_, true) => " (candidate agrees)".to_string(),
+            (_, false) => format!(", candidate {:?}", t.candidate),
         }
     );
+    if let Some(d) = &t.first_difference {
+        let piece = |p: &Option<String>| p.as_ref().map(|p| format!(" {p:?}")).unwrap_or_default();
+        outln!(
+            "        first difference at {}: {} (reference {}{}, candidate {}{})",
+            d.position,
+            d.description,
+            d.reference.map_or("-".into(), |v| v.to_string()),
+            piece(&d.reference_piece),
+            d.candidate.map_or("-".into(), |v| v.to_string()),
+            piece(&d.candidate_piece)
+        );
+    }
+    for m in &r.config_check {
+        outln!(
+            "config  the candidate read {} = {}, the file says {}",
+            m.field,
+            m.candidate,
+            m.file
+        );
+    }
     if !t.duplicate_bos_candidate.is_empty() || !t.duplicate_bos_reference.is_empty() {
-        println!(
+        outln!(
             "        duplicated BOS at: reference {:?}, candidate {:?}",
-            t.duplicate_bos_reference, t.duplicate_bos_candidate
+            t.duplicate_bos_reference,
+            t.duplicate_bos_candidate
         );
     }
     // Per-layer table: one column per stage, the worst NMSE up to the divergence.
@@ -247,7 +287,7 @@ fn print_summary(r: &Receipt, path: &Path) {
     let mut layers: Vec<Option<usize>> = r.stages.iter().map(|s| s.layer).collect();
     layers.sort_by_key(|l| l.map_or(usize::MAX, |v| v));
     layers.dedup();
-    println!("\nworst per stage (= bit-exact, ~ within policy, X failed; number: worst NMSE)");
+    outln!("\nworst per stage (= bit-exact, ~ within policy, X failed; number: worst NMSE)");
     for layer in layers {
         let label = layer.map_or("model".to_string(), |l| format!("layer {l}"));
         let mut cells = Vec::new();
@@ -267,26 +307,45 @@ fn print_summary(r: &Receipt, path: &Path) {
                 });
             }
         }
-        println!("  {label:>8}  {}", cells.join(" "));
+        outln!("  {label:>8}  {}", cells.join(" "));
     }
-    println!();
+    outln!();
     match (&r.verdict, &r.first_divergence) {
         (Verdict::ReferenceFailed, _) => {
-            println!(
+            outln!(
                 "REFERENCE FAILED: {}",
                 r.reference_failure.as_deref().unwrap_or("unknown")
             );
         }
+        (Verdict::CandidateFailed, _) => {
+            if let Some(f) = &r.candidate_failure {
+                outln!(
+                    "CANDIDATE FAILED ({}) at step {}, after stage {}: {}",
+                    f.kind,
+                    f.step.map_or("-".to_string(), |s| s.to_string()),
+                    f.last_stage.map_or("(none)".to_string(), |k| k.to_string()),
+                    f.message
+                );
+            }
+        }
         (_, Some(d)) => {
-            println!(
-                "FIRST DIVERGENCE  step {} position {} layer {} stage {} (class {:?})",
+            outln!(
+                "FIRST DIVERGENCE  step {} position {} layer {} stage {} (class {:?}, {:?} error)",
                 d.step,
                 d.position,
                 d.layer.map_or("-".to_string(), |l| l.to_string()),
                 d.stage,
-                d.rule.class
+                d.rule.class,
+                d.measured
             );
-            println!(
+            if let Some(shape) = &d.metrics.candidate_shape {
+                outln!(
+                    "  the shapes differ: reference {:?}, candidate {:?}",
+                    d.shape,
+                    shape
+                );
+            }
+            outln!(
                 "  nmse {:.3e}  max_abs {:.3e}  max_ulp {}  outside {} of {}  cosine {:.6}",
                 d.metrics.nmse,
                 d.metrics.max_abs,
@@ -296,7 +355,7 @@ fn print_summary(r: &Receipt, path: &Path) {
                 d.metrics.cosine
             );
             for w in d.worst.iter().take(4) {
-                println!(
+                outln!(
                     "  at {:?}: reference {} candidate {}{}",
                     w.index,
                     w.reference,
@@ -306,21 +365,46 @@ fn print_summary(r: &Receipt, path: &Path) {
                         .unwrap_or_default()
                 );
             }
-            println!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
+            if let Some(p) = &d.propagated {
+                outln!("  propagated (free run) nmse {:.3e} at this stage", p.nmse);
+            }
+            outln!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
             if let Some(cause) = &d.blame.cause {
-                println!("  cause: {cause}");
+                outln!("  cause: {cause}");
             }
         }
-        (_, None) if !r.tokens.equal => println!("DIVERGENCE in the prompt's token ids"),
-        (_, None) if r.interrupted => println!(
+        (_, None) if !r.tokens.equal => outln!("DIVERGENCE in the prompt's token ids"),
+        (Verdict::Incomplete, None) => {
+            outln!("INCOMPLETE: nothing failed, but not everything expected was judged:");
+            for n in &r.coverage.notes {
+                outln!("  {n}");
+            }
+            for s in &r.coverage.steps {
+                if !s.missing_reference.is_empty() {
+                    outln!(
+                        "  step {}: the reference lacks {}",
+                        s.step,
+                        keys(&s.missing_reference)
+                    );
+                }
+                if !s.missing_candidate.is_empty() {
+                    outln!(
+                        "  step {}: the candidate did not emit {}",
+                        s.step,
+                        keys(&s.missing_candidate)
+                    );
+                }
+            }
+        }
+        (_, None) if r.interrupted => outln!(
             "INTERRUPTED after {} of {} steps: no divergence in the steps that ran",
             r.steps_run,
             r.run.steps + 1
         ),
-        (_, None) => println!("NO DIVERGENCE: every stage of every step is within the policy"),
+        (_, None) => outln!("NO DIVERGENCE: every stage of every step is within the policy"),
     }
     if !r.generated.disagreements.is_empty() {
-        println!(
+        outln!(
             "greedy tokens disagreed at steps {:?}",
             r.generated
                 .disagreements
@@ -329,13 +413,23 @@ fn print_summary(r: &Receipt, path: &Path) {
                 .collect::<Vec<_>>()
         );
     }
-    if !r.unknown_reference_nodes.is_empty() {
-        println!(
+    if !r.coverage.unmapped_reference_nodes.is_empty() {
+        outln!(
             "unmapped reference nodes: {}",
-            r.unknown_reference_nodes.join(", ")
+            r.coverage.unmapped_reference_nodes.join(", ")
         );
     }
-    println!("receipt {}", path.display());
+    outln!("receipt {}", path.display());
+}
+
+/// Stage keys as a short list (`q_proj[0], ffn_up[3], ...`).
+fn keys(ks: &[divergence::trace::StageKey]) -> String {
+    let shown: Vec<String> = ks.iter().take(8).map(|k| k.to_string()).collect();
+    if ks.len() > shown.len() {
+        format!("{} and {} more", shown.join(", "), ks.len() - shown.len())
+    } else {
+        shown.join(", ")
+    }
 }
 
 #[derive(clap::Args)]
@@ -362,15 +456,18 @@ pub fn verify(args: VerifyArgs) -> CliResult {
             )
             .into());
         }
-        let new = execute(&old.run, false)?;
+        let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
+        let new = old
+            .rerun(worker, None, Some(interrupt_flag()))
+            .with_context(|| format!("{}: model {}", path.display(), old.run.model_path))?;
         let diffs = old.differences(&new);
         if diffs.is_empty() {
-            println!("{}: same result ({:?})", path.display(), new.verdict);
+            outln!("{}: same result ({:?})", path.display(), new.verdict);
         } else {
             all_same = false;
-            println!("{}: DIFFERENT", path.display());
+            outln!("{}: DIFFERENT", path.display());
             for d in diffs {
-                println!("  {d}");
+                outln!("  {d}");
             }
         }
     }

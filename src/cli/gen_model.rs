@@ -56,6 +56,9 @@ pub struct Args {
     /// attn_norm weights around 0.01..0.05, as in the real 2B-4T.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     tiny_attn_norm: Option<bool>,
+    /// Write a separate output.weight (untied logits; not for arch bitnet).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    untied_output: Option<bool>,
     /// Copy the tokenizer (every `tokenizer.*` key) of another GGUF file,
     /// e.g. llama.cpp's vocab-only ggml-vocab-llama-bpe.gguf; n_vocab becomes
     /// its token count. Arch bitnet-b1.58 drops its `tokenizer.ggml.pre`, as
@@ -90,6 +93,7 @@ impl Args {
             rms_eps <- self.eps,
             scale_tensors <- self.scale_tensors,
             tiny_attn_norm <- self.tiny_attn_norm,
+            untied_output <- self.untied_output,
         );
         if let Some(t) = self.embd_type {
             cfg.embd_type = match t {
@@ -120,10 +124,10 @@ pub fn run(args: Args) -> CliResult {
     synth::write_model(&cfg, &args.output)?;
     let elapsed = started.elapsed();
     let (size, digest) = sha256_file(&args.output)?;
-    println!("path    {}", args.output.display());
-    println!("size    {size} bytes");
-    println!("sha256  {digest}");
-    println!(
+    outln!("path    {}", args.output.display());
+    outln!("size    {size} bytes");
+    outln!("sha256  {digest}");
+    outln!(
         "model   {} preset {} seed {}: n_embd {} n_layer {} heads {}/{} n_ff {} n_vocab {} ({:.1} s)",
         cfg.arch,
         args.preset,

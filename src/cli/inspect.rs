@@ -11,8 +11,6 @@ use super::CliResult;
 use divergence::gguf::{tensor_stats, GgufFile, MetaArray, MetaValue, TensorStats};
 use divergence::reference::vocab::{self, VocabReading};
 use serde_json::{json, Value};
-use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,45 +39,37 @@ pub fn run(args: Args) -> CliResult {
             .map(|t| tensor_stats(&file, t))
             .collect()
     };
-    let text = if args.json {
-        serde_json::to_string_pretty(&to_json(&file, &stats))? + "\n"
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&to_json(&file, &stats))?);
     } else {
-        text(&file, &stats)
-    };
-    // A closed pipe (`inspect m.gguf | head`) is the reader's choice, not an error.
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(ExitCode::SUCCESS),
+        print_text(&file, &stats);
     }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn text(file: &GgufFile, stats: &[Option<TensorStats>]) -> String {
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let o = &mut out;
+fn print_text(file: &GgufFile, stats: &[Option<TensorStats>]) {
     if let Some(p) = file.path() {
-        let _ = writeln!(o, "file         {}", p.display());
+        outln!("file         {}", p.display());
     }
-    let _ = writeln!(o, "version      {}", file.version());
-    let _ = writeln!(o, "file size    {} bytes", file.file_size());
-    let _ = writeln!(o, "alignment    {}", file.alignment());
-    let _ = writeln!(o, "data offset  {}", file.data_offset());
-    let _ = writeln!(o, "metadata     {} keys", file.metadata().len());
-    let _ = writeln!(o, "tensors      {}", file.tensors().len());
+    outln!("version      {}", file.version());
+    outln!("file size    {} bytes", file.file_size());
+    outln!("alignment    {}", file.alignment());
+    outln!("data offset  {}", file.data_offset());
+    outln!("metadata     {} keys", file.metadata().len());
+    outln!("tensors      {}", file.tensors().len());
 
-    let _ = writeln!(o, "\nmetadata:");
+    outln!("\nmetadata:");
     for (key, value) in file.metadata() {
-        let _ = match value {
+        match value {
             // An array summary starts with its own type and length.
-            MetaValue::Array(_) => writeln!(o, "  {key:<48} {value}"),
-            _ => writeln!(o, "  {key:<48} {:<6} {value}", value.type_description()),
-        };
+            MetaValue::Array(_) => outln!("  {key:<48} {value}"),
+            _ => outln!("  {key:<48} {:<6} {value}", value.type_description()),
+        }
     }
 
     let t = TokenizerSummary::of(file);
-    let _ = writeln!(o, "\ntokenizer:");
-    let _ = writeln!(
-        o,
+    outln!("\ntokenizer:");
+    outln!(
         "  model        {} ({} tokens{})",
         t.model.as_deref().unwrap_or("(none)"),
         t.n_tokens.map_or("no".into(), |n| n.to_string()),
@@ -87,20 +77,22 @@ fn text(file: &GgufFile, stats: &[Option<TensorStats>]) -> String {
             .map(|n| format!(", {n} merges"))
             .unwrap_or_default()
     );
-    let _ = match (&t.reading, &t.pre) {
-        (Ok(r), _) if r.pre_missing => writeln!(
-            o,
+    match (&t.reading, &t.pre) {
+        (Ok(r), _) if r.pre_missing => outln!(
             "  pre          (absent) -> bitnet.cpp uses '{}' (it logs \"missing pre-tokenizer type, using: 'default'\")",
             r.pre_tokenizer
         ),
-        (Ok(r), Some(pre)) => writeln!(o, "  pre          {pre:?} -> bitnet.cpp uses '{}'", r.pre_tokenizer),
-        (Ok(r), None) => writeln!(o, "  pre          (none: {} vocab) -> bitnet.cpp uses '{}'", r.vocab_type, r.pre_tokenizer),
-        (Err(e), _) => writeln!(o, "  pre          bitnet.cpp will refuse this vocab: {e}"),
-    };
+        (Ok(r), Some(pre)) => outln!("  pre          {pre:?} -> bitnet.cpp uses '{}'", r.pre_tokenizer),
+        (Ok(r), None) => outln!(
+            "  pre          (none: {} vocab) -> bitnet.cpp uses '{}'",
+            r.vocab_type,
+            r.pre_tokenizer
+        ),
+        (Err(e), _) => outln!("  pre          bitnet.cpp will refuse this vocab: {e}"),
+    }
     for (label, id) in [("bos", &t.bos), ("eos", &t.eos), ("padding", &t.padding)] {
         if let Some((id, text)) = id {
-            let _ = writeln!(
-                o,
+            outln!(
                 "  {label:<12} {id} {}",
                 text.as_deref()
                     .map_or("(outside the vocab)".into(), |s| format!("{s:?}"))
@@ -108,11 +100,10 @@ fn text(file: &GgufFile, stats: &[Option<TensorStats>]) -> String {
         }
     }
     if let Some(add) = t.add_bos {
-        let _ = writeln!(o, "  add_bos      {add}");
+        outln!("  add_bos      {add}");
     }
     if let Some(chars) = t.chat_template_chars {
-        let _ = writeln!(
-            o,
+        outln!(
             "  chat         template of {chars} chars{}",
             if t.template_writes_bos {
                 " that writes {{ bos_token }} itself (rendered and tokenized with add_bos: BOS twice)"
@@ -122,17 +113,19 @@ fn text(file: &GgufFile, stats: &[Option<TensorStats>]) -> String {
         );
     }
 
-    let _ = writeln!(o, "\ntensors:");
-    let _ = writeln!(
-        o,
+    outln!("\ntensors:");
+    outln!(
         "  {:<32} {:<5} {:<20} {:>12} {:>12}  stats",
-        "name", "type", "dims", "bytes", "offset"
+        "name",
+        "type",
+        "dims",
+        "bytes",
+        "offset"
     );
     for (t, s) in file.tensors().iter().zip(stats) {
         let dims = format!("{:?}", t.dims);
         let s = s.as_ref().map(stats_text).unwrap_or_default();
-        let _ = writeln!(
-            o,
+        outln!(
             "  {:<32} {:<5} {:<20} {:>12} {:>12}  {s}",
             t.name,
             t.ty.name(),
@@ -141,7 +134,6 @@ fn text(file: &GgufFile, stats: &[Option<TensorStats>]) -> String {
             t.offset
         );
     }
-    out
 }
 
 /// The tokenizer keys in brief, and how bitnet.cpp will read them.

@@ -3,7 +3,20 @@
 //! Exit codes: 0 no divergence / success, 1 divergence found, 2 bad input or
 //! usage, 3 the reference failed (crashed or refused the model).
 
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`divergence inspect M | head`): std's `println!` panics there.
+macro_rules! outln {
+    () => { $crate::cli::write_stdout(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*), true) };
+}
+
+/// `print!` with [`outln!`]'s handling of a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*), false) };
+}
+
 mod bench;
+mod capture;
 mod find;
 mod gen_model;
 mod inspect;
@@ -45,6 +58,10 @@ enum Command {
     Find(find::Args),
     /// Re-run what receipts recorded and check the result is the same.
     Verify(find::VerifyArgs),
+    /// Run one engine and write every stage of every step to a safetensors dump.
+    Capture(capture::CaptureArgs),
+    /// Judge a candidate's dump against a reference dump offline.
+    Compare(capture::CompareArgs),
     /// Time both engines (or their I2_S kernels) on the same model and threads.
     Bench(bench::Args),
     /// Print a GGUF file's header, metadata, tensor table and statistics.
@@ -54,6 +71,31 @@ enum Command {
     /// Internal: serve the reference engine over stdin/stdout (crash isolation).
     #[command(name = "__reference-worker", hide = true)]
     ReferenceWorker,
+}
+
+/// Writes to stdout; a closed pipe ends the process with exit 0 and no
+/// message (the reader has what it wanted), any other error with exit 2.
+pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|_| {
+            if newline {
+                stdout.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|_| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -68,6 +110,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Find(a) => find::run(a),
         Command::Verify(a) => find::verify(a),
+        Command::Capture(a) => capture::capture(a),
+        Command::Compare(a) => capture::compare(a),
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::GenModel(a) => gen_model::run(a),

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub inf_candidate: usize,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub logits: Option<LogitMetrics>,
+    /// The candidate's shape, when it differs from the reference's (then no
+    /// element-wise metric means anything and the stage fails).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub candidate_shape: Option<Vec<usize>>,
 }
 
 /// Metrics that only mean something for logits ([T, V]).
@@ -129,6 +133,7 @@ pub fn compute(reference: &[f32], candidate: &[f32], atol: f64, rtol: f64) -> Me
         nan_candidate: 0,
         inf_candidate: 0,
         logits: None,
+        candidate_shape: None,
     };
     let (mut err2, mut ref2, mut cand2, mut dot) = (0f64, 0f64, 0f64, 0f64);
     for (&a, &b) in reference.iter().zip(candidate) {
@@ -187,6 +192,22 @@ pub fn compute(reference: &[f32], candidate: &[f32], atol: f64, rtol: f64) -> Me
             m.nmse = f64::MAX;
         }
     }
+    m
+}
+
+/// The metrics of a stage whose two tensors have different shapes: not
+/// exact, every element outside, NMSE the largest finite number (JSON has
+/// no infinity), and the candidate's shape recorded so the report can say so.
+pub fn shape_mismatch(reference_shape: &[usize], candidate_shape: &[usize]) -> Metrics {
+    let n_ref: usize = reference_shape.iter().product();
+    let n_cand: usize = candidate_shape.iter().product();
+    let mut m = compute(&[], &[], 0.0, 0.0);
+    m.exact = false;
+    m.nmse = f64::MAX;
+    m.cosine = 0.0;
+    m.n = n_ref;
+    m.n_outside = n_ref.max(n_cand);
+    m.candidate_shape = Some(candidate_shape.to_vec());
     m
 }
 

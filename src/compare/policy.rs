@@ -23,6 +23,7 @@ pub enum Class {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rule {
     pub class: Class,
     #[serde(default)]
@@ -38,6 +39,7 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Policy {
     pub name: String,
     /// Why these numbers: shown to reviewers with every receipt.
@@ -130,4 +132,52 @@ pub fn passes(rule: &Rule, m: &super::Metrics) -> bool {
             Class::Tight => m.n_outside == 0 && m.nmse <= rule.max_nmse,
             Class::Loose => m.nmse <= rule.max_nmse,
         }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::metrics;
+
+    fn tight(atol: f64, rtol: f64, max_nmse: f64) -> Rule {
+        Rule {
+            class: Class::Tight,
+            atol,
+            rtol,
+            max_nmse,
+            min_top1_agreement: None,
+        }
+    }
+
+    #[test]
+    fn tight_needs_every_element_within_atol_rtol_and_the_nmse_bound() {
+        let reference = [1.0f32, -2.0, 4.0, 0.0];
+        let within = [1.0f32 + 1e-6, -2.0, 4.0 - 2e-6, 0.0];
+        let rule = tight(1e-6, 1e-6, 1e-9);
+        let m = metrics::compute(&reference, &within, rule.atol, rule.rtol);
+        assert_eq!(m.n_outside, 0);
+        assert!(passes(&rule, &m));
+        // One element outside atol + rtol·|ref|: fails, whatever the NMSE.
+        let one_out = [1.0f32, -2.0, 4.0, 1e-3];
+        let m = metrics::compute(&reference, &one_out, rule.atol, rule.rtol);
+        assert_eq!(m.n_outside, 1);
+        assert!(!passes(&rule, &m));
+        // Every element within its tolerance but the NMSE over its bound: fails.
+        let loose_tol = tight(1.0, 0.0, 1e-12);
+        let m = metrics::compute(&reference, &within, loose_tol.atol, loose_tol.rtol);
+        assert_eq!(m.n_outside, 0);
+        assert!(m.nmse > 1e-12);
+        assert!(!passes(&loose_tol, &m));
+    }
+
+    #[test]
+    fn policy_files_reject_unknown_keys() {
+        let mut text: serde_json::Value = serde_json::from_str(DEFAULT_POLICY).unwrap();
+        text["resync"][0][1]["max_nsme"] = serde_json::json!(1e-3);
+        let err = Policy::parse(&text.to_string(), "typo.json").unwrap_err();
+        assert!(err.to_string().contains("max_nsme"), "{err}");
+        let mut text: serde_json::Value = serde_json::from_str(DEFAULT_POLICY).unwrap();
+        text["comment"] = serde_json::json!("hi");
+        assert!(Policy::parse(&text.to_string(), "extra.json").is_err());
+    }
 }

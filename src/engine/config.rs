@@ -1,5 +1,6 @@
 //! The one place that knows GGUF metadata keys and tensor names per arch.
 
+use super::faults::{Fault, FaultSet};
 use super::EngineError;
 use crate::gguf::GgufFile;
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,11 @@ impl ModelConfig {
 
     /// Read and check the hyperparameters of `file`.
     pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, EngineError> {
+        Self::from_gguf_with(file, FaultSet::default())
+    }
+
+    /// [`ModelConfig::from_gguf`] with the loading faults of the bug zoo.
+    pub fn from_gguf_with(file: &GgufFile, faults: FaultSet) -> Result<ModelConfig, EngineError> {
         let arch_name = meta(file, KEY_ARCH, |k| file.get_str(k))?
             .ok_or_else(|| EngineError::MissingKey(KEY_ARCH.to_string()))?;
         let arch = Arch::from_name(arch_name)
@@ -104,7 +110,12 @@ impl ModelConfig {
         let rms_eps = opt_float("attention.layer_norm_rms_epsilon")?.ok_or_else(|| {
             EngineError::MissingKey(format!("{p}.attention.layer_norm_rms_epsilon"))
         })?;
-        let rope_theta = opt_float("rope.freq_base")?.unwrap_or(10000.0);
+        let theta_key = if faults.has(Fault::ThetaWrongKey) {
+            "rope.theta" // the bug: no such key, so the default wins
+        } else {
+            "rope.freq_base"
+        };
+        let rope_theta = opt_float(theta_key)?.unwrap_or(10000.0);
         let n_ctx_train = int("context_length")?;
         let embd = file
             .tensor(TOKEN_EMBD)

@@ -34,10 +34,36 @@ pub enum Fault {
     WeightScaleDivide,
     /// Codes decode as code − 2 instead of code − 1 (mapping shifted by one).
     I2sCodeOffByOne,
+    /// Loading: RoPE theta read from a wrong key (`rope.theta`, absent), so
+    /// the default 10000 is used whatever the file says.
+    ThetaWrongKey,
+    /// Loading: `ffn_gate` and `ffn_up` swapped when the weights are mapped.
+    SwapGateUp,
+    /// Loading: F16 embedding rows read with a stride one element short.
+    F16RowStride,
+    /// RMSNorm as `x / (sqrt(mean) + eps)` instead of `x / sqrt(mean + eps)`.
+    RmsNormEpsOutsideSqrt,
+    /// Activation scales taken over the whole batch instead of per token.
+    ActScalePerBatch,
+    /// The final norm reads the last layer's `ffn_norm` weights.
+    FinalNormWrongWeight,
+    /// Logits against `token_embd` although the file has `output.weight`.
+    LogitsWrongMatrix,
+    /// The optional `*.scale` tensors are ignored.
+    ScaleTensorIgnored,
+    /// Decode steps rotate at position + 1 (the prefill is right).
+    RopeDecodeOffByOne,
+    /// Decode steps write K and V one cache slot too far.
+    KvSlotDecodeOffByOne,
+    /// Layers ≥ 1 use the previous layer's `attn_output` weights.
+    OProjPreviousLayer,
+    /// The engine panics computing `ffn_up` of layer 0 (a crash, not a
+    /// numeric bug: the harness must still write a receipt).
+    PanicAtFfnUp,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 24] = [
         Fault::RopeInterleaved,
         Fault::GqaModulo,
         Fault::ActRoundHalfAway,
@@ -50,6 +76,18 @@ impl Fault {
         Fault::NoCausalMask,
         Fault::WeightScaleDivide,
         Fault::I2sCodeOffByOne,
+        Fault::ThetaWrongKey,
+        Fault::SwapGateUp,
+        Fault::F16RowStride,
+        Fault::RmsNormEpsOutsideSqrt,
+        Fault::ActScalePerBatch,
+        Fault::FinalNormWrongWeight,
+        Fault::LogitsWrongMatrix,
+        Fault::ScaleTensorIgnored,
+        Fault::RopeDecodeOffByOne,
+        Fault::KvSlotDecodeOffByOne,
+        Fault::OProjPreviousLayer,
+        Fault::PanicAtFfnUp,
     ];
 
     /// The kebab-case name (as in serde and on the command line).
@@ -67,6 +105,18 @@ impl Fault {
             Fault::NoCausalMask => "no-causal-mask",
             Fault::WeightScaleDivide => "weight-scale-divide",
             Fault::I2sCodeOffByOne => "i2s-code-off-by-one",
+            Fault::ThetaWrongKey => "theta-wrong-key",
+            Fault::SwapGateUp => "swap-gate-up",
+            Fault::F16RowStride => "f16-row-stride",
+            Fault::RmsNormEpsOutsideSqrt => "rms-norm-eps-outside-sqrt",
+            Fault::ActScalePerBatch => "act-scale-per-batch",
+            Fault::FinalNormWrongWeight => "final-norm-wrong-weight",
+            Fault::LogitsWrongMatrix => "logits-wrong-matrix",
+            Fault::ScaleTensorIgnored => "scale-tensor-ignored",
+            Fault::RopeDecodeOffByOne => "rope-decode-off-by-one",
+            Fault::KvSlotDecodeOffByOne => "kv-slot-decode-off-by-one",
+            Fault::OProjPreviousLayer => "o-proj-previous-layer",
+            Fault::PanicAtFfnUp => "panic-at-ffn-up",
         }
     }
 }

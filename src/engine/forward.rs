@@ -57,6 +57,7 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         n_past,
         kernel,
         faults,
+        ..
     } = engine;
     let (file, config, weights, kv): (&GgufFile, &ModelConfig, &_, &KvCache) =
         (file, config, weights, kv);
@@ -82,7 +83,7 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         for (l, w) in weights.layers.iter().enumerate() {
             x = cx.layer(l, w, kv, *n_past, x, sink);
         }
-        let mut out = ops::rms_norm(&x, e, cx.eps(), &weights.output_norm);
+        let mut out = cx.rms_norm(&x, e, cx.eps(), &weights.output_norm);
         sink.stage(None, Stage::ResultNorm, &[t, e], &mut out);
         let mut logits = cx.logits(&weights.output, &out);
         sink.stage(None, Stage::Logits, &[t, config.n_vocab], &mut logits);
@@ -113,7 +114,7 @@ impl<'a> Compute<'a, '_> {
         let at = Some(l);
 
         // Attention: norm, projections, RoPE, cache, causal softmax over the cache.
-        let mut cur = ops::rms_norm(&x, e, self.eps(), &w.attn_norm);
+        let mut cur = self.rms_norm(&x, e, self.eps(), &w.attn_norm);
         sink.stage(at, Stage::AttnNorm, &[t, e], &mut cur);
         let cur_q = self.quantize(&cur, e); // shared by q, k and v
         let [mut q, mut k, mut v] = self.linear_many([&w.q, &w.k, &w.v], &cur_q);
@@ -124,7 +125,17 @@ impl<'a> Compute<'a, '_> {
         sink.stage(at, Stage::QRope, &[t, e], &mut q);
         self.rope(&mut k, c.n_head_kv, pos0);
         sink.stage(at, Stage::KRope, &[t, ekv], &mut k);
-        kv.write(l, pos0, &k, &v);
+        // The bug zoo's KV slot fault writes a decode step's row one slot too far.
+        let slot = if self.faults.has(Fault::KvSlotDecodeOffByOne)
+            && t == 1
+            && pos0 > 0
+            && pos0 + 1 < kv.capacity()
+        {
+            pos0 + 1
+        } else {
+            pos0
+        };
+        kv.write(l, slot, &k, &v);
         let mut attn = if sink.enabled() {
             let raw = self.attn_scores(kv, l, &q, pos0);
             let mut scores = self.causal_zero(&raw, pos0, t);
@@ -138,7 +149,7 @@ impl<'a> Compute<'a, '_> {
         sink.stage(at, Stage::AttnOut, &[t, e], &mut attn);
         if let Some(sub_norm) = &w.attn_sub_norm {
             if !self.faults.has(Fault::SkipAttnSubNorm) {
-                attn = ops::rms_norm(&attn, e, self.eps(), sub_norm);
+                attn = self.rms_norm(&attn, e, self.eps(), sub_norm);
             }
             sink.stage(at, Stage::AttnSubNorm, &[t, e], &mut attn);
         }
@@ -148,7 +159,7 @@ impl<'a> Compute<'a, '_> {
         sink.stage(at, Stage::FfnInp, &[t, e], &mut ffn_inp);
 
         // Gated FFN: act(gate) * up, sub norm, down, residual.
-        let mut cur = ops::rms_norm(&ffn_inp, e, self.eps(), &w.ffn_norm);
+        let mut cur = self.rms_norm(&ffn_inp, e, self.eps(), &w.ffn_norm);
         sink.stage(at, Stage::FfnNorm, &[t, e], &mut cur);
         let cur_q = self.quantize(&cur, e); // shared by gate and up
         let [mut gate, mut up] = self.linear_many([&w.gate, &w.up], &cur_q);
@@ -156,13 +167,16 @@ impl<'a> Compute<'a, '_> {
         let mut act = self.ffn_act(&gate);
         drop(gate); // (buffers of [T, n_ff] are freed as soon as they are read)
         sink.stage(at, Stage::FfnAct, &[t, f], &mut act);
+        if l == 0 && self.faults.has(Fault::PanicAtFfnUp) {
+            panic!("injected panic computing ffn_up of layer 0");
+        }
         sink.stage(at, Stage::FfnUp, &[t, f], &mut up);
         let mut prod = act;
         ops::mul_assign(&mut prod, &up);
         drop(up);
         sink.stage(at, Stage::FfnMul, &[t, f], &mut prod);
         if let Some(sub_norm) = &w.ffn_sub_norm {
-            prod = ops::rms_norm(&prod, f, self.eps(), sub_norm);
+            prod = self.rms_norm(&prod, f, self.eps(), sub_norm);
             sink.stage(at, Stage::FfnSubNorm, &[t, f], &mut prod);
         }
         let mut down = self.linear(&w.down, &self.quantize(&prod, f));
@@ -170,6 +184,15 @@ impl<'a> Compute<'a, '_> {
         let mut l_out = ops::add(&down, &ffn_inp);
         sink.stage(at, Stage::LOut, &[t, e], &mut l_out);
         l_out
+    }
+
+    /// RMSNorm (ops::rms_norm), or the bug zoo's wrong formula.
+    fn rms_norm(&self, x: &[f32], n: usize, eps: f32, w: &[f32]) -> Vec<f32> {
+        if self.faults.has(Fault::RmsNormEpsOutsideSqrt) {
+            ops::rms_norm_eps_outside_sqrt(x, n, eps, w)
+        } else {
+            ops::rms_norm(x, n, eps, w)
+        }
     }
 
     fn eps(&self) -> f32 {
@@ -217,7 +240,7 @@ impl<'a> Compute<'a, '_> {
     fn embedding(&self, m: &DenseMatrix, tokens: &[u32]) -> Vec<f32> {
         let mut x = vec![0f32; tokens.len() * m.n_in];
         for (row, &tok) in x.chunks_exact_mut(m.n_in).zip(tokens) {
-            m.row_into(self.file, tok as usize, row);
+            m.row_into_with(self.file, tok as usize, row, self.faults);
         }
         x
     }
@@ -298,6 +321,21 @@ impl<'a> Compute<'a, '_> {
         let t = x.len() / n;
         let width = n.next_multiple_of(BLOCK);
         let mut q = vec![0i8; t * width];
+        if self.faults.has(Fault::ActScalePerBatch) {
+            // The bug: one absmax over the whole batch instead of per token.
+            let scale = crate::quant::act::act_scale(x, variant.scale_numerator);
+            let acts: Vec<ActRow> = x
+                .chunks_exact(n)
+                .zip(q.chunks_exact_mut(width))
+                .map(|(xr, qr)| {
+                    crate::quant::act::quantize_row_with_scale(xr, &mut qr[..n], scale, variant)
+                })
+                .collect();
+            return ActCodes {
+                q: q.into(),
+                acts: acts.into(),
+            };
+        }
         if t == 1 || self.team.threads() == 1 {
             let acts: Vec<ActRow> = x
                 .chunks_exact(n)
@@ -347,6 +385,13 @@ impl<'a> Compute<'a, '_> {
 
     fn rope(&self, x: &mut [f32], n_heads: usize, pos0: usize) {
         let c = self.config;
+        let one_token = x.len() == n_heads * c.head_dim;
+        // The bug: decode steps (one token after a prefill) rotate one position too far.
+        let pos0 = if self.faults.has(Fault::RopeDecodeOffByOne) && one_token && pos0 > 0 {
+            pos0 + 1
+        } else {
+            pos0
+        };
         // The fault swaps the pairing: adjacent pairs for NEOX arches (and halves for llama).
         let neox = c.arch.rope_neox() != self.faults.has(Fault::RopeInterleaved);
         ops::rope(x, n_heads, c.head_dim, pos0, c.rope_theta, neox);

@@ -46,6 +46,20 @@ pub fn rms_norm(x: &[f32], n: usize, eps: f32, w: &[f32]) -> Vec<f32> {
     y
 }
 
+/// The bug zoo's RMSNorm: `x / (sqrtf(mean) + eps)`, otherwise as [`rms_norm`].
+pub fn rms_norm_eps_outside_sqrt(x: &[f32], n: usize, eps: f32, w: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0f32 / (mean.sqrt() + eps);
+        for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
+            *o = (v * scale) * wi;
+        }
+    }
+    y
+}
+
 /// Element-wise `a + b` in f32 (residual adds, ggml_add).
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()

@@ -2,6 +2,7 @@
 //! only the small F32 norm vectors and scalar scales are copied out.
 
 use super::config::{ModelConfig, Norm, Proj, OUTPUT, OUTPUT_NORM, TOKEN_EMBD};
+use super::faults::{Fault, FaultSet};
 use super::kernels::scalar::{BLOCK, BLOCK_BYTES};
 use super::{EngineError, I2sMode};
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
@@ -108,10 +109,21 @@ impl DenseMatrix {
 
     /// Row `r` converted to f32 (F16 → f32 is exact).
     pub fn row_into(&self, file: &GgufFile, r: usize, out: &mut [f32]) {
+        self.row_into_with(file, r, out, FaultSet::default())
+    }
+
+    /// [`DenseMatrix::row_into`] with the loading faults of the bug zoo.
+    pub fn row_into_with(&self, file: &GgufFile, r: usize, out: &mut [f32], faults: FaultSet) {
         let data = file.tensor_data(&self.info);
         match self.info.ty {
             GgmlType::F16 => {
-                let bytes = &data[r * self.n_in * 2..(r + 1) * self.n_in * 2];
+                // The bug: rows taken one element short, so row r starts r values early.
+                let stride = if faults.has(Fault::F16RowStride) {
+                    self.n_in - 1
+                } else {
+                    self.n_in
+                };
+                let bytes = &data[r * stride * 2..(r * stride + self.n_in) * 2];
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
@@ -165,20 +177,31 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// `mode` decides how rows of a length that is not a multiple of 128 are
-    /// laid out for the kernels (see [`realign_rows`]).
-    pub fn from_gguf(
+    pub fn from_gguf(file: &GgufFile, c: &ModelConfig) -> Result<Weights, EngineError> {
+        Self::from_gguf_with(file, c, FaultSet::default(), I2sMode::default())
+    }
+
+    /// [`Weights::from_gguf`] with the loading faults of the bug zoo, and
+    /// `mode` deciding how rows of a length that is not a multiple of 128
+    /// are laid out for the kernels (see [`realign_rows`]).
+    pub fn from_gguf_with(
         file: &GgufFile,
         c: &ModelConfig,
+        faults: FaultSet,
         mode: I2sMode,
     ) -> Result<Weights, EngineError> {
         let token_embd = dense(file, TOKEN_EMBD, c.n_embd, c.n_vocab)?;
-        let output = if c.tied_output {
+        let output = if c.tied_output || faults.has(Fault::LogitsWrongMatrix) {
             token_embd.clone()
         } else {
             dense(file, OUTPUT, c.n_embd, c.n_vocab)?
         };
-        let output_norm = f32_vec(file, OUTPUT_NORM, c.n_embd)?;
+        let output_norm = if faults.has(Fault::FinalNormWrongWeight) {
+            // The bug: the last layer's ffn_norm read for the final norm.
+            f32_vec(file, &Norm::Ffn.name(c.n_layer - 1), c.n_embd)?
+        } else {
+            f32_vec(file, OUTPUT_NORM, c.n_embd)?
+        };
         let mut layers = Vec::with_capacity(c.n_layer);
         for l in 0..c.n_layer {
             let norm = |n: Norm| f32_vec(file, &n.name(l), n.len(c));
@@ -189,7 +212,17 @@ impl Weights {
                     Ok(None)
                 }
             };
-            let proj = |p: Proj| i2s_matrix(file, c, p, l, mode);
+            let proj = |p: Proj| i2s_matrix(file, c, p, l, faults, mode);
+            let (gate, up) = if faults.has(Fault::SwapGateUp) {
+                (Proj::Up, Proj::Gate) // the bug: two names mixed up at load
+            } else {
+                (Proj::Gate, Proj::Up)
+            };
+            let o = if faults.has(Fault::OProjPreviousLayer) && l > 0 {
+                i2s_matrix(file, c, Proj::O, l - 1, faults, mode)? // the bug: a layer index off by one
+            } else {
+                proj(Proj::O)?
+            };
             layers.push(LayerWeights {
                 attn_norm: norm(Norm::Attn)?,
                 attn_sub_norm: sub(Norm::AttnSub)?,
@@ -198,9 +231,9 @@ impl Weights {
                 q: proj(Proj::Q)?,
                 k: proj(Proj::K)?,
                 v: proj(Proj::V)?,
-                o: proj(Proj::O)?,
-                gate: proj(Proj::Gate)?,
-                up: proj(Proj::Up)?,
+                o,
+                gate: proj(gate)?,
+                up: proj(up)?,
                 down: proj(Proj::Down)?,
             });
         }
@@ -302,6 +335,7 @@ fn i2s_matrix(
     c: &ModelConfig,
     p: Proj,
     layer: usize,
+    faults: FaultSet,
     mode: I2sMode,
 ) -> Result<I2sMatrix, EngineError> {
     let name = p.weight_name(layer);
@@ -324,7 +358,12 @@ fn i2s_matrix(
         found: info.dims.clone(),
     })?;
     let weight_scale = f32::from_le_bytes([sb[0], sb[1], sb[2], sb[3]]);
-    let extra_scale = match file.tensor(&p.scale_name(layer)) {
+    let scale_tensor = if faults.has(Fault::ScaleTensorIgnored) {
+        None
+    } else {
+        file.tensor(&p.scale_name(layer))
+    };
+    let extra_scale = match scale_tensor {
         None => None,
         Some(s) => {
             check_type(s, &[GgmlType::F32])?;

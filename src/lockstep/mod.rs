@@ -1,4 +1,4 @@
-//! Runs the reference and the candidate in lockstep and finds the first
+//! Runs the reference and a candidate in lockstep and finds the first
 //! divergence.
 //!
 //! A run is a token check, then steps: step 0 prefills the prompt, steps
@@ -6,35 +6,53 @@
 //! when their greedy choices differ, that is recorded and the reference's
 //! token is fed to both so the run stays comparable. In each step the
 //! reference decodes first (in its worker process; its nodes are mapped to
-//! canonical stages), then the candidate runs with a [`Comparator`] sink that
-//! judges every stage as it is produced. In `resync` mode the sink hands the
-//! reference's tensor back, so each stage is judged on its own error; in
-//! `free` mode each engine feeds itself and error accumulates.
+//! canonical stages), then the candidate runs into a
+//! [`StageJudge`](crate::compare::judge::StageJudge) that judges every stage
+//! as it is produced and hands the reference's tensor back (resync), so each
+//! stage is judged on its own error: its *local* error.
 //!
-//! At the first failing stage the f64 oracle recomputes that stage from the
-//! reference's inputs, and the side farther from it is blamed.
+//! In `free` mode a second instance of the candidate feeds itself (no
+//! resync), and its *propagated* error is recorded next to the local one at
+//! every stage: one run shows both where an error is born and how it grows.
+//! The first divergence is always the first stage whose local error fails.
+//!
+//! At the first failing stage the f64 oracle ([`crate::oracle`], which reads
+//! the model from the file itself) recomputes that stage from the
+//! reference's inputs, and blame goes to the side measurably off it.
+//!
+//! Coverage is checked at every step: the stages the arch implies, the ones
+//! each side produced, and every reference graph node that maps to nothing.
+//! A clean verdict is only given when everything expected was judged;
+//! otherwise the verdict is `incomplete`.
 
-use crate::compare::{self, metrics, policy, Blame, BlameReport, Metrics, Policy, WorstElement};
-use crate::engine::{
-    oracle, reference_bugs, Engine, EngineOptions, Fault, I2sMode, KvType, ModelConfig,
-};
+pub mod offline;
+mod outcome;
+
+pub use outcome::*;
+
+use crate::candidate::{Candidate, CandidateError, CandidateLoader, LoadOptions};
+use crate::compare::judge::{Judged, StageFailure, StageJudge};
+use crate::compare::{self, metrics, Blame, BlameReport, Policy};
+use crate::engine::KvType;
 use crate::gguf::GgufFile;
+use crate::oracle::{Oracle, OracleInputs};
 use crate::reference::worker::Worker;
-use crate::reference::{CaptureFilter, ContextOptions, FfnAct, RefError};
-use crate::trace::reference_map::{capture_base_names, map_nodes};
-use crate::trace::{Stage, StageKey, Tensor, TraceSink};
+use crate::reference::{CaptureFilter, ContextOptions, FfnAct, GraphNode, RefError};
+use crate::trace::reference_map::{capture_base_names, classify_graph, map_nodes};
+use crate::trace::{Stage, StageKey, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Instant;
 
 /// How the candidate is fed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Each engine feeds itself: shows how error grows.
+    /// Each engine feeds itself (and a resynced twin measures local error).
     Free,
     /// Before each stage the candidate takes the reference's input.
     Resync,
@@ -44,7 +62,9 @@ pub enum Mode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Prompt {
+    /// Text, tokenized by each side's own tokenizer.
     Text(String),
+    /// Token ids, fed to both sides as they are.
     Tokens(Vec<u32>),
 }
 
@@ -56,24 +76,30 @@ pub enum TokenFault {
     DuplicateBos,
 }
 
+/// Everything a lockstep run needs besides the candidate.
 #[derive(Clone)]
 pub struct RunConfig {
+    /// The GGUF both engines run.
     pub model: PathBuf,
+    /// The prompt.
     pub prompt: Prompt,
+    /// Greedy decode steps after the prefill.
     pub steps: usize,
+    /// Resync or free.
     pub mode: Mode,
+    /// Threads for each engine.
     pub threads: usize,
+    /// KV cache type of both engines.
     pub kv_type: KvType,
+    /// The tolerance policy.
     pub policy: Policy,
+    /// Record every divergence instead of stopping at the first.
     pub keep_going: bool,
-    pub faults: Vec<Fault>,
+    /// Tokenizer-path faults (the bug zoo).
     pub token_faults: Vec<TokenFault>,
     /// The reference's FFN activation for arch `bitnet-b1.58` (SiLU
     /// reproduces upstream's current bug); other arches refuse SiLU here.
     pub reference_ffn_act: FfnAct,
-    /// How the candidate accumulates I2_S products (`ReferenceWrap` mirrors
-    /// the reference's kernel bugs; tests use it to show they are the cause).
-    pub i2s_mode: I2sMode,
     /// Our own binary, started as the reference worker.
     pub worker_exe: PathBuf,
     /// Called after each step with (step, total steps).
@@ -81,117 +107,26 @@ pub struct RunConfig {
     /// Set (by a Ctrl-C handler) to stop after the current step; the outcome
     /// then says `interrupted` and covers the steps that finished.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Test hook: rename reference graph nodes (old base name, new base
+    /// name) before mapping, as a future bitnet.cpp might.
+    #[doc(hidden)]
+    pub rename_reference_nodes: Vec<(String, String)>,
 }
 
-/// The token check that precedes every run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenCheck {
-    pub reference: Vec<u32>,
-    pub candidate: Vec<u32>,
-    pub equal: bool,
-    /// Positions where a BOS directly follows a BOS, per side.
-    pub duplicate_bos_reference: Vec<usize>,
-    pub duplicate_bos_candidate: Vec<usize>,
-}
-
-/// One (layer, stage) aggregated over the steps compared so far.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StageSummary {
-    pub layer: Option<usize>,
-    pub stage: Stage,
-    pub class: compare::Class,
-    pub steps: usize,
-    pub all_pass: bool,
-    pub all_exact: bool,
-    pub worst_nmse: f64,
-    pub worst_max_abs: f64,
-    pub worst_max_ulp: u64,
-}
-
-/// The first stage that failed its rule.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Divergence {
-    pub step: usize,
-    /// Positions of the step's batch (absolute), and the worst one.
-    pub positions: Vec<usize>,
-    pub position: usize,
-    pub layer: Option<usize>,
-    pub stage: Stage,
-    pub shape: Vec<usize>,
-    pub rule: policy::Rule,
-    pub metrics: Metrics,
-    pub worst: Vec<WorstElement>,
-    pub blame: BlameReport,
-}
-
-/// A greedy decode choice that differed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenDisagreement {
-    pub step: usize,
-    pub reference: u32,
-    pub candidate: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    NoDivergence,
-    Divergence,
-    ReferenceFailed,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Outcome {
-    pub verdict: Verdict,
-    pub tokens: TokenCheck,
-    pub first_divergence: Option<Divergence>,
-    /// With `--keep-going`: every failing stage after the first.
-    pub later_divergences: Vec<Divergence>,
-    pub summary: Vec<StageSummary>,
-    pub generated_reference: Vec<u32>,
-    pub generated_candidate: Vec<u32>,
-    pub token_disagreements: Vec<TokenDisagreement>,
-    pub steps_run: usize,
-    /// The run was stopped by the user before all steps ran.
-    pub interrupted: bool,
-    pub unknown_nodes: Vec<String>,
-    pub reference_failure: Option<String>,
-    pub reference_description: String,
-    /// The model as the candidate read it, and the candidate's build.
-    pub model: ModelConfig,
-    pub model_file_size: u64,
-    pub candidate_kernel: String,
-    pub candidate_i2s_mode: String,
-    /// F32/F16 tensors holding NaN or Inf: a warning, the run goes on.
-    pub weight_warnings: Vec<String>,
-    pub timings: Timings,
-}
-
-/// Volatile: never part of a receipt's identity.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Timings {
-    pub reference_load_s: f64,
-    pub candidate_load_s: f64,
-    pub reference_s: f64,
-    pub candidate_s: f64,
-    pub compare_s: f64,
-    pub total_s: f64,
-    /// Peak resident set (VmHWM) of this process (candidate + comparator)
-    /// and of the reference's worker process.
-    pub harness_peak_rss_bytes: Option<u64>,
-    pub reference_peak_rss_bytes: Option<u64>,
-}
-
+/// Why a run could not happen at all (bad input); engine failures are
+/// outcomes, not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The request itself is wrong (prompt, tokens, steps).
     #[error("{0}")]
     Input(String),
+    /// The model file is not valid GGUF.
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
-    #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
+    /// A policy file is not valid.
     #[error(transparent)]
     Policy(#[from] crate::compare::policy::PolicyError),
+    /// A file could not be read or written.
     #[error("{0}")]
     Io(String),
 }
@@ -209,13 +144,12 @@ impl RunConfig {
             kv_type: KvType::F16,
             policy,
             keep_going: false,
-            faults: vec![],
             token_faults: vec![],
             reference_ffn_act: FfnAct::default(),
-            i2s_mode: I2sMode::default(),
             worker_exe,
             progress: None,
             cancel: None,
+            rename_reference_nodes: vec![],
         }
     }
 }
@@ -236,22 +170,28 @@ fn non_finite_weights(file: &GgufFile) -> Vec<String> {
 
 /// How many worst elements a divergence lists.
 const WORST_K: usize = 8;
-const TOP_K: usize = 5;
 
-/// Runs the whole comparison. Reference failures are part of the outcome
-/// (verdict `reference_failed`), not errors: the receipt must still be written.
-pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
+/// Runs the whole comparison of the candidate that `loader` makes against
+/// bitnet.cpp. Engine failures are part of the outcome (verdicts
+/// `reference_failed`, `candidate_failed`), not errors: the receipt must
+/// still be written.
+pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, RunError> {
     let t_total = Instant::now();
-    let mut timings = Timings::default();
-    let file = Arc::new(GgufFile::open(&cfg.model)?);
-    let model_config = ModelConfig::from_gguf(&file)?;
-    if cfg.reference_ffn_act == FfnAct::Silu && !model_config.arch.ffn_relu2() {
-        return Err(RunError::Input(format!(
-            "--reference-ffn-act silu applies to arch bitnet-b1.58 only: arch {} is SiLU by design",
-            model_config.arch.name()
-        )));
+    let file = GgufFile::open(&cfg.model)?;
+    if cfg.reference_ffn_act == FfnAct::Silu {
+        let arch = file.get_str("general.architecture").unwrap_or("(none)");
+        if arch != "bitnet-b1.58" {
+            return Err(RunError::Input(format!(
+                "--reference-ffn-act silu applies to arch bitnet-b1.58 only: arch {arch} is SiLU by design"
+            )));
+        }
     }
-    let model_ctx = model_config.n_ctx_train.clamp(1, 4096);
+    let oracle = Oracle::new(&file, cfg.kv_type == KvType::F16);
+    let facts = oracle.as_ref().ok().map(|o| o.facts().clone());
+    let model_ctx = facts
+        .as_ref()
+        .map_or(4096, |f| f.n_ctx_train)
+        .clamp(1, 4096);
     // Both KV caches are sized for what this run can need, not the model's
     // whole context (4096 positions of a 2B-4T cache are 315 MB per side):
     // a text prompt is at most one token per byte, plus the space prefix,
@@ -261,45 +201,79 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
         Prompt::Tokens(ids) => ids.len(),
     };
     let n_ctx = (prompt_bound + cfg.steps + 1).min(model_ctx);
-    let t = Instant::now();
-    let opts = EngineOptions {
+    let mut run = Run {
+        outcome: Outcome {
+            verdict: Verdict::NoDivergence,
+            tokens: TokenCheck {
+                reference: vec![],
+                candidate: vec![],
+                equal: true,
+                duplicate_bos_reference: vec![],
+                duplicate_bos_candidate: vec![],
+                source: TokenSource::IdsGiven,
+                reference_tokenizer: None,
+                candidate_tokenizer: None,
+                first_difference: None,
+            },
+            first_divergence: None,
+            later_divergences: vec![],
+            summary: vec![],
+            steps: vec![],
+            coverage: Coverage::default(),
+            config_check: vec![],
+            generated_reference: vec![],
+            generated_candidate: vec![],
+            token_disagreements: vec![],
+            steps_run: 0,
+            interrupted: false,
+            reference_failure: None,
+            candidate_failure: None,
+            reference_description: String::new(),
+            model: None,
+            file_facts: facts.clone(),
+            model_file_size: file.file_size(),
+            candidate: CandidateInfo::default(),
+            weight_warnings: non_finite_weights(&file),
+            timings: Timings::default(),
+        },
+        t_total,
+    };
+    if let Err(e) = &oracle {
+        run.outcome
+            .coverage
+            .notes
+            .push(format!("{e}: blame will be undetermined"));
+    }
+
+    // The candidate (twice in free mode: the twin measures local error).
+    let opts = LoadOptions {
+        model: cfg.model.clone(),
         threads: cfg.threads,
         kv_type: cfg.kv_type,
-        faults: cfg.faults.clone(),
         n_ctx,
-        i2s_mode: cfg.i2s_mode,
     };
-    let mut engine = Engine::from_gguf(file.clone(), opts)?;
-    timings.candidate_load_s = t.elapsed().as_secs_f64();
-    let tokenizer = crate::engine::tokenizer::Tokenizer::from_gguf(&file).ok();
-
-    let mut outcome = Outcome {
-        verdict: Verdict::NoDivergence,
-        tokens: TokenCheck {
-            reference: vec![],
-            candidate: vec![],
-            equal: true,
-            duplicate_bos_reference: vec![],
-            duplicate_bos_candidate: vec![],
-        },
-        first_divergence: None,
-        later_divergences: vec![],
-        summary: vec![],
-        generated_reference: vec![],
-        generated_candidate: vec![],
-        token_disagreements: vec![],
-        steps_run: 0,
-        interrupted: false,
-        unknown_nodes: vec![],
-        reference_failure: None,
-        reference_description: String::new(),
-        model: engine.config().clone(),
-        model_file_size: file.file_size(),
-        candidate_kernel: engine.kernel_name().to_string(),
-        candidate_i2s_mode: format!("{:?}", engine.options().i2s_mode),
-        weight_warnings: non_finite_weights(&file),
-        timings: Timings::default(),
+    let t = Instant::now();
+    let copies = if cfg.mode == Mode::Free { 2 } else { 1 };
+    let mut candidates: Vec<Box<dyn Candidate>> = Vec::with_capacity(copies);
+    for _ in 0..copies {
+        match guarded(|| loader.load(&opts)) {
+            Ok(c) => candidates.push(c),
+            Err(f) => return Ok(run.candidate_failed("load", f, None, None)),
+        }
+    }
+    run.outcome.timings.candidate_load_s = t.elapsed().as_secs_f64();
+    let mut free_twin = if copies == 2 { candidates.pop() } else { None };
+    let mut local = candidates.pop().expect("one candidate loaded");
+    run.outcome.candidate = CandidateInfo {
+        name: local.name(),
+        build: local.build(),
+        kv_semantics: Some(local.kv_semantics()),
     };
+    let cand_config = local.config().clone();
+    if let Some(f) = &facts {
+        run.outcome.config_check = config_mismatches(&cand_config, f);
+    }
+    run.outcome.model = Some(cand_config);
 
     let t = Instant::now();
     let ctx = ContextOptions {
@@ -323,22 +297,39 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
     );
     let mut reference = match started {
         Ok(w) => w,
-        Err(e) => return Ok(reference_failed(outcome, e, timings, t_total)),
+        Err(e) => return Ok(run.reference_failed(e)),
     };
-    timings.reference_load_s = t.elapsed().as_secs_f64();
-    outcome.reference_description = reference.description.clone();
+    run.outcome.timings.reference_load_s = t.elapsed().as_secs_f64();
+    run.outcome.reference_description = reference.description.clone();
 
     // The token check.
-    let bos = tokenizer.as_ref().and_then(|t| t.bos());
+    let bos = bos_id(&file);
+    let n_vocab_file = facts.as_ref().map(|f| f.n_vocab);
     let (ref_tokens, cand_tokens) = match &cfg.prompt {
         Prompt::Text(text) => {
             let r = match reference.tokenize(text, true) {
                 Ok(r) => r,
-                Err(e) => return Ok(reference_failed(outcome, e, timings, t_total)),
+                Err(e) => return Ok(run.reference_failed(e)),
             };
-            let mut c = match &tokenizer {
-                Some(tk) => tk.encode(text, true),
-                None => r.clone(),
+            run.outcome.tokens.reference_tokenizer =
+                Some("bitnet.cpp llama_tokenize (add_special)".into());
+            let own = match guarded(|| Ok(local.tokenize(text, true, false))) {
+                Ok(own) => own,
+                Err(f) => return Ok(run.candidate_failed("tokenize", f, None, None)),
+            };
+            let mut c = match own {
+                Some(c) => {
+                    run.outcome.tokens.source = TokenSource::EachSideTokenized;
+                    run.outcome.tokens.candidate_tokenizer = local.tokenizer_description();
+                    c
+                }
+                None => {
+                    run.outcome.tokens.source = TokenSource::CandidateHasNoTokenizer;
+                    run.outcome.coverage.notes.push(
+                        "tokens not compared: the candidate has no tokenizer for this vocabulary, so it was fed the reference's ids".into(),
+                    );
+                    r.clone()
+                }
             };
             if cfg.token_faults.contains(&TokenFault::DuplicateBos) {
                 if let Some(b) = bos {
@@ -366,370 +357,450 @@ pub fn run(cfg: &RunConfig) -> Result<Outcome, RunError> {
             prompt_bound
         )));
     }
-    if let Some(bad) = ref_tokens
-        .iter()
-        .find(|&&t| t as usize >= engine.config().n_vocab)
-    {
+    if let (Some(n_vocab), Some(bad)) = (
+        n_vocab_file,
+        ref_tokens
+            .iter()
+            .find(|&&t| Some(t as usize) >= n_vocab_file),
+    ) {
         return Err(RunError::Input(format!(
-            "token id {bad} is outside the vocabulary of {}",
-            engine.config().n_vocab
+            "token id {bad} is outside the vocabulary of {n_vocab}"
         )));
     }
-    let dup = |ids: &[u32]| -> Vec<usize> {
-        ids.windows(2)
-            .enumerate()
-            .filter(|(_, w)| Some(w[0]) == bos && w[1] == w[0])
-            .map(|(i, _)| i + 1)
-            .collect()
-    };
-    outcome.tokens = TokenCheck {
-        equal: ref_tokens == cand_tokens,
-        duplicate_bos_reference: dup(&ref_tokens),
-        duplicate_bos_candidate: dup(&cand_tokens),
-        reference: ref_tokens.clone(),
-        candidate: cand_tokens.clone(),
-    };
-    let mut state = RunState::new(cfg, &engine);
+    run.check_tokens(ref_tokens.clone(), cand_tokens.clone(), bos, &mut reference);
+
+    let n_vocab = n_vocab_file.unwrap_or(reference.n_vocab);
+    let mut kv_history: Vec<(Vec<f32>, Vec<f32>)> =
+        vec![(Vec::new(), Vec::new()); facts.as_ref().map_or(0, |f| f.n_layer)];
+    let expected = facts
+        .as_ref()
+        .map(|f| f.expected_stages())
+        .unwrap_or_default();
     let mut batch = ref_tokens.clone();
     // The candidate prefills its own token ids: if they differ from the
     // reference's, the embedding stage shows it (a shape or value mismatch).
     let mut cand_batch = cand_tokens.clone();
+    let (mut ref_pos, mut cand_pos) = (0usize, 0usize);
     let total_steps = cfg.steps + 1;
+    let free = cfg.mode == Mode::Free;
     for step in 0..total_steps {
         if cfg
             .cancel
             .as_ref()
             .is_some_and(|c| c.load(Ordering::SeqCst))
         {
-            outcome.interrupted = true;
+            run.outcome.interrupted = true;
             break;
         }
         let t = Instant::now();
-        let (ref_logits, nodes) = match reference.decode(&batch, state.ref_pos) {
+        let decoded = match reference.decode(&batch, ref_pos) {
             Ok(v) => v,
-            Err(e) => return Ok(reference_failed(state.finish(outcome), e, timings, t_total)),
+            Err(e) => return Ok(run.reference_failed(e)),
         };
-        timings.reference_s += t.elapsed().as_secs_f64();
-        let mapped = map_nodes(nodes, state.ref_pos);
-        for u in mapped.unknown {
-            if !outcome.unknown_nodes.contains(&u) {
-                outcome.unknown_nodes.push(u);
+        run.outcome.timings.reference_s += t.elapsed().as_secs_f64();
+        let (ref_logits, mut nodes, mut graph) = decoded;
+        rename_nodes(&cfg.rename_reference_nodes, &mut nodes, &mut graph);
+        for u in classify_graph(&graph).unknown {
+            if !run.outcome.coverage.unmapped_reference_nodes.contains(&u) {
+                run.outcome.coverage.unmapped_reference_nodes.push(u);
             }
         }
+        let mapped = map_nodes(nodes, ref_pos);
         let ref_stages: BTreeMap<StageKey, Tensor> = mapped.stages.into_iter().collect();
 
+        // The candidate, resynced: local error.
         let t = Instant::now();
-        let mut sink = Comparator::new(&state, &ref_stages);
-        let cand_logits = engine.forward(&cand_batch, &mut sink)?;
-        timings.candidate_s += t.elapsed().as_secs_f64() - sink.compare_s;
-        timings.compare_s += sink.compare_s;
-        let failures = std::mem::take(&mut sink.failures);
-        let judged = std::mem::take(&mut sink.judged);
-        drop(sink);
-        state.absorb(judged);
+        let mut judge = StageJudge::new(&cfg.policy, &ref_stages, n_vocab)
+            .resync(true)
+            .keep_going(cfg.keep_going);
+        let local_logits = match guarded(|| local.forward(&cand_batch, cand_pos, &mut judge)) {
+            Ok(l) => l,
+            Err(f) => {
+                let last = judge.last_stage();
+                return Ok(run.candidate_failed("forward", f, Some(step), last));
+            }
+        };
+        let mut compare_s = judge.compare_s;
+        let local_judged = std::mem::take(&mut judge.judged);
+        let failures = std::mem::take(&mut judge.failures);
+        let emitted = std::mem::take(&mut judge.emitted);
+        drop(judge);
+
+        // Free mode: the twin on its own inputs: propagated error.
+        let mut propagated: Vec<Judged> = Vec::new();
+        let own_logits = match free_twin.as_mut() {
+            Some(twin) => {
+                let mut judge = StageJudge::new(&cfg.policy, &ref_stages, n_vocab)
+                    .free_rules(true)
+                    .keep_going(true);
+                let logits = match guarded(|| twin.forward(&cand_batch, cand_pos, &mut judge)) {
+                    Ok(l) => l,
+                    Err(f) => {
+                        let last = judge.last_stage();
+                        return Ok(run.candidate_failed("forward", f, Some(step), last));
+                    }
+                };
+                compare_s += judge.compare_s;
+                propagated = std::mem::take(&mut judge.judged);
+                Some(logits)
+            }
+            None => None,
+        };
+        run.outcome.timings.candidate_s += t.elapsed().as_secs_f64() - compare_s;
+        run.outcome.timings.compare_s += compare_s;
+
+        let coverage = step_coverage(
+            step,
+            &expected,
+            &ref_stages,
+            &emitted,
+            &local_judged,
+            !failures.is_empty() && !cfg.keep_going,
+        );
+        run.outcome.coverage.steps.push(coverage);
+        run.absorb(step, ref_pos, batch.len(), &local_judged, &propagated);
 
         // Blame each failure with the oracle, from the reference's inputs.
         let inputs = StepInputs {
             stages: &ref_stages,
-            history: &state.kv_history,
+            history: &kv_history,
             tokens: &batch,
-            n_past: state.ref_pos,
+            n_past: ref_pos,
         };
         for f in failures {
-            let oracle_values = oracle::recompute(&engine, f.key.layer, f.key.stage, &inputs);
-            let mut div = state.divergence(
+            let prop = propagated
+                .iter()
+                .find(|j| j.key == f.key)
+                .map(|j| j.metrics.clone());
+            let mut div = divergence(
+                &cfg.policy,
                 step,
-                &f,
-                oracle_values.as_deref(),
-                state.ref_pos,
+                f,
+                oracle.as_ref().map_err(|e| e.to_string()),
+                &inputs,
+                ref_pos,
                 batch.len(),
             );
-            if step == 0 && !outcome.tokens.equal && div.stage == Stage::TokEmbd {
-                div.blame = token_blame(&outcome.tokens);
+            div.propagated = prop;
+            if step == 0 && !run.outcome.tokens.equal && div.stage == Stage::TokEmbd {
+                div.blame = token_blame(&run.outcome.tokens);
             }
-            if div.blame.blame == Blame::Reference {
-                div.blame.cause = reference_bugs::explain(
-                    &engine,
-                    f.key.layer,
-                    f.key.stage,
-                    &inputs,
-                    &f.reference,
-                );
-            }
-            if outcome.first_divergence.is_none() {
-                outcome.first_divergence = Some(div);
+            if run.outcome.first_divergence.is_none() {
+                run.outcome.first_divergence = Some(div);
             } else {
-                outcome.later_divergences.push(div);
+                run.outcome.later_divergences.push(div);
             }
         }
-        state.append_history(&ref_stages, engine.config().n_layer);
-        state.ref_pos += batch.len();
-        outcome.steps_run = step + 1;
+        for (l, (k, v)) in kv_history.iter_mut().enumerate() {
+            if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::KRope)) {
+                k.extend_from_slice(&t.data);
+            }
+            if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::VProj)) {
+                v.extend_from_slice(&t.data);
+            }
+        }
+        ref_pos += batch.len();
+        cand_pos += cand_batch.len();
+        run.outcome.steps_run = step + 1;
         if let Some(p) = &cfg.progress {
             p(step + 1, total_steps);
         }
 
-        // Greedy next tokens from the last position of each side.
-        let v = engine.config().n_vocab;
-        let last = |l: &[f32]| metrics::argmax(&l[l.len().saturating_sub(v)..]) as u32;
+        // Greedy next tokens from the last position of each side (the
+        // candidate's own logits in free mode).
+        let cand_logits = if free {
+            own_logits.unwrap_or(local_logits)
+        } else {
+            local_logits
+        };
+        let last = |l: &[f32]| metrics::argmax(&l[l.len().saturating_sub(n_vocab)..]) as u32;
         let (r_next, c_next) = (last(&ref_logits), last(&cand_logits));
         if step > 0 || cfg.steps > 0 {
-            outcome.generated_reference.push(r_next);
-            outcome.generated_candidate.push(c_next);
+            run.outcome.generated_reference.push(r_next);
+            run.outcome.generated_candidate.push(c_next);
         }
         if r_next != c_next {
-            outcome.token_disagreements.push(TokenDisagreement {
+            run.outcome.token_disagreements.push(TokenDisagreement {
                 step,
                 reference: r_next,
                 candidate: c_next,
             });
         }
-        let stop = outcome.first_divergence.is_some() && !cfg.keep_going;
+        let stop = run.outcome.first_divergence.is_some() && !cfg.keep_going;
         if stop || step + 1 == total_steps {
             break;
         }
         batch = vec![r_next];
         cand_batch = vec![r_next];
     }
-    let mut outcome = state.finish(outcome);
-    if !outcome.tokens.equal && outcome.first_divergence.is_none() {
-        outcome.verdict = Verdict::Divergence;
+    run.outcome.timings.reference_peak_rss_bytes = reference.peak_rss_bytes();
+    Ok(run.finish())
+}
+
+/// The outcome under construction.
+struct Run {
+    outcome: Outcome,
+    t_total: Instant,
+}
+
+impl Run {
+    fn reference_failed(mut self, e: RefError) -> Outcome {
+        self.outcome.reference_failure = Some(e.to_string());
+        let mut o = self.finish();
+        o.verdict = Verdict::ReferenceFailed;
+        o
     }
-    timings.reference_peak_rss_bytes = reference.peak_rss_bytes();
-    timings.harness_peak_rss_bytes = crate::reference::worker::peak_rss_of("/proc/self/status");
-    timings.total_s = t_total.elapsed().as_secs_f64();
-    outcome.timings = timings;
-    Ok(outcome)
-}
 
-fn reference_failed(
-    mut outcome: Outcome,
-    e: RefError,
-    mut timings: Timings,
-    t0: Instant,
-) -> Outcome {
-    outcome.verdict = Verdict::ReferenceFailed;
-    outcome.reference_failure = Some(e.to_string());
-    timings.total_s = t0.elapsed().as_secs_f64();
-    outcome.timings = timings;
-    outcome
-}
+    fn candidate_failed(
+        mut self,
+        during: &str,
+        f: Failed,
+        step: Option<usize>,
+        last_stage: Option<StageKey>,
+    ) -> Outcome {
+        let (kind, message) = match f {
+            Failed::Error(e) => (
+                if during == "load" { "load" } else { "error" },
+                format!("{during}: {e}"),
+            ),
+            Failed::Panic(msg) => ("panic", format!("{during} panicked: {msg}")),
+        };
+        self.outcome.candidate_failure = Some(CandidateFailure {
+            kind: kind.into(),
+            message,
+            step,
+            last_stage,
+        });
+        let mut o = self.finish();
+        o.verdict = Verdict::CandidateFailed;
+        o
+    }
 
-/// What persists across steps.
-struct RunState<'a> {
-    cfg: &'a RunConfig,
-    n_vocab: usize,
-    ref_pos: usize,
-    summary: Vec<StageSummary>,
-    /// Per layer: the reference's k_rope and v_proj rows for every position so far.
-    kv_history: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-/// A failed stage, before blame.
-struct Failure {
-    key: StageKey,
-    shape: Vec<usize>,
-    reference: Vec<f32>,
-    candidate: Vec<f32>,
-    metrics: Metrics,
-}
-
-impl<'a> RunState<'a> {
-    fn new(cfg: &'a RunConfig, engine: &Engine) -> Self {
-        RunState {
-            cfg,
-            n_vocab: engine.config().n_vocab,
-            ref_pos: 0,
-            summary: Vec::new(),
-            kv_history: vec![(Vec::new(), Vec::new()); engine.config().n_layer],
+    /// The token check: ids of both sides, BOS duplicates, the first
+    /// difference in words.
+    fn check_tokens(
+        &mut self,
+        reference: Vec<u32>,
+        candidate: Vec<u32>,
+        bos: Option<u32>,
+        worker: &mut Worker,
+    ) {
+        let dup = |ids: &[u32]| -> Vec<usize> {
+            ids.windows(2)
+                .enumerate()
+                .filter(|(_, w)| Some(w[0]) == bos && w[1] == w[0])
+                .map(|(i, _)| i + 1)
+                .collect()
+        };
+        let t = &mut self.outcome.tokens;
+        t.equal = reference == candidate;
+        t.duplicate_bos_reference = dup(&reference);
+        t.duplicate_bos_candidate = dup(&candidate);
+        if !t.equal {
+            let mut piece = |id: Option<u32>| id.and_then(|id| worker.detokenize(&[id]).ok());
+            let position = reference
+                .iter()
+                .zip(&candidate)
+                .position(|(a, b)| a != b)
+                .unwrap_or(reference.len().min(candidate.len()));
+            let (r, c) = (
+                reference.get(position).copied(),
+                candidate.get(position).copied(),
+            );
+            let description = describe_token_difference(&reference, &candidate, position, bos);
+            t.first_difference = Some(TokenDifference {
+                position,
+                reference: r,
+                candidate: c,
+                reference_piece: piece(r),
+                candidate_piece: piece(c),
+                description,
+            });
         }
+        t.reference = reference;
+        t.candidate = candidate;
     }
 
-    fn absorb(&mut self, judged: Vec<(StageKey, compare::Class, bool, Metrics)>) {
-        for (key, class, pass, m) in judged {
-            let slot = match self
-                .summary
-                .iter_mut()
-                .position(|s| s.layer == key.layer && s.stage == key.stage)
-            {
-                Some(i) => &mut self.summary[i],
-                None => {
-                    self.summary.push(StageSummary {
-                        layer: key.layer,
-                        stage: key.stage,
-                        class,
-                        steps: 0,
-                        all_pass: true,
-                        all_exact: true,
-                        worst_nmse: 0.0,
-                        worst_max_abs: 0.0,
-                        worst_max_ulp: 0,
-                    });
-                    self.summary.last_mut().expect("just pushed")
-                }
-            };
-            slot.steps += 1;
-            slot.all_pass &= pass;
-            slot.all_exact &= m.exact;
-            slot.worst_nmse = metrics::finite_or_max(slot.worst_nmse.max(m.nmse));
-            slot.worst_max_abs = metrics::finite_or_max(slot.worst_max_abs.max(m.max_abs));
-            slot.worst_max_ulp = slot.worst_max_ulp.max(m.max_ulp);
-        }
-    }
-
-    fn append_history(&mut self, stages: &BTreeMap<StageKey, Tensor>, n_layer: usize) {
-        for l in 0..n_layer {
-            if let Some(k) = stages.get(&StageKey::new(Some(l), Stage::KRope)) {
-                self.kv_history[l].0.extend_from_slice(&k.data);
-            }
-            if let Some(v) = stages.get(&StageKey::new(Some(l), Stage::VProj)) {
-                self.kv_history[l].1.extend_from_slice(&v.data);
-            }
-        }
-    }
-
-    fn divergence(
-        &self,
+    /// Adds one step's judged stages to the summary and the step records.
+    fn absorb(
+        &mut self,
         step: usize,
-        f: &Failure,
-        oracle: Option<&[f64]>,
         pos0: usize,
-        t: usize,
-    ) -> Divergence {
-        let rule = self
-            .cfg
-            .policy
-            .rule(f.key.stage, self.cfg.mode == Mode::Free)
-            .clone();
-        let worst = metrics::worst_elements(&f.reference, &f.candidate, &f.shape, oracle, WORST_K);
-        // The token axis is 0 for [T, D] stages and 1 for [H, T, K] ones.
-        let tok_axis = if f.key.stage.is_attention_matrix() {
-            1
+        n_tokens: usize,
+        local: &[Judged],
+        propagated: &[Judged],
+    ) {
+        let mut record = StepRecord {
+            step,
+            pos0,
+            n_tokens,
+            stages: Vec::with_capacity(local.len()),
+        };
+        for j in local {
+            summary_slot(&mut self.outcome.summary, j.key, j.class).add_local(j.pass, &j.metrics);
+            let prop = propagated.iter().find(|p| p.key == j.key);
+            if let Some(p) = prop {
+                summary_slot(&mut self.outcome.summary, j.key, j.class)
+                    .add_propagated(p.pass, &p.metrics);
+            }
+            record.stages.push(StageResult {
+                layer: j.key.layer,
+                stage: j.key.stage,
+                nmse: metrics::finite_or_max(j.metrics.nmse),
+                max_abs: metrics::finite_or_max(j.metrics.max_abs),
+                exact: j.metrics.exact,
+                pass: j.pass,
+                propagated_nmse: prop.map(|p| metrics::finite_or_max(p.metrics.nmse)),
+                propagated_pass: prop.map(|p| p.pass),
+            });
+        }
+        self.outcome.steps.push(record);
+    }
+
+    fn finish(mut self) -> Outcome {
+        let o = &mut self.outcome;
+        o.summary
+            .sort_by_key(|s| StageKey::new(s.layer, s.stage).order());
+        let c = &mut o.coverage;
+        c.complete = c.unmapped_reference_nodes.is_empty()
+            && c.notes.is_empty()
+            && c.steps
+                .iter()
+                .all(|s| s.missing_reference.is_empty() && s.missing_candidate.is_empty());
+        o.verdict = if o.first_divergence.is_some() || !o.tokens.equal {
+            Verdict::Divergence
+        } else if !c.complete {
+            Verdict::Incomplete
+        } else {
+            Verdict::NoDivergence
+        };
+        o.timings.harness_peak_rss_bytes =
+            crate::reference::worker::peak_rss_of("/proc/self/status");
+        o.timings.total_s = self.t_total.elapsed().as_secs_f64();
+        self.outcome
+    }
+}
+
+/// The coverage of one step: expected stages against what each side produced.
+fn step_coverage(
+    step: usize,
+    expected: &[StageKey],
+    reference: &BTreeMap<StageKey, Tensor>,
+    emitted: &[StageKey],
+    judged: &[Judged],
+    stopped: bool,
+) -> StepCoverage {
+    let emitted_set: std::collections::BTreeSet<StageKey> = emitted.iter().copied().collect();
+    let judged_set: std::collections::BTreeSet<StageKey> = judged.iter().map(|j| j.key).collect();
+    let both = expected
+        .iter()
+        .filter(|k| reference.contains_key(k) && emitted_set.contains(k))
+        .count();
+    StepCoverage {
+        step,
+        expected: expected.len(),
+        judged: judged_set.len(),
+        after_divergence: if stopped {
+            both.saturating_sub(judged_set.len())
         } else {
             0
-        };
-        let position = pos0
-            + worst
-                .first()
-                .and_then(|w| w.index.get(tok_axis).copied())
-                .unwrap_or(0);
-        let blame = compare::blame(&f.reference, &f.candidate, oracle);
-        Divergence {
-            step,
-            positions: (pos0..pos0 + t).collect(),
-            position,
-            layer: f.key.layer,
-            stage: f.key.stage,
-            shape: f.shape.clone(),
-            rule,
-            metrics: f.metrics.clone(),
-            worst,
-            blame,
-        }
-    }
-
-    fn finish(self, mut outcome: Outcome) -> Outcome {
-        outcome.summary = self.summary;
-        outcome
-            .summary
-            .sort_by_key(|s| StageKey::new(s.layer, s.stage).order());
-        if outcome.first_divergence.is_some() {
-            outcome.verdict = Verdict::Divergence;
-        }
-        outcome
+        },
+        missing_reference: expected
+            .iter()
+            .filter(|k| !reference.contains_key(k))
+            .copied()
+            .collect(),
+        missing_candidate: expected
+            .iter()
+            .filter(|k| !emitted_set.contains(k))
+            .copied()
+            .collect(),
+        unexpected_candidate: emitted_set
+            .iter()
+            .filter(|k| !expected.contains(k))
+            .copied()
+            .collect(),
     }
 }
 
-/// The trace sink that compares the candidate with the reference, stage by
-/// stage, during the candidate's forward pass.
-struct Comparator<'s> {
-    cfg: &'s RunConfig,
-    n_vocab: usize,
-    reference: &'s BTreeMap<StageKey, Tensor>,
-    /// Stop judging after the first failure unless keep-going.
-    stopped: bool,
-    judged: Vec<(StageKey, compare::Class, bool, Metrics)>,
-    failures: Vec<Failure>,
-    compare_s: f64,
-}
-
-impl<'s> Comparator<'s> {
-    fn new(state: &'s RunState<'s>, reference: &'s BTreeMap<StageKey, Tensor>) -> Self {
-        Comparator {
-            cfg: state.cfg,
-            n_vocab: state.n_vocab,
-            reference,
-            stopped: false,
-            judged: Vec::new(),
-            failures: Vec::new(),
-            compare_s: 0.0,
+/// A failure turned into a divergence: worst elements, position, blame.
+fn divergence(
+    policy: &Policy,
+    step: usize,
+    f: StageFailure,
+    oracle: Result<&Oracle<'_>, String>,
+    inputs: &dyn OracleInputs,
+    pos0: usize,
+    t: usize,
+) -> Divergence {
+    let rule = policy.rule(f.key.stage, false).clone();
+    let recomputed = match &oracle {
+        Ok(o) => o.recompute(f.key.layer, f.key.stage, inputs),
+        Err(e) => Err(e.clone()),
+    };
+    let oracle_values = recomputed.as_ref().ok().map(|o| o.values.as_slice());
+    let worst = if f.candidate_shape.is_some() {
+        vec![]
+    } else {
+        metrics::worst_elements(&f.reference, &f.candidate, &f.shape, oracle_values, WORST_K)
+    };
+    // The token axis is 0 for [T, D] stages and 1 for [H, T, K] ones.
+    let tok_axis = usize::from(f.key.stage.is_attention_matrix());
+    let position = pos0
+        + worst
+            .first()
+            .and_then(|w| w.index.get(tok_axis).copied())
+            .unwrap_or(0);
+    let blame = if f.candidate_shape.is_some() {
+        BlameReport {
+            blame: Blame::Undetermined,
+            reference_nmse_vs_oracle: None,
+            candidate_nmse_vs_oracle: None,
+            reference_error_over_rounding: None,
+            candidate_error_over_rounding: None,
+            reason: format!(
+                "the shapes differ: reference {:?}, candidate {:?}",
+                f.shape,
+                f.candidate_shape.as_deref().unwrap_or_default()
+            ),
+            cause: None,
         }
-    }
-}
-
-impl TraceSink for Comparator<'_> {
-    fn stage(&mut self, layer: Option<usize>, stage: Stage, shape: &[usize], data: &mut [f32]) {
-        if self.stopped {
-            return;
+    } else {
+        let mut blame = compare::blame(
+            &f.reference,
+            &f.candidate,
+            recomputed.as_ref().map_err(|e| e.as_str()),
+        );
+        if let (Blame::Reference, Ok(o)) = (blame.blame, &oracle) {
+            blame.cause = o.explain_reference(f.key.layer, f.key.stage, inputs, &f.reference);
         }
-        let t = Instant::now();
-        let key = StageKey::new(layer, stage);
-        let free = self.cfg.mode == Mode::Free;
-        let rule = self.cfg.policy.rule(stage, free);
-        let Some(reference) = self.reference.get(&key) else {
-            // The reference has no such node (e.g. the arch lacks it): nothing to judge.
-            self.compare_s += t.elapsed().as_secs_f64();
-            return;
-        };
-        let mut m = if reference.shape != shape {
-            // A shape mismatch is a divergence by itself.
-            let mut m = metrics::compute(&[], &[], 0.0, 0.0);
-            m.exact = false;
-            m.nmse = f64::MAX;
-            m.n_outside = data.len().max(reference.data.len());
-            m
-        } else {
-            metrics::compute(&reference.data, data, rule.atol, rule.rtol)
-        };
-        if stage == Stage::Logits && reference.shape == shape {
-            m.logits = Some(metrics::logit_metrics(
-                &reference.data,
-                data,
-                self.n_vocab,
-                TOP_K,
-            ));
-        }
-        let pass = policy::passes(rule, &m);
-        if !pass {
-            let same_shape = reference.shape == shape;
-            self.failures.push(Failure {
-                key,
-                shape: reference.shape.clone(),
-                reference: reference.data.clone(),
-                candidate: if same_shape { data.to_vec() } else { vec![] },
-                metrics: m.clone(),
-            });
-            if !self.cfg.keep_going {
-                self.stopped = true;
-            }
-        }
-        self.judged.push((key, rule.class, pass, m));
-        if self.cfg.mode == Mode::Resync && reference.shape == shape {
-            data.copy_from_slice(&reference.data);
-        }
-        self.compare_s += t.elapsed().as_secs_f64();
+        blame
+    };
+    Divergence {
+        step,
+        positions: (pos0..pos0 + t).collect(),
+        position,
+        layer: f.key.layer,
+        stage: f.key.stage,
+        shape: f.shape,
+        rule,
+        measured: Measured::Local,
+        metrics: f.metrics,
+        propagated: None,
+        worst,
+        blame,
     }
 }
 
 /// The reference's tensors of the current step, for the oracle.
-struct StepInputs<'a> {
-    stages: &'a BTreeMap<StageKey, Tensor>,
-    history: &'a [(Vec<f32>, Vec<f32>)],
-    tokens: &'a [u32],
-    n_past: usize,
+pub(crate) struct StepInputs<'a> {
+    pub stages: &'a BTreeMap<StageKey, Tensor>,
+    pub history: &'a [(Vec<f32>, Vec<f32>)],
+    pub tokens: &'a [u32],
+    pub n_past: usize,
 }
 
-impl oracle::OracleInputs for StepInputs<'_> {
+impl OracleInputs for StepInputs<'_> {
     fn current(&self, layer: Option<usize>, stage: Stage) -> Option<&[f32]> {
         self.stages
             .get(&StageKey::new(layer, stage))
@@ -757,6 +828,48 @@ impl oracle::OracleInputs for StepInputs<'_> {
     }
 }
 
+/// `tokenizer.ggml.bos_token_id` as the file states it.
+fn bos_id(file: &GgufFile) -> Option<u32> {
+    file.get("tokenizer.ggml.bos_token_id")
+        .and_then(|_| file.get_u32("tokenizer.ggml.bos_token_id").ok())
+}
+
+/// The first difference between two prompts' ids, in words.
+fn describe_token_difference(
+    reference: &[u32],
+    candidate: &[u32],
+    at: usize,
+    bos: Option<u32>,
+) -> String {
+    let (r, c) = (reference.get(at), candidate.get(at));
+    let is_bos = |id: Option<&u32>| id.is_some() && id.copied() == bos;
+    let after_bos = |ids: &[u32]| at > 0 && ids.get(at - 1).copied() == bos;
+    if is_bos(c) && !is_bos(r) && after_bos(candidate) {
+        return format!("the candidate has a duplicated BOS at position {at}");
+    }
+    if is_bos(r) && !is_bos(c) && after_bos(reference) {
+        return format!("the reference has a duplicated BOS at position {at}");
+    }
+    if at == 0 && is_bos(r) && !is_bos(c) {
+        return "the candidate's prompt lacks the BOS the reference's starts with".into();
+    }
+    if at == 0 && is_bos(c) && !is_bos(r) {
+        return "the candidate's prompt starts with a BOS the reference's lacks".into();
+    }
+    match (r, c) {
+        (Some(r), Some(c)) => format!("position {at}: reference id {r}, candidate id {c}"),
+        (Some(_), None) => format!(
+            "the candidate's prompt ends at {at} ids; the reference's has {}",
+            reference.len()
+        ),
+        (None, Some(_)) => format!(
+            "the reference's prompt ends at {at} ids; the candidate's has {}",
+            candidate.len()
+        ),
+        (None, None) => "the prompts are equal".into(),
+    }
+}
+
 /// Blame when the two sides saw different prompt token ids: a side with a
 /// duplicated BOS is wrong; otherwise the tokenizers disagree and the ids
 /// alone cannot say which is right.
@@ -767,22 +880,105 @@ fn token_blame(tokens: &TokenCheck) -> BlameReport {
     ) {
         (true, false) => (
             Blame::Candidate,
-            "the candidate's prompt starts with a duplicated BOS token",
+            "the candidate's prompt has a duplicated BOS token".to_string(),
         ),
         (false, true) => (
             Blame::Reference,
-            "the reference's prompt starts with a duplicated BOS token",
+            "the reference's prompt has a duplicated BOS token".to_string(),
         ),
         _ => (
             Blame::Undetermined,
-            "the tokenizers produce different ids for the prompt",
+            format!(
+                "the tokenizers produce different ids for the prompt: {}",
+                tokens
+                    .first_difference
+                    .as_ref()
+                    .map_or("", |d| d.description.as_str())
+            ),
         ),
     };
     BlameReport {
         blame,
         reference_nmse_vs_oracle: None,
         candidate_nmse_vs_oracle: None,
-        reason: reason.into(),
+        reference_error_over_rounding: None,
+        candidate_error_over_rounding: None,
+        reason,
         cause: None,
+    }
+}
+
+/// Applies the test hook's renames to the captured nodes and the graph listing.
+fn rename_nodes(
+    renames: &[(String, String)],
+    nodes: &mut [crate::reference::Node],
+    graph: &mut [GraphNode],
+) {
+    if renames.is_empty() {
+        return;
+    }
+    let rename = |name: &mut String| {
+        let (base, layer) = crate::reference::split_layer(name);
+        if let Some((_, new)) = renames.iter().find(|(old, _)| old == base) {
+            *name = match layer {
+                Some(l) => format!("{new}-{l}"),
+                None => new.clone(),
+            };
+        }
+    };
+    for n in nodes {
+        rename(&mut n.name);
+    }
+    for g in graph {
+        rename(&mut g.name);
+    }
+}
+
+/// How a guarded candidate call failed.
+enum Failed {
+    Error(CandidateError),
+    Panic(String),
+}
+
+/// Candidate calls in progress: while nonzero, the panic hook records
+/// panics (from any thread of the candidate) instead of printing them.
+static IN_CANDIDATE: AtomicUsize = AtomicUsize::new(0);
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+static HOOK: Once = Once::new();
+
+/// Runs a candidate call, turning an error or a panic into a [`Failed`]:
+/// an engine that panics yields a receipt, not a dead process.
+fn guarded<T>(call: impl FnOnce() -> Result<T, CandidateError>) -> Result<T, Failed> {
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_CANDIDATE.load(Ordering::SeqCst) > 0 {
+                let mut last = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+                // The first panic is the cause; later ones (a scope's
+                // re-panic) only report that a thread panicked.
+                last.get_or_insert_with(|| info.to_string());
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    IN_CANDIDATE.fetch_add(1, Ordering::SeqCst);
+    let result = catch_unwind(AssertUnwindSafe(call));
+    IN_CANDIDATE.fetch_sub(1, Ordering::SeqCst);
+    match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failed::Error(e)),
+        Err(payload) => {
+            let recorded = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let message = recorded.unwrap_or_else(|| {
+                payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into())
+            });
+            Err(Failed::Panic(message.replace('\n', " ")))
+        }
     }
 }

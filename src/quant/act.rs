@@ -57,8 +57,18 @@ pub fn act_scale(x: &[f32], numerator: u32) -> f32 {
 
 /// Quantize one row into `out` (same length as `x`).
 pub fn quantize_row_i8_s(x: &[f32], out: &mut [i8], variant: ActQuantVariant) -> ActRow {
+    quantize_row_with_scale(x, out, act_scale(x, variant.scale_numerator), variant)
+}
+
+/// Quantize one row with a given scale (the codes of quantize_row_i8_s for
+/// that scale). Only the bug zoo passes a scale that is not the row's own.
+pub fn quantize_row_with_scale(
+    x: &[f32],
+    out: &mut [i8],
+    scale: f32,
+    variant: ActQuantVariant,
+) -> ActRow {
     assert_eq!(x.len(), out.len());
-    let scale = act_scale(x, variant.scale_numerator);
     let mut sum = 0i32;
     for (o, &v) in out.iter_mut().zip(x) {
         // Exact product (f32×f32 fits an f64 mantissa), rounded once.

@@ -6,12 +6,14 @@
 //! identity (everything but `volatile` and build-environment facts) is what
 //! the parity suite compares with the checked-in copies in `receipts/`.
 
+use crate::candidate::{BuiltinCandidate, CandidateLoader, KvSemantics};
 use crate::compare::Policy;
 use crate::engine::{Fault, KvType, ModelConfig};
 use crate::lockstep::{
-    self, Divergence, Mode, Outcome, Prompt, RunConfig, RunError, StageSummary, TokenCheck,
-    TokenDisagreement, TokenFault, Verdict,
+    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Mode, Outcome, Prompt, RunConfig,
+    RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault, Verdict,
 };
+use crate::oracle::FileFacts;
 use crate::reference::{BuildInfo, FfnAct};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// The JSON Schema every receipt validates against.
 pub const SCHEMA: &str = include_str!("../../receipts/schema.json");
 
@@ -44,13 +46,38 @@ pub struct Receipt {
     pub later_divergences: Vec<Divergence>,
     /// Per (layer, stage), aggregated over the steps run, up to the divergence.
     pub stages: Vec<StageSummary>,
+    /// Per step, every stage judged (the report's heatmap).
+    pub step_results: Vec<StepRecord>,
+    /// What was and was not judged.
+    pub coverage: Coverage,
+    /// Hyperparameters the candidate read differently from the file.
+    pub config_check: Vec<ConfigMismatch>,
     pub generated: Generated,
-    pub unknown_reference_nodes: Vec<String>,
     /// F32/F16 weights holding NaN or Inf (the run went on).
     pub weight_warnings: Vec<String>,
     pub reference_failure: Option<String>,
+    pub candidate_failure: Option<CandidateFailure>,
+    /// Set when this receipt is an offline comparison of two dumps
+    /// (`divergence compare`), not a lockstep run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<OfflineRecord>,
     /// Never part of the receipt's identity.
     pub volatile: Volatile,
+}
+
+/// What an offline comparison compared.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OfflineRecord {
+    /// The reference dump.
+    pub reference_dump: String,
+    /// The candidate dump.
+    pub candidate_dump: String,
+    /// The map the candidate dump was read through.
+    pub map: Option<String>,
+    /// Whether the model file was given (the oracle could blame).
+    pub model_given: bool,
+    /// What an offline comparison can and cannot tell.
+    pub note: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -77,8 +104,11 @@ pub struct ModelRecord {
     pub path: String,
     pub sha256: String,
     pub file_size: u64,
-    /// Shapes and hyperparameters as the candidate read them.
-    pub config: ModelConfig,
+    /// Shapes and hyperparameters as the candidate read them (none: it
+    /// failed to load).
+    pub config: Option<ModelConfig>,
+    /// The same as the file states them, read by the oracle.
+    pub file: Option<FileFacts>,
     /// bitnet.cpp's own description of the model.
     pub reference_description: String,
 }
@@ -86,10 +116,9 @@ pub struct ModelRecord {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CandidateRecord {
     pub engine: String,
-    pub version: String,
-    pub kernel: String,
-    pub i2s_mode: String,
+    pub build: String,
     pub threads: usize,
+    pub kv_semantics: Option<KvSemantics>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -115,10 +144,59 @@ impl Receipt {
         progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Receipt, RunError> {
+        let builtin = BuiltinCandidate {
+            faults: record.faults.clone(),
+            ..BuiltinCandidate::default()
+        };
+        Self::run_with(record, &builtin, worker_exe, progress, cancel)
+    }
+
+    /// [`Receipt::run`] with any candidate (`record.faults` is then only recorded).
+    pub fn run_with(
+        record: &RunRecord,
+        candidate: &dyn CandidateLoader,
+        worker_exe: PathBuf,
+        progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Receipt, RunError> {
         let policy = match &record.policy_path {
             Some(p) => Policy::load(Path::new(p))?,
             None => Policy::default_policy(),
         };
+        Self::run_with_policy(record, policy, candidate, worker_exe, progress, cancel)
+    }
+
+    /// Runs `record` again under the policy this receipt recorded (not
+    /// today's default, nor whatever the policy file holds now): what
+    /// `divergence verify` checks.
+    pub fn rerun(
+        &self,
+        worker_exe: PathBuf,
+        progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Receipt, RunError> {
+        let builtin = BuiltinCandidate {
+            faults: self.run.faults.clone(),
+            ..BuiltinCandidate::default()
+        };
+        Self::run_with_policy(
+            &self.run,
+            self.policy.clone(),
+            &builtin,
+            worker_exe,
+            progress,
+            cancel,
+        )
+    }
+
+    fn run_with_policy(
+        record: &RunRecord,
+        policy: Policy,
+        candidate: &dyn CandidateLoader,
+        worker_exe: PathBuf,
+        progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Receipt, RunError> {
         let model = PathBuf::from(&record.model_path);
         let cfg = RunConfig {
             steps: record.steps,
@@ -126,7 +204,6 @@ impl Receipt {
             threads: record.threads,
             kv_type: record.kv_type,
             keep_going: record.keep_going,
-            faults: record.faults.clone(),
             token_faults: record.token_faults.clone(),
             reference_ffn_act: record.reference_ffn_act,
             progress,
@@ -138,10 +215,24 @@ impl Receipt {
                 worker_exe,
             )
         };
-        let outcome = lockstep::run(&cfg)?;
+        let outcome = lockstep::run(&cfg, candidate)?;
         let sha256 = sha256_file(&model)
             .map_err(|e| RunError::Io(format!("hashing {}: {e}", model.display())))?;
         Ok(Receipt::build(record.clone(), sha256, policy, outcome))
+    }
+
+    /// The receipt of an offline comparison: `run` describes the reference
+    /// dump's run (mode free).
+    pub fn offline(
+        run: RunRecord,
+        sha256: String,
+        policy: Policy,
+        outcome: Outcome,
+        offline: OfflineRecord,
+    ) -> Receipt {
+        let mut r = Receipt::build(run, sha256, policy, outcome);
+        r.offline = Some(offline);
+        r
     }
 
     fn build(run: RunRecord, sha256: String, policy: Policy, outcome: Outcome) -> Receipt {
@@ -154,14 +245,14 @@ impl Receipt {
                 sha256,
                 file_size: outcome.model_file_size,
                 config: outcome.model,
+                file: outcome.file_facts,
                 reference_description: outcome.reference_description,
             },
             candidate: CandidateRecord {
-                engine: "divergence pure-Rust BitNet engine".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                kernel: outcome.candidate_kernel,
-                i2s_mode: outcome.candidate_i2s_mode,
+                engine: outcome.candidate.name,
+                build: outcome.candidate.build,
                 threads,
+                kv_semantics: outcome.candidate.kv_semantics,
             },
             run,
             reference: BuildInfo::current(threads),
@@ -173,14 +264,18 @@ impl Receipt {
             first_divergence: outcome.first_divergence,
             later_divergences: outcome.later_divergences,
             stages: outcome.summary,
+            step_results: outcome.steps,
+            coverage: outcome.coverage,
+            config_check: outcome.config_check,
             generated: Generated {
                 reference: outcome.generated_reference,
                 candidate: outcome.generated_candidate,
                 disagreements: outcome.token_disagreements,
             },
-            unknown_reference_nodes: outcome.unknown_nodes,
             weight_warnings: outcome.weight_warnings,
             reference_failure: outcome.reference_failure,
+            candidate_failure: outcome.candidate_failure,
+            offline: None,
             volatile: Volatile {
                 timestamp_unix: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -227,14 +322,36 @@ impl Receipt {
             "tokens": self.tokens,
             "first_divergence": self.first_divergence,
             "generated": self.generated,
+            "coverage": self.coverage,
+            "config_check": self.config_check,
             "reference_failed": self.reference_failure.is_some(),
+            "candidate_failure": self.candidate_failure,
         })
     }
 
-    /// Differences in identity between two receipts, as readable lines.
+    /// Differences in identity between two receipts, as readable lines,
+    /// and every stage this receipt found bit-exact that `other` does not.
     pub fn differences(&self, other: &Receipt) -> Vec<String> {
         let (a, b) = (self.identity(), other.identity());
         let mut out = Vec::new();
+        for s in self.stages.iter().filter(|s| s.all_exact) {
+            let now = other
+                .stages
+                .iter()
+                .find(|o| o.layer == s.layer && o.stage == s.stage);
+            match now {
+                Some(o) if o.all_exact => {}
+                Some(o) => out.push(format!(
+                    "stage {}: was bit-exact, now worst NMSE {:.3e}",
+                    crate::trace::StageKey::new(s.layer, s.stage),
+                    o.worst_nmse
+                )),
+                None => out.push(format!(
+                    "stage {}: was bit-exact, now not judged",
+                    crate::trace::StageKey::new(s.layer, s.stage)
+                )),
+            }
+        }
         if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
             for (k, va) in a {
                 let vb = b.get(k).unwrap_or(&serde_json::Value::Null);

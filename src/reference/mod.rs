@@ -68,6 +68,16 @@ pub struct Node {
     pub data: Vec<f32>,
 }
 
+/// A graph node as `cb_eval` was asked about it (every node, captured or
+/// not): what coverage accounting checks the stage mapping against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphNode {
+    /// The node's name (`Qcur-3`).
+    pub name: String,
+    /// Its ggml op name.
+    pub op: String,
+}
+
 /// Which nodes to copy. A full-size model should not copy every tensor.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CaptureFilter {

@@ -6,7 +6,7 @@
 //! child (`super::worker`); tests that want the kernels directly use it too.
 
 use super::ffi;
-use super::{CaptureFilter, KvType, Node, RefError};
+use super::{CaptureFilter, GraphNode, KvType, Node, RefError};
 use std::ffi::{c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -186,6 +186,8 @@ struct CaptureState {
     /// that a crash still leaves the last stage reached); the node is then
     /// not kept, so a full-size step's activations are never held twice.
     on_node: Option<NodeCallback>,
+    /// Every node asked about in the current decode, captured or not.
+    graph: Vec<GraphNode>,
     panicked: bool,
 }
 
@@ -204,6 +206,8 @@ pub struct Decoded {
     /// Every captured graph node, in callback order (none when a node
     /// callback streams them).
     pub nodes: Vec<Node>,
+    /// Every node of the graph (name and op), in order.
+    pub graph: Vec<GraphNode>,
 }
 
 impl Context {
@@ -216,6 +220,7 @@ impl Context {
             filter,
             nodes: Vec::new(),
             on_node: None,
+            graph: Vec::new(),
             panicked: false,
         });
         let threads = i32::try_from(opts.threads.max(1))
@@ -281,6 +286,7 @@ impl Context {
         }
         let n_i32 = i32::try_from(n).map_err(|_| RefError::Input("batch too large".into()))?;
         self.capture.nodes.clear();
+        self.capture.graph.clear();
         self.capture.panicked = false;
         // SAFETY: llama_batch_init allocates arrays of n entries (one seq id
         // each) that we fill within bounds and free below.
@@ -318,6 +324,7 @@ impl Context {
         Ok(Decoded {
             logits,
             nodes: std::mem::take(&mut self.capture.nodes),
+            graph: std::mem::take(&mut self.capture.graph),
         })
     }
 }
@@ -343,7 +350,13 @@ unsafe extern "C" fn eval_callback(t: *mut ffi::ggml_tensor, ask: bool, user: *m
         let tensor = unsafe { &*t };
         let name = tensor_name(tensor);
         if ask {
-            return state.filter.wants(&name);
+            // SAFETY: op names are static strings in ggml.
+            let op = unsafe { CStr::from_ptr(ffi::ggml_op_name(tensor.op)) }
+                .to_string_lossy()
+                .into_owned();
+            let wanted = state.filter.wants(&name);
+            state.graph.push(GraphNode { name, op });
+            return wanted;
         }
         if !state.filter.wants(&name) {
             return true;

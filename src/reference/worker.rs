@@ -11,7 +11,7 @@
 //! crash report.
 
 use super::session::{Context, ContextOptions, Model};
-use super::{set_ffn_act, CaptureFilter, FfnAct, Node, RefError};
+use super::{set_ffn_act, CaptureFilter, FfnAct, GraphNode, Node, RefError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -52,10 +52,16 @@ enum Request {
 
 #[derive(Serialize, Deserialize, Debug)]
 enum Reply {
-    Loaded { n_vocab: usize, description: String },
+    Loaded {
+        n_vocab: usize,
+        description: String,
+    },
     Tokens(Vec<u32>),
     Text(String),
-    Decoded { n_tokens: usize },
+    Decoded {
+        n_tokens: usize,
+        graph: Vec<GraphNode>,
+    },
     Done,
 }
 
@@ -133,6 +139,7 @@ fn handle(
             Ok((
                 Reply::Decoded {
                     n_tokens: tokens.len(),
+                    graph: decoded.graph,
                 },
                 f32_bytes(&decoded.logits),
             ))
@@ -316,12 +323,13 @@ impl Worker {
         }
     }
 
-    /// Decodes a batch: (logits [T, n_vocab], captured nodes in order).
+    /// Decodes a batch: (logits [T, n_vocab], captured nodes in order,
+    /// every graph node's name and op).
     pub fn decode(
         &mut self,
         tokens: &[u32],
         pos0: usize,
-    ) -> Result<(Vec<f32>, Vec<Node>), RefError> {
+    ) -> Result<(Vec<f32>, Vec<Node>, Vec<GraphNode>), RefError> {
         let mut nodes = Vec::new();
         match self.call(
             &Request::Decode {
@@ -330,7 +338,7 @@ impl Worker {
             },
             &mut nodes,
         )? {
-            (Reply::Decoded { .. }, blob) => Ok((f32_from_bytes(&blob), nodes)),
+            (Reply::Decoded { graph, .. }, blob) => Ok((f32_from_bytes(&blob), nodes, graph)),
             (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
         }
     }

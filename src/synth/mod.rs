@@ -53,7 +53,7 @@ pub enum Preset {
     /// multiple of 128: the tensors still pack (I2_S blocks the flattened
     /// tensor), but bitnet.cpp computes ffn_down wrong: each row loses its
     /// last 64 values, and odd rows, which start inside a block, are read
-    /// as if they started one (`engine::reference_bugs`). Kept, because it
+    /// as if they started one (`oracle::reference_bugs`). Kept, because it
     /// is the real shape: `find` blames the reference there, with the cause.
     #[value(name = "bitnet_b1_58-3B")]
     Bitnet3B,
@@ -136,6 +136,9 @@ pub struct SynthConfig {
     pub scale_tensors: bool,
     /// attn_norm weights in 0.01..0.05, as in the real 2B-4T.
     pub tiny_attn_norm: bool,
+    /// Write a separate F16 `output.weight` (untied logits). Not for arch
+    /// `bitnet`, whose reference graph always uses `token_embd`.
+    pub untied_output: bool,
     pub seed: u64,
     /// `general.name`; `None` writes a description of the synthetic model.
     pub name: Option<String>,
@@ -248,6 +251,7 @@ impl SynthConfig {
             embd_type: GgmlType::F16,
             scale_tensors: false,
             tiny_attn_norm: false,
+            untied_output: false,
             seed: 0,
             name: None,
             vocab: None,
@@ -384,6 +388,12 @@ impl SynthConfig {
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
             return bad(format!("rms_eps {} must be positive", self.rms_eps));
         }
+        if self.untied_output && self.arch == "bitnet" {
+            return bad(
+                "arch bitnet ties its logits to token_embd: bitnet.cpp refuses an output.weight"
+                    .into(),
+            );
+        }
         if !matches!(self.embd_type, GgmlType::F16 | GgmlType::F32) {
             return bad(format!("embd_type {} must be f16 or f32", self.embd_type));
         }
@@ -489,6 +499,18 @@ pub fn generate(cfg: &SynthConfig) -> Result<GgufWriter, SynthError> {
         GgmlType::F32,
         norm_weight(seed, name, cfg.n_embd),
     );
+    if cfg.untied_output {
+        let out = SynthConfig {
+            embd_type: GgmlType::F16,
+            ..cfg.clone()
+        };
+        w.add_tensor(
+            "output.weight",
+            &[e, v],
+            GgmlType::F16,
+            dense_rows(&out, "output.weight"),
+        );
+    }
     Ok(w)
 }
 
@@ -749,9 +771,14 @@ fn norm_weight(seed: u64, name: &str, n: usize) -> Vec<u8> {
 /// Rows of norm about 4: element std `4/sqrt(n_embd)`, so tied-embedding
 /// logits of a normalized hidden state have std about 4.
 fn embedding(cfg: &SynthConfig) -> Vec<u8> {
+    dense_rows(cfg, "token_embd.weight")
+}
+
+/// [n_vocab, n_embd] rows of norm about 4 in `cfg.embd_type`, from the
+/// stream of `name`.
+fn dense_rows(cfg: &SynthConfig, name: &str) -> Vec<u8> {
     let std = 4.0 / (cfg.n_embd as f32).sqrt();
     let n = cfg.n_embd * cfg.n_vocab;
-    let name = "token_embd.weight";
     let width = match cfg.embd_type {
         GgmlType::F32 => 4,
         _ => 2,

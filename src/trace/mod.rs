@@ -12,37 +12,10 @@ pub mod reference_map;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// One point of the forward pass, in execution order.
-///
-/// Layouts (row-major, outermost first); `T` = tokens in the step's batch,
-/// `E` = n_embd, `Ekv` = n_embd_head * n_head_kv, `F` = n_ff, `H` = n_head,
-/// `K` = keys visible to the step (n_past + T), `V` = vocab.
-///
-/// | stage | layout | reference node (op) |
-/// |---|---|---|
-/// | `tok_embd` | [T, E] | `inp_embd` (GET_ROWS) |
-/// | `attn_norm` | [T, E] | `attn_norm-L` (MUL) |
-/// | `q_proj` | [T, E] | `Qcur-L` (MUL_MAT, or the MUL by `attn_q.scale`) |
-/// | `k_proj` | [T, Ekv] | `Kcur-L` (MUL_MAT / MUL) |
-/// | `v_proj` | [T, Ekv] | `Vcur-L` (MUL_MAT / MUL) |
-/// | `q_rope` | [T, E] (= [T, H, hd]) | `Qcur-L` (ROPE) |
-/// | `k_rope` | [T, Ekv] | `Kcur-L` (ROPE) |
-/// | `attn_scores` | [H, T, K], raw q·k (unscaled); entries with key > query set to 0 | `kq-L` (MUL_MAT), cropped to K |
-/// | `attn_probs` | [H, T, K] | `kq_soft_max_ext-L` (SOFT_MAX), cropped to K |
-/// | `attn_out` | [T, E] | `kqv_out-L` (CONT) |
-/// | `attn_sub_norm` | [T, E] | `attn_sub_norm-L` (MUL) |
-/// | `o_proj` | [T, E] | `attn_o_out-L` |
-/// | `ffn_inp` | [T, E] | `ffn_inp-L` (ADD) |
-/// | `ffn_norm` | [T, E] | `ffn_norm-L` (MUL) |
-/// | `ffn_gate` | [T, F] | `ffn_gate-L` (MUL_MAT / MUL) |
-/// | `ffn_act` | [T, F] | `ffn_silu-L` (UNARY); `bitnet-b1.58`: `ffn_relu_sqr-L` (SQR) |
-/// | `ffn_up` | [T, F] | `ffn_up-L` (MUL_MAT / MUL) |
-/// | `ffn_mul` | [T, F] | `ffn_sub_out-L` (MUL) |
-/// | `ffn_sub_norm` | [T, F] | `ffn_sub_norm-L` (MUL) |
-/// | `ffn_down` | [T, E] | `ffn_down-L` (MUL_MAT / MUL) |
-/// | `l_out` | [T, E] | `l_out-L` (ADD) |
-/// | `result_norm` | [T, E] | `result_norm` (MUL) |
-/// | `logits` | [T, V] | `result_output` (MUL_MAT) |
+/// One point of the forward pass, in execution order. The stage list, each
+/// stage's logical layout ([`Stage::layout`]) and the arches that have it
+/// ([`Stage::in_arch`]) are the contract between the harness and an engine,
+/// written out in `docs/candidate-api.md` (a test checks the two agree).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
@@ -139,6 +112,27 @@ impl Stage {
 
     pub fn from_name(name: &str) -> Option<Stage> {
         Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// The canonical logical layout, row-major, outermost first: `T` tokens
+    /// in the step's batch, `E` n_embd, `Ekv` head_dim × n_head_kv, `F`
+    /// n_ff, `H` n_head, `K` keys visible to the step (n_past + T), `V` the
+    /// vocabulary.
+    pub fn layout(self) -> &'static str {
+        match self {
+            Stage::KProj | Stage::VProj | Stage::KRope => "[T, Ekv]",
+            Stage::AttnScores | Stage::AttnProbs => "[H, T, K]",
+            Stage::FfnGate | Stage::FfnAct | Stage::FfnUp | Stage::FfnMul | Stage::FfnSubNorm => {
+                "[T, F]"
+            }
+            Stage::Logits => "[T, V]",
+            _ => "[T, E]",
+        }
+    }
+
+    /// Whether an arch's forward pass has this stage (`llama` has no sub norms).
+    pub fn in_arch(self, arch: crate::engine::Arch) -> bool {
+        arch.has_sub_norms() || !matches!(self, Stage::AttnSubNorm | Stage::FfnSubNorm)
     }
 
     /// Attention score-like stages carry a [H, T, K] layout with a causal mask.

@@ -14,7 +14,7 @@
 //! as auxiliary; anything else unmapped is reported as unknown.
 
 use super::{Stage, StageKey, Tensor};
-use crate::reference::{split_layer, Node};
+use crate::reference::{split_layer, GraphNode, Node};
 
 /// The result of mapping one decode's nodes.
 #[derive(Debug, Default)]
@@ -69,6 +69,29 @@ fn is_auxiliary(base: &str, op: &str) -> bool {
             base,
             "q" | "k" | "v" | "kqv" | "kqv_merged" | "inp_pos" | "KQ_mask"
         )
+}
+
+/// The nodes of a graph listing that map to no stage and are no known
+/// auxiliary, as `name [OP]` labels, each once.
+#[derive(Debug, Default)]
+pub struct GraphClasses {
+    /// Nodes no rule knows.
+    pub unknown: Vec<String>,
+}
+
+/// Classifies every node of a decode's graph (captured or not).
+pub fn classify_graph(graph: &[GraphNode]) -> GraphClasses {
+    let mut out = GraphClasses::default();
+    for node in graph {
+        let (base, _) = split_layer(&node.name);
+        if stage_of(base, &node.op).is_none() && !is_auxiliary(base, &node.op) {
+            let label = format!("{} [{}]", node.name, node.op);
+            if !out.unknown.contains(&label) {
+                out.unknown.push(label);
+            }
+        }
+    }
+    out
 }
 
 /// Maps one decode's nodes to canonical stages.

@@ -10,43 +10,64 @@ pub mod avx2;
 pub mod avx512;
 pub mod scalar;
 
-/// The instruction-set path an engine uses for its I2_S products.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kernel {
+/// An instruction set the kernels have a path for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
     Scalar,
-    /// `maddubs` with 16-bit lanes (both modes).
+    /// `maddubs` with 16-bit lanes (both modes), F16C conversions.
     Avx2,
     /// `vpdpbusd` on 512-bit registers (exact mode; wrap mode runs AVX2).
     Avx512Vnni,
 }
 
+/// The instruction-set path an engine uses for its products: only ever one
+/// this CPU supports. The field is private, so safe code can only get a
+/// `Kernel` from [`Kernel::detect`], [`Kernel::available`], [`Kernel::get`]
+/// or [`Kernel::SCALAR`], all of which check the CPU; the SIMD calls inside
+/// rely on that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernel(Isa);
+
 impl Kernel {
+    /// The scalar specification: runs anywhere.
+    pub const SCALAR: Kernel = Kernel(Isa::Scalar);
+
     /// The fastest kernel this CPU supports.
     pub fn detect() -> Kernel {
-        *Self::available().last().unwrap_or(&Kernel::Scalar)
+        *Self::available().last().unwrap_or(&Kernel::SCALAR)
     }
 
     /// Every kernel this CPU can run (the scalar one first).
     pub fn available() -> Vec<Kernel> {
         #[allow(unused_mut)]
-        let mut ks = vec![Kernel::Scalar];
+        let mut ks = vec![Kernel::SCALAR];
         #[cfg(target_arch = "x86_64")]
         {
             if avx2::available() {
-                ks.push(Kernel::Avx2);
+                ks.push(Kernel(Isa::Avx2));
             }
             if avx512::available() {
-                ks.push(Kernel::Avx512Vnni);
+                ks.push(Kernel(Isa::Avx512Vnni));
             }
         }
         ks
     }
 
+    /// The kernel for `isa`, if this CPU supports it.
+    pub fn get(isa: Isa) -> Option<Kernel> {
+        Self::available().into_iter().find(|k| k.0 == isa)
+    }
+
+    /// Its instruction set.
+    pub fn isa(self) -> Isa {
+        self.0
+    }
+
     pub fn name(self) -> &'static str {
-        match self {
-            Kernel::Scalar => "scalar",
-            Kernel::Avx2 => "avx2",
-            Kernel::Avx512Vnni => "avx512-vnni",
+        match self.0 {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 
@@ -54,15 +75,15 @@ impl Kernel {
     /// the fastest path this kernel's CPU has; always the same bits.
     pub fn dot_f16(self, row: &[u8], x: &[f32]) -> f32 {
         assert_eq!(row.len(), 2 * x.len());
-        match self {
+        match self.0 {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => {
+            Isa::Avx512Vnni => {
                 // SAFETY: Avx512Vnni is only selected when avx512::available()
                 // (which includes avx512f); lengths checked above.
                 unsafe { avx512::dot_f16(row, x) }
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => {
+            Isa::Avx2 => {
                 // SAFETY: Avx2 is only selected when avx2::available()
                 // (AVX2 and F16C); lengths checked above.
                 unsafe { avx2::dot_f16(row, x) }
@@ -79,7 +100,7 @@ impl Kernel {
         let x = |t: usize| &xs[t * n..(t + 1) * n];
         let mut t = 0;
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512Vnni {
+        if self.0 == Isa::Avx512Vnni {
             while t + 4 <= out.len() {
                 // SAFETY: Avx512Vnni is only selected when avx512f is
                 // available; each x(t) is n values for a 2n-byte row.
@@ -104,7 +125,7 @@ impl Kernel {
         assert_eq!(out.len(), n_rows * n_tok);
         let mut r = 0;
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512Vnni && n_tok > 1 && n & (scalar::DENSE_LANES - 1) == 0 {
+        if self.0 == Isa::Avx512Vnni && n_tok > 1 && n & (scalar::DENSE_LANES - 1) == 0 {
             let row = |r: usize| &rows[2 * n * r..2 * n * (r + 1)];
             let x = |t: usize| &xs[t * n..(t + 1) * n];
             while r + 4 <= n_rows {
@@ -133,7 +154,7 @@ impl Kernel {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512Vnni && n_tok == 1 {
+        if self.0 == Isa::Avx512Vnni && n_tok == 1 {
             while r + 4 <= n_rows {
                 // SAFETY: Avx512Vnni is only selected when avx512f is
                 // available; the slice is four rows of 2n bytes and x is n values.
@@ -154,7 +175,7 @@ impl Kernel {
         assert_eq!(keys.head_dim(), q.len());
         let rows = keys.rows(out.len());
         #[cfg(target_arch = "x86_64")]
-        if self != Kernel::Scalar {
+        if self.0 != Isa::Scalar {
             // SAFETY: both SIMD kernels are only selected when
             // avx2::available() (AVX2 and F16C); `rows` holds out.len()
             // rows of head_dim, checked equal to q's length above.
@@ -182,7 +203,7 @@ impl Kernel {
         assert_eq!(hd, out.len());
         let rows = vals.rows(p.len());
         #[cfg(target_arch = "x86_64")]
-        if self != Kernel::Scalar {
+        if self.0 != Isa::Scalar {
             // SAFETY: both SIMD kernels are only selected when
             // avx2::available() (AVX2 and F16C); `rows` holds p.len() rows
             // of head_dim, checked equal to out's length above.
@@ -205,13 +226,33 @@ impl Kernel {
         }
     }
 
+    /// [`scalar::xor_fold`] with this kernel's widest loads (the bench's
+    /// streaming read); always the same bits.
+    pub fn xor_fold(self, words: &[u64]) -> u64 {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                // SAFETY: Avx512Vnni is only selected when avx512::available()
+                // (which includes avx512f); the kernel reads only `words`.
+                unsafe { avx512::xor_fold(words) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 is only selected when avx2::available(); the
+                // kernel reads only `words`.
+                unsafe { avx2::xor_fold(words) }
+            }
+            _ => scalar::xor_fold(words),
+        }
+    }
+
     /// [`quantize_row_i8_s`] on the fastest path this kernel's CPU has
     /// (AVX-512 for the reference variant; the bug-zoo variants run the
     /// scalar function); always the same codes, scale and sum.
     pub fn quantize_row(self, x: &[f32], out: &mut [i8], variant: ActQuantVariant) -> ActRow {
         assert_eq!(x.len(), out.len());
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512Vnni && variant == ActQuantVariant::REFERENCE {
+        if self.0 == Isa::Avx512Vnni && variant == ActQuantVariant::REFERENCE {
             let scale = act_scale(x, variant.scale_numerator);
             // SAFETY: Avx512Vnni is only selected when avx512::available()
             // (F/BW/VL included); lengths checked above.
@@ -238,14 +279,45 @@ impl Kernel {
         assert!(w.len() >= rows.end * n_in / 4);
         assert_eq!(q.len() % n_in, 0);
         assert_eq!(out.len(), rows.len() * (q.len() / n_in));
-        match self {
-            Kernel::Scalar => scalar::matmul(wrap, w, n_in, rows, q, out),
+        match self.0 {
+            Isa::Scalar => scalar::matmul(wrap, w, n_in, rows, q, out),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::matmul(wrap, w, n_in, rows, q, out),
+            Isa::Avx2 => avx2::matmul(wrap, w, n_in, rows, q, out),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => avx512::matmul(wrap, w, n_in, rows, q, out),
+            Isa::Avx512Vnni => avx512::matmul(wrap, w, n_in, rows, q, out),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no SIMD kernels on this target"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel's read fold is the plain XOR of the words, at every
+    /// length around its step sizes and from unaligned starts.
+    #[test]
+    fn xor_fold_is_the_plain_xor_on_every_kernel() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let words: Vec<u64> = (0..1100)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            })
+            .collect();
+        for start in [0, 1, 3] {
+            for len in [
+                0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 1000,
+            ] {
+                let slice = &words[start..start + len];
+                let want = slice.iter().fold(0, |acc, &w| acc ^ w);
+                for kernel in Kernel::available() {
+                    assert_eq!(kernel.xor_fold(slice), want, "{} len {len}", kernel.name());
+                }
+            }
         }
     }
 }

@@ -165,6 +165,28 @@ pub fn axpy(p: f32, v: impl Iterator<Item = f32>, out: &mut [f32]) {
     }
 }
 
+/// Independent accumulators of [`xor_fold`]: several loads in flight and
+/// a loop the compiler vectorises, instead of one dependency chain.
+pub const XOR_FOLD_LANES: usize = 8;
+
+/// The XOR of every word. It reads each word once and its result depends on
+/// all of them, so no compiler can skip a load: the streaming read of the
+/// bench's bandwidth probe. XOR is associative and commutative, so every
+/// kernel's version gives these bits whatever its lane count.
+pub fn xor_fold(words: &[u64]) -> u64 {
+    let mut lanes = [0u64; XOR_FOLD_LANES];
+    let mut chunks = words.chunks_exact(XOR_FOLD_LANES);
+    for chunk in &mut chunks {
+        for (lane, &w) in lanes.iter_mut().zip(chunk) {
+            *lane ^= w;
+        }
+    }
+    lanes
+        .iter()
+        .chain(chunks.remainder())
+        .fold(0, |acc, &w| acc ^ w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

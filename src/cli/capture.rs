@@ -1,0 +1,215 @@
+//! `divergence capture`: one engine's run into a safetensors dump, and
+//! `divergence compare`: two dumps judged offline.
+
+use super::{CliResult, Failure};
+use anyhow::anyhow;
+use divergence::candidate::BuiltinCandidate;
+use divergence::compare::Policy;
+use divergence::dump::capture::{capture_candidate, capture_reference, CaptureConfig};
+use divergence::dump::map::{map_dump, DumpMap};
+use divergence::dump::Dump;
+use divergence::engine::KvType;
+use divergence::lockstep::offline::{compare_dumps, CandidateDump, OfflineOptions};
+use divergence::lockstep::{Mode, Prompt};
+use divergence::receipt::{OfflineRecord, Receipt, RunRecord};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Which engine a capture runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineChoice {
+    /// bitnet.cpp.
+    Reference,
+    /// This project's engine.
+    Candidate,
+}
+
+#[derive(clap::Args)]
+pub struct CaptureArgs {
+    /// GGUF model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (tokenized by the engine itself).
+    #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    prompt: Option<String>,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// Greedy decode steps after the prefill.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Which engine to run.
+    #[arg(long, value_enum, default_value = "reference")]
+    engine: EngineChoice,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// KV cache type.
+    #[arg(long, value_parser = super::find::parse_kv, default_value = "f16")]
+    kv: KvType,
+    /// The dump to write (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn capture(args: CaptureArgs) -> CliResult {
+    if args.steps > 4096 {
+        return Err(anyhow!("--steps {} is absurd: at most 4096", args.steps).into());
+    }
+    if args.threads == 0 || args.threads > 256 {
+        return Err(anyhow!("--threads must be between 1 and 256").into());
+    }
+    let prompt = match (&args.prompt, &args.tokens) {
+        (_, Some(ids)) if ids.is_empty() => return Err(anyhow!("--tokens is empty").into()),
+        (_, Some(ids)) => Prompt::Tokens(ids.clone()),
+        (Some(p), None) if p.is_empty() => return Err(anyhow!("--prompt is empty").into()),
+        (Some(p), None) => Prompt::Text(p.clone()),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let cfg = CaptureConfig {
+        model: args.model.clone(),
+        prompt,
+        steps: args.steps,
+        threads: args.threads,
+        kv_type: args.kv,
+        out: args.out.clone(),
+    };
+    let result = match args.engine {
+        EngineChoice::Reference => {
+            let worker =
+                divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
+            capture_reference(&cfg, &worker)
+        }
+        EngineChoice::Candidate => capture_candidate(&cfg, &BuiltinCandidate::default()),
+    };
+    let manifest = result.map_err(|e| {
+        let code = match e {
+            divergence::dump::capture::CaptureError::Reference(_) => 3,
+            divergence::dump::capture::CaptureError::Candidate(_) => 5,
+            _ => 2,
+        };
+        Failure {
+            code,
+            error: anyhow::Error::from(e).context(format!("capturing {}", args.model.display())),
+        }
+    })?;
+    let n_tensors = Dump::open(&args.out)
+        .map(|d| d.names().count())
+        .unwrap_or(0);
+    outln!(
+        "dump    {} ({} engine, {} step(s), {n_tensors} tensors)",
+        args.out.display(),
+        manifest.engine,
+        manifest.steps.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// The reference dump (from `capture --engine reference`).
+    #[arg(long)]
+    reference: PathBuf,
+    /// The candidate's dump (ours, or another engine's with --map).
+    #[arg(long)]
+    candidate: PathBuf,
+    /// The model: the f64 oracle then blames the first failing stage.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// How the candidate dump's names and layouts map onto canonical stages.
+    #[arg(long)]
+    map: Option<PathBuf>,
+    /// Tolerance policy (JSON); its free_run rules judge.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Where to write the receipt.
+    #[arg(long, default_value = "divergence-receipt.json")]
+    receipt: PathBuf,
+    /// Record every failing stage instead of stopping at the first.
+    #[arg(long)]
+    keep_going: bool,
+    /// Print the receipt JSON on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn compare(args: CompareArgs) -> CliResult {
+    let policy = match &args.policy {
+        Some(p) => Policy::load(p)?,
+        None => Policy::default_policy(),
+    };
+    let reference = Dump::open(&args.reference)?;
+    let map = match &args.map {
+        Some(p) => Some(DumpMap::load(p)?),
+        None => None,
+    };
+    // A candidate dump that cannot be read or mapped is the candidate's failure: a receipt.
+    let (cand_dump, mapped) = match Dump::open(&args.candidate) {
+        Ok(d) => {
+            let m = map_dump(&d, map.as_ref()).map_err(|e| e.to_string());
+            (Some(d), m)
+        }
+        Err(e) => (None, Err(e.to_string())),
+    };
+    let candidate = CandidateDump {
+        stages: mapped.as_ref().map_err(|e| e.clone()),
+        manifest: cand_dump.as_ref().and_then(|d| d.manifest.as_ref()),
+        label: args.candidate.display().to_string(),
+    };
+    let opts = OfflineOptions {
+        policy: policy.clone(),
+        keep_going: args.keep_going,
+        model: args.model.clone(),
+    };
+    let outcome = compare_dumps(&reference, &candidate, &opts)?;
+    let m = reference
+        .manifest
+        .as_ref()
+        .expect("compare_dumps checked the manifest");
+    let record = RunRecord {
+        model_path: args
+            .model
+            .as_ref()
+            .map_or_else(|| m.model_path.clone(), |p| p.display().to_string()),
+        prompt: Prompt::Tokens(
+            m.steps
+                .first()
+                .map(|s| s.tokens.clone())
+                .unwrap_or_default(),
+        ),
+        steps: m.steps.len().saturating_sub(1),
+        mode: Mode::Free,
+        threads: m.threads,
+        kv_type: m.kv_type,
+        keep_going: args.keep_going,
+        faults: vec![],
+        token_faults: vec![],
+        policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
+        // `divergence capture` dumps the reference as the model defines it.
+        reference_ffn_act: Default::default(),
+    };
+    let offline = OfflineRecord {
+        reference_dump: args.reference.display().to_string(),
+        candidate_dump: args.candidate.display().to_string(),
+        map: args.map.as_ref().map(|p| p.display().to_string()),
+        model_given: args.model.is_some(),
+        note: format!(
+            "offline comparison of two dumps: each engine fed itself, so stages are judged on their propagated error under the policy's free_run rules (no resync, no local error){}",
+            if candidate.manifest.is_none() {
+                "; the candidate dump has no manifest, so its token ids are taken to be the reference's (tok_embd still compares the rows it embedded)"
+            } else {
+                ""
+            }
+        ),
+    };
+    let receipt = Receipt::offline(record, m.model_sha256.clone(), policy, outcome, offline);
+    receipt.write(&args.receipt).map_err(|e| Failure {
+        code: 2,
+        error: e.into(),
+    })?;
+    if args.json {
+        out!("{}", receipt.to_json());
+    } else {
+        super::find::print_summary(&receipt, &args.receipt);
+    }
+    Ok(super::find::exit_code(&receipt))
+}

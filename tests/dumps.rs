@@ -1,0 +1,394 @@
+//! Dumps and offline comparison: `divergence capture` writes every stage of
+//! every step into a safetensors file, `divergence compare` judges one dump
+//! against another (directly, or through a map for another engine's
+//! naming), and a broken dump is a result with a receipt, not a crash.
+
+use divergence::dump::{Dump, DumpWriter, Manifest};
+use divergence::lockstep::Verdict;
+use divergence::receipt::Receipt;
+use divergence::synth::{write_model, Preset, SynthConfig};
+use divergence::trace::Stage;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Runs our binary; (exit code, stdout + stderr).
+fn cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_divergence"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    reference: PathBuf,
+    candidate: PathBuf,
+}
+
+/// The small preset, its reference dump and our engine's dump (3 decode
+/// steps), made once for every test here.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("small.gguf");
+        let cfg = SynthConfig {
+            seed: 1,
+            ..SynthConfig::preset(Preset::Small)
+        };
+        write_model(&cfg, &model).unwrap();
+        let [reference, candidate] = ["reference", "candidate"].map(|e| {
+            let out = dir.path().join(format!("{e}.safetensors"));
+            let (code, log) = cli(&[
+                "capture",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "The quick brown fox",
+                "--steps",
+                "3",
+                "--engine",
+                e,
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert_eq!(code, 0, "capture {e}: {log}");
+            out
+        });
+        Fixture {
+            dir,
+            model,
+            reference,
+            candidate,
+        }
+    })
+}
+
+fn compare(candidate: &Path, extra: &[&str]) -> (i32, Receipt, String) {
+    let f = fixture();
+    let receipt = f.dir.path().join(format!(
+        "receipt-{}.json",
+        candidate.file_stem().unwrap().to_string_lossy()
+    ));
+    let mut args = vec![
+        "compare",
+        "--reference",
+        f.reference.to_str().unwrap(),
+        "--candidate",
+        candidate.to_str().unwrap(),
+        "--receipt",
+        receipt.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (code, log) = cli(&args);
+    let r = Receipt::read(&receipt).unwrap_or_else(|e| panic!("no receipt ({e}): {log}"));
+    (code, r, log)
+}
+
+/// Rewrites `from` into `to` through `edit(name, shape, data)`, which may
+/// rename, reshape, change or drop (None) each tensor.
+fn rewrite(
+    from: &Path,
+    to: &Path,
+    keep_manifest: bool,
+    mut edit: impl FnMut(&str, Vec<usize>, Vec<f32>) -> Vec<(String, Vec<usize>, Vec<f32>)>,
+) {
+    let d = Dump::open(from).unwrap();
+    let mut w = DumpWriter::create(to).unwrap();
+    let names: Vec<String> = d.names().map(str::to_owned).collect();
+    for name in names {
+        let t = d.tensor(&name).unwrap().unwrap();
+        for (n, shape, data) in edit(&name, t.shape, t.data) {
+            w.add_named(&n, &shape, &data).unwrap();
+        }
+    }
+    let manifest: Option<Manifest> = keep_manifest.then(|| d.manifest.clone().unwrap());
+    w.finish(manifest.as_ref()).unwrap();
+}
+
+#[test]
+fn a_dump_holds_every_stage_of_every_step_and_a_manifest() {
+    let f = fixture();
+    let d = Dump::open(&f.reference).unwrap();
+    let m = d.manifest.as_ref().unwrap();
+    assert_eq!(m.engine, "reference");
+    assert_eq!(m.steps.len(), 4);
+    assert_eq!(m.steps[1].pos0, m.steps[0].tokens.len());
+    assert_eq!(m.model_sha256.len(), 64);
+    let facts = m.model.as_ref().unwrap();
+    let per_step = facts.expected_stages().len();
+    assert_eq!(d.names().count(), 4 * per_step);
+    // Names and canonical layouts.
+    let t = facts.n_ff;
+    assert_eq!(d.shape("step1.layer2.ffn_up"), Some(&[1, t][..]));
+    let n0 = m.steps[0].tokens.len();
+    assert_eq!(
+        d.shape("step0.layer0.attn_scores"),
+        Some(&[facts.n_head, n0, n0][..])
+    );
+    assert_eq!(d.shape("step2.logits"), Some(&[1, facts.n_vocab][..]));
+}
+
+#[test]
+fn the_pypi_safetensors_reader_reads_a_dump() {
+    let ok = Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install numpy and safetensors"
+        );
+        eprintln!("skipped: python3 packages safetensors/numpy not installed");
+        return;
+    }
+    let f = fixture();
+    let script = "import sys, json\nfrom safetensors.numpy import load_file\nfrom safetensors import safe_open\nt = load_file(sys.argv[1])\nwith safe_open(sys.argv[1], 'np') as f: m = json.loads(f.metadata()['divergence'])\nprint(json.dumps({'n': len(t), 'shape': list(t['step0.layer1.q_proj'].shape), 'dtype': str(t['step0.layer1.q_proj'].dtype), 'steps': len(m['steps'])}))";
+    let out = Command::new("python3")
+        .args(["-c", script, f.reference.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = Dump::open(&f.reference).unwrap();
+    assert_eq!(v["n"], d.names().count());
+    assert_eq!(v["dtype"], "float32");
+    assert_eq!(v["steps"], 4);
+    let shape: Vec<usize> = serde_json::from_value(v["shape"].clone()).unwrap();
+    assert_eq!(shape, d.shape("step0.layer1.q_proj").unwrap());
+}
+
+#[test]
+fn a_dump_compared_with_itself_is_clean() {
+    let (code, r, log) = compare(&fixture().reference, &[]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(r.verdict, Verdict::NoDivergence);
+    assert!(r.coverage.complete);
+    assert!(r.offline.as_ref().unwrap().note.contains("propagated"));
+    assert!(r.stages.iter().all(|s| s.all_exact));
+}
+
+#[test]
+fn one_changed_element_is_found_at_its_step_layer_and_stage() {
+    let f = fixture();
+    let changed = f.dir.path().join("one-changed.safetensors");
+    rewrite(&f.reference, &changed, true, |name, shape, mut data| {
+        if name == "step1.layer2.ffn_up" {
+            data[7] += 10.0;
+        }
+        vec![(name.to_string(), shape, data)]
+    });
+    let model = f.model.to_str().unwrap();
+    let (code, r, log) = compare(&changed, &["--model", model]);
+    assert_eq!(code, 1, "{log}");
+    let d = r.first_divergence.as_ref().unwrap();
+    assert_eq!(
+        (d.step, d.layer, d.stage),
+        (1, Some(2), Stage::FfnUp),
+        "{log}"
+    );
+    assert_eq!(d.worst[0].flat_index, 7);
+    // With the model the oracle recomputes the stage from the reference
+    // dump's inputs: the changed side is the candidate.
+    assert_eq!(
+        d.blame.blame,
+        divergence::compare::Blame::Candidate,
+        "{}",
+        d.blame.reason
+    );
+}
+
+#[test]
+fn our_engines_dump_matches_the_references_within_the_free_run_policy() {
+    let f = fixture();
+    let (code, r, log) = compare(&f.candidate, &["--model", f.model.to_str().unwrap()]);
+    assert_eq!(code, 0, "{log}");
+    assert!(r.coverage.complete);
+    // Before any loose stage, the free run is still bit-exact.
+    let first_layer_q = r
+        .stages
+        .iter()
+        .find(|s| s.layer == Some(0) && s.stage == Stage::QProj)
+        .unwrap();
+    assert!(first_layer_q.all_exact);
+}
+
+#[test]
+fn a_truncated_dump_is_a_candidate_failure_with_a_receipt() {
+    let f = fixture();
+    let bytes = std::fs::read(&f.candidate).unwrap();
+    let cut = f.dir.path().join("truncated.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, r, log) = compare(&cut, &[]);
+    assert_eq!(code, 5, "{log}");
+    assert_eq!(r.verdict, Verdict::CandidateFailed);
+    assert!(r
+        .candidate_failure
+        .unwrap()
+        .message
+        .contains("cannot be read"));
+}
+
+#[test]
+fn a_dump_with_a_wrong_shape_is_a_candidate_failure_naming_it() {
+    let f = fixture();
+    let wrong = f.dir.path().join("wrong-shape.safetensors");
+    rewrite(&f.candidate, &wrong, true, |name, shape, data| {
+        let shape = if name == "step0.layer1.attn_out" {
+            shape.iter().rev().copied().collect() // [T, E] written as [E, T]
+        } else {
+            shape
+        };
+        vec![(name.to_string(), shape, data)]
+    });
+    let (code, r, log) = compare(&wrong, &[]);
+    assert_eq!(code, 5, "{log}");
+    let msg = r.candidate_failure.unwrap().message;
+    assert!(
+        msg.contains("step0.layer1.attn_out") && msg.contains("canonical layout"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_dump_that_lacks_a_stage_is_incomplete() {
+    let f = fixture();
+    let lacking = f.dir.path().join("lacking.safetensors");
+    rewrite(&f.reference, &lacking, true, |name, shape, data| {
+        if name.ends_with("layer3.ffn_sub_norm") {
+            vec![]
+        } else {
+            vec![(name.to_string(), shape, data)]
+        }
+    });
+    let (code, r, log) = compare(&lacking, &[]);
+    assert_eq!(code, 4, "{log}");
+    assert_eq!(r.verdict, Verdict::Incomplete);
+    for s in &r.coverage.steps {
+        assert_eq!(s.missing_candidate.len(), 1);
+        assert_eq!(s.missing_candidate[0].stage, Stage::FfnSubNorm);
+    }
+}
+
+/// Our candidate dump renamed into a plausible foreign scheme: per-stage
+/// names of its own, q_rope split per head, attention scores stored [T, K, H],
+/// an extra tensor with no stage, no manifest.
+fn foreign_dump(to: &Path) {
+    let f = fixture();
+    let d = Dump::open(&f.candidate).unwrap();
+    let facts = d.manifest.as_ref().unwrap().model.clone().unwrap();
+    let (h, hd) = (facts.n_head, facts.head_dim);
+    rewrite(&f.candidate, to, false, |name, shape, data| {
+        let (step, key) = divergence::dump::parse_name(name).unwrap();
+        let stage = key.stage.name();
+        let base = match key.layer {
+            Some(l) => format!("s{step}.layers.{l}."),
+            None => format!("s{step}."),
+        };
+        match key.stage {
+            Stage::QProj => vec![(format!("{base}attention.q_proj"), shape, data)],
+            Stage::FfnSubNorm => vec![(format!("{base}post_ffn_subnorm"), shape, data)],
+            Stage::QRope => {
+                let t = shape[0];
+                (0..h)
+                    .map(|head| {
+                        let part: Vec<f32> = (0..t)
+                            .flat_map(|ti| data[ti * h * hd + head * hd..][..hd].to_vec())
+                            .collect();
+                        (
+                            format!("{base}attention.q_rope.head{head}"),
+                            vec![t, hd],
+                            part,
+                        )
+                    })
+                    .collect()
+            }
+            Stage::AttnScores => {
+                // [H, T, K] → [T, K, H]
+                let (nh, t, k) = (shape[0], shape[1], shape[2]);
+                let mut out = vec![0f32; data.len()];
+                for a in 0..nh {
+                    for b in 0..t {
+                        for c in 0..k {
+                            out[(b * k + c) * nh + a] = data[(a * t + b) * k + c];
+                        }
+                    }
+                }
+                let mut v = vec![(format!("{base}attention.scores"), vec![t, k, nh], out)];
+                v.push((format!("{base}kv_cache_bytes"), vec![1], vec![0.0]));
+                v
+            }
+            _ => vec![(format!("{base}{stage}"), shape, data)],
+        }
+    });
+}
+
+#[test]
+fn a_foreign_dump_is_read_through_a_map() {
+    let f = fixture();
+    let foreign = f.dir.path().join("foreign.safetensors");
+    foreign_dump(&foreign);
+    let map = f.dir.path().join("map.json");
+    let mut rules = vec![
+        serde_json::json!({"name": "s{S}.layers.{L}.attention.q_proj", "stage": "q_proj"}),
+        serde_json::json!({"name": "s{S}.layers.{L}.post_ffn_subnorm", "stage": "ffn_sub_norm"}),
+        serde_json::json!({"name": "s{S}.layers.{L}.attention.q_rope.head{H}", "stage": "q_rope", "heads": "concat"}),
+        serde_json::json!({"name": "s{S}.layers.{L}.attention.scores", "stage": "attn_scores", "transpose": [2, 0, 1]}),
+        serde_json::json!({"name": "s{S}.layers.{L}.kv_cache_bytes", "skip": true}),
+    ];
+    for s in Stage::ALL {
+        if matches!(
+            s,
+            Stage::QProj | Stage::FfnSubNorm | Stage::QRope | Stage::AttnScores
+        ) {
+            continue;
+        }
+        let name = if s.is_per_layer() {
+            format!("s{{S}}.layers.{{L}}.{s}")
+        } else {
+            format!("s{{S}}.{s}")
+        };
+        rules.push(serde_json::json!({"name": name, "stage": s.name()}));
+    }
+    std::fs::write(
+        &map,
+        serde_json::to_string_pretty(&serde_json::json!({"description": "test", "tensors": rules}))
+            .unwrap(),
+    )
+    .unwrap();
+    let (code, r, log) = compare(&foreign, &["--map", map.to_str().unwrap()]);
+    assert_eq!(code, 0, "{log}");
+    assert!(r.coverage.complete, "{:?}", r.coverage);
+    // The same verdict and the same per-stage errors as the dump read directly.
+    let (_, direct, _) = compare(&f.candidate, &[]);
+    assert_eq!(r.stages.len(), direct.stages.len());
+    for (a, b) in r.stages.iter().zip(&direct.stages) {
+        assert_eq!(
+            (a.layer, a.stage, a.worst_nmse),
+            (b.layer, b.stage, b.worst_nmse)
+        );
+    }
+    // Without the map nothing matches: every tensor unmapped, nothing judged.
+    let (code, r, _) = compare(&foreign, &[]);
+    assert_eq!(code, 4);
+    assert!(r
+        .coverage
+        .notes
+        .iter()
+        .any(|n| n.contains("map to no stage")));
+}
