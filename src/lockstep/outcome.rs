@@ -385,11 +385,11 @@ impl StageSummary {
 }
 
 /// The summary entry of `key`, created on first use.
-pub(crate) fn summary_slot<'a>(
-    summary: &'a mut Vec<StageSummary>,
+pub(crate) fn summary_slot(
+    summary: &mut Vec<StageSummary>,
     key: StageKey,
     class: compare::Class,
-) -> &'a mut StageSummary {
+) -> &mut StageSummary {
     match summary
         .iter()
         .position(|s| s.layer == key.layer && s.stage == key.stage)

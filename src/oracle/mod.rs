@@ -305,7 +305,7 @@ fn quantize_activations(row: &[f32]) -> (Vec<i64>, f32) {
 /// be whole 128-value blocks), then `Σ w·q / act_scale · tensor_scale
 /// (· extra scale)` in f64.
 fn linear(m: &Ternary<'_>, x: &[f32]) -> Result<OracleStage, String> {
-    if m.n_in == 0 || x.len() % m.n_in != 0 {
+    if m.n_in == 0 || !x.len().is_multiple_of(m.n_in) {
         return Err(format!(
             "an input of {} values does not fill rows of {}",
             x.len(),

@@ -53,7 +53,10 @@ impl Oracle<'_> {
         };
         let m = self.model.ternary(l, stem)?;
         let x = inputs.current(layer, input)?;
-        if m.n_in == 0 || x.len() % m.n_in != 0 || reference.len() != x.len() / m.n_in * m.n_out {
+        if m.n_in == 0
+            || !x.len().is_multiple_of(m.n_in)
+            || reference.len() != x.len() / m.n_in * m.n_out
+        {
             return None;
         }
         let mut wrapped = false;

@@ -187,6 +187,10 @@ fn f32_from_bytes(b: &[u8]) -> Vec<f32> {
 
 // --------------------------------------------------------------- parent side
 
+/// One decode in the worker: logits [T, n_vocab], the captured nodes in
+/// order, and every graph node's name and op.
+pub type DecodedStep = (Vec<f32>, Vec<Node>, Vec<GraphNode>);
+
 /// A reference running in a child process.
 pub struct Worker {
     child: Child,
@@ -325,11 +329,7 @@ impl Worker {
 
     /// Decodes a batch: (logits [T, n_vocab], captured nodes in order,
     /// every graph node's name and op).
-    pub fn decode(
-        &mut self,
-        tokens: &[u32],
-        pos0: usize,
-    ) -> Result<(Vec<f32>, Vec<Node>, Vec<GraphNode>), RefError> {
+    pub fn decode(&mut self, tokens: &[u32], pos0: usize) -> Result<DecodedStep, RefError> {
         let mut nodes = Vec::new();
         match self.call(
             &Request::Decode {
