@@ -407,42 +407,154 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn section<'a>(text: &'a str, start: &str) -> Option<&'a str> {
-    let begin = text.find(start)? + start.len();
-    let rest = text[begin..].strip_prefix('\n').unwrap_or(&text[begin..]);
-    let end = rest.find("\n--- ")?;
-    Some(&rest[..end + 1])
+/// One change a patch file makes: a find/replace edit of an existing file,
+/// or a new file.
+enum Hunk {
+    Edit {
+        file: String,
+        find: String,
+        replace: String,
+    },
+    Create {
+        file: String,
+        content: String,
+    },
 }
 
-fn apply_patch(root: &Path, name: &str, text: &str, lenient: bool) -> Result<(), String> {
-    let header = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|v| v.trim().to_string())
-    };
-    if let Some(file) = header("create:") {
-        let content = section(text, "--- content")
-            .ok_or(format!("patch {name}: no `--- content` section"))?;
-        let path = root.join(&file);
-        if !path.exists() {
-            fs::write(&path, content)
-                .map_err(|e| format!("patch {name}: writing {}: {e}", path.display()))?;
+/// Splits a patch file into its hunks (format: `vendor/README.md`).
+///
+/// Outside a section, `#` lines and blank lines are comments; `file: P`
+/// starts an edit of P and `create: P` a new file P. A section starts at
+/// `--- find`, `--- replace` or `--- content` and runs to the next `--- `
+/// line; `--- end` closes a hunk. Section text keeps its trailing newline.
+fn parse_hunks(name: &str, text: &str) -> Result<Vec<Hunk>, String> {
+    struct Pending {
+        create: bool,
+        file: String,
+        find: Option<String>,
+        replace: Option<String>,
+        content: Option<String>,
+    }
+    fn finish(name: &str, p: Pending) -> Result<Hunk, String> {
+        let missing =
+            |what: &str| format!("patch {name}: `{}` has no `--- {what}` section", p.file);
+        Ok(if p.create {
+            Hunk::Create {
+                content: p.content.clone().ok_or_else(|| missing("content"))?,
+                file: p.file,
+            }
+        } else {
+            Hunk::Edit {
+                find: p.find.clone().ok_or_else(|| missing("find"))?,
+                replace: p.replace.clone().ok_or_else(|| missing("replace"))?,
+                file: p.file,
+            }
+        })
+    }
+    let mut hunks = Vec::new();
+    let mut current: Option<Pending> = None;
+    // The section being read: which one, and its text so far.
+    let mut section: Option<(String, String)> = None;
+    let store = |current: &mut Option<Pending>, done: Option<(String, String)>| {
+        if let (Some(p), Some((which, body))) = (current.as_mut(), done) {
+            match which.as_str() {
+                "find" => p.find = Some(body),
+                "replace" => p.replace = Some(body),
+                _ => p.content = Some(body),
+            }
         }
-        return Ok(());
+    };
+    for line in text.lines() {
+        if let Some(marker) = line.strip_prefix("--- ") {
+            store(&mut current, section.take());
+            match marker.trim() {
+                "end" => {
+                    let p = current
+                        .take()
+                        .ok_or(format!("patch {name}: `--- end` without a hunk"))?;
+                    hunks.push(finish(name, p)?);
+                }
+                which @ ("find" | "replace" | "content") => {
+                    if current.is_none() {
+                        return Err(format!(
+                            "patch {name}: `--- {which}` before any `file:` or `create:` line"
+                        ));
+                    }
+                    section = Some((which.to_string(), String::new()));
+                }
+                other => return Err(format!("patch {name}: unknown marker `--- {other}`")),
+            }
+            continue;
+        }
+        if let Some((_, body)) = section.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+            continue;
+        }
+        let header = |key: &str| line.strip_prefix(key).map(|v| v.trim().to_string());
+        if let Some((create, file)) = header("file:")
+            .map(|f| (false, f))
+            .or_else(|| header("create:").map(|f| (true, f)))
+        {
+            if let Some(p) = current.take() {
+                hunks.push(finish(name, p)?);
+            }
+            current = Some(Pending {
+                create,
+                file,
+                find: None,
+                replace: None,
+                content: None,
+            });
+        } else if !(line.trim().is_empty() || line.starts_with('#')) {
+            return Err(format!(
+                "patch {name}: unexpected line outside a section: {line:?}"
+            ));
+        }
     }
-    let file = header("file:").ok_or(format!("patch {name}: needs a `file:` or `create:` line"))?;
-    let find = section(text, "--- find").ok_or(format!("patch {name}: no `--- find` section"))?;
-    let replace =
-        section(text, "--- replace").ok_or(format!("patch {name}: no `--- replace` section"))?;
-    let path = root.join(&file);
-    let source = fs::read_to_string(&path)
-        .map_err(|e| format!("patch {name}: reading {}: {e}", path.display()))?;
-    match source.matches(find).count() {
-        1 => fs::write(&path, source.replacen(find, replace, 1))
-            .map_err(|e| format!("patch {name}: {e}")),
-        0 if lenient => Ok(()),
-        n => Err(format!(
-            "patch {name}: expected the find text once in {file}, found it {n} times"
-        )),
+    store(&mut current, section.take());
+    if let Some(p) = current.take() {
+        hunks.push(finish(name, p)?);
     }
+    if hunks.is_empty() {
+        return Err(format!(
+            "patch {name}: needs at least one `file:` or `create:` hunk"
+        ));
+    }
+    Ok(hunks)
+}
+
+/// Applies every hunk of a patch file, in order.
+fn apply_patch(root: &Path, name: &str, text: &str, lenient: bool) -> Result<(), String> {
+    for hunk in parse_hunks(name, text)? {
+        match hunk {
+            Hunk::Create { file, content } => {
+                let path = root.join(&file);
+                if !path.exists() {
+                    fs::write(&path, content)
+                        .map_err(|e| format!("patch {name}: writing {}: {e}", path.display()))?;
+                }
+            }
+            Hunk::Edit {
+                file,
+                find,
+                replace,
+            } => {
+                let path = root.join(&file);
+                let source = fs::read_to_string(&path)
+                    .map_err(|e| format!("patch {name}: reading {}: {e}", path.display()))?;
+                match source.matches(find.as_str()).count() {
+                    1 => fs::write(&path, source.replacen(find.as_str(), &replace, 1))
+                        .map_err(|e| format!("patch {name}: {e}"))?,
+                    0 if lenient => {}
+                    n => {
+                        return Err(format!(
+                            "patch {name}: expected the find text once in {file}, found it {n} times:\n{find}"
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

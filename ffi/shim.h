@@ -13,20 +13,30 @@ extern "C" {
 float divergence_quantize_row_i8_s(const float * x, int8_t * q, int64_t n, int32_t * sum);
 
 // ggml_vec_dot_i2_i8_s on one row: the raw integer-valued sum of code*q
-// (codes 0..2), 16-bit lane wrap included. n must be a multiple of 128.
+// (codes 0..2), 16-bit lane wrap included. The kernel walks n/128 whole
+// blocks (reading n/128*32 bytes of w and n/128*128 of q) and ignores the
+// remainder of n.
 float divergence_vec_dot_i2_i8_s(int n, const uint8_t * w, const int8_t * q);
 
 // quantize_i2_s: f32 weights to the I2_S layout (codes + f32 scale);
 // returns the byte size written (nrow*n_per_row/4 + 32).
 size_t divergence_quantize_i2_s(const float * src, uint8_t * dst, int64_t nrow, int64_t n_per_row);
 
-// One row of the reference's I2_S mat-vec output, as ggml_compute_forward_mul_mat
-// computes it: ((float)dot - (float)act_sum) / act_scale * weight_scale.
+// The reference's I2_S mat-vec output, as ggml_compute_forward_mul_mat
+// computes it: row r's dot starts at byte r*n_in/4 of w (its
+// src0_row + ir0*nb01/4), then ((float)dot - (float)act_sum) / act_scale *
+// weight_scale. Any n_in > 0: that is what the reference does with it.
 void divergence_i2s_matvec(const uint8_t * w, int64_t n_in, int64_t n_out, const float * x, float * out);
 
 // Whether the kernel has a code path on this CPU (it has AVX2 and NEON paths
 // and no scalar fallback).
 int divergence_kernel_available(void);
+
+// Defined in llama.cpp by vendor/patches/04-arch-bitnet-b1.58.patch, not in
+// shim.c: nonzero makes arch bitnet-b1.58's FFN SiLU instead of squared ReLU
+// (upstream bitnet.cpp's current bug, BitNet issues #588/#602). Read when a
+// graph is built: set it before creating contexts.
+void divergence_set_ffn_act_silu(int silu);
 
 #ifdef __cplusplus
 }

@@ -605,20 +605,23 @@ fn bad_models_are_clear_errors_naming_the_culprit() {
 }
 
 #[test]
-fn row_length_not_a_multiple_of_128_is_rejected() {
-    // n_ff = 320: ffn_down's rows are 320 long.
+fn row_length_not_a_multiple_of_128_loads_with_its_rows_realigned() {
+    // n_ff = 320: ffn_down's rows are 320 long and start inside I2_S blocks
+    // (the format blocks the flattened tensor). The engine lays them out in
+    // whole blocks for its kernels; tests/arch_b158.rs checks the values
+    // against the oracle and bitnet.cpp (which gets them wrong).
     let mut cfg = SynthConfig::preset(Preset::Tiny);
     cfg.n_ff = 320;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ff320.gguf");
-    if write_model(&cfg, &path).is_err() {
-        return; // the generator refuses such shapes itself
-    }
-    let err = Engine::load(&path, EngineOptions::default())
-        .err()
-        .expect("must fail")
-        .to_string();
-    assert!(err.contains("ffn_down") || err.contains("128"), "{err}");
+    write_model(&cfg, &path).unwrap();
+    let mut e = Engine::load(&path, EngineOptions::default()).expect("the 3B-like shape loads");
+    let layer = &e.weights().layers[0];
+    assert!(layer.down.is_realigned());
+    assert_eq!(layer.down.row_len(), 384);
+    assert!(!layer.up.is_realigned());
+    let logits = e.forward(&PROMPT, &mut divergence::trace::NoTrace).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
 }
 
 /// Oracle inputs taken from the engine's own trace (and its K/V history).

@@ -38,6 +38,7 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
         keep_going: false,
         faults: vec![],
         token_faults: vec![],
+        reference_ffn_act: Default::default(),
         policy_path: None,
         chat: false,
     };
@@ -217,6 +218,7 @@ fn free_run_32_steps_top1_agrees_at_every_position() {
         keep_going: false,
         faults: vec![],
         token_faults: vec![],
+        reference_ffn_act: Default::default(),
         policy_path: Some(policy_path.display().to_string()),
         chat: false,
     };

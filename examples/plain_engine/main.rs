@@ -58,6 +58,7 @@ fn main() -> ExitCode {
         token_faults: vec![],
         policy_path: None,
         chat: false,
+        reference_ffn_act: Default::default(),
     };
     let loader = |opts: &LoadOptions| -> Result<Box<dyn Candidate>, CandidateError> {
         Ok(Box::new(PlainEngine::load(opts, bug)?))

@@ -185,6 +185,8 @@ pub fn compare(args: CompareArgs) -> CliResult {
         token_faults: vec![],
         policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
         chat: false,
+        // `divergence capture` dumps the reference as the model defines it.
+        reference_ffn_act: Default::default(),
     };
     let offline = OfflineRecord {
         reference_dump: args.reference.display().to_string(),

@@ -6,6 +6,7 @@ use anyhow::{anyhow, Context as _};
 use divergence::engine::{Fault, KvType};
 use divergence::lockstep::{Mode, Prompt, TokenFault, TokenSource, Verdict};
 use divergence::receipt::{self, Receipt, RunRecord};
+use divergence::reference::FfnAct;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,6 +47,11 @@ pub struct Args {
     /// Also write the receipt's HTML report here.
     #[arg(long)]
     html: Option<PathBuf>,
+    /// The reference's FFN activation on arch bitnet-b1.58: relu2 as the
+    /// model is defined, or silu, which upstream bitnet.cpp runs today
+    /// (BitNet issues #588, #602). A usage error on other arches.
+    #[arg(long, value_enum, default_value = "relu2")]
+    reference_ffn_act: FfnAct,
     /// Record every divergence instead of stopping at the first.
     #[arg(long)]
     keep_going: bool,
@@ -152,6 +158,7 @@ pub fn run(args: Args) -> CliResult {
         token_faults: args.inject_token.clone(),
         policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
         chat: args.chat,
+        reference_ffn_act: args.reference_ffn_act,
     };
     let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
     let receipt = execute(&record, show_progress)?;
@@ -242,6 +249,12 @@ pub fn print_summary(r: &Receipt, path: &Path) {
         r.run.kv_type,
         r.policy.name
     );
+    if r.run.reference_ffn_act != FfnAct::default() {
+        println!(
+            "        reference FFN activation {} (--reference-ffn-act: upstream bitnet.cpp's bitnet-b1.58 bug, on demand)",
+            r.run.reference_ffn_act.name()
+        );
+    }
     let t = &r.tokens;
     outln!(
         "tokens  reference {:?}{}",
@@ -372,6 +385,9 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                 outln!("  propagated (free run) nmse {:.3e} at this stage", p.nmse);
             }
             outln!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
+            if let Some(cause) = &d.blame.cause {
+                outln!("  cause: {cause}");
+            }
         }
         (_, None) if !r.tokens.equal => outln!("DIVERGENCE in the prompt's token ids"),
         (Verdict::Incomplete, None) => {
@@ -467,7 +483,29 @@ pub fn verify(args: VerifyArgs) -> CliResult {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
-            divergence::synth::write_model(recipe, model)
+            let mut recipe = recipe.clone();
+            if let Some(src) = &recipe.vocab_source {
+                // The copied tokenizer comes from its file again, checked by hash.
+                let p = Path::new(&src.path);
+                let sha = receipt::sha256_file(p).with_context(|| {
+                    format!(
+                        "{}: the recipe's vocabulary {}",
+                        path.display(),
+                        p.display()
+                    )
+                })?;
+                if sha != src.sha256 {
+                    return Err(anyhow!(
+                        "{}: vocabulary {} has sha256 {sha}, the recipe recorded {}",
+                        path.display(),
+                        p.display(),
+                        src.sha256
+                    )
+                    .into());
+                }
+                recipe.vocab = Some(divergence::synth::CopiedVocab::from_gguf(p)?);
+            }
+            divergence::synth::write_model(&recipe, model)
                 .with_context(|| format!("{}: regenerating {}", path.display(), model.display()))?;
             outln!(
                 "{}: made {} again from the recipe it records",

@@ -7,7 +7,7 @@
 use super::CliResult;
 use anyhow::Context;
 use divergence::gguf::GgmlType;
-use divergence::synth::{self, Preset, SynthConfig};
+use divergence::synth::{self, CopiedVocab, Preset, SynthConfig};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,12 @@ pub struct Args {
     /// Write a separate output.weight (untied logits; not for arch bitnet).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     untied_output: Option<bool>,
+    /// Copy the tokenizer (every `tokenizer.*` key) of another GGUF file,
+    /// e.g. llama.cpp's vocab-only ggml-vocab-llama-bpe.gguf; n_vocab becomes
+    /// its token count. Arch bitnet-b1.58 drops its `tokenizer.ggml.pre`, as
+    /// the published 2B-4T file has none.
+    #[arg(long, value_name = "FILE.gguf")]
+    vocab: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where to write the model (replaced atomically).
@@ -67,7 +73,7 @@ pub struct Args {
 }
 
 impl Args {
-    fn config(&self) -> SynthConfig {
+    fn config(&self) -> anyhow::Result<SynthConfig> {
         let mut cfg = SynthConfig::preset(self.preset);
         macro_rules! override_with {
             ($($field:ident <- $arg:expr),* $(,)?) => {
@@ -96,12 +102,29 @@ impl Args {
             };
         }
         cfg.seed = self.seed;
-        cfg
+        if let Some(path) = &self.vocab {
+            let vocab = CopiedVocab::from_gguf(path)?;
+            let n = vocab.n_tokens().unwrap_or(0);
+            if let Some(asked) = self.n_vocab.filter(|&v| v != n) {
+                anyhow::bail!(
+                    "--n-vocab {asked} contradicts --vocab {}, which has {n} tokens",
+                    path.display()
+                );
+            }
+            cfg.n_vocab = n;
+            cfg.vocab = Some(vocab);
+            cfg.vocab_source = Some(synth::VocabSource {
+                path: path.display().to_string(),
+                sha256: divergence::receipt::sha256_file(path)
+                    .with_context(|| format!("hashing {}", path.display()))?,
+            });
+        }
+        Ok(cfg)
     }
 }
 
 pub fn run(args: Args) -> CliResult {
-    let cfg = args.config();
+    let cfg = args.config()?;
     let started = Instant::now();
     synth::write_model(&cfg, &args.output)?;
     let elapsed = started.elapsed();
@@ -121,6 +144,19 @@ pub fn run(args: Args) -> CliResult {
         cfg.n_ff,
         cfg.n_vocab,
         elapsed.as_secs_f64()
+    );
+    println!(
+        "vocab   {}",
+        match &cfg.vocab {
+            Some(v) => format!("copied from {}", v.source),
+            None => format!(
+                "synthetic {}",
+                match synth::VocabKind::of_arch(&cfg.arch) {
+                    synth::VocabKind::ByteBpe => "gpt2 (byte-level BPE)",
+                    synth::VocabKind::SentencePiece => "llama (SentencePiece)",
+                }
+            ),
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

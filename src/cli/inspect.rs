@@ -4,10 +4,12 @@
 //! statistics for the tensors whose values can be read directly: F32/F16
 //! (norms, embeddings) get mean, std, min, max and NaN/Inf counts; I2_S gets
 //! its code histogram and scale. This is the tool that settles "are the norm
-//! weights corrupt?".
+//! weights corrupt?". A tokenizer summary says what the vocab is and how
+//! bitnet.cpp will read it (which pre-tokenizer it splits text with).
 
 use super::CliResult;
 use divergence::gguf::{tensor_stats, GgufFile, MetaArray, MetaValue, TensorStats};
+use divergence::reference::vocab::{self, VocabReading};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +67,52 @@ fn print_text(file: &GgufFile, stats: &[Option<TensorStats>]) {
         }
     }
 
+    let t = TokenizerSummary::of(file);
+    outln!("\ntokenizer:");
+    outln!(
+        "  model        {} ({} tokens{})",
+        t.model.as_deref().unwrap_or("(none)"),
+        t.n_tokens.map_or("no".into(), |n| n.to_string()),
+        t.n_merges
+            .map(|n| format!(", {n} merges"))
+            .unwrap_or_default()
+    );
+    match (&t.reading, &t.pre) {
+        (Ok(r), _) if r.pre_missing => outln!(
+            "  pre          (absent) -> bitnet.cpp uses '{}' (it logs \"missing pre-tokenizer type, using: 'default'\")",
+            r.pre_tokenizer
+        ),
+        (Ok(r), Some(pre)) => outln!("  pre          {pre:?} -> bitnet.cpp uses '{}'", r.pre_tokenizer),
+        (Ok(r), None) => outln!(
+            "  pre          (none: {} vocab) -> bitnet.cpp uses '{}'",
+            r.vocab_type,
+            r.pre_tokenizer
+        ),
+        (Err(e), _) => outln!("  pre          bitnet.cpp will refuse this vocab: {e}"),
+    }
+    for (label, id) in [("bos", &t.bos), ("eos", &t.eos), ("padding", &t.padding)] {
+        if let Some((id, text)) = id {
+            outln!(
+                "  {label:<12} {id} {}",
+                text.as_deref()
+                    .map_or("(outside the vocab)".into(), |s| format!("{s:?}"))
+            );
+        }
+    }
+    if let Some(add) = t.add_bos {
+        outln!("  add_bos      {add}");
+    }
+    if let Some(chars) = t.chat_template_chars {
+        outln!(
+            "  chat         template of {chars} chars{}",
+            if t.template_writes_bos {
+                " that writes {{ bos_token }} itself (rendered and tokenized with add_bos: BOS twice)"
+            } else {
+                ""
+            }
+        );
+    }
+
     outln!("\ntensors:");
     outln!(
         "  {:<32} {:<5} {:<20} {:>12} {:>12}  stats",
@@ -85,6 +133,85 @@ fn print_text(file: &GgufFile, stats: &[Option<TensorStats>]) {
             t.n_bytes,
             t.offset
         );
+    }
+}
+
+/// The tokenizer keys in brief, and how bitnet.cpp will read them.
+struct TokenizerSummary {
+    model: Option<String>,
+    n_tokens: Option<usize>,
+    n_merges: Option<usize>,
+    pre: Option<String>,
+    reading: Result<VocabReading, String>,
+    /// (id, token text) of the special tokens the file names.
+    bos: Option<(u32, Option<String>)>,
+    eos: Option<(u32, Option<String>)>,
+    padding: Option<(u32, Option<String>)>,
+    add_bos: Option<bool>,
+    chat_template_chars: Option<usize>,
+    template_writes_bos: bool,
+}
+
+impl TokenizerSummary {
+    fn of(file: &GgufFile) -> TokenizerSummary {
+        let string = |k: &str| file.get_str(k).ok().map(str::to_owned);
+        let tokens = file.get_str_array("tokenizer.ggml.tokens").ok();
+        let count = |k: &str| match file.get(k) {
+            Some(MetaValue::Array(a)) => Some(a.len()),
+            _ => None,
+        };
+        let special = |k: &str| {
+            let id = file.get_u32(k).ok()?;
+            let text = tokens
+                .as_ref()
+                .and_then(|t| t.get(id as usize))
+                .map(|s| s.to_string());
+            Some((id, text))
+        };
+        let model = string("tokenizer.ggml.model");
+        let pre = string("tokenizer.ggml.pre");
+        let template = string("tokenizer.chat_template");
+        TokenizerSummary {
+            reading: match &model {
+                Some(m) => vocab::reading(m, pre.as_deref()),
+                None => Err("no tokenizer.ggml.model".into()),
+            },
+            model,
+            n_tokens: count("tokenizer.ggml.tokens"),
+            n_merges: count("tokenizer.ggml.merges"),
+            pre,
+            bos: special("tokenizer.ggml.bos_token_id"),
+            eos: special("tokenizer.ggml.eos_token_id"),
+            padding: special("tokenizer.ggml.padding_token_id"),
+            add_bos: file.get_bool("tokenizer.ggml.add_bos_token").ok(),
+            chat_template_chars: template.as_ref().map(|t| t.chars().count()),
+            template_writes_bos: template.is_some_and(|t| t.contains("bos_token")),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let special = |s: &Option<(u32, Option<String>)>| {
+            s.as_ref()
+                .map(|(id, text)| json!({ "id": id, "token": text }))
+        };
+        json!({
+            "model": self.model,
+            "tokens": self.n_tokens,
+            "merges": self.n_merges,
+            "pre": self.pre,
+            "bitnet_cpp": match &self.reading {
+                Ok(r) => json!(r),
+                Err(e) => json!({ "error": e }),
+            },
+            "bos": special(&self.bos),
+            "eos": special(&self.eos),
+            "padding": special(&self.padding),
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template_chars.map(|chars| json!({
+                "chars": chars,
+                "writes_bos_token": self.template_writes_bos,
+            })),
+        })
     }
 }
 
@@ -146,6 +273,7 @@ fn to_json(file: &GgufFile, stats: &[Option<TensorStats>]) -> Value {
         .collect();
     json!({
         "path": file.path().map(|p| p.display().to_string()),
+        "arch": file.get_str("general.architecture").ok(),
         "version": file.version(),
         "file_size": file.file_size(),
         "alignment": file.alignment(),
@@ -153,6 +281,7 @@ fn to_json(file: &GgufFile, stats: &[Option<TensorStats>]) -> Value {
         "n_kv": file.metadata().len(),
         "n_tensors": file.tensors().len(),
         "metadata": metadata,
+        "tokenizer": TokenizerSummary::of(file).to_json(),
         "tensors": tensors,
     })
 }

@@ -47,6 +47,10 @@ pub struct BlameReport {
     pub candidate_error_over_rounding: Option<f64>,
     /// Both distances as numbers and the rule that decided.
     pub reason: String,
+    /// When the reference is blamed and a known bug of it reproduces its
+    /// output bit for bit: that bug (`oracle::reference_bugs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 /// A side whose squared error against the oracle exceeds this many times
@@ -73,6 +77,7 @@ pub fn blame(
         reference_error_over_rounding: None,
         candidate_error_over_rounding: None,
         reason,
+        cause: None,
     };
     let oracle = match oracle {
         Err(why) => return undetermined(format!("the oracle cannot recompute this stage: {why}")),
@@ -156,5 +161,6 @@ pub fn blame(
         reference_error_over_rounding: Some(metrics::finite_or_max(rr)),
         candidate_error_over_rounding: Some(metrics::finite_or_max(cr)),
         reason: format!("{numbers}; {rule}"),
+        cause: None,
     }
 }

@@ -325,13 +325,15 @@ fn join_heads(
     })
 }
 
+/// Per-head parts of one stage, by (step, key): (rule, [(head, tensor)]).
+type HeadParts = BTreeMap<(usize, StageKey), (usize, Vec<(usize, Tensor)>)>;
+
 /// Reads every tensor of `dump` as a canonical stage, through `map` when
 /// given (else by canonical names).
 pub fn map_dump(dump: &Dump, map: Option<&DumpMap>) -> Result<MappedDump, MapError> {
     let mut out = MappedDump::default();
     // Per-head parts waiting to be joined: (step, key) → (rule, [(head, tensor)]).
-    type Heads = (usize, Vec<(usize, Tensor)>);
-    let mut parts: BTreeMap<(usize, StageKey), Heads> = BTreeMap::new();
+    let mut parts: HeadParts = BTreeMap::new();
     let names: Vec<String> = dump.names().map(str::to_owned).collect();
     for name in names {
         let tensor = dump.tensor(&name)?.expect("listed names exist");

@@ -3,7 +3,8 @@
 //! from whatever the sink leaves in the buffer (resync).
 
 use super::faults::{Fault, FaultSet};
-use super::kernels::{scalar, Kernel};
+use super::kernels::scalar::{self, BLOCK};
+use super::kernels::Kernel;
 use super::kv_cache::{KvCache, KvHead};
 use super::ops;
 use super::team::{with_team, Team, CHUNKS_PER_MEMBER};
@@ -269,12 +270,13 @@ impl<'a> Compute<'a, '_> {
             // fusing matter only for single tokens).
             return ms.map(|m| self.linear(m, x));
         }
-        let n_in = ms[0].n_in;
-        assert!(ms.iter().all(|m| m.n_in == n_in));
+        // Rows as the kernels see them (whole blocks; see I2sMatrix::row_len).
+        let n_in = ms[0].row_len();
+        assert!(ms.iter().all(|m| m.row_len() == n_in));
         assert_eq!(q.len(), t * n_in);
         let (kernel, wrap) = (self.kernel, self.wrap);
         let parts: [(&'a [u8], usize, Dequant); N] =
-            ms.map(|m| (m.codes(self.file), m.n_out, self.dequant_of(m)));
+            ms.map(|m| (m.kernel_codes(self.file), m.n_out, self.dequant_of(m)));
         let total: usize = parts.iter().map(|p| p.1).sum();
         // [row, token] over all matrices' rows end to end.
         let parts = self
@@ -311,18 +313,23 @@ impl<'a> Compute<'a, '_> {
     }
 
     /// Per-row int8 quantization of `x` ([T, n]), rows split across the
-    /// team when there are several.
+    /// team when there are several. Each row of codes is padded with zeros
+    /// to whole 128-value blocks (the kernels' row length, see
+    /// [`I2sMatrix::row_len`]); scale and sum cover the `n` real values.
     fn quantize(&self, x: &[f32], n: usize) -> ActCodes {
         let (variant, kernel) = (self.act_variant(), self.kernel);
         let t = x.len() / n;
-        let mut q = vec![0i8; x.len()];
+        let width = n.next_multiple_of(BLOCK);
+        let mut q = vec![0i8; t * width];
         if self.faults.has(Fault::ActScalePerBatch) {
             // The bug: one absmax over the whole batch instead of per token.
             let scale = crate::quant::act::act_scale(x, variant.scale_numerator);
             let acts: Vec<ActRow> = x
                 .chunks_exact(n)
-                .zip(q.chunks_exact_mut(n))
-                .map(|(xr, qr)| crate::quant::act::quantize_row_with_scale(xr, qr, scale, variant))
+                .zip(q.chunks_exact_mut(width))
+                .map(|(xr, qr)| {
+                    crate::quant::act::quantize_row_with_scale(xr, &mut qr[..n], scale, variant)
+                })
                 .collect();
             return ActCodes {
                 q: q.into(),
@@ -332,8 +339,8 @@ impl<'a> Compute<'a, '_> {
         if t == 1 || self.team.threads() == 1 {
             let acts: Vec<ActRow> = x
                 .chunks_exact(n)
-                .zip(q.chunks_exact_mut(n))
-                .map(|(xr, qr)| kernel.quantize_row(xr, qr, variant))
+                .zip(q.chunks_exact_mut(width))
+                .map(|(xr, qr)| kernel.quantize_row(xr, &mut qr[..n], variant))
                 .collect();
             return ActCodes {
                 q: q.into(),
@@ -350,8 +357,8 @@ impl<'a> Compute<'a, '_> {
             .collect()
         });
         let mut acts = Vec::with_capacity(t);
-        for (out, (qr, act)) in q.chunks_exact_mut(n).zip(rows) {
-            out.copy_from_slice(&qr);
+        for (out, (qr, act)) in q.chunks_exact_mut(width).zip(rows) {
+            out[..n].copy_from_slice(&qr);
             acts.push(act);
         }
         ActCodes {

@@ -53,8 +53,10 @@ pub enum I2sMode {
     /// Exact i32 accumulation: mathematically right.
     #[default]
     Exact,
-    /// bitnet.cpp's AVX2 kernel bit for bit, including its 16-bit lane wrap
-    /// per 4096-value group (BitNet issue 629).
+    /// bitnet.cpp's I2_S mat-vec bit for bit: the AVX2 kernel's 16-bit lane
+    /// wrap per 4096-value group (BitNet issue 629), and for a row length
+    /// that is not a multiple of 128 the bytes its mul_mat hands the kernel
+    /// (see [`weights::realign_rows`]).
     ReferenceWrap,
 }
 
@@ -106,8 +108,10 @@ pub enum EngineError {
         expected: String,
         found: Vec<u64>,
     },
-    #[error("tensor `{tensor}`: row length {n_in} is not a multiple of 128 (I2_S block)")]
-    RowLength { tensor: String, n_in: usize },
+    #[error(
+        "tensor `{tensor}` holds {n_values} values, not a whole number of 128-value I2_S blocks"
+    )]
+    I2sBlocks { tensor: String, n_values: usize },
     #[error("token id {token} at position {index} is out of range (n_vocab {n_vocab})")]
     TokenOutOfRange {
         token: u32,
@@ -163,7 +167,7 @@ impl Engine {
     pub fn from_gguf(file: Arc<GgufFile>, opts: EngineOptions) -> Result<Engine, EngineError> {
         let faults = FaultSet::new(&opts.faults);
         let config = ModelConfig::from_gguf_with(&file, faults)?;
-        let weights = Weights::from_gguf_with(&file, &config, faults)?;
+        let weights = Weights::from_gguf_with(&file, &config, faults, opts.i2s_mode)?;
         if opts.threads == 0 {
             return Err(EngineError::Options("threads must be at least 1".into()));
         }

@@ -3,11 +3,20 @@
 
 use super::config::{ModelConfig, Norm, Proj, OUTPUT, OUTPUT_NORM, TOKEN_EMBD};
 use super::faults::{Fault, FaultSet};
-use super::kernels::scalar::BLOCK;
-use super::EngineError;
+use super::kernels::scalar::{BLOCK, BLOCK_BYTES};
+use super::{EngineError, I2sMode};
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::quant::i2s;
+use rayon::prelude::*;
+use std::sync::Arc;
 
 /// A packed I2_S projection: `n_out` rows of `n_in` ternary weights.
+///
+/// I2_S blocks the *flattened* tensor (DESIGN.md), so when `n_in` is not a
+/// multiple of 128 (bitnet_b1_58-3B's ffn_down: 8640) rows start inside a
+/// block. The kernels take whole, row-aligned blocks: such a matrix keeps a
+/// re-laid copy of its rows, each padded to [`I2sMatrix::row_len`] with
+/// code 0 (whose products `code·q` are 0 whatever the activation).
 #[derive(Clone, Debug)]
 pub struct I2sMatrix {
     pub info: TensorInfo,
@@ -17,13 +26,72 @@ pub struct I2sMatrix {
     pub weight_scale: f32,
     /// An optional `*.scale` tensor, multiplied after the matmul (ggml_mul).
     pub extra_scale: Option<f32>,
+    /// Row-aligned codes when `n_in` is not a multiple of 128 (see
+    /// [`realign_rows`]); `None` when the file's bytes already are.
+    realigned: Option<Arc<[u8]>>,
 }
 
 impl I2sMatrix {
-    /// The packed codes of all rows (without the trailing scale).
+    /// The packed codes of the whole flattened tensor, as the file holds
+    /// them (without the trailing scale): the format's definition.
     pub fn codes<'a>(&self, file: &'a GgufFile) -> &'a [u8] {
         &file.tensor_data(&self.info)[..self.n_in * self.n_out / 4]
     }
+
+    /// Values per row as the kernels see it: `n_in` rounded up to whole blocks.
+    pub fn row_len(&self) -> usize {
+        self.n_in.next_multiple_of(BLOCK)
+    }
+
+    /// `n_out` rows of [`I2sMatrix::row_len`] values in whole blocks, for the kernels.
+    pub fn kernel_codes<'a>(&'a self, file: &'a GgufFile) -> &'a [u8] {
+        match &self.realigned {
+            Some(rows) => rows,
+            None => self.codes(file),
+        }
+    }
+
+    /// Whether the rows were re-laid for the kernels (`n_in` % 128 != 0).
+    pub fn is_realigned(&self) -> bool {
+        self.realigned.is_some()
+    }
+}
+
+/// Rows of a flattened I2_S tensor whose row length `n_in` is not a multiple
+/// of 128, re-laid as `n_out` rows of whole blocks (padding code 0).
+///
+/// - [`I2sMode::Exact`]: row `r` holds values `r·n_in .. (r+1)·n_in` of the
+///   flattened tensor, each read where the format puts it
+///   ([`i2s::code_at`]): the file's ternary weights, exactly.
+/// - [`I2sMode::ReferenceWrap`]: row `r` holds the bytes bitnet.cpp's mul_mat
+///   hands `ggml_vec_dot_i2_i8_s` for that row, verbatim: the
+///   `n_in / 128` whole blocks starting at byte `r·n_in/4` (its
+///   `src0_row + ir0 * nb01 / 4`). The kernel drops the remainder of each
+///   row, and a row starting inside a block is read as if it started one
+///   (codes paired with the wrong activations, the previous row's tail
+///   included): reproduced here bit for bit, so the candidate can mirror it.
+pub fn realign_rows(flat: &[u8], n_in: usize, n_out: usize, mode: I2sMode) -> Vec<u8> {
+    let row_bytes = n_in.next_multiple_of(BLOCK) / 4;
+    let mut out = vec![0u8; n_out * row_bytes];
+    out.par_chunks_mut(row_bytes)
+        .enumerate()
+        .for_each(|(r, row)| match mode {
+            I2sMode::ReferenceWrap => {
+                let start = r * n_in / 4;
+                let whole = n_in / BLOCK * BLOCK_BYTES;
+                row[..whole].copy_from_slice(&flat[start..start + whole]);
+            }
+            I2sMode::Exact => {
+                let first = r * n_in;
+                for j in 0..n_in {
+                    let code = i2s::code_at(flat, first + j);
+                    let k = j % BLOCK;
+                    row[j / BLOCK * BLOCK_BYTES + k % BLOCK_BYTES] |=
+                        code << (6 - 2 * (k / BLOCK_BYTES));
+                }
+            }
+        });
+    out
 }
 
 /// A dense F16 or F32 matrix (`rows` rows of `n_in`), kept in the mmap.
@@ -110,14 +178,17 @@ pub struct Weights {
 
 impl Weights {
     pub fn from_gguf(file: &GgufFile, c: &ModelConfig) -> Result<Weights, EngineError> {
-        Self::from_gguf_with(file, c, FaultSet::default())
+        Self::from_gguf_with(file, c, FaultSet::default(), I2sMode::default())
     }
 
-    /// [`Weights::from_gguf`] with the loading faults of the bug zoo.
+    /// [`Weights::from_gguf`] with the loading faults of the bug zoo, and
+    /// `mode` deciding how rows of a length that is not a multiple of 128
+    /// are laid out for the kernels (see [`realign_rows`]).
     pub fn from_gguf_with(
         file: &GgufFile,
         c: &ModelConfig,
         faults: FaultSet,
+        mode: I2sMode,
     ) -> Result<Weights, EngineError> {
         let token_embd = dense(file, TOKEN_EMBD, c.n_embd, c.n_vocab)?;
         let output = if c.tied_output || faults.has(Fault::LogitsWrongMatrix) {
@@ -141,14 +212,14 @@ impl Weights {
                     Ok(None)
                 }
             };
-            let proj = |p: Proj| i2s(file, c, p, l, faults);
+            let proj = |p: Proj| i2s_matrix(file, c, p, l, faults, mode);
             let (gate, up) = if faults.has(Fault::SwapGateUp) {
                 (Proj::Up, Proj::Gate) // the bug: two names mixed up at load
             } else {
                 (Proj::Gate, Proj::Up)
             };
             let o = if faults.has(Fault::OProjPreviousLayer) && l > 0 {
-                i2s(file, c, Proj::O, l - 1, faults)? // the bug: a layer index off by one
+                i2s_matrix(file, c, Proj::O, l - 1, faults, mode)? // the bug: a layer index off by one
             } else {
                 proj(Proj::O)?
             };
@@ -259,20 +330,25 @@ fn dense(
     })
 }
 
-fn i2s(
+fn i2s_matrix(
     file: &GgufFile,
     c: &ModelConfig,
     p: Proj,
     layer: usize,
     faults: FaultSet,
+    mode: I2sMode,
 ) -> Result<I2sMatrix, EngineError> {
     let name = p.weight_name(layer);
     let info = tensor(file, &name)?;
     check_type(info, &[GgmlType::I2S])?;
     let (n_in, n_out) = p.shape(c);
     check_dims(info, &[n_in, n_out])?;
-    if n_in % BLOCK != 0 {
-        return Err(EngineError::RowLength { tensor: name, n_in });
+    // The format blocks the flattened tensor: only the total must be whole blocks.
+    if !(n_in * n_out).is_multiple_of(BLOCK) {
+        return Err(EngineError::I2sBlocks {
+            tensor: name,
+            n_values: n_in * n_out,
+        });
     }
     let data = file.tensor_data(info);
     let at = n_in * n_out / 4;
@@ -296,11 +372,14 @@ fn i2s(
             Some(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         }
     };
+    let realigned =
+        (!n_in.is_multiple_of(BLOCK)).then(|| realign_rows(&data[..at], n_in, n_out, mode).into());
     Ok(I2sMatrix {
         info: info.clone(),
         n_in,
         n_out,
         weight_scale,
         extra_scale,
+        realigned,
     })
 }

@@ -38,7 +38,7 @@ use crate::engine::KvType;
 use crate::gguf::GgufFile;
 use crate::oracle::{Oracle, OracleInputs};
 use crate::reference::worker::Worker;
-use crate::reference::{CaptureFilter, ContextOptions, GraphNode, RefError};
+use crate::reference::{CaptureFilter, ContextOptions, FfnAct, GraphNode, RefError};
 use crate::trace::reference_map::{capture_base_names, classify_graph, map_nodes};
 use crate::trace::{Stage, StageKey, Tensor};
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,9 @@ pub struct RunConfig {
     pub keep_going: bool,
     /// Tokenizer-path faults (the bug zoo).
     pub token_faults: Vec<TokenFault>,
+    /// The reference's FFN activation for arch `bitnet-b1.58` (SiLU
+    /// reproduces upstream's current bug); other arches refuse SiLU here.
+    pub reference_ffn_act: FfnAct,
     /// Our own binary, started as the reference worker.
     pub worker_exe: PathBuf,
     /// Called after each step with (step, total steps).
@@ -150,6 +153,7 @@ impl RunConfig {
             policy,
             keep_going: false,
             token_faults: vec![],
+            reference_ffn_act: FfnAct::default(),
             worker_exe,
             progress: None,
             cancel: None,
@@ -187,6 +191,14 @@ const WORST_K: usize = 8;
 pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, RunError> {
     let t_total = Instant::now();
     let file = GgufFile::open(&cfg.model)?;
+    if cfg.reference_ffn_act == FfnAct::Silu {
+        let arch = file.get_str("general.architecture").unwrap_or("(none)");
+        if arch != "bitnet-b1.58" {
+            return Err(RunError::Input(format!(
+                "--reference-ffn-act silu applies to arch bitnet-b1.58 only: arch {arch} is SiLU by design"
+            )));
+        }
+    }
     crate::engine::validate(&file)?;
     let oracle = Oracle::new(&file, cfg.kv_type == KvType::F16);
     let facts = oracle.as_ref().ok().map(|o| o.facts().clone());
@@ -295,7 +307,14 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
         name_patterns: vec![],
         base_names: capture_base_names(),
     };
-    let mut reference = match Worker::start(&cfg.worker_exe, &cfg.model, &ctx, filter) {
+    let started = Worker::start_with(
+        &cfg.worker_exe,
+        &cfg.model,
+        &ctx,
+        filter,
+        cfg.reference_ffn_act,
+    );
+    let mut reference = match started {
         Ok(w) => w,
         Err(e) => return Ok(run.reference_failed(e)),
     };
@@ -824,9 +843,9 @@ fn divergence(
     t: usize,
 ) -> Divergence {
     let rule = policy.rule(f.key.stage, false).clone();
-    let recomputed = match oracle {
+    let recomputed = match &oracle {
         Ok(o) => o.recompute(f.key.layer, f.key.stage, inputs),
-        Err(e) => Err(e),
+        Err(e) => Err(e.clone()),
     };
     let oracle_values = recomputed.as_ref().ok().map(|o| o.values.as_slice());
     let worst = if f.candidate_shape.is_some() {
@@ -853,13 +872,18 @@ fn divergence(
                 f.shape,
                 f.candidate_shape.as_deref().unwrap_or_default()
             ),
+            cause: None,
         }
     } else {
-        compare::blame(
+        let mut blame = compare::blame(
             &f.reference,
             &f.candidate,
             recomputed.as_ref().map_err(|e| e.as_str()),
-        )
+        );
+        if let (Blame::Reference, Ok(o)) = (blame.blame, &oracle) {
+            blame.cause = o.explain_reference(f.key.layer, f.key.stage, inputs, &f.reference);
+        }
+        blame
     };
     Divergence {
         step,
@@ -989,6 +1013,7 @@ fn token_blame(tokens: &TokenCheck) -> BlameReport {
         reference_error_over_rounding: None,
         candidate_error_over_rounding: None,
         reason,
+        cause: None,
     }
 }
 

@@ -24,8 +24,13 @@
 //! pairs). Blame compares each side's distance to the oracle with that scale
 //! (`compare::blame`), so a side is blamed for an error measurably above
 //! rounding however small the absolute numbers are.
+//!
+//! When the reference is blamed for an I2_S stage, [`Oracle::explain_reference`]
+//! checks whether a known bug of its mat-vec reproduces its output exactly
+//! (`reference_bugs`), and the receipt then names that cause.
 
 pub mod model;
+mod reference_bugs;
 
 pub use model::{FileFacts, OracleError, OracleModel};
 

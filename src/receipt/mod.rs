@@ -14,7 +14,7 @@ use crate::lockstep::{
     RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault, Verdict,
 };
 use crate::oracle::FileFacts;
-use crate::reference::BuildInfo;
+use crate::reference::{BuildInfo, FfnAct};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -96,6 +96,10 @@ pub struct RunRecord {
     /// The prompt was formatted with each side's chat template.
     #[serde(default)]
     pub chat: bool,
+    /// The reference's `bitnet-b1.58` FFN activation (`--reference-ffn-act`);
+    /// absent in receipts written before it existed.
+    #[serde(default)]
+    pub reference_ffn_act: FfnAct,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -209,6 +213,7 @@ impl Receipt {
             keep_going: record.keep_going,
             token_faults: record.token_faults.clone(),
             chat: record.chat,
+            reference_ffn_act: record.reference_ffn_act,
             progress,
             cancel,
             ..RunConfig::new(

@@ -22,14 +22,17 @@ pub fn quantize_row_i8_s(x: &[f32]) -> (Vec<i8>, f32, i32) {
 }
 
 /// `ggml_vec_dot_i2_i8_s` on one packed row: the raw sum of code*q (codes
-/// 0..2), wrap included. Returns None when the row length is not a multiple
-/// of 128 or the slices are short (the kernel would read out of bounds).
+/// 0..2), wrap included, over the `q.len() / 128` whole blocks the kernel
+/// walks (it ignores the remainder of a length that is not a multiple of
+/// 128). Returns None when `row` is shorter than those blocks (the kernel
+/// would read out of bounds) or the CPU has no kernel path.
 pub fn vec_dot_i2_i8_s(row: &[u8], q: &[i8]) -> Option<f32> {
     let n = q.len();
-    if !n.is_multiple_of(128) || row.len() < n / 4 || n > i32::MAX as usize || !available() {
+    if row.len() < n / 128 * 32 || n > i32::MAX as usize || !available() {
         return None;
     }
-    // SAFETY: row holds n/4 packed bytes and q n codes, checked above.
+    // SAFETY: the kernel reads n/128*32 bytes of row and n/128*128 <= n
+    // codes of q, both checked above.
     Some(unsafe { ffi::divergence_vec_dot_i2_i8_s(n as i32, row.as_ptr(), q.as_ptr()) })
 }
 
@@ -48,9 +51,12 @@ pub fn quantize_i2_s(w: &[f32], n_in: usize, n_out: usize) -> Option<Vec<u8>> {
 }
 
 /// The reference's full I2_S mat-vec for one activation row: quantize, dot
-/// every weight row, rescale, exactly as ggml's mul_mat does for I2_S.
+/// every weight row, rescale, exactly as ggml's mul_mat does for I2_S,
+/// including where it starts each row (byte `r·n_in/4`) when `n_in` is not
+/// a multiple of 128.
 pub fn i2s_matvec(tensor: &[u8], n_in: usize, n_out: usize, x: &[f32]) -> Option<Vec<f32>> {
-    if !n_in.is_multiple_of(128)
+    if n_in == 0
+        || n_in > i32::MAX as usize
         || x.len() != n_in
         || tensor.len() < n_in * n_out / 4 + 4
         || !available()
@@ -59,7 +65,8 @@ pub fn i2s_matvec(tensor: &[u8], n_in: usize, n_out: usize, x: &[f32]) -> Option
     }
     let mut out = vec![0f32; n_out];
     // SAFETY: sizes checked above; the shim reads n_in*n_out/4 code bytes
-    // plus the f32 scale after them, and writes n_out floats.
+    // plus the f32 scale after them (row r's n_in/128 blocks from byte
+    // r*n_in/4 end by byte (r+1)*n_in/4), and writes n_out floats.
     unsafe {
         ffi::divergence_i2s_matvec(
             tensor.as_ptr(),

@@ -9,18 +9,46 @@
 //!   reference becomes [`RefError::Crashed`] with the signal and the last node
 //!   the child reported, and the harness lives on to write the receipt.
 //! - [`kernels`]: bitnet.cpp's internal I2_S kernels through `ffi/shim.c`.
+//! - [`vocab`]: how bitnet.cpp will read a file's tokenizer keys (no FFI).
 
 mod ffi;
 pub mod kernels;
 pub mod session;
+pub mod vocab;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};
 
-pub use session::{Context, ContextOptions, Decoded, Model, VocabSpecials};
+pub use session::{set_ffn_act, Context, ContextOptions, Decoded, Model, VocabSpecials};
 
 /// KV cache element type: one type for both engines.
 pub use crate::engine::KvType;
+
+/// The FFN activation of the reference's `bitnet-b1.58` graph (our patch
+/// `04-arch-bitnet-b1.58.patch`): the model's squared ReLU, or SiLU, which is
+/// what upstream bitnet.cpp runs for this arch today (BitNet issues #588,
+/// #602). One build serves both; the choice is made at run time. Other
+/// arches are not affected (`bitnet` and `llama` are SiLU by design).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnAct {
+    /// relu(gate)², as the model is defined (the reference done right).
+    #[default]
+    Relu2,
+    /// silu(gate): upstream's current bug, reproduced on demand.
+    Silu,
+}
+
+impl FfnAct {
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnAct::Relu2 => "relu2",
+            FfnAct::Silu => "silu",
+        }
+    }
+}
 
 /// One graph node as `cb_eval` showed it, data converted to contiguous f32.
 #[derive(Clone, Debug, Serialize, Deserialize)]

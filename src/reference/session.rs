@@ -43,6 +43,14 @@ unsafe extern "C" fn log_callback(
     }
 }
 
+/// Chooses the FFN activation of arch `bitnet-b1.58` graphs for this whole
+/// process (bitnet.cpp reads it when it builds a graph, so set it before
+/// creating contexts). The worker calls it from its `Load` request.
+pub fn set_ffn_act(act: super::FfnAct) {
+    // SAFETY: sets a plain global in our patched llama.cpp; no other state.
+    unsafe { ffi::divergence_set_ffn_act_silu(i32::from(act == super::FfnAct::Silu)) }
+}
+
 /// A loaded model. Dropping it frees the model.
 pub struct Model {
     ptr: NonNull<ffi::llama_model>,

@@ -11,7 +11,7 @@
 //! crash report.
 
 use super::session::{Context, ContextOptions, Model, VocabSpecials};
-use super::{CaptureFilter, GraphNode, Node, RefError};
+use super::{set_ffn_act, CaptureFilter, FfnAct, GraphNode, Node, RefError};
 use crate::engine::tokenizer::chat::ChatMessage;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,6 +30,9 @@ enum Request {
         model: PathBuf,
         ctx: ContextOptions,
         filter: CaptureFilter,
+        /// The `bitnet-b1.58` FFN activation, set before the model loads.
+        #[serde(default)]
+        ffn_act: FfnAct,
     },
     /// Loads only a vocabulary (no context): for the tokenizer requests.
     LoadVocab {
@@ -120,8 +123,10 @@ fn handle(
             model,
             ctx: opts,
             filter,
+            ffn_act,
         } => {
             *ctx = None;
+            set_ffn_act(ffn_act);
             let m = Arc::new(Model::load(&model)?);
             let description = m.describe();
             let n_vocab = m.n_vocab();
@@ -288,12 +293,24 @@ pub fn default_exe() -> Result<PathBuf, RefError> {
 }
 
 impl Worker {
-    /// Starts the worker and loads the model into it.
+    /// Starts the worker and loads the model into it (the `bitnet-b1.58`
+    /// FFN as the model defines it: squared ReLU).
     pub fn start(
         exe: &Path,
         model: &Path,
         ctx: &ContextOptions,
         filter: CaptureFilter,
+    ) -> Result<Worker, RefError> {
+        Self::start_with(exe, model, ctx, filter, FfnAct::default())
+    }
+
+    /// [`Worker::start`] with the `bitnet-b1.58` FFN activation chosen.
+    pub fn start_with(
+        exe: &Path,
+        model: &Path,
+        ctx: &ContextOptions,
+        filter: CaptureFilter,
+        ffn_act: FfnAct,
     ) -> Result<Worker, RefError> {
         let mut w = Worker::spawn(exe)?;
         let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
@@ -302,6 +319,7 @@ impl Worker {
                 model,
                 ctx: ctx.clone(),
                 filter,
+                ffn_act,
             },
             &mut Vec::new(),
         )? {

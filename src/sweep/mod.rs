@@ -281,6 +281,7 @@ pub fn run(
             token_faults: vec![],
             policy_path: req.policy_path.as_ref().map(|p| p.display().to_string()),
             chat: false,
+            reference_ffn_act: Default::default(),
         };
         let cfg = RunConfig {
             steps: record.steps,

@@ -11,13 +11,22 @@
 //! norm weights around 1 (or 0.01..0.05 for the attention norms, as in the
 //! real 2B-4T), and embeddings whose rows have norm about 4. Activations then
 //! stay O(1) through every layer and every comparison is meaningful.
+//!
+//! Vocab and metadata per arch ([`VocabKind`]): `bitnet-b1.58` files follow
+//! the published BitNet-b1.58-2B-4T layout (its 24 keys in its order, a
+//! byte-level BPE `gpt2` vocab from [`byte_bpe`] with llama3's special
+//! tokens and a llama3-style chat template, no `tokenizer.ggml.pre`); `bitnet`
+//! and `llama` files carry the SentencePiece `llama` vocab of [`vocab`] (their
+//! bytes, and so the receipts made from them, are what they always were).
+//! Any arch can take another file's tokenizer instead ([`CopiedVocab`]).
 
+pub mod byte_bpe;
 mod rng;
 pub mod vocab;
 
 pub use rng::SplitMix64;
 
-use crate::gguf::{GgmlType, GgufWriter, MetaArray, MetaValue};
+use crate::gguf::{GgmlType, GgufFile, GgufWriter, MetaArray, MetaValue};
 use crate::quant::i2s;
 use rayon::prelude::*;
 use std::fmt;
@@ -42,8 +51,10 @@ pub enum Preset {
     BitnetLarge,
     /// The shape of 1bitLLM/bitnet_b1_58-3B. Its n_ff of 8640 is not a
     /// multiple of 128: the tensors still pack (I2_S blocks the flattened
-    /// tensor), but bitnet.cpp's I2_S kernel drops the last 64 values of
-    /// every ffn_down row. Kept, because it is the real shape.
+    /// tensor), but bitnet.cpp computes ffn_down wrong: each row loses its
+    /// last 64 values, and odd rows, which start inside a block, are read
+    /// as if they started one (`oracle::reference_bugs`). Kept, because it
+    /// is the real shape: `find` blames the reference there, with the cause.
     #[value(name = "bitnet_b1_58-3B")]
     Bitnet3B,
     /// The shape of microsoft/BitNet-b1.58-2B-4T (about 1.2 GB here).
@@ -94,6 +105,8 @@ pub enum SynthError {
     UnknownPreset(String),
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
+    #[error("cannot take the vocab from {path}: {reason}")]
+    Vocab { path: String, reason: String },
     #[error("cannot write {path}")]
     Io {
         path: std::path::PathBuf,
@@ -130,7 +143,114 @@ pub struct SynthConfig {
     /// `bitnet`, whose reference graph always uses `token_embd`.
     pub untied_output: bool,
     pub seed: u64,
+    /// `general.name`; `None` writes a description of the synthetic model.
+    pub name: Option<String>,
+    /// Another file's tokenizer to write instead of the synthetic one
+    /// (`gen-model --vocab`); `n_vocab` must be its token count. Not part of
+    /// the recipe JSON (280k merges would be): [`SynthConfig::vocab_source`]
+    /// names the file instead.
+    #[serde(skip)]
+    pub vocab: Option<CopiedVocab>,
+    /// Where `vocab` came from: the file and its sha256, so the recipe can
+    /// be made again where that file is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_source: Option<VocabSource>,
 }
+
+/// The file a copied tokenizer came from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VocabSource {
+    /// The GGUF path as given.
+    pub path: String,
+    /// Its sha256.
+    pub sha256: String,
+}
+
+/// The `tokenizer.*` metadata of another GGUF file (e.g. llama.cpp's
+/// vocab-only `ggml-vocab-llama-bpe.gguf`), copied into a synthetic model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopiedVocab {
+    /// Where it came from (for messages).
+    pub source: String,
+    /// Every `tokenizer.*` key of the source, in its order.
+    pub keys: Vec<(String, MetaValue)>,
+}
+
+impl CopiedVocab {
+    pub fn from_gguf(path: &Path) -> Result<CopiedVocab, SynthError> {
+        let source = path.display().to_string();
+        let bad = |reason: String| SynthError::Vocab {
+            path: source.clone(),
+            reason,
+        };
+        let file = GgufFile::open(path).map_err(|e| bad(e.to_string()))?;
+        let keys: Vec<(String, MetaValue)> = file
+            .metadata()
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .cloned()
+            .collect();
+        let vocab = CopiedVocab {
+            source: source.clone(),
+            keys,
+        };
+        if vocab.get(KEY_TOKENIZER_MODEL).is_none() {
+            return Err(bad(format!("it has no {KEY_TOKENIZER_MODEL}")));
+        }
+        if vocab.n_tokens().is_none() {
+            return Err(bad(format!("it has no {KEY_TOKENS} string array")));
+        }
+        Ok(vocab)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.keys.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The number of tokens (the model's n_vocab).
+    pub fn n_tokens(&self) -> Option<usize> {
+        match self.get(KEY_TOKENS)? {
+            MetaValue::Array(MetaArray::String(t)) => Some(t.len()),
+            _ => None,
+        }
+    }
+}
+
+const KEY_TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
+const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
+const KEY_PRE: &str = "tokenizer.ggml.pre";
+const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+
+/// Which synthetic vocab an arch gets (when no `--vocab` is given):
+/// `bitnet-b1.58` the byte-level BPE one its published file has
+/// ([`byte_bpe`]), the others SentencePiece `llama` ([`vocab`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VocabKind {
+    SentencePiece,
+    ByteBpe,
+}
+
+impl VocabKind {
+    pub fn of_arch(arch: &str) -> VocabKind {
+        if arch == ARCH_B158 {
+            VocabKind::ByteBpe
+        } else {
+            VocabKind::SentencePiece
+        }
+    }
+
+    /// Fewest tokens the synthetic vocab of this kind has.
+    pub fn min_vocab(self) -> usize {
+        match self {
+            VocabKind::SentencePiece => vocab::base_tokens().len(),
+            VocabKind::ByteBpe => byte_bpe::min_vocab(),
+        }
+    }
+}
+
+/// The arch whose synthetic files follow the published 2B-4T layout.
+const ARCH_B158: &str = "bitnet-b1.58";
 
 pub const ARCHES: [&str; 3] = ["bitnet", "bitnet-b1.58", "llama"];
 
@@ -178,6 +298,9 @@ impl SynthConfig {
             tiny_attn_norm: false,
             untied_output: false,
             seed: 0,
+            name: None,
+            vocab: None,
+            vocab_source: None,
         };
         match p {
             Preset::Tiny => base,
@@ -201,8 +324,8 @@ impl SynthConfig {
                 n_ctx: 2048,
                 ..base
             },
-            // n_ff 8640 is not a multiple of 128: ffn_down rows lose their last
-            // 64 values in bitnet.cpp's I2_S kernel. Kept: it is the real shape.
+            // n_ff 8640 is not a multiple of 128: bitnet.cpp misreads ffn_down
+            // (see `Preset::Bitnet3B`). Kept: it is the real shape.
             Preset::Bitnet3B => SynthConfig {
                 n_embd: 3200,
                 n_layer: 26,
@@ -224,6 +347,8 @@ impl SynthConfig {
                 n_ctx: 4096,
                 rope_theta: 500_000.0,
                 tiny_attn_norm: true,
+                // The published file's general.name.
+                name: Some("bitnet2b".into()),
                 ..base
             },
         }
@@ -279,12 +404,26 @@ impl SynthConfig {
                 i2s::BLOCK
             ));
         }
-        let min_vocab = vocab::base_tokens().len();
-        if self.n_vocab < min_vocab {
-            return bad(format!(
-                "n_vocab {} is below the {min_vocab} tokens of the base vocab",
-                self.n_vocab
-            ));
+        match &self.vocab {
+            Some(v) => {
+                if v.n_tokens() != Some(self.n_vocab) {
+                    return bad(format!(
+                        "n_vocab {} is not the {} tokens of the vocab from {}",
+                        self.n_vocab,
+                        v.n_tokens().unwrap_or(0),
+                        v.source
+                    ));
+                }
+            }
+            None => {
+                let min_vocab = VocabKind::of_arch(&self.arch).min_vocab();
+                if self.n_vocab < min_vocab {
+                    return bad(format!(
+                        "n_vocab {} is below the {min_vocab} tokens of the base vocab",
+                        self.n_vocab
+                    ));
+                }
+            }
         }
         if u32::try_from(self.n_vocab).is_err() || u32::try_from(self.n_ctx).is_err() {
             return bad("n_vocab and n_ctx must fit in u32".into());
@@ -436,6 +575,9 @@ pub fn write_model(cfg: &SynthConfig, path: &Path) -> Result<(), SynthError> {
 }
 
 fn write_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
+    if cfg.arch == ARCH_B158 {
+        return write_published_b158_metadata(w, cfg);
+    }
     let arch = cfg.arch.as_str();
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |n: usize| MetaValue::U32(n as u32);
@@ -462,6 +604,12 @@ fn write_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
     w.set(&key("rope.dimension_count"), u32_of(cfg.head_dim()));
     w.set(&key("vocab_size"), u32_of(cfg.n_vocab));
 
+    if let Some(v) = &cfg.vocab {
+        for (k, value) in &v.keys {
+            w.set(k, value.clone());
+        }
+        return;
+    }
     // validate() checked n_vocab against the base vocab.
     let tokens = vocab::tokens(cfg.n_vocab).unwrap_or_default();
     w.set("tokenizer.ggml.model", MetaValue::String("llama".into()));
@@ -486,6 +634,130 @@ fn write_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
         MetaValue::U32(vocab::UNK_ID),
     );
     w.set("tokenizer.ggml.add_bos_token", MetaValue::Bool(true));
+}
+
+/// The tokenizer keys of the published 2B-4T file after `general.file_type`, in its order.
+const PUBLISHED_TOKENIZER_KEYS: [&str; 9] = [
+    KEY_TOKENIZER_MODEL,
+    KEY_TOKENS,
+    KEY_SCORES,
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    KEY_EOS,
+    KEY_PADDING,
+    KEY_CHAT_TEMPLATE,
+];
+const KEY_SCORES: &str = "tokenizer.ggml.scores";
+const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+const KEY_PADDING: &str = "tokenizer.ggml.padding_token_id";
+
+/// `general.file_type` of an I2_S model (`LLAMA_FTYPE_MOSTLY_I2_S`).
+const FILE_TYPE_I2_S: u32 = 40;
+
+/// The metadata of arch `bitnet-b1.58` as the published
+/// `ggml-model-i2_s.gguf` has it: its 24 keys in its order (loader dump in
+/// BitNet issue #373; ik_llama.cpp issue #365 shows the tokenizer keys):
+/// no `general.alignment` (the default 32 applies) and no
+/// `tokenizer.ggml.pre` (bitnet.cpp then uses its `default` pre-tokenizer).
+/// With a copied vocab its `tokenizer.*` keys replace the synthetic ones,
+/// except `tokenizer.ggml.pre`, which the published layout does not have;
+/// published keys the source lacks are written as the published file has
+/// them (llama.cpp's ggml-vocab-llama-bpe.gguf has no scores, padding id or
+/// chat template).
+fn write_published_b158_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
+    let key = |k: &str| format!("{ARCH_B158}.{k}");
+    let u32_of = |n: usize| MetaValue::U32(n as u32);
+    w.set("general.architecture", MetaValue::String(ARCH_B158.into()));
+    let name = cfg.name.clone().unwrap_or_else(|| {
+        format!(
+            "divergence synthetic {ARCH_B158} {}x{} seed {}",
+            cfg.n_embd, cfg.n_layer, cfg.seed
+        )
+    });
+    w.set("general.name", MetaValue::String(name));
+    w.set(&key("vocab_size"), u32_of(cfg.n_vocab));
+    w.set(&key("context_length"), u32_of(cfg.n_ctx));
+    w.set(&key("embedding_length"), u32_of(cfg.n_embd));
+    w.set(&key("block_count"), u32_of(cfg.n_layer));
+    w.set(&key("feed_forward_length"), u32_of(cfg.n_ff));
+    w.set(&key("rope.dimension_count"), u32_of(cfg.head_dim()));
+    w.set(&key("attention.head_count"), u32_of(cfg.n_head));
+    w.set(&key("attention.head_count_kv"), u32_of(cfg.n_head_kv));
+    let add_bos = cfg
+        .vocab
+        .as_ref()
+        .and_then(|v| v.get(KEY_ADD_BOS).cloned())
+        .unwrap_or(MetaValue::Bool(true));
+    w.set(KEY_ADD_BOS, add_bos);
+    w.set(
+        &key("attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(cfg.rms_eps),
+    );
+    w.set(&key("rope.freq_base"), MetaValue::F32(cfg.rope_theta));
+    w.set("general.file_type", MetaValue::U32(FILE_TYPE_I2_S));
+    match &cfg.vocab {
+        Some(v) => {
+            // The published tokenizer keys in the published order, from the
+            // source where it has them, else as the published file has them
+            // (scores all 0, padding = EOS, our llama3-style template); then
+            // any other tokenizer key of the source.
+            let n = v.n_tokens().unwrap_or(0);
+            let fill = |k: &str| -> Option<MetaValue> {
+                match k {
+                    KEY_SCORES => Some(MetaValue::Array(MetaArray::F32(vec![0.0; n]))),
+                    KEY_PADDING => v.get(KEY_EOS).cloned(),
+                    KEY_CHAT_TEMPLATE => Some(MetaValue::String(byte_bpe::CHAT_TEMPLATE.into())),
+                    _ => None,
+                }
+            };
+            for k in PUBLISHED_TOKENIZER_KEYS {
+                if let Some(value) = v.get(k).cloned().or_else(|| fill(k)) {
+                    w.set(k, value);
+                }
+            }
+            for (k, value) in &v.keys {
+                if !(PUBLISHED_TOKENIZER_KEYS.contains(&k.as_str())
+                    || k == KEY_PRE
+                    || k == KEY_ADD_BOS)
+                {
+                    w.set(k, value.clone());
+                }
+            }
+        }
+        None => {
+            // validate() checked n_vocab against the base vocab.
+            let Some(v) = byte_bpe::vocab(cfg.n_vocab) else {
+                return;
+            };
+            w.set(KEY_TOKENIZER_MODEL, MetaValue::String("gpt2".into()));
+            w.set(
+                KEY_TOKENS,
+                MetaValue::Array(MetaArray::String(v.tokens.clone())),
+            );
+            w.set(
+                "tokenizer.ggml.scores",
+                MetaValue::Array(MetaArray::F32(vec![0.0; v.tokens.len()])),
+            );
+            w.set(
+                "tokenizer.ggml.token_type",
+                MetaValue::Array(MetaArray::I32(v.types)),
+            );
+            w.set(
+                "tokenizer.ggml.merges",
+                MetaValue::Array(MetaArray::String(v.merges)),
+            );
+            w.set("tokenizer.ggml.bos_token_id", MetaValue::U32(v.bos));
+            w.set("tokenizer.ggml.eos_token_id", MetaValue::U32(v.eos));
+            // The published file pads with EOS.
+            w.set("tokenizer.ggml.padding_token_id", MetaValue::U32(v.eos));
+            w.set(
+                KEY_CHAT_TEMPLATE,
+                MetaValue::String(byte_bpe::CHAT_TEMPLATE.into()),
+            );
+        }
+    }
+    w.set("general.quantization_version", MetaValue::U32(2));
 }
 
 /// Absmean-style tensor scale: `1/sqrt(2/3 · n_in)` keeps the output RMS of

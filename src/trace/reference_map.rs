@@ -6,7 +6,10 @@
 //! `*.scale` tensor exists the MUL after the MUL_MAT carries the name, and a
 //! later node of the same stage replaces an earlier one. `llama` names its
 //! attention output `kqv_merged_cont` and its FFN product `ffn_gate_par`;
-//! `bitnet` renames those to `kqv_out` and `ffn_sub_out`. Nodes that carry no
+//! `bitnet` renames those to `kqv_out` and `ffn_sub_out`. `bitnet-b1.58`
+//! (our patch 04) keeps `bitnet`'s names; its squared ReLU is an unnamed
+//! `node_N` ReLU then the `ffn_relu_sqr` SQR, which carries `ffn_act` (with
+//! `--reference-ffn-act silu` it is `ffn_silu`, as for `bitnet`). Nodes that carry no
 //! stage (views, reshapes, cache copies, the pre-weight `norm-N`) are listed
 //! as auxiliary; anything else unmapped is reported as unknown.
 
