@@ -728,3 +728,115 @@ fn hugging_face_tokenizers_against_bitnet_cpp_on_the_2b4t_layout() {
         }
     }
 }
+
+/// `find` on a bitnet-b1.58 model carrying the real llama3 vocabulary (as
+/// BitNet-b1.58-2B-4T does): each side tokenizes the text itself and agrees;
+/// with `--chat` the candidate's Jinja template writes `{{ bos_token }}` and
+/// tokenizing adds another, the seeds' duplicated `<|begin_of_text|>`, named
+/// at position 1.
+#[test]
+fn find_on_the_real_llama3_vocab_tokenizes_each_side_and_names_the_chat_duplicate_bos() {
+    let Some(vocab) = vocab_file("ggml-vocab-llama-bpe.gguf") else {
+        return;
+    };
+    let exe = env!("CARGO_BIN_EXE_divergence");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("b158-llama3.gguf");
+    let out = std::process::Command::new(exe)
+        .args([
+            "gen-model",
+            "--preset",
+            "tiny",
+            "--arch",
+            "bitnet-b1.58",
+            "--seed",
+            "1",
+            "--vocab",
+        ])
+        .arg(&vocab)
+        .arg("-o")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let find = |chat: bool| {
+        let receipt = dir.path().join(format!("r-{chat}.json"));
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args([
+            "find",
+            "-q",
+            "--prompt",
+            "What is 2+2?",
+            "--steps",
+            "2",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--receipt")
+        .arg(&receipt);
+        if chat {
+            cmd.arg("--chat");
+        }
+        let out = cmd.output().unwrap();
+        let r = divergence::receipt::Receipt::read(&receipt)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), r)
+    };
+    let (code, r) = find(false);
+    assert_eq!(code, Some(0), "{:?}", r.first_divergence);
+    assert_eq!(
+        r.tokens.source,
+        divergence::lockstep::TokenSource::EachSideTokenized
+    );
+    assert_eq!(
+        r.tokens.reference,
+        vec![128000, 3923, 374, 220, 17, 10, 17, 30]
+    );
+    assert!(r.tokens.equal);
+    assert!(
+        r.tokens
+            .candidate_tokenizer
+            .as_deref()
+            .unwrap()
+            .contains("pre-tokenizer default"),
+        "{:?}",
+        r.tokens.candidate_tokenizer
+    );
+
+    let (code, r) = find(true);
+    assert_eq!(code, Some(1));
+    let chat = r.tokens.chat.as_ref().unwrap();
+    assert!(
+        chat.reference
+            .starts_with("<|start_header_id|>user<|end_header_id|>"),
+        "{chat:?}"
+    );
+    assert!(
+        chat.candidate
+            .as_deref()
+            .unwrap()
+            .starts_with("<|begin_of_text|>"),
+        "{chat:?}"
+    );
+    assert_eq!(&r.tokens.candidate[..2], &[128000, 128000]);
+    assert_eq!(r.tokens.duplicate_bos_candidate, vec![1]);
+    let d = r.tokens.first_difference.as_ref().unwrap();
+    assert_eq!(d.position, 1);
+    assert!(
+        d.description.contains("duplicated BOS 128000"),
+        "{}",
+        d.description
+    );
+    let div = r.first_divergence.as_ref().unwrap();
+    assert_eq!(
+        (div.stage, div.blame.blame),
+        (
+            divergence::trace::Stage::TokEmbd,
+            divergence::compare::Blame::Candidate
+        )
+    );
+}
