@@ -168,6 +168,7 @@ fn run() -> Result<(), String> {
         .allowlist_type("ggml_tensor")
         .allowlist_type("ggml_type")
         .allowlist_type("ggml_op")
+        .allowlist_type("ggml_tensor_flag")
         .allowlist_var("GGML_MAX_DIMS")
         .default_enum_style(bindgen::EnumVariation::ModuleConsts)
         .derive_default(true)

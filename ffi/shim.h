@@ -38,6 +38,12 @@ int divergence_kernel_available(void);
 // graph is built: set it before creating contexts.
 void divergence_set_ffn_act_silu(int silu);
 
+// Defined in llama.cpp by vendor/patches/05-keep-captured-tensors.patch: the
+// graphs built from now on keep the tensors with these base names (every
+// named tensor when `all` is nonzero) as graph outputs, so their data stays
+// valid after llama_decode returns. The names are copied.
+void divergence_keep_tensors(const char * const * names, int n, int all);
+
 #ifdef __cplusplus
 }
 #endif

@@ -330,7 +330,37 @@ struct CaptureState {
     on_node: Option<NodeCallback>,
     /// Every node asked about in the current decode, captured or not.
     graph: Vec<GraphNode>,
+    /// The tensors of the current decode to capture, in graph order: read
+    /// after llama_decode returns (they are graph outputs, see
+    /// [`keep_tensors`]), so the graph runs in one piece.
+    pending: Vec<*mut ffi::ggml_tensor>,
     panicked: bool,
+}
+
+/// Tells bitnet.cpp's graph builder which tensors to keep as graph outputs
+/// (vendor/patches/05-keep-captured-tensors.patch): the base names of
+/// `filter`, every named tensor when it restricts by pattern only, none when
+/// it is off. Applies to graphs built from now on.
+fn keep_tensors(filter: &CaptureFilter) -> Result<(), RefError> {
+    let (names, all): (&[String], bool) = if filter.off {
+        (&[], false)
+    } else if filter.base_names.is_empty() {
+        (&[], true)
+    } else {
+        (&filter.base_names, false)
+    };
+    let c_names = names
+        .iter()
+        .map(|n| CString::new(n.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| RefError::Input("a capture name contains a NUL byte".into()))?;
+    let ptrs: Vec<*const std::os::raw::c_char> = c_names.iter().map(|c| c.as_ptr()).collect();
+    let n =
+        i32::try_from(ptrs.len()).map_err(|_| RefError::Input("too many capture names".into()))?;
+    // SAFETY: `ptrs` holds `n` NUL-terminated strings that live through the
+    // call; the function copies them.
+    unsafe { ffi::divergence_keep_tensors(ptrs.as_ptr(), n, i32::from(all)) };
+    Ok(())
 }
 
 /// A decoding context with its KV cache. Dropping it frees the context.
@@ -358,11 +388,13 @@ impl Context {
         opts: &ContextOptions,
         filter: CaptureFilter,
     ) -> Result<Context, RefError> {
+        keep_tensors(&filter)?;
         let mut capture = Box::new(CaptureState {
             filter,
             nodes: Vec::new(),
             on_node: None,
             graph: Vec::new(),
+            pending: Vec::new(),
             panicked: false,
         });
         let threads = i32::try_from(opts.threads.max(1))
@@ -410,8 +442,10 @@ impl Context {
         self.capture.on_node = Some(f);
     }
 
-    pub fn set_filter(&mut self, filter: CaptureFilter) {
+    pub fn set_filter(&mut self, filter: CaptureFilter) -> Result<(), RefError> {
+        keep_tensors(&filter)?;
         self.capture.filter = filter;
+        Ok(())
     }
 
     /// Empties the KV cache.
@@ -429,6 +463,7 @@ impl Context {
         let n_i32 = i32::try_from(n).map_err(|_| RefError::Input("batch too large".into()))?;
         self.capture.nodes.clear();
         self.capture.graph.clear();
+        self.capture.pending.clear();
         self.capture.panicked = false;
         // SAFETY: llama_batch_init allocates arrays of n entries (one seq id
         // each) that we fill within bounds and free below.
@@ -452,6 +487,26 @@ impl Context {
         }
         if rc != 0 {
             return Err(RefError::Decode(format!("llama_decode returned {rc}")));
+        }
+        // The captured tensors, now that the whole graph has run.
+        for t in std::mem::take(&mut self.capture.pending) {
+            // SAFETY: the tensor belongs to the graph llama_decode just built
+            // and ran; llama.cpp reuses that graph's memory only when it
+            // builds the next one, and as a graph output (checked here) its
+            // data was never overwritten by a later node.
+            let tensor = unsafe { &*t };
+            let name = tensor_name(tensor);
+            if tensor.flags & ffi::ggml_tensor_flag::GGML_TENSOR_FLAG_OUTPUT as i32 == 0 {
+                return Err(RefError::Capture(format!(
+                    "tensor {name} is not kept as a graph output: this bitnet.cpp lacks vendor/patches/05-keep-captured-tensors.patch"
+                )));
+            }
+            // SAFETY: as above; its data lives on the CPU.
+            let node = unsafe { read_node(tensor, name) };
+            match self.capture.on_node.as_mut() {
+                Some(f) => f(node),
+                None => self.capture.nodes.push(node),
+            }
         }
         let mut logits = Vec::with_capacity(n * self.n_vocab);
         for i in 0..n {
@@ -496,18 +551,13 @@ unsafe extern "C" fn eval_callback(t: *mut ffi::ggml_tensor, ask: bool, user: *m
             let op = unsafe { CStr::from_ptr(ffi::ggml_op_name(tensor.op)) }
                 .to_string_lossy()
                 .into_owned();
-            let wanted = state.filter.wants(&name);
+            if state.filter.wants(&name) {
+                state.pending.push(t);
+            }
             state.graph.push(GraphNode { name, op });
-            return wanted;
-        }
-        if !state.filter.wants(&name) {
-            return true;
-        }
-        // SAFETY: the node has been computed; its data lives on the CPU.
-        let node = unsafe { read_node(tensor, name) };
-        match state.on_node.as_mut() {
-            Some(f) => f(node),
-            None => state.nodes.push(node),
+            // Never ask for a node: the graph then runs in one piece, and
+            // the wanted tensors (graph outputs) are read after it.
+            return false;
         }
         true
     }));
@@ -551,7 +601,20 @@ unsafe fn read_node(t: &ffi::ggml_tensor, name: String) -> Node {
     let count = ne.iter().product::<usize>();
     let mut data = Vec::with_capacity(count);
     let base = t.data as *const u8;
-    if !base.is_null() {
+    // SAFETY: a live tensor; ggml_is_contiguous only reads its shape.
+    let contiguous = unsafe { ffi::ggml_is_contiguous(t) };
+    if !base.is_null() && contiguous && t.type_ == ffi::ggml_type::GGML_TYPE_F32 {
+        data.resize(count, 0f32);
+        // SAFETY: a contiguous F32 tensor holds `count` floats from `base`;
+        // copied bytewise, so no alignment is assumed.
+        unsafe { std::ptr::copy_nonoverlapping(base, data.as_mut_ptr().cast::<u8>(), count * 4) };
+    } else if !base.is_null() && contiguous && t.type_ == ffi::ggml_type::GGML_TYPE_F16 {
+        let mut halves = vec![half::f16::ZERO; count];
+        // SAFETY: a contiguous F16 tensor holds `count` halves from `base`.
+        unsafe { std::ptr::copy_nonoverlapping(base, halves.as_mut_ptr().cast::<u8>(), count * 2) };
+        data.resize(count, 0f32);
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(&halves[..], &mut data);
+    } else if !base.is_null() {
         for i3 in 0..ne[3] {
             for i2 in 0..ne[2] {
                 for i1 in 0..ne[1] {

@@ -134,9 +134,8 @@ fn handle(
             let sink = Arc::clone(out);
             c.on_node(Box::new(move |node: Node| {
                 let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
-                // Flushed per node: if the next op aborts, this one arrived.
-                let _ = write_frame(&mut *w, b'N', &node, &f32_bytes(&node.data))
-                    .and_then(|_| w.flush());
+                // Nodes are read once the graph has run; the reply flushes.
+                let _ = write_frame(&mut *w, b'N', &node, &f32_bytes(&node.data));
             }));
             *ctx = Some(c);
             Ok((
@@ -158,7 +157,7 @@ fn handle(
             ))
         }
         Request::SetFilter { filter } => {
-            loaded(ctx)?.set_filter(filter);
+            loaded(ctx)?.set_filter(filter)?;
             Ok((Reply::Done, Vec::new()))
         }
         Request::ClearKv => {
@@ -244,13 +243,20 @@ fn write_frame<W: Write, T: Serialize>(
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    // A loop the compiler turns into plain copies (x86 is little-endian).
+    let mut out = vec![0u8; v.len() * 4];
+    for (o, x) in out.chunks_exact_mut(4).zip(v) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    out
 }
 
 fn f32_from_bytes(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    let mut out = vec![0f32; b.len() / 4];
+    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    out
 }
 
 // --------------------------------------------------------------- parent side
