@@ -60,7 +60,7 @@ pub enum KvSemantics {
 }
 
 /// What the harness asks of a candidate when it loads one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// The GGUF model both engines run.
     pub model: PathBuf,
@@ -70,6 +70,11 @@ pub struct LoadOptions {
     pub kv_type: KvType,
     /// Positions the run needs (prompt plus decode steps).
     pub n_ctx: usize,
+    /// The harness's own validated mapping of the model, for engines that
+    /// read GGUF through this crate: sharing it keeps one mapping of the
+    /// file in the process instead of one per engine (resident memory counts
+    /// every mapping's pages).
+    pub file: Option<std::sync::Arc<crate::gguf::GgufFile>>,
 }
 
 /// An engine under test.
@@ -157,16 +162,17 @@ pub struct BuiltinCandidate {
 
 impl CandidateLoader for BuiltinCandidate {
     fn load(&self, opts: &LoadOptions) -> Result<Box<dyn Candidate>, CandidateError> {
-        let engine = Engine::load(
-            &opts.model,
-            EngineOptions {
-                threads: opts.threads,
-                kv_type: opts.kv_type,
-                i2s_mode: self.i2s_mode,
-                faults: self.faults.clone(),
-                n_ctx: opts.n_ctx,
-            },
-        )?;
+        let engine_opts = EngineOptions {
+            threads: opts.threads,
+            kv_type: opts.kv_type,
+            i2s_mode: self.i2s_mode,
+            faults: self.faults.clone(),
+            n_ctx: opts.n_ctx,
+        };
+        let engine = match &opts.file {
+            Some(file) => Engine::from_gguf(file.clone(), engine_opts)?,
+            None => Engine::load(&opts.model, engine_opts)?,
+        };
         Ok(Box::new(engine))
     }
 }

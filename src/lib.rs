@@ -15,6 +15,7 @@ pub mod engine;
 pub mod gguf;
 pub mod lockstep;
 pub mod oracle;
+mod outfile;
 pub mod quant;
 pub mod receipt;
 pub mod reference;

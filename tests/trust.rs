@@ -293,7 +293,8 @@ fn find_with_a_panicking_candidate_exits_5_with_a_receipt_and_no_backtrace() {
 
 #[test]
 fn every_command_exits_quietly_on_a_closed_pipe() {
-    let (_dir, m) = tiny();
+    let (dir, m) = tiny();
+    let receipt = dir.path().join("closed-pipe-receipt.json");
     for args in [
         vec!["inspect", m.to_str().unwrap()],
         vec!["inspect", m.to_str().unwrap(), "--json"],
@@ -303,7 +304,7 @@ fn every_command_exits_quietly_on_a_closed_pipe() {
             m.to_str().unwrap(),
             "-q",
             "--receipt",
-            "/dev/null",
+            receipt.to_str().unwrap(),
         ],
     ] {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_divergence"))

@@ -62,6 +62,11 @@ pub struct Args {
     /// untraced code path, a clock read between stages).
     #[arg(long)]
     stages: bool,
+    /// Model mode: also time `divergence find` (resync, the same prompt,
+    /// steps and threads, in a child process as a user runs it) against the
+    /// two engines alone in the same round: the lockstep's cost ratio.
+    #[arg(long)]
+    lockstep: bool,
 }
 
 #[derive(Serialize)]
@@ -114,6 +119,37 @@ struct ModelReport {
     /// the previous stage to this one), all layers summed.
     #[serde(skip_serializing_if = "Option::is_none")]
     candidate_decode_stages: Option<Vec<StageTime>>,
+    /// With `--lockstep`: median over rounds of find's time (without model
+    /// loading) over the round's reference-alone plus candidate-alone time
+    /// for the same prompt and steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lockstep_ratio: Option<f64>,
+    /// With `--lockstep`: each round's numbers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lockstep_rounds: Option<Vec<LockstepRound>>,
+}
+
+/// One `divergence find` timed against the engines alone.
+#[derive(Serialize)]
+struct LockstepRound {
+    /// find's wall time, start to exit (loading and hashing included).
+    find_wall_s: f64,
+    /// The wall time less the two engines' model loading (what the engines
+    /// alone are timed without).
+    find_s: f64,
+    /// The same round's prefill + decode times: reference alone, candidate alone.
+    reference_alone_s: f64,
+    candidate_alone_s: f64,
+    /// find_s / (reference_alone_s + candidate_alone_s).
+    ratio: f64,
+    /// The receipt's split of find's time.
+    reference_s: f64,
+    candidate_s: f64,
+    compare_s: f64,
+    /// Peak resident sets of find's two processes, and over the model file.
+    harness_peak_rss_bytes: Option<u64>,
+    reference_peak_rss_bytes: Option<u64>,
+    harness_rss_over_file: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -204,6 +240,7 @@ pub fn run(args: Args) -> CliResult {
     // Allocated after the candidate's RSS was read, which it would inflate.
     let read_probe = bandwidth::ReadProbe::new(args.threads);
     let (mut cand, mut refr, mut read_rounds) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lockstep_rounds = Vec::new();
     for round in 0..args.rounds {
         let read_before = read_probe.pass();
         if round % 2 == 0 {
@@ -216,6 +253,20 @@ pub fn run(args: Args) -> CliResult {
             refr.push(r);
         }
         read_rounds.push((read_before + read_probe.pass()).gb_s());
+        if args.lockstep {
+            let (c, r) = (cand[round], refr[round]);
+            let alone =
+                |rates: [f64; 2]| args.prefill as f64 / rates[0] + args.decode as f64 / rates[1];
+            lockstep_rounds.push(time_find(
+                &exe,
+                &model,
+                &prompt,
+                &args,
+                alone(r),
+                alone(c),
+                file.file_size(),
+            )?);
+        }
     }
     let read_kernel = read_probe.kernel();
     drop(read_probe);
@@ -295,6 +346,10 @@ pub fn run(args: Args) -> CliResult {
         candidate_rss_over_file_plus_kv: cand_rss
             .map(|r| r as f64 / (file.file_size() + kv_bytes) as f64),
         candidate_decode_stages: decode_stages,
+        lockstep_ratio: args
+            .lockstep
+            .then(|| median(lockstep_rounds.iter().map(|r| r.ratio).collect())),
+        lockstep_rounds: args.lockstep.then_some(lockstep_rounds),
     };
     if args.json {
         outln!(
@@ -372,6 +427,28 @@ pub fn run(args: Args) -> CliResult {
                 .map(|r| format!("{r:.2}"))
                 .unwrap_or("?".into())
         );
+        if let (Some(ratio), Some(rounds)) = (report.lockstep_ratio, &report.lockstep_rounds) {
+            let mid = &rounds[rounds.len() / 2];
+            outln!(
+                "lockstep: find {:.2} s without loading ({:.2} s wall) vs reference {:.2} s + candidate {:.2} s alone: {ratio:.2}x (median of {} rounds; target <= 2)",
+                mid.find_s,
+                mid.find_wall_s,
+                mid.reference_alone_s,
+                mid.candidate_alone_s,
+                rounds.len()
+            );
+            outln!(
+                "  find's split: reference {:.2} s, candidate {:.2} s, comparing {:.2} s; peak RSS harness {} ({}x file), reference {}",
+                mid.reference_s,
+                mid.candidate_s,
+                mid.compare_s,
+                mb(mid.harness_peak_rss_bytes),
+                mid.harness_rss_over_file
+                    .map(|r| format!("{r:.2}"))
+                    .unwrap_or("?".into()),
+                mb(mid.reference_peak_rss_bytes)
+            );
+        }
         if let Some(stages) = &report.candidate_decode_stages {
             let total: f64 = stages.iter().map(|s| s.ms_per_token).sum();
             outln!("candidate decode by stage (ms/token, all layers):");
@@ -386,6 +463,64 @@ pub fn run(args: Args) -> CliResult {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `divergence find` in resync mode on `prompt` as a user would (a
+/// child process) and reads its receipt's timings.
+fn time_find(
+    exe: &std::path::Path,
+    model: &std::path::Path,
+    prompt: &[u32],
+    args: &Args,
+    reference_alone_s: f64,
+    candidate_alone_s: f64,
+    file_bytes: u64,
+) -> Result<LockstepRound, super::Failure> {
+    let receipt =
+        std::env::temp_dir().join(format!("divergence-bench-{}.json", std::process::id()));
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let t = Instant::now();
+    let out = std::process::Command::new(exe)
+        .arg("find")
+        .arg("--model")
+        .arg(model)
+        .arg("--tokens")
+        .arg(ids.join(","))
+        .args(["--steps", &args.decode.to_string()])
+        .args(["--threads", &args.threads.to_string()])
+        .arg("-q")
+        .arg("--receipt")
+        .arg(&receipt)
+        .output()
+        .map_err(anyhow::Error::from)?;
+    let find_wall_s = t.elapsed().as_secs_f64();
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return Err(anyhow!(
+            "find exited with {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let r = divergence::receipt::Receipt::read(&receipt)?;
+    let _ = std::fs::remove_file(&receipt);
+    let tm = &r.volatile.timings;
+    let find_s = find_wall_s - tm.reference_load_s - tm.candidate_load_s;
+    Ok(LockstepRound {
+        find_wall_s,
+        find_s,
+        reference_alone_s,
+        candidate_alone_s,
+        ratio: find_s / (reference_alone_s + candidate_alone_s),
+        reference_s: tm.reference_s,
+        candidate_s: tm.candidate_s,
+        compare_s: tm.compare_s,
+        harness_peak_rss_bytes: tm.harness_peak_rss_bytes,
+        reference_peak_rss_bytes: tm.reference_peak_rss_bytes,
+        harness_rss_over_file: tm
+            .harness_peak_rss_bytes
+            .map(|b| b as f64 / file_bytes as f64),
+    })
 }
 
 /// Decode tokens per turn when the engines take turns within a round.

@@ -529,9 +529,24 @@ pub fn verify(args: VerifyArgs) -> CliResult {
             .rerun(worker, None, Some(interrupt_flag()))
             .with_context(|| format!("{}: model {}", path.display(), old.run.model_path))?;
         let diffs = old.differences(&new);
+        let elsewhere = (!old.same_machine(&new)).then(|| {
+            format!(
+                " on another CPU (made with {}, run with {}: compared as results, floats to 1e-3)",
+                old.reference.cpu_features.join(" "),
+                new.reference.cpu_features.join(" ")
+            )
+        });
         if diffs.is_empty() {
-            outln!("{}: same result ({:?})", path.display(), new.verdict);
+            outln!(
+                "{}: same result ({:?}){}",
+                path.display(),
+                new.verdict,
+                elsewhere.unwrap_or_default()
+            );
         } else {
+            if let Some(e) = elsewhere {
+                outln!("{}: compared{e}", path.display());
+            }
             all_same = false;
             outln!("{}: DIFFERENT", path.display());
             for d in diffs {

@@ -159,6 +159,7 @@ pub fn capture_candidate(
             threads: cfg.threads,
             kv_type: cfg.kv_type,
             n_ctx,
+            file: None,
         })
         .map_err(|e| CaptureError::Candidate(e.to_string()))?;
     let mut batch = match &cfg.prompt {

@@ -143,10 +143,21 @@ impl DumpWriter {
     /// Starts a dump to `out` (its stages go to a side file beside it until
     /// [`DumpWriter::finish`]).
     pub fn create(out: &Path) -> Result<DumpWriter, DumpError> {
-        let dir = out
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let dest = crate::outfile::Destination::of(out, "safetensors.tmp").map_err(|source| {
+            DumpError::Io {
+                path: out.to_path_buf(),
+                source,
+            }
+        })?;
+        // Beside the final file, so the stages stay on its filesystem; in the
+        // temp folder when the output is `/dev/null` or a pipe.
+        let dir = match &dest {
+            crate::outfile::Destination::Replace { tmp, .. } => tmp
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| ".".into()),
+            crate::outfile::Destination::InPlace(_) => std::env::temp_dir(),
+        };
         let name = out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -246,21 +257,25 @@ impl DumpWriter {
         })?;
         // The format aligns the data to 8 bytes with spaces.
         header.resize(header.len().next_multiple_of(8), b' ');
-        let tmp = self.out.with_extension("safetensors.tmp");
+        let dest =
+            crate::outfile::Destination::of(&self.out, "safetensors.tmp").map_err(io(&self.out))?;
+        let tmp = dest.writing().to_path_buf();
         let result = (|| -> Result<(), DumpError> {
-            let mut f = BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
+            let mut f = BufWriter::new(dest.create().map_err(io(&tmp))?);
             f.write_all(&(header.len() as u64).to_le_bytes())
                 .and_then(|_| f.write_all(&header))
                 .map_err(io(&tmp))?;
             let mut side = std::fs::File::open(&self.side).map_err(io(&self.side))?;
             std::io::copy(&mut side, &mut f).map_err(io(&tmp))?;
-            f.flush().map_err(io(&tmp))?;
-            f.get_ref().sync_all().map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &self.out).map_err(io(&self.out))
+            let f = f.into_inner().map_err(|e| DumpError::Io {
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?;
+            dest.commit(f).map_err(io(&self.out))
         })();
         let _ = std::fs::remove_file(&self.side);
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            dest.abandon();
         }
         result
     }

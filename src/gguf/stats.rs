@@ -73,36 +73,33 @@ pub fn tensor_stats(file: &GgufFile, t: &TensorInfo) -> Option<TensorStats> {
 /// can afford on a full-size model; `None` for other types.
 pub fn count_non_finite(file: &GgufFile, t: &TensorInfo) -> Option<(u64, u64)> {
     let data = file.tensor_data(t);
-    let (exp, mant, count): (u32, u32, Box<dyn Iterator<Item = u32>>) = match t.ty {
-        GgmlType::F32 => (
-            0x7f80_0000,
-            0x007f_ffff,
-            Box::new(
-                data.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-        ),
-        GgmlType::F16 => (
-            0x7c00,
-            0x03ff,
-            Box::new(
-                data.chunks_exact(2)
-                    .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]))),
-            ),
-        ),
-        _ => return None,
-    };
-    let (mut nan, mut inf) = (0u64, 0u64);
-    for bits in count {
-        if bits & exp == exp {
-            if bits & mant == 0 {
-                inf += 1;
-            } else {
-                nan += 1;
-            }
+    // Counts over the raw bits (an exponent of all ones is non-finite; a
+    // zero mantissa then means infinity). Tensor data is aligned, so the
+    // bytes are read as words and the loop vectorises: the scan of a
+    // 128k-row embedding runs at memory speed.
+    fn count<W: bytemuck::Pod + Into<u32>>(words: &[W], exp: u32, mant: u32) -> (u64, u64) {
+        let (mut non_finite, mut inf) = (0u64, 0u64);
+        for &w in words {
+            let bits: u32 = w.into();
+            let special = bits & exp == exp;
+            non_finite += u64::from(special);
+            inf += u64::from(special & (bits & mant == 0));
+        }
+        (non_finite - inf, inf)
+    }
+    fn words<W: bytemuck::Pod>(data: &[u8]) -> std::borrow::Cow<'_, [W]> {
+        let usable = data.len() - data.len() % std::mem::size_of::<W>();
+        match bytemuck::try_cast_slice(&data[..usable]) {
+            Ok(w) => std::borrow::Cow::Borrowed(w),
+            // Only an in-memory file could be unaligned: copy it.
+            Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(&data[..usable])),
         }
     }
-    Some((nan, inf))
+    match t.ty {
+        GgmlType::F32 => Some(count::<u32>(&words(data), 0x7f80_0000, 0x007f_ffff)),
+        GgmlType::F16 => Some(count::<u16>(&words(data), 0x7c00, 0x03ff)),
+        _ => None,
+    }
 }
 
 fn float_stats(values: impl Iterator<Item = f64>) -> TensorStats {

@@ -154,37 +154,16 @@ impl GgufWriter {
 
     /// Writes the file atomically: a temporary file in the same directory,
     /// fsync, then rename over `path`. A reader never sees half a model.
+    /// (`/dev/null` or a FIFO is written in place, see `crate::outfile`.)
     pub fn write_to(&self, path: &Path) -> io::Result<()> {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        };
-        let file_name = path.file_name().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{}: not a file path", path.display()),
-            )
-        })?;
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
+        let dest = crate::outfile::Destination::of(path, "tmp")?;
         let result = (|| {
-            let file = std::fs::File::create(&tmp)?;
-            let mut w = io::BufWriter::with_capacity(1 << 22, file);
+            let mut w = io::BufWriter::with_capacity(1 << 22, dest.create()?);
             self.write_into(&mut w)?;
-            let file = w.into_inner().map_err(io::IntoInnerError::into_error)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            // Persist the rename itself; not every filesystem supports syncing a directory.
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
+            dest.commit(w.into_inner().map_err(io::IntoInnerError::into_error)?)
         })();
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            dest.abandon();
         }
         result
     }

@@ -190,7 +190,7 @@ const WORST_K: usize = 8;
 /// still be written.
 pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, RunError> {
     let t_total = Instant::now();
-    let file = GgufFile::open(&cfg.model)?;
+    let file = Arc::new(GgufFile::open(&cfg.model)?);
     if cfg.reference_ffn_act == FfnAct::Silu {
         let arch = file.get_str("general.architecture").unwrap_or("(none)");
         if arch != "bitnet-b1.58" {
@@ -217,7 +217,14 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
         Prompt::Tokens(ids) => ids.len(),
     };
     let n_ctx = (prompt_bound + cfg.steps + 1).min(model_ctx);
+    // The scan for NaN/Inf weights reads every F16/F32 tensor (656 MB on the
+    // 2B-4T): beside the run, not before it.
+    let scan = {
+        let file = file.clone();
+        std::thread::spawn(move || non_finite_weights(&file))
+    };
     let mut run = Run {
+        weight_scan: Some(scan),
         outcome: Outcome {
             verdict: Verdict::NoDivergence,
             tokens: TokenCheck {
@@ -251,7 +258,7 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
             model_file_size: file.file_size(),
             recipe: crate::synth::recipe_of(&file),
             candidate: CandidateInfo::default(),
-            weight_warnings: non_finite_weights(&file),
+            weight_warnings: vec![],
             logit_positions: vec![],
             timings: Timings::default(),
         },
@@ -270,6 +277,7 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
         threads: cfg.threads,
         kv_type: cfg.kv_type,
         n_ctx,
+        file: Some(file.clone()),
     };
     let t = Instant::now();
     let copies = if cfg.mode == Mode::Free { 2 } else { 1 };
@@ -604,6 +612,8 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
 struct Run {
     outcome: Outcome,
     t_total: Instant,
+    /// The NaN/Inf weight scan running beside the run.
+    weight_scan: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
 impl Run {
@@ -767,6 +777,11 @@ impl Run {
     }
 
     fn finish(mut self) -> Outcome {
+        if let Some(scan) = self.weight_scan.take() {
+            self.outcome.weight_warnings = scan
+                .join()
+                .unwrap_or_else(|_| vec!["the NaN/Inf weight scan panicked".into()]);
+        }
         let o = &mut self.outcome;
         o.summary
             .sort_by_key(|s| StageKey::new(s.layer, s.stage).order());

@@ -46,6 +46,7 @@ pub fn compare_dumps(
         ))
     })?;
     let mut run = Run {
+        weight_scan: None,
         outcome: Outcome {
             verdict: Verdict::NoDivergence,
             tokens: TokenCheck {

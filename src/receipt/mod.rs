@@ -17,7 +17,6 @@ use crate::oracle::FileFacts;
 use crate::reference::{BuildInfo, FfnAct};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -223,8 +222,17 @@ impl Receipt {
                 worker_exe,
             )
         };
+        // The model's hash, read beside the run: the engines leave a core
+        // idle in their serial phases (the reference's node transfer, the
+        // comparison), and a 1.2 GB file takes most of a second to hash.
+        let hashing = {
+            let model = model.clone();
+            std::thread::spawn(move || sha256_file(&model))
+        };
         let outcome = lockstep::run(&cfg, candidate)?;
-        let sha256 = sha256_file(&model)
+        let sha256 = hashing
+            .join()
+            .map_err(|_| RunError::Io(format!("hashing {} panicked", model.display())))?
             .map_err(|e| RunError::Io(format!("hashing {}: {e}", model.display())))?;
         Ok(Receipt::build(record.clone(), sha256, policy, outcome))
     }
@@ -373,15 +381,118 @@ impl Receipt {
                 )),
             }
         }
+        let portable = !self.same_machine(other);
         if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
             for (k, va) in a {
                 let vb = b.get(k).unwrap_or(&serde_json::Value::Null);
-                if va != vb {
+                if !portable && va != vb {
                     out.push(format!("{k}: {} -> {}", short(va), short(vb)));
+                } else if let Some(at) = portable
+                    .then(|| first_real_difference(va, vb, ""))
+                    .flatten()
+                {
+                    let pick = |v: &serde_json::Value| {
+                        v.pointer(&at.replace(['.', '['], "/").replace(']', ""))
+                            .map(short)
+                            .unwrap_or_else(|| "-".into())
+                    };
+                    out.push(format!("{k}{at}: {} -> {}", pick(va), pick(vb)));
                 }
             }
         }
         out
+    }
+
+    /// Whether `other` ran where the same command gives the same bits: the
+    /// same CPU features, which choose both engines' SIMD paths (bitnet.cpp
+    /// is built with `-march=native`, our kernels dispatch at run time).
+    pub fn same_machine(&self, other: &Receipt) -> bool {
+        self.reference.cpu_features == other.reference.cpu_features
+    }
+}
+
+/// Floats that differ by less than this, relatively, are the same result
+/// on another CPU (see [`first_real_difference`]).
+const PORTABLE_RTOL: f64 = 1e-3;
+/// Values this small are rounding noise: an NMSE of a stage both engines
+/// compute right is 1e-15 on one CPU and 3e-15 on another.
+const PORTABLE_NOISE: f64 = 1e-9;
+
+/// Metrics set by rounding: how many elements differ at all, the largest
+/// ULP distance, the largest relative error (on an element near zero).
+const NOISE_METRICS: [&str; 3] = ["n_outside", "max_ulp", "max_rel"];
+
+/// Where `a` and `b` first differ as results: a JSON path below `at`, or
+/// `None`. Two receipts from different CPUs are compared so: on another
+/// machine the SIMD paths round differently, so the inexact stages' values
+/// and every metric derived from them move in their last bits. Everything
+/// else must be equal: verdict, tokens, the first divergence's step,
+/// position, layer and stage, its rule, which side is blamed and whether a
+/// cause is named, strings, coverage. Floats agree to [`PORTABLE_RTOL`] or
+/// are both below [`PORTABLE_NOISE`]. Not compared: the metrics that count
+/// or scale rounding itself ([`NOISE_METRICS`]), the order of the worst
+/// elements (near-equal errors trade places), the blame's sizes relative
+/// to rounding (the reference's at noise level by design) and its reason
+/// text, which prints them.
+fn first_real_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    let differ = || {
+        Some(if at.is_empty() {
+            ".".into()
+        } else {
+            at.to_string()
+        })
+    };
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            let close = x == y
+                || (x.abs() < PORTABLE_NOISE && y.abs() < PORTABLE_NOISE)
+                || (x - y).abs() <= PORTABLE_RTOL * x.abs().max(y.abs());
+            if close {
+                None
+            } else {
+                differ()
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            if x.len() != y.len() {
+                return differ();
+            }
+            x.iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (x, y))| first_real_difference(x, y, &format!("{at}[{i}]")))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let (vx, vy) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                let at = format!("{at}.{k}");
+                match k.as_str() {
+                    k if NOISE_METRICS.contains(&k) => None,
+                    // Which of several near-equal errors ranks first is
+                    // rounding too: how many are listed is compared.
+                    "worst" => {
+                        (vx.as_array().map(Vec::len) != vy.as_array().map(Vec::len)).then_some(at)
+                    }
+                    // The blame's verdict, without its noise-level sizes.
+                    "blame" if vx.is_object() && vy.is_object() => {
+                        let same = vx.get("blame") == vy.get("blame")
+                            && vx.get("cause").is_some() == vy.get("cause").is_some();
+                        (!same).then_some(at)
+                    }
+                    _ => first_real_difference(vx, vy, &at),
+                }
+            })
+        }
+        _ => (a != b).then(|| differ().unwrap_or_default()),
     }
 }
 
@@ -397,39 +508,117 @@ fn short(v: &serde_json::Value) -> String {
     }
 }
 
-/// sha256 of a file, hex.
+/// Files this large have their sha256 remembered (see [`sha256_file`]).
+const HASH_CACHE_MIN_BYTES: u64 = 64 << 20;
+
+/// The remembered hash of a large file: valid while the file is the same
+/// inode with the same size, modification and change times (any write
+/// changes the change time, which no user can set back).
+#[derive(Serialize, Deserialize)]
+struct CachedHash {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    sha256: String,
+}
+
+impl CachedHash {
+    fn same_file(&self, other: &CachedHash) -> bool {
+        (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
+            == (
+                other.dev,
+                other.ino,
+                other.size,
+                other.mtime_ns,
+                other.ctime_ns,
+            )
+    }
+}
+
+fn hash_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("DIVERGENCE_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("divergence"))
+}
+
+/// sha256 of a file, hex. A model file of 64 MiB or more is hashed once per
+/// machine: the hash is kept (under `$DIVERGENCE_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/divergence`, else `~/.cache/divergence`) with the file's
+/// identity and times, and hashed again whenever any of them changed. A
+/// repeated `find` on a 1.2 GB model then skips most of a second of hashing.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    let key = CachedHash {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        sha256: String::new(),
+    };
+    let slot = (meta.size() >= HASH_CACHE_MIN_BYTES)
+        .then(hash_cache_dir)
+        .flatten()
+        .map(|d| {
+            d.join("sha256")
+                .join(format!("{}-{}.json", key.dev, key.ino))
+        });
+    if let Some(slot) = &slot {
+        if let Some(hit) = std::fs::read_to_string(slot)
+            .ok()
+            .and_then(|t| serde_json::from_str::<CachedHash>(&t).ok())
+            .filter(|c| key.same_file(c))
+        {
+            return Ok(hit.sha256);
+        }
+    }
+    let sha256 = sha256_of_contents(path)?;
+    if let Some(slot) = slot {
+        // A cache that cannot be written only costs the next run the hashing.
+        let entry = CachedHash {
+            sha256: sha256.clone(),
+            ..key
+        };
+        if let Some(dir) = slot.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = write_atomic(
+            &slot,
+            serde_json::to_string(&entry).unwrap_or_default().as_bytes(),
+        );
+    }
+    Ok(sha256)
+}
+
+/// sha256 of a file's bytes, hex, read in 1 MiB blocks.
+fn sha256_of_contents(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
+/// Writes `bytes` to `path` whole or not at all: a temporary file beside
+/// it, fsync, rename; `/dev/null`, a FIFO or a terminal is written in place
+/// (see `crate::outfile`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "receipt".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::outfile::Destination::of(path, "tmp")?.write_all(bytes)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -438,4 +627,55 @@ pub enum ReceiptError {
     Io(PathBuf, std::io::Error),
     #[error("{path} is not a valid receipt: {1}", path = .0.display())]
     Parse(PathBuf, serde_json::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_real_difference;
+
+    fn same_but_rounding(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+        first_real_difference(a, b, "").is_none()
+    }
+    use serde_json::json;
+
+    fn divergence(ref_nmse: f64, cand_nmse: f64, blame: &str, stage: &str) -> serde_json::Value {
+        json!({
+            "step": 0, "position": 14, "layer": 0, "stage": stage,
+            "metrics": {"n": 900, "exact": false, "nmse": cand_nmse, "max_ulp": 2200631447u64 + (ref_nmse > 3.9e-15) as u64},
+            "worst": [{"flat_index": 439, "reference": -30.906609, "candidate": 10.104137}],
+            "blame": {
+                "blame": blame,
+                "reference_nmse_vs_oracle": ref_nmse,
+                "reference_error_over_rounding": ref_nmse * 3.7e12,
+                "reason": format!("NMSE vs oracle: reference {ref_nmse:.3e}"),
+            }
+        })
+    }
+
+    #[test]
+    fn another_cpus_rounding_is_the_same_result() {
+        let here = divergence(3.984e-15, 0.8628372221742541, "candidate", "attn_scores");
+        let there = divergence(3.891e-15, 0.8628372200929639, "candidate", "attn_scores");
+        assert!(same_but_rounding(&here, &there));
+    }
+
+    #[test]
+    fn a_different_place_side_or_size_is_a_different_result() {
+        let here = divergence(3.984e-15, 0.8628, "candidate", "attn_scores");
+        for there in [
+            divergence(3.984e-15, 0.8628, "candidate", "attn_probs"),
+            divergence(3.984e-15, 0.8628, "both", "attn_scores"),
+            divergence(3.984e-15, 0.8650, "candidate", "attn_scores"),
+            divergence(3.984e-6, 0.8628, "candidate", "attn_scores")
+                .as_object()
+                .map(|o| {
+                    let mut o = o.clone();
+                    o.insert("position".into(), json!(13));
+                    serde_json::Value::Object(o)
+                })
+                .unwrap(),
+        ] {
+            assert!(!same_but_rounding(&here, &there), "{there}");
+        }
+    }
 }

@@ -315,8 +315,9 @@ pub struct ContextOptions {
     pub n_batch: usize,
 }
 
-/// Receives each captured node as it arrives, and owns it from then on.
-pub type NodeCallback = Box<dyn FnMut(Node)>;
+/// Receives each captured node (its `data` left empty) with its values,
+/// which may be a view of bitnet.cpp's own buffer, valid during the call.
+pub type NodeCallback = Box<dyn FnMut(&Node, &[f32])>;
 
 /// What the `cb_eval` callback writes into: owned by the context, boxed so its
 /// address stays fixed while bitnet.cpp holds a pointer to it.
@@ -501,11 +502,26 @@ impl Context {
                     "tensor {name} is not kept as a graph output: this bitnet.cpp lacks vendor/patches/05-keep-captured-tensors.patch"
                 )));
             }
-            // SAFETY: as above; its data lives on the CPU.
-            let node = unsafe { read_node(tensor, name) };
             match self.capture.on_node.as_mut() {
-                Some(f) => f(node),
-                None => self.capture.nodes.push(node),
+                Some(f) => {
+                    // SAFETY: as above; its data lives on the CPU, and the
+                    // view is used only during the call.
+                    let view = unsafe { f32_view(tensor) };
+                    match view {
+                        Some(data) => f(&node_header(tensor, name), data),
+                        None => {
+                            // SAFETY: as above.
+                            let mut node = unsafe { read_node(tensor, name) };
+                            let data = std::mem::take(&mut node.data);
+                            f(&node, &data);
+                        }
+                    }
+                }
+                None => {
+                    // SAFETY: as above; its data lives on the CPU.
+                    let node = unsafe { read_node(tensor, name) };
+                    self.capture.nodes.push(node)
+                }
             }
         }
         let mut logits = Vec::with_capacity(n * self.n_vocab);
@@ -551,7 +567,13 @@ unsafe extern "C" fn eval_callback(t: *mut ffi::ggml_tensor, ask: bool, user: *m
             let op = unsafe { CStr::from_ptr(ffi::ggml_op_name(tensor.op)) }
                 .to_string_lossy()
                 .into_owned();
-            if state.filter.wants(&name) {
+            // Restricted to base names, every wanted tensor must have been
+            // kept (decode checks it: a bitnet.cpp without patch 05 is named).
+            // Capturing "everything", the tensors kept are the ones the graph
+            // builder named: the views ggml names itself ("Qcur-0 (reshaped)")
+            // share another tensor's memory and are listed in the graph only.
+            let kept = tensor.flags & ffi::ggml_tensor_flag::GGML_TENSOR_FLAG_OUTPUT as i32 != 0;
+            if state.filter.wants(&name) && (kept || !state.filter.base_names.is_empty()) {
                 state.pending.push(t);
             }
             state.graph.push(GraphNode { name, op });
@@ -581,6 +603,51 @@ fn tensor_name(t: &ffi::ggml_tensor) -> String {
         .map(|&c| c as u8)
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A contiguous, aligned F32 tensor's values in place (no copy); `None` for
+/// any other tensor.
+///
+/// # Safety
+/// `t.data` must point to the node's computed data on the CPU, and stay
+/// valid while the returned slice is used.
+unsafe fn f32_view(t: &ffi::ggml_tensor) -> Option<&[f32]> {
+    // SAFETY: a live tensor; ggml_is_contiguous only reads its shape.
+    let contiguous = unsafe { ffi::ggml_is_contiguous(t) };
+    let ptr = t.data as *const f32;
+    if t.type_ != ffi::ggml_type::GGML_TYPE_F32 || !contiguous || ptr.is_null() || !ptr.is_aligned()
+    {
+        return None;
+    }
+    let count: usize = t.ne.iter().map(|&v| v.max(0) as usize).product();
+    // SAFETY: a contiguous F32 tensor holds `count` floats from its aligned
+    // data pointer, valid as the caller promises.
+    Some(unsafe { std::slice::from_raw_parts(ptr, count) })
+}
+
+/// A node's name, op, type and shape, without its data.
+fn node_header(t: &ffi::ggml_tensor, name: String) -> Node {
+    // SAFETY: op and type names are static strings in ggml.
+    let (op, ty) = unsafe {
+        (
+            CStr::from_ptr(ffi::ggml_op_name(t.op))
+                .to_string_lossy()
+                .into_owned(),
+            CStr::from_ptr(ffi::ggml_type_name(t.type_))
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    let layer = super::split_layer(&name).1;
+    Node {
+        name,
+        op,
+        ty,
+        ne: t.ne.map(|v| v.max(0) as usize),
+        nb: t.nb,
+        layer,
+        data: Vec::new(),
+    }
 }
 
 /// Copies a node's data to contiguous f32, whatever its strides.

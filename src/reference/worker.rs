@@ -117,7 +117,7 @@ fn handle(
     req: Request,
     ctx: &mut Option<Context>,
     out: &Out,
-) -> Result<(Reply, Vec<u8>), RefError> {
+) -> Result<(Reply, Vec<f32>), RefError> {
     match req {
         Request::Load {
             model,
@@ -132,10 +132,10 @@ fn handle(
             let n_vocab = m.n_vocab();
             let mut c = Context::new(m, &opts, filter)?;
             let sink = Arc::clone(out);
-            c.on_node(Box::new(move |node: Node| {
+            c.on_node(Box::new(move |node: &Node, data: &[f32]| {
                 let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
                 // Nodes are read once the graph has run; the reply flushes.
-                let _ = write_frame(&mut *w, b'N', &node, &f32_bytes(&node.data));
+                let _ = write_frame(&mut *w, b'N', node, data);
             }));
             *ctx = Some(c);
             Ok((
@@ -153,7 +153,7 @@ fn handle(
                     n_tokens: tokens.len(),
                     graph: decoded.graph,
                 },
-                f32_bytes(&decoded.logits),
+                decoded.logits,
             ))
         }
         Request::SetFilter { filter } => {
@@ -168,7 +168,7 @@ fn handle(
     }
 }
 
-type Answer = Result<(Reply, Vec<u8>), RefError>;
+type Answer = Result<(Reply, Vec<f32>), RefError>;
 
 /// The requests that need only a vocabulary: answered with the loaded
 /// model's, else with the vocab-only one; `None` for any other request.
@@ -228,35 +228,24 @@ fn loaded(ctx: &mut Option<Context>) -> Result<&mut Context, RefError> {
         .ok_or_else(|| RefError::Worker("no model loaded".into()))
 }
 
+// Blobs travel as the f32s' own bytes: both ends are this binary on this
+// (little-endian) machine.
+#[cfg(target_endian = "big")]
+compile_error!("the worker's frames carry f32 blobs in little-endian byte order");
+
 fn write_frame<W: Write, T: Serialize>(
     w: &mut W,
     kind: u8,
     header: &T,
-    blob: &[u8],
+    blob: &[f32],
 ) -> std::io::Result<()> {
     let json = serde_json::to_vec(header).map_err(std::io::Error::other)?;
+    let bytes: &[u8] = bytemuck::cast_slice(blob);
     w.write_all(&[kind])?;
     w.write_all(&(json.len() as u32).to_le_bytes())?;
     w.write_all(&json)?;
-    w.write_all(&(blob.len() as u64).to_le_bytes())?;
-    w.write_all(blob)
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    // A loop the compiler turns into plain copies (x86 is little-endian).
-    let mut out = vec![0u8; v.len() * 4];
-    for (o, x) in out.chunks_exact_mut(4).zip(v) {
-        o.copy_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
-fn f32_from_bytes(b: &[u8]) -> Vec<f32> {
-    let mut out = vec![0f32; b.len() / 4];
-    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    }
-    out
+    w.write_all(&(bytes.len() as u64).to_le_bytes())?;
+    w.write_all(bytes)
 }
 
 // --------------------------------------------------------------- parent side
@@ -382,6 +371,7 @@ impl Worker {
         else {
             return Err(RefError::Worker("child pipes missing".into()));
         };
+        widen_pipe(&stdout);
         let tail = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&tail);
         std::thread::spawn(move || {
@@ -479,7 +469,7 @@ impl Worker {
             },
             &mut nodes,
         )? {
-            (Reply::Decoded { graph, .. }, blob) => Ok((f32_from_bytes(&blob), nodes, graph)),
+            (Reply::Decoded { graph, .. }, blob) => Ok((blob, nodes, graph)),
             (other, _) => Err(RefError::Worker(format!("unexpected reply {other:?}"))),
         }
     }
@@ -498,7 +488,11 @@ impl Worker {
         self.call(&Request::ClearKv, &mut Vec::new()).map(|_| ())
     }
 
-    fn call(&mut self, req: &Request, nodes: &mut Vec<Node>) -> Result<(Reply, Vec<u8>), RefError> {
+    fn call(
+        &mut self,
+        req: &Request,
+        nodes: &mut Vec<Node>,
+    ) -> Result<(Reply, Vec<f32>), RefError> {
         let mut line = serde_json::to_vec(req).map_err(|e| RefError::Worker(e.to_string()))?;
         line.push(b'\n');
         if self
@@ -517,7 +511,7 @@ impl Worker {
                 b'N' => {
                     let mut node: Node = serde_json::from_slice(&json)
                         .map_err(|e| RefError::Worker(e.to_string()))?;
-                    node.data = f32_from_bytes(&blob);
+                    node.data = blob;
                     self.last_node = format!("{} [{}]", node.name, node.op);
                     nodes.push(node);
                 }
@@ -536,7 +530,7 @@ impl Worker {
         }
     }
 
-    fn read_frame(&mut self) -> Option<(u8, Vec<u8>, Vec<u8>)> {
+    fn read_frame(&mut self) -> Option<(u8, Vec<u8>, Vec<f32>)> {
         let mut kind = [0u8; 1];
         self.stdout.read_exact(&mut kind).ok()?;
         let mut len4 = [0u8; 4];
@@ -546,8 +540,14 @@ impl Worker {
         let mut len8 = [0u8; 8];
         self.stdout.read_exact(&mut len8).ok()?;
         let blob_len = usize::try_from(u64::from_le_bytes(len8)).ok()?;
-        let mut blob = vec![0u8; blob_len];
-        self.stdout.read_exact(&mut blob).ok()?;
+        if blob_len % 4 != 0 {
+            return None;
+        }
+        // Read straight into the floats' memory: the one copy out of the pipe.
+        let mut blob = vec![0f32; blob_len / 4];
+        self.stdout
+            .read_exact(bytemuck::cast_slice_mut(&mut blob))
+            .ok()?;
         Some((kind[0], json, blob))
     }
 
@@ -578,6 +578,19 @@ impl Worker {
             last_node: self.last_node.clone(),
             stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
         }
+    }
+}
+
+/// A step's captured tensors (230 MB for a 30-token prefill of the 2B-4T)
+/// cross this pipe: with the default 64 KiB buffer the two processes take
+/// turns thousands of times per step. Linux lets a pipe grow to
+/// `/proc/sys/fs/pipe-max-size` (1 MiB by default); a refusal only costs speed.
+fn widen_pipe(pipe: &ChildStdout) {
+    use std::os::fd::AsRawFd;
+    const WANT: libc::c_int = 1 << 20;
+    // SAFETY: F_SETPIPE_SZ on a pipe fd we own; it reads no memory of ours.
+    unsafe {
+        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, WANT);
     }
 }
 
