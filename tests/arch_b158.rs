@@ -22,7 +22,7 @@
 mod common;
 
 use divergence::candidate::BuiltinCandidate;
-use divergence::compare::{Blame, Class, Policy};
+use divergence::compare::{Blame, Policy};
 use divergence::engine::kernels::scalar;
 use divergence::engine::weights::realign_rows;
 use divergence::engine::{I2sMode, KvType};
@@ -120,32 +120,9 @@ fn run(record: &RunRecord) -> Receipt {
     Receipt::run(record, exe(), None, None).expect("the run completes")
 }
 
-/// No divergence, `exact` stages bit-identical everywhere, nothing unmapped.
+/// Clean (see `common::assert_clean`), on arch `bitnet-b1.58`.
 fn assert_clean(r: &Receipt, what: &str) {
-    assert_eq!(
-        r.verdict,
-        Verdict::NoDivergence,
-        "{what}: {:?} (reference failure {:?})",
-        r.first_divergence
-            .as_ref()
-            .map(|d| (d.stage, d.layer, d.step, &d.metrics)),
-        r.reference_failure
-    );
-    assert!(!r.stages.is_empty(), "{what}: nothing was compared");
-    for s in &r.stages {
-        if s.class == Class::Exact {
-            assert!(
-                s.all_exact,
-                "{what}: exact stage {} [{:?}] was not bit-identical",
-                s.stage, s.layer
-            );
-        }
-    }
-    assert!(
-        r.coverage.unmapped_reference_nodes.is_empty() && r.coverage.complete,
-        "{what}: coverage {:?}",
-        r.coverage
-    );
+    common::assert_clean(r, what);
     assert_eq!(
         r.model.config.as_ref().map(|c| c.arch.name()),
         Some("bitnet-b1.58"),

@@ -9,7 +9,8 @@
 //! behaviour shows up as a receipt diff in review. Regenerate them with
 //! `scripts/regen-receipts.sh`.
 
-use divergence::compare::Class;
+mod common;
+
 use divergence::engine::KvType;
 use divergence::lockstep::{Mode, Prompt, Verdict};
 use divergence::receipt::{Receipt, RunRecord};
@@ -51,36 +52,10 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
     .expect("the run completes")
 }
 
-/// No divergence, and `exact` stages bit-identical at every layer and step.
+/// Clean (see `common::assert_clean`), and the receipt validates against
+/// the schema.
 fn assert_clean(r: &Receipt, what: &str) {
-    assert!(r.tokens.equal, "{what}: token ids differ: {:?}", r.tokens);
-    assert_eq!(
-        r.verdict,
-        Verdict::NoDivergence,
-        "{what}: {}",
-        r.first_divergence
-            .as_ref()
-            .map(|d| format!(
-                "{} [{:?}] step {}: {:?}",
-                d.stage, d.layer, d.step, d.metrics
-            ))
-            .unwrap_or_default()
-    );
-    assert!(!r.stages.is_empty(), "{what}: nothing was compared");
-    for s in &r.stages {
-        if s.class == Class::Exact {
-            assert!(
-                s.all_exact,
-                "{what}: exact stage {} [{:?}] was not bit-identical",
-                s.stage, s.layer
-            );
-        }
-    }
-    assert!(
-        r.coverage.unmapped_reference_nodes.is_empty() && r.coverage.complete,
-        "{what}: unmapped nodes {:?}",
-        r.coverage
-    );
+    common::assert_clean(r, what);
     // Receipts validate against the schema.
     let schema: serde_json::Value = serde_json::from_str(divergence::receipt::SCHEMA).unwrap();
     let value: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();

@@ -229,6 +229,21 @@ fn corpus_sweep_on_small_shards_merge_to_the_unsharded_run() {
     assert_eq!(k.positions, k1.positions + k2.positions);
     assert_eq!(k.max, k1.max.max(k2.max));
 
+    // A shard file edited to claim shard 0 of 2 is bad input, not a panic.
+    let text = std::fs::read_to_string(out("s1.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["shard"]["index"] = 0.into();
+    std::fs::write(out("s0.json"), v.to_string()).unwrap();
+    let o = run(&[
+        "merge",
+        out("s0.json").to_str().unwrap(),
+        out("s2.json").to_str().unwrap(),
+        "-o",
+        out("bad.json").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("1 <= I <= N"), "{}", stderr(&o));
+
     // What the sweep found: the clean engine on `small` in free mode.
     let corpus = sweep::Corpus::read(&corpus()).unwrap();
     assert_eq!(whole.prompts.len(), corpus.prompts.len());

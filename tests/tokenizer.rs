@@ -132,10 +132,16 @@ fn llama_cpp_cases_on_the_llama3_vocab() {
         (tok.bos(), tok.eos(), tok.add_bos()),
         (Some(128000), Some(128001), true)
     );
-    let cases = test_cases(&bpe);
+    assert_both_give_the_out_ids(&tok, &model, &bpe, "llama3");
+}
+
+/// Every llama.cpp case of `vocab` (`test-tokenizer-0`: add_special and
+/// parse_special both false): the candidate and bitnet.cpp both give the
+/// `.out` ids.
+fn assert_both_give_the_out_ids(tok: &Tokenizer, model: &Model, vocab: &Path, label: &str) {
+    let cases = test_cases(vocab);
     assert!(cases.len() >= 40, "{} cases", cases.len());
     for (text, want) in &cases {
-        // test-tokenizer-0: add_special = false, parse_special = false.
         assert_eq!(
             &tok.encode(text, false, false),
             want,
@@ -148,7 +154,7 @@ fn llama_cpp_cases_on_the_llama3_vocab() {
         );
     }
     eprintln!(
-        "llama3 vocab: {} llama.cpp cases, both engines equal the .out ids",
+        "{label} vocab: {} llama.cpp cases, both engines equal the .out ids",
         cases.len()
     );
 }
@@ -158,26 +164,9 @@ fn llama_cpp_cases_on_the_llama2_spm_vocab() {
     let Some(spm) = vocab_file(SPM) else { return };
     let (tok, model) = load(&spm);
     assert_eq!(tok.kind(), TokenizerKind::Spm);
-    let cases = test_cases(&spm);
-    assert!(cases.len() >= 40, "{} cases", cases.len());
-    for (text, want) in &cases {
-        // The .out ids are Hugging Face's for the text as it is: the SPM
-        // space prefix is llama.cpp's own (add_space_prefix), not the file's.
-        assert_eq!(
-            &tok.encode(text, false, false),
-            want,
-            "candidate on {text:?}"
-        );
-        assert_eq!(
-            &model.tokenize(text, false, false).unwrap(),
-            want,
-            "bitnet.cpp on {text:?}"
-        );
-    }
-    eprintln!(
-        "llama2 vocab: {} llama.cpp cases, both engines equal the .out ids",
-        cases.len()
-    );
+    // The .out ids are Hugging Face's for the text as it is: the SPM space
+    // prefix is llama.cpp's own (add_space_prefix), not the file's.
+    assert_both_give_the_out_ids(&tok, &model, &spm, "llama2");
 }
 
 /// Candidate and reference ids for every flag combination, and the same
@@ -329,6 +318,19 @@ fn divergence(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs the binary and requires exit `code` (the failure shows both streams).
+fn divergence_exits(code: i32, args: &[&str]) -> std::process::Output {
+    let out = divergence(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "divergence {args:?}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn json_of(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -343,19 +345,16 @@ fn json_of(out: &std::process::Output) -> serde_json::Value {
 fn tokens_agree_on_llama_cpp_cases_of_a_vocab_only_file() {
     let Some(bpe) = vocab_file(BPE) else { return };
     let inp = format!("{}.inp", bpe.display());
-    let out = divergence(&[
-        "tokens",
-        "--model",
-        bpe.to_str().unwrap(),
-        "--inputs",
-        &inp,
-        "--json",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = divergence_exits(
+        0,
+        &[
+            "tokens",
+            "--model",
+            bpe.to_str().unwrap(),
+            "--inputs",
+            &inp,
+            "--json",
+        ],
     );
     let v = json_of(&out);
     let cases = v["cases"].as_array().unwrap();
@@ -377,18 +376,15 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
     // The tokenizer.json of the file with its llama3 pre-tokenizer (what a
     // downloaded tokenizer.json for 2B-4T has), used on the file without it.
     let json = dir.path().join("tokenizer.json");
-    let out = divergence(&[
-        "export-tokenizer",
-        "--model",
-        bpe.to_str().unwrap(),
-        "-o",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    divergence_exits(
+        0,
+        &[
+            "export-tokenizer",
+            "--model",
+            bpe.to_str().unwrap(),
+            "-o",
+            json.to_str().unwrap(),
+        ],
     );
     let args = |text: &str| {
         divergence(&[
@@ -440,21 +436,18 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
     // the tokenizers crate's regex engine knows Unicode 16, where U+1C89
     // (CYRILLIC CAPITAL LETTER TJE) is a letter. Unassigned, bitnet.cpp
     // takes it into a punctuation run with the `'`, so no `'s` forms.
-    let out = divergence(&[
-        "tokens",
-        "--model",
-        bpe.to_str().unwrap(),
-        "--text",
-        "\u{1C89}'s",
-        "--tokenizer-json",
-        json.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = divergence_exits(
+        1,
+        &[
+            "tokens",
+            "--model",
+            bpe.to_str().unwrap(),
+            "--text",
+            "\u{1C89}'s",
+            "--tokenizer-json",
+            json.to_str().unwrap(),
+            "--json",
+        ],
     );
     let case = &json_of(&out)["cases"][0];
     assert_eq!(case["reference"], case["candidate"]);
@@ -462,33 +455,27 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
 
     // The same text through the exported default pre-tokenizer agrees.
     let json_default = dir.path().join("tokenizer-default.json");
-    let out = divergence(&[
-        "export-tokenizer",
-        "--model",
-        no_pre.to_str().unwrap(),
-        "-o",
-        json_default.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    divergence_exits(
+        0,
+        &[
+            "export-tokenizer",
+            "--model",
+            no_pre.to_str().unwrap(),
+            "-o",
+            json_default.to_str().unwrap(),
+        ],
     );
-    let out = divergence(&[
-        "tokens",
-        "--model",
-        no_pre.to_str().unwrap(),
-        "--text",
-        text,
-        "--tokenizer-json",
-        json_default.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    divergence_exits(
+        0,
+        &[
+            "tokens",
+            "--model",
+            no_pre.to_str().unwrap(),
+            "--text",
+            text,
+            "--tokenizer-json",
+            json_default.to_str().unwrap(),
+        ],
     );
 }
 
@@ -498,22 +485,19 @@ fn tokens_chat_shows_the_duplicated_bos() {
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("llama3.jinja");
     std::fs::write(&template, LLAMA3_TEMPLATE).unwrap();
-    let out = divergence(&[
-        "tokens",
-        "--model",
-        bpe.to_str().unwrap(),
-        "--text",
-        "What is 2+2?",
-        "--chat",
-        "--chat-template",
-        template.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = divergence_exits(
+        1,
+        &[
+            "tokens",
+            "--model",
+            bpe.to_str().unwrap(),
+            "--text",
+            "What is 2+2?",
+            "--chat",
+            "--chat-template",
+            template.to_str().unwrap(),
+            "--json",
+        ],
     );
     let v = json_of(&out);
     let case = &v["cases"][0];
@@ -601,18 +585,15 @@ fn exported_tokenizer_json_loads_and_matches_on_llama_cpp_cases() {
     let Some(bpe) = vocab_file(BPE) else { return };
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("tokenizer.json");
-    let out = divergence(&[
-        "export-tokenizer",
-        "--model",
-        bpe.to_str().unwrap(),
-        "-o",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    divergence_exits(
+        0,
+        &[
+            "export-tokenizer",
+            "--model",
+            bpe.to_str().unwrap(),
+            "-o",
+            json.to_str().unwrap(),
+        ],
     );
     let hf = tokenizers::Tokenizer::from_file(&json).unwrap();
     assert_eq!(hf.get_vocab_size(true), 128256);
@@ -672,18 +653,15 @@ fn hugging_face_tokenizers_against_bitnet_cpp_on_the_2b4t_layout() {
     let no_pre = bpe_without_pre(&bpe);
     let export = |src: &Path, name: &str| {
         let path = dir.path().join(name);
-        let out = divergence(&[
-            "export-tokenizer",
-            "--model",
-            src.to_str().unwrap(),
-            "-o",
-            path.to_str().unwrap(),
-        ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        divergence_exits(
+            0,
+            &[
+                "export-tokenizer",
+                "--model",
+                src.to_str().unwrap(),
+                "-o",
+                path.to_str().unwrap(),
+            ],
         );
         tokenizers::Tokenizer::from_file(&path).unwrap()
     };

@@ -6,21 +6,36 @@ use serde::{Deserialize, Serialize};
 /// How far a candidate tensor is from the reference's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    /// Elements compared: the shorter side's length (for a shape mismatch,
+    /// the reference's element count).
     pub n: usize,
+    /// Same length and every pair equal: the same bits, equal as floats
+    /// (`-0 == +0`) or NaN on both sides.
     pub exact: bool,
+    /// Largest |reference − candidate| over finite pairs.
     pub max_abs: f64,
+    /// Largest |reference − candidate| / |reference| over finite pairs;
+    /// `f64::MAX` where the reference is 0 and the candidate is not.
     pub max_rel: f64,
     /// Σ(a-b)² / Σa² (0 when both are all-zero).
     pub nmse: f64,
+    /// Cosine similarity over finite pairs (1 when both are all-zero, 0 when
+    /// only one is).
     pub cosine: f64,
     /// Largest distance in units in the last place (f32), over finite pairs.
     pub max_ulp: u64,
     /// Elements outside atol + rtol·|ref| (for the rule the stage was judged by).
     pub n_outside: usize,
+    /// NaN elements on the reference side.
     pub nan_reference: usize,
+    /// Infinite elements on the reference side.
     pub inf_reference: usize,
+    /// NaN elements on the candidate side.
     pub nan_candidate: usize,
+    /// Infinite elements on the candidate side.
     pub inf_candidate: usize,
+    /// Top-1, top-k and KL metrics: set for the logits stage when the shapes
+    /// match, `None` otherwise.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub logits: Option<LogitMetrics>,
     /// The candidate's shape, when it differs from the reference's (then no
@@ -34,9 +49,12 @@ pub struct Metrics {
 pub struct LogitMetrics {
     /// Rows (positions) whose argmax agrees.
     pub top1_agree: usize,
+    /// Rows compared: the shorter side's length over the vocabulary size.
     pub rows: usize,
-    /// Mean overlap of the top-k sets, k = `top_k`.
+    /// The k of `topk_overlap`.
     pub top_k: usize,
+    /// Mean over rows of the fraction of the reference's top-k tokens that
+    /// are also in the candidate's top-k (1 when there are no rows).
     pub topk_overlap: f64,
     /// Largest KL(reference ‖ candidate) over rows, in nats.
     pub max_kl: f64,
@@ -45,17 +63,24 @@ pub struct LogitMetrics {
 /// One element where the two sides differ most.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorstElement {
-    /// Index into the canonical layout (row-major), and as a multi-index.
+    /// Index into the canonical layout, flattened row-major.
     pub flat_index: usize,
+    /// The same position as one index per dimension of the stage's shape.
     pub index: Vec<usize>,
+    /// The reference's value there.
+    ///
     /// Non-finite values are written as the strings "NaN", "inf", "-inf"
     /// (JSON has no such numbers), so a receipt keeps what it saw.
     #[serde(with = "json_float")]
     pub reference: f32,
+    /// The candidate's value there, encoded like `reference`.
     #[serde(with = "json_float")]
     pub candidate: f32,
+    /// The f64 oracle's value there, when the oracle could recompute the stage.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub oracle: Option<f64>,
+    /// |reference − candidate|; `f64::MAX` when the two differ and either is
+    /// not finite.
     pub abs_diff: f64,
 }
 

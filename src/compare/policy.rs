@@ -14,20 +14,29 @@ use crate::trace::Stage;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// How strictly a stage is judged (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
+    /// Every element equal ([`Metrics::exact`](super::Metrics::exact)).
     Exact,
+    /// Every element within `atol + rtol·|ref|`, and NMSE at most `max_nmse`.
     Tight,
+    /// NMSE at most `max_nmse`.
     Loose,
 }
 
+/// How one stage is judged. Whatever the class, the NaN and Inf counts of
+/// the two sides must match.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
+    /// Which test the metrics must pass.
     pub class: Class,
+    /// Absolute tolerance per element (`tight`); 0 when absent.
     #[serde(default)]
     pub atol: f64,
+    /// Tolerance relative to |reference| per element (`tight`); 0 when absent.
     #[serde(default)]
     pub rtol: f64,
     /// Largest NMSE a `loose` stage may have (also applied to `tight`).
@@ -38,45 +47,64 @@ pub struct Rule {
     pub min_top1_agreement: Option<f64>,
 }
 
+/// A tolerance policy: one rule per stage for resync mode, overrides for
+/// free-run mode.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// The policy's name, e.g. `default`.
     pub name: String,
     /// Why these numbers: shown to reviewers with every receipt.
     pub notes: String,
     /// Rules keyed by canonical stage name; free-run mode uses `free_run`
     /// where present, since error legitimately accumulates there.
     pub resync: Vec<(Stage, Rule)>,
+    /// Free-run overrides; a stage without one falls back to its `resync` rule.
     pub free_run: Vec<(Stage, Rule)>,
 }
 
+/// The text of the built-in policy, `policies/default.json`.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.json");
 
+/// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
+    /// The policy file could not be read.
     #[error("reading policy {path}: {source}")]
     Io {
+        /// The file, as given.
         path: String,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The text is not JSON of a policy (syntax, a missing field, an unknown
+    /// key or stage name).
     #[error("policy {path} is not valid: {source}")]
     Parse {
+        /// The file, or the name the text was given under.
         path: String,
+        /// What serde_json rejected, with line and column.
         source: serde_json::Error,
     },
+    /// A canonical stage has no rule.
     #[error("policy {path} has no rule for stage `{stage}` in {mode}")]
     Missing {
+        /// The file, or the name the text was given under.
         path: String,
+        /// The stage without a rule.
         stage: Stage,
+        /// The rule list it is missing from (`resync`).
         mode: &'static str,
     },
 }
 
 impl Policy {
+    /// The built-in policy, [`DEFAULT_POLICY`] parsed.
     pub fn default_policy() -> Policy {
         Self::parse(DEFAULT_POLICY, "policies/default.json").expect("the built-in policy is valid")
     }
 
+    /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
@@ -86,6 +114,8 @@ impl Policy {
         Self::parse(&text, &p)
     }
 
+    /// Parses a policy from JSON text and checks that every stage has a
+    /// `resync` rule; `path` names the text in errors.
     pub fn parse(text: &str, path: &str) -> Result<Policy, PolicyError> {
         let policy: Policy = serde_json::from_str(text).map_err(|source| PolicyError::Parse {
             path: path.into(),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// One token shown in words.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShownToken {
+    /// The token id.
     pub id: u32,
     /// The token's bytes (special tokens as their text), lossily as text.
     pub piece: String,

@@ -20,6 +20,7 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The arch whose `general.architecture` is `name`, if supported.
     pub fn from_name(name: &str) -> Option<Arch> {
         match name {
             "bitnet" => Some(Arch::Bitnet),
@@ -54,18 +55,32 @@ impl Arch {
     }
 }
 
+/// A model's hyperparameters, read from its GGUF metadata and checked for
+/// consistency ([`ModelConfig::from_gguf`]). Keys are prefixed with the arch
+/// name, e.g. `bitnet-b1.58.embedding_length`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// The model family, from `general.architecture`.
     pub arch: Arch,
+    /// Width of the residual stream (`embedding_length`).
     pub n_embd: usize,
+    /// Number of transformer blocks (`block_count`).
     pub n_layer: usize,
+    /// Query heads (`attention.head_count`).
     pub n_head: usize,
+    /// Key/value heads (`attention.head_count_kv`; `n_head` when absent).
     pub n_head_kv: usize,
+    /// Hidden width of the FFN (`feed_forward_length`).
     pub n_ff: usize,
+    /// Vocabulary size (`vocab_size`, else the second dimension of `token_embd.weight`).
     pub n_vocab: usize,
+    /// Context length the model was trained with (`context_length`).
     pub n_ctx_train: usize,
+    /// Width of one head: `n_embd / n_head`, even.
     pub head_dim: usize,
+    /// RoPE base frequency (`rope.freq_base`; 10000 when absent).
     pub rope_theta: f32,
+    /// The RMSNorm epsilon (`attention.layer_norm_rms_epsilon`).
     pub rms_eps: f32,
     /// No `output.weight`: logits are computed against `token_embd`.
     pub tied_output: bool,

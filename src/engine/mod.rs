@@ -10,7 +10,7 @@
 //! - [`weights`]: mmap views; I2_S stays packed.
 //! - [`forward`]: the forward pass, one layer on one screen.
 //! - [`ops`]: the small named ops; [`kernels`]: the I2_S products.
-//! - [`team`]: the threads of one forward pass (they spin between products).
+//! - `team`: the threads of one forward pass (they spin between products).
 //! - [`kv_cache`], [`faults`] (bug-zoo switches).
 
 pub mod config;
@@ -43,6 +43,8 @@ pub enum KvType {
     /// the attention products take F16 operands.
     #[default]
     F16,
+    /// K and V cached in f32 as computed, and the attention products take
+    /// f32 operands.
     F32,
 }
 
@@ -144,7 +146,7 @@ pub fn validate(file: &GgufFile) -> Result<ModelConfig, EngineError> {
 }
 
 /// A loaded model and its KV cache (threads are started per forward pass,
-/// see [`team`]).
+/// see `team`).
 pub struct Engine {
     file: Arc<GgufFile>,
     config: ModelConfig,

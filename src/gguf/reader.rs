@@ -121,6 +121,7 @@ impl GgufFile {
         })
     }
 
+    /// The GGUF version from the header: 2 or 3.
     pub fn version(&self) -> u32 {
         self.version
     }
@@ -130,10 +131,13 @@ impl GgufFile {
         self.path.as_deref()
     }
 
+    /// Size of the whole file in bytes.
     pub fn file_size(&self) -> u64 {
         self.storage.bytes().len() as u64
     }
 
+    /// Alignment of the data section and of every tensor's data, in bytes:
+    /// `general.alignment`, or [`DEFAULT_ALIGNMENT`] when absent.
     pub fn alignment(&self) -> u64 {
         self.alignment
     }
@@ -148,6 +152,7 @@ impl GgufFile {
         &self.metadata
     }
 
+    /// The value of metadata key `key`, if present.
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
         self.key_index.get(key).map(|&i| &self.metadata[i].1)
     }
@@ -184,6 +189,7 @@ impl GgufFile {
         })
     }
 
+    /// An `f32` value (no other float or integer type is converted).
     pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
         match self.require(key)? {
             MetaValue::F32(x) => Ok(*x),
@@ -191,6 +197,7 @@ impl GgufFile {
         }
     }
 
+    /// A `bool` value.
     pub fn get_bool(&self, key: &str) -> Result<bool, GgufError> {
         match self.require(key)? {
             MetaValue::Bool(b) => Ok(*b),
@@ -198,6 +205,7 @@ impl GgufFile {
         }
     }
 
+    /// A string value, borrowed from the file.
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
         match self.require(key)? {
             MetaValue::String(s) => Ok(s),
@@ -205,6 +213,7 @@ impl GgufFile {
         }
     }
 
+    /// An `array<string>` value, borrowed from the file.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
         match self.require(key)? {
             MetaValue::Array(MetaArray::String(v)) => Ok(v.iter().map(String::as_str).collect()),
@@ -212,6 +221,7 @@ impl GgufFile {
         }
     }
 
+    /// An `array<f32>` value, copied.
     pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>, GgufError> {
         match self.require(key)? {
             MetaValue::Array(MetaArray::F32(v)) => Ok(v.clone()),
@@ -255,6 +265,7 @@ impl GgufFile {
         &self.tensors
     }
 
+    /// The tensor table entry named `name`, if present.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }

@@ -10,22 +10,35 @@ use serde::Serialize;
 pub enum TensorStats {
     /// F32/F16: moments over the finite values, plus counts of the others.
     Float {
+        /// All elements, the non-finite ones included.
         count: u64,
+        /// Mean of the finite values (0 if there are none).
         mean: f64,
+        /// Population standard deviation of the finite values.
         std: f64,
+        /// Smallest finite value; NaN if there are none.
         min: f64,
+        /// Largest finite value; NaN if there are none.
         max: f64,
+        /// Number of NaN elements.
         nan: u64,
+        /// Number of infinite elements, of either sign.
         inf: u64,
     },
     /// I2_S: fraction of each code and the tensor scale. `invalid` counts
     /// code 3, which no writer should produce.
     Ternary {
+        /// Number of elements.
         count: u64,
+        /// Fraction of elements with code 0 (weight -1).
         minus_one: f64,
+        /// Fraction of elements with code 1 (weight 0).
         zero: f64,
+        /// Fraction of elements with code 2 (weight +1).
         plus_one: f64,
+        /// Number of elements with code 3.
         invalid: u64,
+        /// The per-tensor f32 scale stored after the codes.
         scale: f32,
     },
 }

@@ -9,10 +9,13 @@ use std::fmt;
 /// could not check that the tensor fits in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// IEEE 754 single precision, 4 bytes an element.
     F32,
+    /// IEEE 754 half precision, 2 bytes an element.
     F16,
     /// 8-bit blocks of 32 values with one f16 scale: 34 bytes a block.
     Q8_0,
+    /// Signed 8-bit integers, 1 byte an element.
     I8,
     /// BitNet's ternary type: 2-bit codes in 128-value blocks, then one f32
     /// scale for the whole tensor, padded to 32 bytes (see `quant::i2s`).
@@ -104,9 +107,11 @@ impl fmt::Display for GgmlType {
 /// One entry of the tensor table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// The tensor's name, e.g. `blk.0.attn_q.weight`.
     pub name: String,
     /// Dimensions, `ne0` (the row length) first, as GGUF stores them.
     pub dims: Vec<u64>,
+    /// Element type, which fixes the byte layout.
     pub ty: GgmlType,
     /// Byte offset relative to the start of the data section.
     pub offset: u64,

@@ -10,22 +10,36 @@ use std::fmt;
 /// A GGUF metadata value type id (`gguf_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ValueType {
+    /// Unsigned 8-bit integer (`GGUF_TYPE_UINT8`).
     U8 = 0,
+    /// Signed 8-bit integer (`GGUF_TYPE_INT8`).
     I8 = 1,
+    /// Unsigned 16-bit integer (`GGUF_TYPE_UINT16`).
     U16 = 2,
+    /// Signed 16-bit integer (`GGUF_TYPE_INT16`).
     I16 = 3,
+    /// Unsigned 32-bit integer (`GGUF_TYPE_UINT32`).
     U32 = 4,
+    /// Signed 32-bit integer (`GGUF_TYPE_INT32`).
     I32 = 5,
+    /// IEEE 754 single-precision float (`GGUF_TYPE_FLOAT32`).
     F32 = 6,
+    /// One byte, 0 or 1 (`GGUF_TYPE_BOOL`).
     Bool = 7,
+    /// UTF-8 string: a u64 byte length, then the bytes (`GGUF_TYPE_STRING`).
     String = 8,
+    /// Array: a u32 element type id, a u64 count, then the elements (`GGUF_TYPE_ARRAY`).
     Array = 9,
+    /// Unsigned 64-bit integer (`GGUF_TYPE_UINT64`).
     U64 = 10,
+    /// Signed 64-bit integer (`GGUF_TYPE_INT64`).
     I64 = 11,
+    /// IEEE 754 double-precision float (`GGUF_TYPE_FLOAT64`).
     F64 = 12,
 }
 
 impl ValueType {
+    /// The type for a GGUF value type id, if it is one (0..=12).
     pub fn from_id(id: u32) -> Option<ValueType> {
         Some(match id {
             0 => ValueType::U8,
@@ -45,10 +59,12 @@ impl ValueType {
         })
     }
 
+    /// The GGUF value type id.
     pub fn id(self) -> u32 {
         self as u32
     }
 
+    /// Lower-case name for messages, e.g. `u32` or `string`.
     pub fn name(self) -> &'static str {
         match self {
             ValueType::U8 => "u8",
@@ -90,18 +106,31 @@ impl fmt::Display for ValueType {
 /// One metadata value.
 #[derive(Clone, Debug)]
 pub enum MetaValue {
+    /// A `u8` value.
     U8(u8),
+    /// An `i8` value.
     I8(i8),
+    /// A `u16` value.
     U16(u16),
+    /// An `i16` value.
     I16(i16),
+    /// A `u32` value.
     U32(u32),
+    /// An `i32` value.
     I32(i32),
+    /// An `f32` value, compared bitwise.
     F32(f32),
+    /// A `bool` value.
     Bool(bool),
+    /// A UTF-8 string value.
     String(String),
+    /// An array value.
     Array(MetaArray),
+    /// A `u64` value.
     U64(u64),
+    /// An `i64` value.
     I64(i64),
+    /// An `f64` value, compared bitwise.
     F64(f64),
 }
 
@@ -109,22 +138,36 @@ pub enum MetaValue {
 /// are allowed by the format (each inner array carries its own element type).
 #[derive(Clone, Debug)]
 pub enum MetaArray {
+    /// `u8` elements.
     U8(Vec<u8>),
+    /// `i8` elements.
     I8(Vec<i8>),
+    /// `u16` elements.
     U16(Vec<u16>),
+    /// `i16` elements.
     I16(Vec<i16>),
+    /// `u32` elements.
     U32(Vec<u32>),
+    /// `i32` elements.
     I32(Vec<i32>),
+    /// `f32` elements, compared bitwise.
     F32(Vec<f32>),
+    /// `bool` elements.
     Bool(Vec<bool>),
+    /// String elements.
     String(Vec<String>),
+    /// Inner arrays, each with its own element type and length.
     Array(Vec<MetaArray>),
+    /// `u64` elements.
     U64(Vec<u64>),
+    /// `i64` elements.
     I64(Vec<i64>),
+    /// `f64` elements, compared bitwise.
     F64(Vec<f64>),
 }
 
 impl MetaValue {
+    /// The type id this value is stored with.
     pub fn value_type(&self) -> ValueType {
         match self {
             MetaValue::U8(_) => ValueType::U8,
@@ -168,6 +211,7 @@ impl MetaValue {
 }
 
 impl MetaArray {
+    /// The element type (for an array of arrays, [`ValueType::Array`]).
     pub fn elem_type(&self) -> ValueType {
         match self {
             MetaArray::U8(_) => ValueType::U8,
@@ -186,6 +230,7 @@ impl MetaArray {
         }
     }
 
+    /// Number of elements (for an array of arrays, of inner arrays).
     pub fn len(&self) -> usize {
         match self {
             MetaArray::U8(v) => v.len(),
@@ -204,6 +249,7 @@ impl MetaArray {
         }
     }
 
+    /// Whether the array has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

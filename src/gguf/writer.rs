@@ -32,6 +32,7 @@ impl Default for GgufWriter {
 }
 
 impl GgufWriter {
+    /// An empty file: no metadata, no tensors, the default alignment.
     pub fn new() -> Self {
         GgufWriter {
             alignment: DEFAULT_ALIGNMENT,
@@ -78,6 +79,7 @@ impl GgufWriter {
         self
     }
 
+    /// The key-value pairs set so far, in the order they will be written.
     pub fn metadata(&self) -> &[(String, MetaValue)] {
         &self.metadata
     }
@@ -145,6 +147,7 @@ impl GgufWriter {
         Ok(())
     }
 
+    /// The whole file, in memory.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         // Writing into a Vec cannot fail.

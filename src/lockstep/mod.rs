@@ -7,9 +7,9 @@
 //! token is fed to both so the run stays comparable. In each step the
 //! reference decodes first (in its worker process; its nodes are mapped to
 //! canonical stages), then the candidate runs into a
-//! [`StageJudge`](crate::compare::judge::StageJudge) that judges every stage
-//! as it is produced and hands the reference's tensor back (resync), so each
-//! stage is judged on its own error: its *local* error.
+//! [`StageJudge`] that judges every stage as it is produced and hands the
+//! reference's tensor back (resync), so each stage is judged on its own
+//! error: its *local* error.
 //!
 //! In `free` mode a second instance of the candidate feeds itself (no
 //! resync), and its *propagated* error is recorded next to the local one at
@@ -226,41 +226,10 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
     let mut run = Run {
         weight_scan: Some(scan),
         outcome: Outcome {
-            verdict: Verdict::NoDivergence,
-            tokens: TokenCheck {
-                reference: vec![],
-                candidate: vec![],
-                equal: true,
-                duplicate_bos_reference: vec![],
-                duplicate_bos_candidate: vec![],
-                source: TokenSource::IdsGiven,
-                reference_tokenizer: None,
-                candidate_tokenizer: None,
-                first_difference: None,
-                chat: None,
-            },
-            first_divergence: None,
-            later_divergences: vec![],
-            summary: vec![],
-            steps: vec![],
-            coverage: Coverage::default(),
-            config_check: vec![],
-            generated_reference: vec![],
-            generated_candidate: vec![],
-            token_disagreements: vec![],
-            steps_run: 0,
-            interrupted: false,
-            reference_failure: None,
-            candidate_failure: None,
-            reference_description: String::new(),
-            model: None,
             file_facts: facts.clone(),
             model_file_size: file.file_size(),
             recipe: crate::synth::recipe_of(&file),
-            candidate: CandidateInfo::default(),
-            weight_warnings: vec![],
-            logit_positions: vec![],
-            timings: Timings::default(),
+            ..Outcome::starting(TokenCheck::ids_given(vec![]))
         },
         t_total,
     };
@@ -546,23 +515,9 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
                 batch.len(),
             );
             div.propagated = prop;
-            if step == 0 && !run.outcome.tokens.equal && div.stage == Stage::TokEmbd {
-                div.blame = token_blame(&run.outcome.tokens);
-            }
-            if run.outcome.first_divergence.is_none() {
-                run.outcome.first_divergence = Some(div);
-            } else {
-                run.outcome.later_divergences.push(div);
-            }
+            run.outcome.record_divergence(step, div);
         }
-        for (l, (k, v)) in kv_history.iter_mut().enumerate() {
-            if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::KRope)) {
-                k.extend_from_slice(&t.data);
-            }
-            if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::VProj)) {
-                v.extend_from_slice(&t.data);
-            }
-        }
+        extend_kv_history(&mut kv_history, &ref_stages);
         ref_pos += batch.len();
         cand_pos += cand_batch.len();
         run.outcome.steps_run = step + 1;
@@ -606,6 +561,22 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
     }
     run.outcome.timings.reference_peak_rss_bytes = reference.peak_rss_bytes();
     Ok(run.finish())
+}
+
+/// Appends a step's reference keys (after RoPE) and values to the history
+/// the oracle attends over, layer by layer.
+pub(crate) fn extend_kv_history(
+    history: &mut [(Vec<f32>, Vec<f32>)],
+    ref_stages: &BTreeMap<StageKey, Tensor>,
+) {
+    for (l, (k, v)) in history.iter_mut().enumerate() {
+        if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::KRope)) {
+            k.extend_from_slice(&t.data);
+        }
+        if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::VProj)) {
+            v.extend_from_slice(&t.data);
+        }
+    }
 }
 
 /// The outcome under construction.

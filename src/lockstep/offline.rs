@@ -48,41 +48,9 @@ pub fn compare_dumps(
     let mut run = Run {
         weight_scan: None,
         outcome: Outcome {
-            verdict: Verdict::NoDivergence,
-            tokens: TokenCheck {
-                reference: manifest
-                    .steps
-                    .first()
-                    .map(|s| s.tokens.clone())
-                    .unwrap_or_default(),
-                candidate: vec![],
-                equal: true,
-                duplicate_bos_reference: vec![],
-                duplicate_bos_candidate: vec![],
-                source: TokenSource::IdsGiven,
-                reference_tokenizer: None,
-                candidate_tokenizer: None,
-                first_difference: None,
-                chat: None,
-            },
-            first_divergence: None,
-            later_divergences: vec![],
-            summary: vec![],
-            steps: vec![],
-            coverage: Coverage::default(),
-            config_check: vec![],
-            generated_reference: vec![],
-            generated_candidate: vec![],
-            token_disagreements: vec![],
-            steps_run: 0,
-            interrupted: false,
-            reference_failure: None,
-            candidate_failure: None,
             reference_description: manifest.engine_build.clone(),
             model: candidate.manifest.and_then(|m| m.engine_config.clone()),
             file_facts: manifest.model.clone(),
-            model_file_size: 0,
-            recipe: None,
             candidate: CandidateInfo {
                 name: candidate
                     .manifest
@@ -92,9 +60,13 @@ pub fn compare_dumps(
                     .map_or_else(|| candidate.label.clone(), |m| m.engine_build.clone()),
                 kv_semantics: None,
             },
-            weight_warnings: vec![],
-            logit_positions: vec![],
-            timings: Timings::default(),
+            ..Outcome::starting(TokenCheck::ids_given(
+                manifest
+                    .steps
+                    .first()
+                    .map(|s| s.tokens.clone())
+                    .unwrap_or_default(),
+            ))
         },
         t_total,
     };
@@ -257,23 +229,9 @@ pub fn compare_dumps(
             );
             div.measured = Measured::Propagated;
             div.rule = opts.policy.rule(div.stage, true).clone();
-            if step == 0 && !run.outcome.tokens.equal && div.stage == Stage::TokEmbd {
-                div.blame = token_blame(&run.outcome.tokens);
-            }
-            if run.outcome.first_divergence.is_none() {
-                run.outcome.first_divergence = Some(div);
-            } else {
-                run.outcome.later_divergences.push(div);
-            }
+            run.outcome.record_divergence(step, div);
         }
-        for (l, (k, v)) in kv_history.iter_mut().enumerate() {
-            if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::KRope)) {
-                k.extend_from_slice(&t.data);
-            }
-            if let Some(t) = ref_stages.get(&StageKey::new(Some(l), Stage::VProj)) {
-                v.extend_from_slice(&t.data);
-            }
-        }
+        super::extend_kv_history(&mut kv_history, ref_stages);
         run.outcome.steps_run = i + 1;
         // The greedy tokens each run chose are the next step's inputs.
         if let Some(next) = manifest.steps.get(i + 1) {

@@ -365,6 +365,72 @@ pub struct Outcome {
     pub timings: Timings,
 }
 
+impl TokenCheck {
+    /// The check before tokenizing: the reference's `ids` as given, nothing
+    /// compared yet.
+    pub(crate) fn ids_given(reference: Vec<u32>) -> TokenCheck {
+        TokenCheck {
+            reference,
+            candidate: vec![],
+            equal: true,
+            duplicate_bos_reference: vec![],
+            duplicate_bos_candidate: vec![],
+            source: TokenSource::IdsGiven,
+            reference_tokenizer: None,
+            candidate_tokenizer: None,
+            first_difference: None,
+            chat: None,
+        }
+    }
+}
+
+impl Outcome {
+    /// A run's outcome before its first step: nothing found, nothing run.
+    /// The callers fill in what they know of the model and the engines.
+    pub(crate) fn starting(tokens: TokenCheck) -> Outcome {
+        Outcome {
+            verdict: Verdict::NoDivergence,
+            tokens,
+            first_divergence: None,
+            later_divergences: vec![],
+            summary: vec![],
+            steps: vec![],
+            coverage: Coverage::default(),
+            config_check: vec![],
+            generated_reference: vec![],
+            generated_candidate: vec![],
+            token_disagreements: vec![],
+            steps_run: 0,
+            interrupted: false,
+            reference_failure: None,
+            candidate_failure: None,
+            reference_description: String::new(),
+            model: None,
+            file_facts: None,
+            model_file_size: 0,
+            recipe: None,
+            candidate: CandidateInfo::default(),
+            weight_warnings: vec![],
+            logit_positions: vec![],
+            timings: Timings::default(),
+        }
+    }
+
+    /// Records a failing stage: the first divergence, or one more after it.
+    /// At the embeddings of step 0 with prompts that differ, the token
+    /// check's blame replaces the oracle's.
+    pub(crate) fn record_divergence(&mut self, step: usize, mut div: Divergence) {
+        if step == 0 && !self.tokens.equal && div.stage == crate::trace::Stage::TokEmbd {
+            div.blame = super::token_blame(&self.tokens);
+        }
+        if self.first_divergence.is_none() {
+            self.first_divergence = Some(div);
+        } else {
+            self.later_divergences.push(div);
+        }
+    }
+}
+
 /// One position's logits, reference against candidate: the logits the
 /// greedy choice was made from on each side (in free mode the candidate's
 /// own, in resync the resynced candidate's).

@@ -21,27 +21,41 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+/// The receipt format's version, written as `schema_version`.
 pub const SCHEMA_VERSION: u32 = 2;
 /// The JSON Schema every receipt validates against.
 pub const SCHEMA: &str = include_str!("../../receipts/schema.json");
 
+/// One run's receipt, as written to JSON.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Receipt {
+    /// The format version, [`SCHEMA_VERSION`] when written.
     pub schema_version: u32,
+    /// The tool that wrote it, `divergence` and its version.
     pub tool: String,
     /// What was asked: enough for `divergence verify` to run it again.
     pub run: RunRecord,
+    /// The model file: path, hash, size and hyperparameters.
     pub model: ModelRecord,
+    /// How the bitnet.cpp reference was built (source, patches, compiler
+    /// flags) and the CPU features it ran with.
     pub reference: BuildInfo,
+    /// The candidate engine.
     pub candidate: CandidateRecord,
+    /// The tolerance policy in force, in full.
     pub policy: Policy,
+    /// The result in one word.
     pub verdict: Verdict,
     /// Stopped by the user (Ctrl-C) after `steps_run` steps: the verdict
     /// covers only those.
     pub interrupted: bool,
+    /// Steps that ran, the prefill (step 0) included.
     pub steps_run: usize,
+    /// The prompt's ids on both sides and how they were obtained.
     pub tokens: TokenCheck,
+    /// The first stage that failed its rule, if any.
     pub first_divergence: Option<Divergence>,
+    /// With `keep_going`: every failing stage after the first.
     pub later_divergences: Vec<Divergence>,
     /// Per (layer, stage), aggregated over the steps run, up to the divergence.
     pub stages: Vec<StageSummary>,
@@ -51,10 +65,13 @@ pub struct Receipt {
     pub coverage: Coverage,
     /// Hyperparameters the candidate read differently from the file.
     pub config_check: Vec<ConfigMismatch>,
+    /// The greedy tokens each side chose.
     pub generated: Generated,
     /// F32/F16 weights holding NaN or Inf (the run went on).
     pub weight_warnings: Vec<String>,
+    /// Why bitnet.cpp failed, if it did.
     pub reference_failure: Option<String>,
+    /// How the candidate failed, if it did.
     pub candidate_failure: Option<CandidateFailure>,
     /// Set when this receipt is an offline comparison of two dumps
     /// (`divergence compare`), not a lockstep run.
@@ -79,16 +96,26 @@ pub struct OfflineRecord {
     pub note: String,
 }
 
+/// The run request a receipt records, and `divergence verify` repeats.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RunRecord {
+    /// The GGUF both engines ran, as given.
     pub model_path: String,
+    /// The prompt, as text or token ids.
     pub prompt: Prompt,
+    /// Greedy decode steps after the prefill.
     pub steps: usize,
+    /// Resync or free.
     pub mode: Mode,
+    /// Threads for each engine.
     pub threads: usize,
+    /// KV cache type of both engines.
     pub kv_type: KvType,
+    /// Record every divergence instead of stopping at the first.
     pub keep_going: bool,
+    /// Faults injected into the built-in candidate (the bug zoo).
     pub faults: Vec<Fault>,
+    /// Tokenizer-path faults (the bug zoo).
     pub token_faults: Vec<TokenFault>,
     /// A policy file given with --policy, else the built-in one.
     pub policy_path: Option<String>,
@@ -101,10 +128,14 @@ pub struct RunRecord {
     pub reference_ffn_act: FfnAct,
 }
 
+/// The model file a run used.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelRecord {
+    /// The file, as given (the same as `run.model_path`).
     pub path: String,
+    /// sha256 of the file's bytes, hex.
     pub sha256: String,
+    /// Size of the file in bytes (0 for an offline comparison).
     pub file_size: u64,
     /// Shapes and hyperparameters as the candidate read them (none: it
     /// failed to load).
@@ -119,24 +150,39 @@ pub struct ModelRecord {
     pub recipe: Option<crate::synth::SynthConfig>,
 }
 
+/// The candidate engine that ran.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CandidateRecord {
+    /// Its name (for a dump, the manifest's engine).
     pub engine: String,
+    /// Its build description.
     pub build: String,
+    /// Threads it ran with (the run's `threads`).
     pub threads: usize,
+    /// Its KV-cache semantics under resync; `None` when it did not load, or
+    /// for an offline comparison.
     pub kv_semantics: Option<KvSemantics>,
 }
 
+/// The greedy tokens the two sides chose.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Generated {
+    /// The reference's greedy token after each step run (empty when no
+    /// decode step was asked for).
     pub reference: Vec<u32>,
+    /// The candidate's, from its own logits in free mode.
     pub candidate: Vec<u32>,
+    /// Steps where the two chose differently.
     pub disagreements: Vec<TokenDisagreement>,
 }
 
+/// What differs between two runs of the same command: never part of a
+/// receipt's identity.
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
 pub struct Volatile {
+    /// When the receipt was built, in seconds since the Unix epoch.
     pub timestamp_unix: u64,
+    /// Wall times of the run's phases and peak memory.
     pub timings: crate::lockstep::Timings,
 }
 
@@ -315,18 +361,21 @@ impl Receipt {
         }
     }
 
+    /// The receipt as pretty-printed JSON, ending in a newline.
     pub fn to_json(&self) -> String {
         let mut s = serde_json::to_string_pretty(self).expect("receipts serialize");
         s.push('\n');
         s
     }
 
+    /// Reads and parses a receipt file.
     pub fn read(path: &Path) -> Result<Receipt, ReceiptError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
         Self::parse(&text).map_err(|e| ReceiptError::Parse(path.to_path_buf(), e))
     }
 
+    /// Parses a receipt from JSON text.
     pub fn parse(text: &str) -> Result<Receipt, serde_json::Error> {
         serde_json::from_str(text)
     }
@@ -621,10 +670,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::outfile::Destination::of(path, "tmp")?.write_all(bytes)
 }
 
+/// Why a receipt file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiptError {
+    /// The file at the path could not be read or written.
     #[error("{path}: {1}", path = .0.display())]
     Io(PathBuf, std::io::Error),
+    /// The file at the path is not a receipt: not JSON, or not of this schema.
     #[error("{path} is not a valid receipt: {1}", path = .0.display())]
     Parse(PathBuf, serde_json::Error),
 }

@@ -64,8 +64,11 @@ pub enum CellValue {
 /// One judged (layer, stage).
 #[derive(Clone, Debug)]
 pub struct Cell {
+    /// The layer, which picks the row (none for model-level stages).
     pub layer: Option<usize>,
+    /// The stage, which picks the column.
     pub stage: Stage,
+    /// What the cell shows, which sets its colour.
     pub value: CellValue,
     /// Failed its rule.
     pub failed: bool,
@@ -81,6 +84,8 @@ pub struct Heatmap<'a> {
     pub n_layer: usize,
     /// The columns, in execution order.
     pub columns: &'a [Stage],
+    /// The judged cells; a slot without one stays grey, a cell outside the
+    /// columns or rows is not drawn.
     pub cells: &'a [Cell],
     /// `data-kind` of the cells: `local`, `propagated`, `p99`, ...
     pub kind: &'a str,
@@ -293,8 +298,11 @@ pub fn legend() -> String {
 
 /// One line of a line chart: a value per layer (None: bit-exact).
 pub struct Series {
+    /// The legend label, also shown in the points' hover text.
     pub name: String,
+    /// SVG colour of the line and its points, e.g. `#1f5fa8`.
     pub color: &'static str,
+    /// Draw the line dashed.
     pub dashed: bool,
     /// (layer, log10 NMSE or None for exact).
     pub points: Vec<(usize, Option<f64>)>,

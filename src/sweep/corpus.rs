@@ -39,10 +39,14 @@ pub struct Corpus {
 /// Why a corpus could not be read: always the user's input.
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
+    /// The corpus file at the path could not be read.
     #[error("{path}: {error}", path = .0.display(), error = .1)]
     Io(std::path::PathBuf, std::io::Error),
+    /// A line (1-based) is not a prompt: not UTF-8, not a valid JSONL
+    /// object, or an empty or doubly given prompt; the message says which.
     #[error("{path}:{line}: {message}", path = .0.display(), line = .1, message = .2)]
     Line(std::path::PathBuf, usize, String),
+    /// The file holds no prompt: every line is blank.
     #[error("{path}: no prompts (every line is blank)", path = .0.display())]
     Empty(std::path::PathBuf),
 }

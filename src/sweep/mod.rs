@@ -49,7 +49,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct Sweep {
     /// Always [`FORMAT`].
     pub format: String,
+    /// The layout's version, [`SCHEMA_VERSION`] when written.
     pub schema_version: u32,
+    /// The tool that wrote it, `divergence` and its version.
     pub tool: String,
     /// What was run; shards of one sweep have the same.
     pub config: SweepConfig,
@@ -70,19 +72,25 @@ pub struct Sweep {
 pub struct SweepConfig {
     /// The model, as given.
     pub model_path: String,
+    /// sha256 of the model file, hex.
     pub model_sha256: String,
     /// The corpus, as given.
     pub prompts_path: String,
+    /// sha256 of the corpus file, hex.
     pub prompts_sha256: String,
     /// Prompts in the whole corpus (a shard runs some of them).
     pub corpus_prompts: usize,
     /// Greedy decode steps after each prompt's prefill.
     pub steps: usize,
+    /// Resync or free.
     pub mode: Mode,
+    /// Threads for each engine.
     pub threads: usize,
+    /// KV cache type of both engines.
     pub kv_type: KvType,
     /// A policy file given with --policy, else the built-in one.
     pub policy_path: Option<String>,
+    /// The tolerance policy in force, in full.
     pub policy: Policy,
     /// Test-only: faults injected into the candidate.
     pub faults: Vec<Fault>,
@@ -93,20 +101,30 @@ pub struct SweepConfig {
 /// Both sides' builds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SweepBuild {
+    /// How the bitnet.cpp reference was built, and the CPU features it ran with.
     pub reference: BuildInfo,
+    /// The candidate's name (empty if it never loaded).
     pub candidate_engine: String,
+    /// The candidate's build description (empty if it never loaded).
     pub candidate_build: String,
 }
 
 /// The first divergence of one prompt, in brief (its receipt has the rest).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DivergenceBrief {
+    /// The step.
     pub step: usize,
+    /// The position of the worst element.
     pub position: usize,
+    /// The layer (none for model-level stages).
     pub layer: Option<usize>,
+    /// The stage.
     pub stage: Stage,
+    /// Which error the rule judged.
     pub measured: Measured,
+    /// The stage's NMSE.
     pub nmse: f64,
+    /// Which side the oracle blamed.
     pub blame: Blame,
 }
 
@@ -117,24 +135,32 @@ pub struct PromptResult {
     pub index: usize,
     /// The corpus line.
     pub line: usize,
+    /// The kind of prompt, if the corpus says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// Text or token ids.
     pub prompt: Prompt,
     /// None: the prompt could not run on this model (`not_run` says why).
     pub verdict: Option<Verdict>,
+    /// Why the prompt could not run (too long for the context, ids outside
+    /// the vocabulary); `None` when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_run: Option<String>,
     /// The reference's prompt ids.
     pub reference_tokens: Vec<u32>,
     /// Both sides' prompt ids are the same.
     pub tokens_equal: bool,
+    /// Steps that ran, the prefill (step 0) included.
     pub steps_run: usize,
     /// Everything expected was judged.
     pub coverage_complete: bool,
+    /// The first stage that failed its rule, if any.
     pub first_divergence: Option<DivergenceBrief>,
     /// Divergences after the first (the sweep keeps going).
     pub later_divergences: usize,
+    /// Why bitnet.cpp failed, if it did.
     pub reference_failure: Option<String>,
+    /// The candidate's failure message, if it failed.
     pub candidate_failure: Option<String>,
     /// Both sides' greedy tokens.
     pub generated: Generated,
@@ -175,16 +201,20 @@ pub struct SweepSummary {
 /// One prompt's wall time.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PromptTiming {
+    /// The prompt's index in the corpus.
     pub index: usize,
+    /// Seconds from its start to its result, receipt writing included.
     pub total_s: f64,
 }
 
 /// Volatile: timings, memory, where the file came from.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SweepVolatile {
+    /// When the file was made, in seconds since the Unix epoch.
     pub timestamp_unix: u64,
     /// The whole sweep (for a merge: the shards' sum).
     pub total_s: f64,
+    /// Each prompt's wall time, in corpus order.
     pub prompts: Vec<PromptTiming>,
     /// Peak resident set of the harness (candidate + comparator).
     pub harness_peak_rss_bytes: Option<u64>,
@@ -198,14 +228,23 @@ pub struct SweepVolatile {
 /// What to sweep.
 #[derive(Clone, Debug)]
 pub struct SweepRequest {
+    /// The GGUF both engines run.
     pub model: PathBuf,
+    /// The corpus file (see [`corpus`]).
     pub prompts: PathBuf,
+    /// Greedy decode steps after each prompt's prefill.
     pub steps: usize,
+    /// Resync or free.
     pub mode: Mode,
+    /// Threads for each engine.
     pub threads: usize,
+    /// KV cache type of both engines.
     pub kv_type: KvType,
+    /// A policy file; `None` for the built-in one.
     pub policy_path: Option<PathBuf>,
+    /// Faults injected into the built-in candidate (the bug zoo).
     pub faults: Vec<Fault>,
+    /// Run only this subset of the corpus; `None` for all of it.
     pub shard: Option<Shard>,
     /// Write one receipt per prompt here (`prompt-NNNN.json`).
     pub receipts_dir: Option<PathBuf>,
@@ -214,18 +253,29 @@ pub struct SweepRequest {
 /// Why a sweep or a merge could not happen: bad input (exit 2).
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
+    /// The corpus could not be read.
     #[error(transparent)]
     Corpus(#[from] CorpusError),
+    /// A prompt's run could not happen for a reason other than the prompt
+    /// itself (the model or policy is bad, a file could not be read).
     #[error("prompt {index} (line {line}): {error}")]
     Run {
+        /// The prompt's index in the corpus.
         index: usize,
+        /// Its line in the corpus file.
         line: usize,
+        /// Why the run could not happen.
         error: RunError,
     },
+    /// The policy file could not be loaded.
     #[error(transparent)]
     Policy(#[from] crate::compare::policy::PolicyError),
+    /// A file (model, receipt, sweep file) could not be read, written or
+    /// parsed; the message names it.
     #[error("{0}")]
     Io(String),
+    /// The shard files do not make one sweep: not shards, of different
+    /// sweeps, given twice, missing, or holding the wrong prompts.
     #[error("{0}")]
     Merge(String),
 }
@@ -626,6 +676,13 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
         let Some(shard) = s.shard else {
             return bad(format!("{label} is not a shard (it ran the whole corpus)"));
         };
+        // A hand-edited file could claim any numbers: shards run 1..=N.
+        if shard.count == 0 || shard.index == 0 || shard.index > shard.count {
+            return bad(format!(
+                "{label} claims shard {}/{}: a shard is I/N with 1 <= I <= N",
+                shard.index, shard.count
+            ));
+        }
         if shard.count != count {
             return bad(format!(
                 "{label} is shard {shard}, {first_label} one of {count}: they split the corpus differently"

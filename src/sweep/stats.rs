@@ -41,9 +41,13 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 pub struct Distribution {
     /// How many values.
     pub samples: usize,
+    /// The 0.5 percentile.
     pub median: f64,
+    /// The 0.9 percentile.
     pub p90: f64,
+    /// The 0.99 percentile.
     pub p99: f64,
+    /// The largest value.
     pub max: f64,
 }
 
@@ -143,12 +147,19 @@ pub struct TopP {
 pub struct KldSummary {
     /// Positions compared.
     pub positions: usize,
+    /// Mean KL, in nats.
     pub mean: f64,
+    /// Smallest KL.
     pub min: f64,
+    /// The 0.5 percentile of the KL.
     pub median: f64,
+    /// The 0.9 percentile of the KL.
     pub p90: f64,
+    /// The 0.99 percentile of the KL.
     pub p99: f64,
+    /// The 0.999 percentile of the KL.
     pub p999: f64,
+    /// Largest KL.
     pub max: f64,
     /// Fraction of positions whose top tokens agree (what llama-perplexity
     /// prints as "Same top p").

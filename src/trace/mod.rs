@@ -19,28 +19,54 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
+    /// The rows of `token_embd` for the step's tokens.
     TokEmbd,
+    /// RMSNorm of the layer input, times `attn_norm`.
     AttnNorm,
+    /// Query projection of `attn_norm` (int8 activations × ternary weights, scaled).
     QProj,
+    /// Key projection, before RoPE.
     KProj,
+    /// Value projection: the V rows the KV cache stores.
     VProj,
+    /// Queries after RoPE.
     QRope,
+    /// Keys after RoPE: the K rows the KV cache stores.
     KRope,
+    /// Raw q·k for each head, query and key, before the 1/sqrt(head_dim)
+    /// scale; 0 for future keys.
     AttnScores,
+    /// Softmax of the scaled scores over each query's visible keys; 0 for
+    /// future keys.
     AttnProbs,
+    /// Probabilities times V, heads concatenated.
     AttnOut,
+    /// RMSNorm of `attn_out`, times `attn_sub_norm` (not in `llama`).
     AttnSubNorm,
+    /// Output projection of `attn_sub_norm` (of `attn_out` in `llama`).
     OProj,
+    /// First residual: the layer input plus `o_proj`.
     FfnInp,
+    /// RMSNorm of `ffn_inp`, times `ffn_norm`.
     FfnNorm,
+    /// Gate projection of `ffn_norm`.
     FfnGate,
+    /// Activation of `ffn_gate`: squared ReLU on `bitnet-b1.58`, SiLU otherwise.
     FfnAct,
+    /// Up projection of `ffn_norm`.
     FfnUp,
+    /// `ffn_act` times `ffn_up`, element-wise.
     FfnMul,
+    /// RMSNorm of `ffn_mul`, times `ffn_sub_norm` (not in `llama`).
     FfnSubNorm,
+    /// Down projection of `ffn_sub_norm` (of `ffn_mul` in `llama`).
     FfnDown,
+    /// Layer output: `ffn_inp` plus `ffn_down`.
     LOut,
+    /// RMSNorm of the last layer's output, times `output_norm`.
     ResultNorm,
+    /// `result_norm` projected onto the vocabulary by `output` (or the tied
+    /// `token_embd`).
     Logits,
 }
 
@@ -77,6 +103,8 @@ impl Stage {
         Self::ALL.into_iter().filter(|s| s.is_per_layer())
     }
 
+    /// Whether the stage occurs once per layer (all but `tok_embd`,
+    /// `result_norm` and `logits`).
     pub fn is_per_layer(self) -> bool {
         !matches!(self, Stage::TokEmbd | Stage::ResultNorm | Stage::Logits)
     }
@@ -110,6 +138,7 @@ impl Stage {
         }
     }
 
+    /// The stage with this canonical name, if any.
     pub fn from_name(name: &str) -> Option<Stage> {
         Self::ALL.into_iter().find(|s| s.name() == name)
     }
@@ -151,11 +180,14 @@ impl fmt::Display for Stage {
 /// `tok_embd`, `result_norm`, `logits`) and the stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StageKey {
+    /// Layer index, from 0; `None` for the model-level stages.
     pub layer: Option<usize>,
+    /// The stage.
     pub stage: Stage,
 }
 
 impl StageKey {
+    /// The key of `stage` in `layer`.
     pub fn new(layer: Option<usize>, stage: Stage) -> Self {
         StageKey { layer, stage }
     }
@@ -187,11 +219,14 @@ impl fmt::Display for StageKey {
 /// A tensor in canonical layout: f32 data, row-major, with its logical shape.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Tensor {
+    /// Logical shape, outermost axis first (see [`Stage::layout`]).
     pub shape: Vec<usize>,
+    /// The elements, row-major; as many as the product of `shape`.
     pub data: Vec<f32>,
 }
 
 impl Tensor {
+    /// A tensor of `shape` holding `data` (checked to match in debug builds).
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Tensor { shape, data }
@@ -212,6 +247,8 @@ pub trait TraceSink {
         true
     }
 
+    /// Receives `stage` of `layer` (`None` for model-level stages), `data`
+    /// in canonical layout with logical `shape`.
     fn stage(&mut self, layer: Option<usize>, stage: Stage, shape: &[usize], data: &mut [f32]);
 }
 
@@ -275,10 +312,12 @@ impl TraceSink for StageClock {
 /// Records every stage it sees (one forward pass).
 #[derive(Default, Debug, Clone)]
 pub struct Recorder {
+    /// Every stage received, in the order received.
     pub stages: Vec<(StageKey, Tensor)>,
 }
 
 impl Recorder {
+    /// The first recorded tensor of `stage` in `layer`, if any.
     pub fn get(&self, layer: Option<usize>, stage: Stage) -> Option<&Tensor> {
         let key = StageKey::new(layer, stage);
         self.stages.iter().find(|(k, _)| *k == key).map(|(_, t)| t)

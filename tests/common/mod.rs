@@ -52,3 +52,39 @@ pub fn python_json(script: &str, path: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// No divergence, `exact` stages bit-identical at every layer and step, and
+/// coverage complete with nothing unmapped.
+pub fn assert_clean(r: &divergence::receipt::Receipt, what: &str) {
+    use divergence::compare::Class;
+    use divergence::lockstep::Verdict;
+    assert!(r.tokens.equal, "{what}: token ids differ: {:?}", r.tokens);
+    assert_eq!(
+        r.verdict,
+        Verdict::NoDivergence,
+        "{what}: {} (reference failure {:?})",
+        r.first_divergence
+            .as_ref()
+            .map(|d| format!(
+                "{} [{:?}] step {}: {:?}",
+                d.stage, d.layer, d.step, d.metrics
+            ))
+            .unwrap_or_default(),
+        r.reference_failure
+    );
+    assert!(!r.stages.is_empty(), "{what}: nothing was compared");
+    for s in &r.stages {
+        if s.class == Class::Exact {
+            assert!(
+                s.all_exact,
+                "{what}: exact stage {} [{:?}] was not bit-identical",
+                s.stage, s.layer
+            );
+        }
+    }
+    assert!(
+        r.coverage.unmapped_reference_nodes.is_empty() && r.coverage.complete,
+        "{what}: coverage {:?}",
+        r.coverage
+    );
+}

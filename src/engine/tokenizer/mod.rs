@@ -3,8 +3,8 @@
 //! `llama_token_to_piece`, `llama_detokenize`), because both engines must
 //! see the same ids, quirks included.
 //!
-//! - [`spm`]: SentencePiece vocabularies (`tokenizer.ggml.model = llama`).
-//! - [`bpe`]: GPT-2 byte-level BPE (`gpt2`), split first by a
+//! - `spm`: SentencePiece vocabularies (`tokenizer.ggml.model = llama`).
+//! - `bpe`: GPT-2 byte-level BPE (`gpt2`), split first by a
 //!   [`pretokenize`] regex list chosen by `tokenizer.ggml.pre`.
 //! - [`chat`]: `tokenizer.chat_template` rendered as Hugging Face does.
 //! - [`hf`]: the vocabulary written as a Hugging Face `tokenizer.json`.
