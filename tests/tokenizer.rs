@@ -331,6 +331,20 @@ fn divergence_exits(code: i32, args: &[&str]) -> std::process::Output {
     out
 }
 
+/// `divergence export-tokenizer --model MODEL -o OUT`, which must succeed.
+fn export_tokenizer(model: &Path, out: &Path) {
+    divergence_exits(
+        0,
+        &[
+            "export-tokenizer",
+            "--model",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+}
+
 fn json_of(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -376,16 +390,7 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
     // The tokenizer.json of the file with its llama3 pre-tokenizer (what a
     // downloaded tokenizer.json for 2B-4T has), used on the file without it.
     let json = dir.path().join("tokenizer.json");
-    divergence_exits(
-        0,
-        &[
-            "export-tokenizer",
-            "--model",
-            bpe.to_str().unwrap(),
-            "-o",
-            json.to_str().unwrap(),
-        ],
-    );
+    export_tokenizer(&bpe, &json);
     let args = |text: &str| {
         divergence(&[
             "tokens",
@@ -455,16 +460,7 @@ fn tokens_names_where_hugging_face_and_bitnet_cpp_part() {
 
     // The same text through the exported default pre-tokenizer agrees.
     let json_default = dir.path().join("tokenizer-default.json");
-    divergence_exits(
-        0,
-        &[
-            "export-tokenizer",
-            "--model",
-            no_pre.to_str().unwrap(),
-            "-o",
-            json_default.to_str().unwrap(),
-        ],
-    );
+    export_tokenizer(&no_pre, &json_default);
     divergence_exits(
         0,
         &[
@@ -585,16 +581,7 @@ fn exported_tokenizer_json_loads_and_matches_on_llama_cpp_cases() {
     let Some(bpe) = vocab_file(BPE) else { return };
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("tokenizer.json");
-    divergence_exits(
-        0,
-        &[
-            "export-tokenizer",
-            "--model",
-            bpe.to_str().unwrap(),
-            "-o",
-            json.to_str().unwrap(),
-        ],
-    );
+    export_tokenizer(&bpe, &json);
     let hf = tokenizers::Tokenizer::from_file(&json).unwrap();
     assert_eq!(hf.get_vocab_size(true), 128256);
     // The .out ids are Hugging Face's own: the export reproduces them.
@@ -653,16 +640,7 @@ fn hugging_face_tokenizers_against_bitnet_cpp_on_the_2b4t_layout() {
     let no_pre = bpe_without_pre(&bpe);
     let export = |src: &Path, name: &str| {
         let path = dir.path().join(name);
-        divergence_exits(
-            0,
-            &[
-                "export-tokenizer",
-                "--model",
-                src.to_str().unwrap(),
-                "-o",
-                path.to_str().unwrap(),
-            ],
-        );
+        export_tokenizer(src, &path);
         tokenizers::Tokenizer::from_file(&path).unwrap()
     };
     let llama3_json = export(&bpe, "llama3.json");

@@ -436,16 +436,11 @@ impl Receipt {
                 let vb = b.get(k).unwrap_or(&serde_json::Value::Null);
                 if !portable && va != vb {
                     out.push(format!("{k}: {} -> {}", short(va), short(vb)));
-                } else if let Some(at) = portable
-                    .then(|| first_real_difference(va, vb, ""))
+                } else if let Some((at, x, y)) = portable
+                    .then(|| first_real_difference(va, vb, String::new()))
                     .flatten()
                 {
-                    let pick = |v: &serde_json::Value| {
-                        v.pointer(&at.replace(['.', '['], "/").replace(']', ""))
-                            .map(short)
-                            .unwrap_or_else(|| "-".into())
-                    };
-                    out.push(format!("{k}{at}: {} -> {}", pick(va), pick(vb)));
+                    out.push(format!("{k}{at}: {} -> {}", short(x), short(y)));
                 }
             }
         }
@@ -471,8 +466,8 @@ const PORTABLE_NOISE: f64 = 1e-9;
 /// ULP distance, the largest relative error (on an element near zero).
 const NOISE_METRICS: [&str; 3] = ["n_outside", "max_ulp", "max_rel"];
 
-/// Where `a` and `b` first differ as results: a JSON path below `at`, or
-/// `None`. Two receipts from different CPUs are compared so: on another
+/// Where `a` and `b` first differ as results: the JSON path below `at` and
+/// the two values there, or `None`. Two receipts from different CPUs are compared so: on another
 /// machine the SIMD paths round differently, so the inexact stages' values
 /// and every metric derived from them move in their last bits. Everything
 /// else must be equal: verdict, tokens, the first divergence's step,
@@ -483,15 +478,13 @@ const NOISE_METRICS: [&str; 3] = ["n_outside", "max_ulp", "max_rel"];
 /// elements (near-equal errors trade places), the blame's sizes relative
 /// to rounding (the reference's at noise level by design) and its reason
 /// text, which prints them.
-fn first_real_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
+fn first_real_difference<'v>(
+    a: &'v serde_json::Value,
+    b: &'v serde_json::Value,
+    at: String,
+) -> Option<(String, &'v serde_json::Value, &'v serde_json::Value)> {
     use serde_json::Value;
-    let differ = || {
-        Some(if at.is_empty() {
-            ".".into()
-        } else {
-            at.to_string()
-        })
-    };
+    let here = |at: String| Some((if at.is_empty() { ".".into() } else { at }, a, b));
     match (a, b) {
         (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
             let (x, y) = (
@@ -504,17 +497,17 @@ fn first_real_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str)
             if close {
                 None
             } else {
-                differ()
+                here(at)
             }
         }
         (Value::Array(x), Value::Array(y)) => {
             if x.len() != y.len() {
-                return differ();
+                return here(at);
             }
             x.iter()
                 .zip(y)
                 .enumerate()
-                .find_map(|(i, (x, y))| first_real_difference(x, y, &format!("{at}[{i}]")))
+                .find_map(|(i, (x, y))| first_real_difference(x, y, format!("{at}[{i}]")))
         }
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
@@ -524,24 +517,23 @@ fn first_real_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str)
                     y.get(k).unwrap_or(&Value::Null),
                 );
                 let at = format!("{at}.{k}");
-                match k.as_str() {
-                    k if NOISE_METRICS.contains(&k) => None,
+                let differ = match k.as_str() {
+                    k if NOISE_METRICS.contains(&k) => false,
                     // Which of several near-equal errors ranks first is
                     // rounding too: how many are listed is compared.
-                    "worst" => {
-                        (vx.as_array().map(Vec::len) != vy.as_array().map(Vec::len)).then_some(at)
-                    }
+                    "worst" => vx.as_array().map(Vec::len) != vy.as_array().map(Vec::len),
                     // The blame's verdict, without its noise-level sizes.
                     "blame" if vx.is_object() && vy.is_object() => {
-                        let same = vx.get("blame") == vy.get("blame")
-                            && vx.get("cause").is_some() == vy.get("cause").is_some();
-                        (!same).then_some(at)
+                        vx.get("blame") != vy.get("blame")
+                            || vx.get("cause").is_some() != vy.get("cause").is_some()
                     }
-                    _ => first_real_difference(vx, vy, &at),
-                }
+                    _ => return first_real_difference(vx, vy, at),
+                };
+                differ.then_some((at, vx, vy))
             })
         }
-        _ => (a != b).then(|| differ().unwrap_or_default()),
+        _ if a != b => here(at),
+        _ => None,
     }
 }
 
@@ -686,7 +678,7 @@ mod tests {
     use super::first_real_difference;
 
     fn same_but_rounding(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-        first_real_difference(a, b, "").is_none()
+        first_real_difference(a, b, String::new()).is_none()
     }
     use serde_json::json;
 
