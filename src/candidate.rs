@@ -15,7 +15,8 @@
 #![doc = include_str!("../docs/candidate-api.md")]
 
 use crate::engine::tokenizer::chat::{render_chat, ChatMessage};
-use crate::engine::{Engine, EngineOptions, Fault, I2sMode, KvType, ModelConfig};
+use crate::engine::{Engine, EngineOptions, Fault, I2sMode};
+use crate::model::{KvType, ModelConfig};
 use crate::trace::TraceSink;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

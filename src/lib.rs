@@ -8,6 +8,8 @@
 //! - [`candidate`]: the [`Candidate`](candidate::Candidate) trait an engine
 //!   implements (config, tokenization, a traced forward pass, KV semantics)
 //!   and [`CandidateLoader`](candidate::CandidateLoader), how a run makes one.
+//! - [`model`]: [`Arch`], [`ModelConfig`] and [`KvType`], the vocabulary
+//!   every part (and the trait) shares.
 //! - [`trace`]: the canonical [`Stage`](trace::Stage)s, their logical
 //!   layouts, and the [`TraceSink`](trace::TraceSink) a forward pass emits
 //!   them to.
@@ -36,6 +38,7 @@ pub mod dump;
 pub mod engine;
 pub mod gguf;
 pub mod lockstep;
+pub mod model;
 #[doc(hidden)]
 pub mod oracle;
 mod outfile;
@@ -50,4 +53,4 @@ pub mod sweep;
 pub mod synth;
 pub mod trace;
 
-pub use engine::{Arch, KvType, ModelConfig};
+pub use model::{Arch, KvType, ModelConfig};

@@ -25,7 +25,7 @@ use divergence::candidate::BuiltinCandidate;
 use divergence::compare::{Blame, Policy};
 use divergence::engine::kernels::scalar;
 use divergence::engine::weights::realign_rows;
-use divergence::engine::{I2sMode, KvType};
+use divergence::engine::I2sMode;
 use divergence::gguf::{GgmlType, GgufFile, GgufWriter, MetaArray, MetaValue};
 use divergence::lockstep::{self, Mode, Prompt, RunConfig, Verdict};
 use divergence::quant::act::{quantize_row_i8_s, ActQuantVariant};
@@ -36,6 +36,7 @@ use divergence::reference::{kernels, CaptureFilter, Context, ContextOptions, Ffn
 use divergence::synth::{byte_bpe, write_model, Preset, SplitMix64, SynthConfig};
 use divergence::trace::reference_map::{map_nodes, stage_of};
 use divergence::trace::{Stage, StageKey};
+use divergence::KvType;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -6,9 +6,9 @@
 use divergence::engine::kernels::{scalar, Kernel};
 use divergence::engine::kv_cache::{KvCache, KvRow};
 use divergence::engine::ops;
-use divergence::engine::KvType;
 use divergence::quant::act::{quantize_row_i8_s, ActQuantVariant};
 use divergence::quant::i2s;
+use divergence::KvType;
 use proptest::prelude::*;
 
 /// Ternary weights [rows, n_in] packed as a tensor, plus int8 activations [t, n_in].

@@ -11,10 +11,10 @@
 
 mod common;
 
-use divergence::engine::KvType;
 use divergence::lockstep::{Mode, Prompt, Verdict};
 use divergence::receipt::{Receipt, RunRecord};
 use divergence::synth::{write_model, Preset, SynthConfig};
+use divergence::KvType;
 use std::path::{Path, PathBuf};
 
 const PROMPT: &str = "The quick brown fox";

@@ -6,10 +6,10 @@ use divergence::candidate::{
     BuiltinCandidate, Candidate, CandidateError, CandidateLoader, KvSemantics, LoadOptions,
 };
 use divergence::compare::Policy;
-use divergence::engine::ModelConfig;
 use divergence::lockstep::{self, Mode, Outcome, Prompt, RunConfig, TokenSource, Verdict};
 use divergence::synth::{write_model, Preset, SynthConfig};
 use divergence::trace::{Stage, StageKey, TraceSink};
+use divergence::ModelConfig;
 use std::path::{Path, PathBuf};
 
 const PROMPT: &str = "The quick brown fox";

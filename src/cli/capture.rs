@@ -8,10 +8,10 @@ use divergence::compare::Policy;
 use divergence::dump::capture::{capture_candidate, capture_reference, CaptureConfig};
 use divergence::dump::map::{map_dump, DumpMap};
 use divergence::dump::Dump;
-use divergence::engine::KvType;
 use divergence::lockstep::offline::{compare_dumps, CandidateDump, OfflineOptions};
 use divergence::lockstep::{Mode, Prompt};
 use divergence::receipt::{OfflineRecord, Receipt, RunRecord};
+use divergence::KvType;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -3,10 +3,11 @@
 
 use super::{CliResult, Failure};
 use anyhow::{anyhow, Context as _};
-use divergence::engine::{Fault, KvType};
+use divergence::engine::Fault;
 use divergence::lockstep::{Mode, Prompt, TokenFault, TokenSource, Verdict};
 use divergence::receipt::{self, Receipt, RunRecord};
 use divergence::reference::FfnAct;
+use divergence::KvType;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

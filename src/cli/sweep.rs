@@ -5,10 +5,11 @@
 use super::find::{parse_fault, parse_kv};
 use super::{CliResult, Failure};
 use anyhow::anyhow;
-use divergence::engine::{Fault, KvType};
+use divergence::engine::Fault;
 use divergence::lockstep::Mode;
 use divergence::report::html::{layer_name, pct, sci};
 use divergence::sweep::{self, Shard, Sweep, SweepError, SweepRequest};
+use divergence::KvType;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -4,9 +4,9 @@
 use super::{DumpError, DumpSink, DumpStep, DumpWriter, Manifest};
 use crate::candidate::{CandidateLoader, LoadOptions};
 use crate::compare::metrics::argmax;
-use crate::engine::KvType;
 use crate::gguf::GgufFile;
 use crate::lockstep::{Mode, Prompt};
+use crate::model::KvType;
 use crate::oracle::OracleModel;
 use crate::reference::worker::Worker;
 use crate::reference::{BuildInfo, CaptureFilter, ContextOptions, RefError};

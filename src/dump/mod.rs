@@ -16,8 +16,8 @@
 pub mod capture;
 pub mod map;
 
-use crate::engine::{KvType, ModelConfig};
 use crate::lockstep::Mode;
+use crate::model::{KvType, ModelConfig};
 use crate::oracle::FileFacts;
 use crate::reference::BuildInfo;
 use crate::trace::{Stage, StageKey, Tensor, TraceSink};

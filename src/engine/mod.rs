@@ -23,7 +23,7 @@ pub(crate) mod team;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Arch, ModelConfig};
+pub use crate::model::{Arch, KvType, ModelConfig};
 pub use faults::{Fault, FaultSet};
 pub use kernels::Kernel;
 
@@ -34,19 +34,6 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
 use weights::Weights;
-
-/// Element type of the KV cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KvType {
-    /// The reference's default: K and V rounded to half when cached, and
-    /// the attention products take F16 operands.
-    #[default]
-    F16,
-    /// K and V cached in f32 as computed, and the attention products take
-    /// f32 operands.
-    F32,
-}
 
 /// How I2_S dot products are accumulated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 
 use crate::candidate::KvSemantics;
 use crate::compare::{self, metrics, policy, BlameReport, Metrics, WorstElement};
-use crate::engine::ModelConfig;
+use crate::model::ModelConfig;
 use crate::oracle::FileFacts;
 use crate::trace::{Stage, StageKey};
 use serde::{Deserialize, Serialize};

@@ -8,11 +8,12 @@
 
 use crate::candidate::{BuiltinCandidate, CandidateLoader, KvSemantics};
 use crate::compare::Policy;
-use crate::engine::{Fault, KvType, ModelConfig};
+use crate::engine::Fault;
 use crate::lockstep::{
     self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Mode, Outcome, Prompt, RunConfig,
     RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault, Verdict,
 };
+use crate::model::{KvType, ModelConfig};
 use crate::oracle::FileFacts;
 use crate::reference::{BuildInfo, FfnAct};
 use serde::{Deserialize, Serialize};

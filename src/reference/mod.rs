@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use session::{set_ffn_act, Context, ContextOptions, Decoded, Model, VocabSpecials};
 
 /// KV cache element type: one type for both engines.
-pub use crate::engine::KvType;
+pub use crate::model::KvType;
 
 /// The FFN activation of the reference's `bitnet-b1.58` graph (our patch
 /// `04-arch-bitnet-b1.58.patch`): the model's squared ReLU, or SiLU, which is

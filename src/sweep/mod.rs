@@ -27,10 +27,11 @@ pub use stats::{Distribution, KldSummary, StageDistribution};
 
 use crate::candidate::BuiltinCandidate;
 use crate::compare::{Blame, Policy};
-use crate::engine::{Fault, KvType};
+use crate::engine::Fault;
 use crate::lockstep::{
     self, Measured, Mode, PositionLogits, Prompt, RunConfig, RunError, StepRecord, Verdict,
 };
+use crate::model::KvType;
 use crate::receipt::{self, Generated, Receipt, RunRecord};
 use crate::reference::BuildInfo;
 use crate::trace::Stage;

@@ -160,7 +160,7 @@ impl Stage {
     }
 
     /// Whether an arch's forward pass has this stage (`llama` has no sub norms).
-    pub fn in_arch(self, arch: crate::engine::Arch) -> bool {
+    pub fn in_arch(self, arch: crate::model::Arch) -> bool {
         arch.has_sub_norms() || !matches!(self, Stage::AttnSubNorm | Stage::FfnSubNorm)
     }
 
