@@ -202,6 +202,7 @@ pub fn run(args: Args) -> CliResult {
     };
     let mut engine = Engine::from_gguf(file.clone(), opts)?;
     let c = engine.config().clone();
+    let kernel = Kernel::named(engine.kernel_name())?;
     let prompt: Vec<u32> = (0..args.prefill)
         .map(|i| 3 + (i as u32 * 7919) % (c.n_vocab as u32 - 3))
         .collect();
@@ -239,7 +240,7 @@ pub fn run(args: Args) -> CliResult {
     reference.prefill(&prompt[..8.min(prompt.len())])?; // its page cache
     candidate.clock = args.stages.then(StageClock::default);
     // Allocated after the candidate's RSS was read, which it would inflate.
-    let read_probe = bandwidth::ReadProbe::new(args.threads);
+    let read_probe = bandwidth::ReadProbe::new(args.threads, kernel);
     let (mut cand, mut refr, mut read_rounds) = (Vec::new(), Vec::new(), Vec::new());
     let mut lockstep_rounds = Vec::new();
     for round in 0..args.rounds {
@@ -318,7 +319,7 @@ pub fn run(args: Args) -> CliResult {
         decode_tokens: args.decode,
         weight_bytes_per_decode_token: weight_bytes,
         kv_cache_bytes: kv_bytes,
-        candidate_kernel: Kernel::detect().name().into(),
+        candidate_kernel: kernel.name().into(),
         candidate: EngineNumbers {
             prefill_tok_s: cand_prefill,
             decode_tok_s: cand_decode,
@@ -673,7 +674,7 @@ fn kernel_bench(args: &Args) -> CliResult {
     let x: Vec<f32> = (0..n_in)
         .map(|_| ((next() % 2001) as f32 - 1000.0) / 250.0)
         .collect();
-    let kernel = Kernel::detect();
+    let kernel = Kernel::detect()?;
     let codes = &packed[..n_in * n_out / 4];
     let w_scale = 0.25f32;
 

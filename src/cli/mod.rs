@@ -122,6 +122,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // A forced kernel path this CPU cannot run is a usage error, named
+    // before any engine loads (the reference worker has no engine of ours).
+    if !matches!(cli.command, Command::ReferenceWorker) {
+        if let Err(e) = divergence::engine::Kernel::detect() {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Find(a) => find::run(a),
         Command::Verify(a) => find::verify(a),

@@ -85,7 +85,9 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         }
         let mut out = cx.rms_norm(&x, e, cx.eps(), &weights.output_norm);
         sink.stage(None, Stage::ResultNorm, &[t, e], &mut out);
+        let tl = std::time::Instant::now();
         let mut logits = cx.logits(&weights.output, &out);
+        super::prof_add(4, tl);
         sink.stage(None, Stage::Logits, &[t, config.n_vocab], &mut logits);
         logits
     })
@@ -261,6 +263,12 @@ impl<'a> Compute<'a, '_> {
     /// code whatever the thread count. Results are [T, n_out] per matrix.
     /// (With several tokens the matrices go one at a time, see below.)
     fn linear_many<const N: usize>(&self, ms: [&'a I2sMatrix; N], x: &ActCodes) -> [Vec<f32>; N] {
+        let t0 = std::time::Instant::now();
+        let r = self.linear_many_(ms, x);
+        super::prof_add(0, t0);
+        r
+    }
+    fn linear_many_<const N: usize>(&self, ms: [&'a I2sMatrix; N], x: &ActCodes) -> [Vec<f32>; N] {
         let (q, acts) = (x.q.clone(), x.acts.clone());
         let t = acts.len();
         if N > 1 && t > 1 {
@@ -278,10 +286,12 @@ impl<'a> Compute<'a, '_> {
         let parts: [(&'a [u8], usize, Dequant); N] =
             ms.map(|m| (m.kernel_codes(self.file), m.n_out, self.dequant_of(m)));
         let total: usize = parts.iter().map(|p| p.1).sum();
-        // [row, token] over all matrices' rows end to end.
+        // Per range of the matrices' rows end to end: [T, range] (each
+        // member transposes its own sums, in parallel).
         let parts = self
             .team
             .map_parts(total, ROW_ALIGN, CHUNKS_PER_MEMBER, move |rows| {
+                let t1 = std::time::Instant::now();
                 let mut sums = vec![0i32; rows.len() * t];
                 let mut y = Vec::with_capacity(rows.len() * t);
                 let mut base = 0; // first row of the current matrix in `total`
@@ -295,20 +305,37 @@ impl<'a> Compute<'a, '_> {
                     }
                     base += n_out;
                 }
-                y
+                super::prof_add(1, t1);
+                if t == 1 {
+                    return y;
+                }
+                let n = rows.len();
+                let mut by_token = vec![0f32; n * t];
+                for (r, row) in y.chunks_exact(t).enumerate() {
+                    for (ti, &v) in row.iter().enumerate() {
+                        by_token[ti * n + r] = v;
+                    }
+                }
+                by_token
             });
-        // Scatter each range into [T, n_out] per matrix, freeing it as it goes.
+        let t2 = std::time::Instant::now();
+        // Copy each range's token rows into [T, n_out] per matrix, in
+        // pieces, one per matrix the range covers.
         let mut ys: [Vec<f32>; N] = std::array::from_fn(|i| vec![0f32; t * ms[i].n_out]);
         let starts: [usize; N] = std::array::from_fn(|i| ms[..i].iter().map(|m| m.n_out).sum());
         for (rows, y) in parts {
-            for (k, row) in rows.zip(y.chunks_exact(t)) {
-                let i = starts.iter().rposition(|&s0| s0 <= k).unwrap_or(0);
-                let (r, n_out) = (k - starts[i], ms[i].n_out);
-                for (ti, &v) in row.iter().enumerate() {
-                    ys[i][ti * n_out + r] = v;
+            for (ti, mut y) in y.chunks_exact(rows.len()).enumerate() {
+                let mut k = rows.start;
+                while !y.is_empty() {
+                    let i = starts.iter().rposition(|&s0| s0 <= k).unwrap_or(0);
+                    let (r, n_out) = (k - starts[i], ms[i].n_out);
+                    let n = y.len().min(n_out - r);
+                    ys[i][ti * n_out + r..][..n].copy_from_slice(&y[..n]);
+                    (k, y) = (k + n, &y[n..]);
                 }
             }
         }
+        super::prof_add(2, t2);
         ys
     }
 
@@ -317,6 +344,12 @@ impl<'a> Compute<'a, '_> {
     /// to whole 128-value blocks (the kernels' row length, see
     /// [`I2sMatrix::row_len`]); scale and sum cover the `n` real values.
     fn quantize(&self, x: &[f32], n: usize) -> ActCodes {
+        let t0 = std::time::Instant::now();
+        let r = self.quantize_(x, n);
+        super::prof_add(3, t0);
+        r
+    }
+    fn quantize_(&self, x: &[f32], n: usize) -> ActCodes {
         let (variant, kernel) = (self.act_variant(), self.kernel);
         let t = x.len() / n;
         let width = n.next_multiple_of(BLOCK);
@@ -565,11 +598,13 @@ impl<'a> Compute<'a, '_> {
             if t == 1 {
                 return out_t; // one block: already [1, V]
             }
+            let tt = std::time::Instant::now();
             for (r, o) in out_t.chunks_exact(t).enumerate() {
                 for (ti, &val) in o.iter().enumerate() {
                     y[ti * v + b0 + r] = val;
                 }
             }
+            super::prof_add(5, tt);
         }
         y
     }
