@@ -226,14 +226,20 @@ fn check_heatmaps(dom_section: &str, r: &Receipt) {
             step.to_string(),
         )
     };
-    for kind in ["local", "propagated"] {
+    for kind in ["local", "sides"] {
         let mut want: Vec<_> = r
             .step_results
             .iter()
             .flat_map(|st| {
                 st.stages
                     .iter()
-                    .filter(|x| kind == "local" || x.propagated_nmse.is_some())
+                    .filter(|x| {
+                        if kind == "local" {
+                            x.candidate_local_nmse.or(x.reference_local_nmse).is_some()
+                        } else {
+                            x.nmse.is_some()
+                        }
+                    })
                     .map(|x| key(x.layer, x.stage.name(), st.step))
             })
             .collect();

@@ -457,7 +457,7 @@ fn prompt_result(
             layer: d.layer,
             stage: d.stage,
             measured: d.measured,
-            nmse: d.metrics.nmse,
+            nmse: d.nmse(),
             blame: d.blame.blame,
         }),
         later_divergences: r.later_divergences.len(),
