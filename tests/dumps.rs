@@ -180,7 +180,8 @@ fn a_dump_compared_with_itself_is_clean() {
     assert_eq!(code, 0, "{log}");
     assert_eq!(r.verdict, Verdict::NoDivergence);
     assert!(r.coverage.complete);
-    assert!(r.offline.as_ref().unwrap().note.contains("propagated"));
+    assert!(r.offline.as_ref().unwrap().note.contains("local error"));
+    assert!(r.offline.as_ref().unwrap().model_given, "the dump's own model is used");
     assert!(r.stages.iter().all(|s| s.all_exact));
 }
 
@@ -380,8 +381,8 @@ fn a_foreign_dump_is_read_through_a_map() {
     assert_eq!(r.stages.len(), direct.stages.len());
     for (a, b) in r.stages.iter().zip(&direct.stages) {
         assert_eq!(
-            (a.layer, a.stage, a.worst_nmse),
-            (b.layer, b.stage, b.worst_nmse)
+            (a.layer, a.stage, a.worst_nmse, a.worst_candidate_over_rounding),
+            (b.layer, b.stage, b.worst_nmse, b.worst_candidate_over_rounding)
         );
     }
     // Without the map nothing matches: every tensor unmapped, nothing judged.

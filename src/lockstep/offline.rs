@@ -190,12 +190,19 @@ fn describe_facts_difference(dump: &FileFacts, file: &FileFacts) -> String {
 
 /// The scope a candidate's dump declares: its manifest's `stages`, else
 /// the stages its map names, else every stage.
-fn scope_of(candidate: &CandidateDump<'_>, stages: &MappedDump) -> Option<BTreeSet<Stage>> {
-    candidate
+fn scope_of(
+    candidate: &CandidateDump<'_>,
+    stages: &MappedDump,
+    expected: &[StageKey],
+) -> Option<BTreeSet<Stage>> {
+    let declared: BTreeSet<Stage> = candidate
         .manifest
         .and_then(|m| m.stages.as_ref())
         .map(|s| s.iter().copied().collect())
-        .or_else(|| stages.declared.clone())
+        .or_else(|| stages.declared.clone())?;
+    // A declaration of every stage the arch has is no restriction.
+    let all = expected.iter().all(|k| declared.contains(&k.stage));
+    (!all).then_some(declared)
 }
 
 /// The granularity a scope allows, in words.
@@ -226,12 +233,21 @@ pub(crate) fn describe_scope(scope: &BTreeSet<Stage>) -> Scope {
     }
 }
 
+/// What an offline comparison found, and the model it judged with.
+pub struct Compared {
+    /// The outcome, as a lockstep run's.
+    pub outcome: Outcome,
+    /// The model file the oracle read (given, or the one the reference
+    /// dump names) and its sha256, checked against both manifests.
+    pub model: Option<(PathBuf, String)>,
+}
+
 /// Judges `candidate` against the `reference` dump.
 pub fn compare_dumps(
     reference: &Dump,
     candidate: &CandidateDump<'_>,
     opts: &OfflineOptions,
-) -> Result<Outcome, RunError> {
+) -> Result<Compared, RunError> {
     let t_total = Instant::now();
     let manifest = reference.manifest.as_ref().ok_or_else(|| {
         RunError::Input(format!(
@@ -247,8 +263,13 @@ pub fn compare_dumps(
         ))
     })?;
 
-    // The model: its hash must be the one each dump ran.
-    let file = match &opts.model {
+    // The model: given, or the one the reference dump names if it is still
+    // there; its hash must be the one each dump ran.
+    let named = PathBuf::from(&manifest.model_path);
+    let model = opts.model.clone().or_else(|| {
+        (!manifest.model_path.is_empty() && named.is_file()).then_some(named)
+    });
+    let file = match &model {
         Some(p) => {
             let f = Arc::new(GgufFile::open(p)?);
             let sha = crate::receipt::sha256_file(p)
@@ -276,7 +297,10 @@ pub fn compare_dumps(
     let oracle = match &file {
         Some((f, _)) => Oracle::new(f.clone(), manifest.kv_type == KvType::F16)
             .map_err(|e| e.to_string()),
-        None => Err("compare was run without --model".to_string()),
+        None => Err(format!(
+            "compare was run without --model and the reference dump's model {:?} is not there",
+            manifest.model_path
+        )),
     };
     let facts = facts_of(reference, manifest, oracle.as_ref().ok())?;
     let mut unmapped_reference = Vec::new();
@@ -324,10 +348,14 @@ pub fn compare_dumps(
         file.as_ref().map(|(f, _)| f.as_ref()),
         opts,
     );
-    match result {
-        Ok(()) => Ok(run.finish()),
-        Err(e) => run.ended(e),
-    }
+    let outcome = match result {
+        Ok(()) => run.finish(),
+        Err(e) => run.ended(e)?,
+    };
+    Ok(Compared {
+        outcome,
+        model: model.zip(file.map(|(_, sha)| sha)),
+    })
 }
 
 /// The steps of the two dumps, through the one judge.
@@ -377,7 +405,8 @@ fn judge_dumps(
             if unmapped.len() > shown.len() { ", ..." } else { "" }
         ));
     }
-    let scope = scope_of(candidate, stages);
+    let expected = facts.expected_stages();
+    let scope = scope_of(candidate, stages, &expected);
     if let Some(s) = &scope {
         run.outcome.coverage.scope = Some(describe_scope(s));
     }
@@ -440,7 +469,6 @@ fn judge_dumps(
     };
     let mut ref_track = SideTrack::new(facts.n_layer, None);
     let mut cand_track = SideTrack::new(facts.n_layer, scope.clone());
-    let expected = facts.expected_stages();
     for (i, rstep) in manifest.steps.iter().enumerate() {
         let ref_stages = &ref_steps[i];
         let ref_keys: BTreeSet<StageKey> = ref_stages.keys().copied().collect();
