@@ -36,6 +36,12 @@ pub struct CandidateDump<'a> {
     pub label: String,
 }
 
+/// The highest step a run can have (`find --steps` allows 4096 decode
+/// steps): a tensor of a step up to this that its manifest does not list
+/// means the manifest is not the run's; beyond it, the name is not a step
+/// and the tensor is listed as unmapped.
+const MAX_LISTED_STEP: usize = 4096;
+
 /// The canonical shape of `stage` in a step of `t` tokens after `n_past`.
 fn canonical_shape(f: &FileFacts, stage: Stage, t: usize, n_past: usize) -> Vec<usize> {
     match stage {
@@ -79,6 +85,12 @@ fn reference_stages(
             unmapped.push(name.to_string());
             continue;
         };
+        if step >= manifest.steps.len() && step <= MAX_LISTED_STEP {
+            return Err(bad(format!(
+                "it holds tensor {name} of step {step}, but its manifest lists {} step(s)",
+                manifest.steps.len()
+            )));
+        }
         if step >= manifest.steps.len() || key.layer.is_some_and(|l| l >= facts.n_layer) {
             unmapped.push(name.to_string());
             continue;
@@ -387,6 +399,15 @@ fn judge_dumps(
     let mut cand_by_step: Vec<Vec<(StageKey, &Tensor)>> = vec![Vec::new(); cand_steps.len()];
     for ((step, key), t) in &stages.stages {
         let name = stages.sources.get(&(*step, *key)).cloned().unwrap_or_default();
+        if *step >= cand_steps.len() && *step <= MAX_LISTED_STEP && cand_manifest.is_some() {
+            return Err(dump_failed(
+                format!(
+                    "it holds tensor {name} of step {step}, but its manifest lists {} step(s)",
+                    cand_steps.len()
+                ),
+                None,
+            ));
+        }
         if *step >= cand_steps.len() || key.layer.is_some_and(|l| l >= facts.n_layer) {
             unmapped.push(name);
             continue;

@@ -102,7 +102,7 @@ pub struct StepCoverage {
     pub step: usize,
     /// Stages the arch implies for a step.
     pub expected: usize,
-    /// Stages judged in this step.
+    /// Stages judged in this step on the candidate's side.
     pub judged: usize,
     /// Stages not judged because the run stopped at the divergence.
     pub after_divergence: usize,

@@ -317,7 +317,14 @@ impl Run {
 /// produced and what the candidate emits by design.
 fn step_coverage(s: &StepJudged<'_>, stopped: bool) -> StepCoverage {
     let emitted: BTreeSet<StageKey> = s.emitted.iter().copied().collect();
-    let judged: BTreeSet<StageKey> = s.judged.iter().map(|j| j.key).collect();
+    // Judged means judged on the candidate's side: a stage it did not emit is
+    // judged on the reference's side only (its local error), and missing.
+    let judged: BTreeSet<StageKey> = s
+        .judged
+        .iter()
+        .map(|j| j.key)
+        .filter(|k| emitted.contains(k))
+        .collect();
     let in_scope = |k: &StageKey| s.scope.is_none_or(|sc| sc.contains(&k.stage));
     let both = s
         .expected
@@ -329,7 +336,7 @@ fn step_coverage(s: &StepJudged<'_>, stopped: bool) -> StepCoverage {
         expected: s.expected.len(),
         judged: judged.len(),
         after_divergence: if stopped {
-            both.saturating_sub(judged.iter().filter(|k| emitted.contains(k)).count())
+            both.saturating_sub(judged.len())
         } else {
             0
         },
