@@ -41,7 +41,9 @@ impl Worst {
             r.verdict,
             Verdict::NoDivergence,
             "{what}: a clean run is not clean: {:?}",
-            r.first_divergence.as_ref().map(|d| (d.step, d.layer, d.stage, &d.blame.reason))
+            r.first_divergence
+                .as_ref()
+                .map(|d| (d.step, d.layer, d.stage, &d.blame.reason))
         );
         self.runs += 1;
         for s in &r.stages {
@@ -59,7 +61,10 @@ impl Worst {
     fn print(&self, title: &str) {
         eprintln!("{title}: {} clean runs", self.runs);
         for (stage, (c, r)) in &self.by_stage {
-            eprintln!("  {:<14} candidate {c:9.2e}  reference {r:9.2e}", stage.name());
+            eprintln!(
+                "  {:<14} candidate {c:9.2e}  reference {r:9.2e}",
+                stage.name()
+            );
         }
         eprintln!("  across a gap (NMSE): {:.2e}", self.across_gap);
     }
@@ -170,7 +175,13 @@ fn through_dumps(dir: &Path, path: &Path, tokens: &[u32], kv: KvType, worst: &mu
             Policy::default_policy(),
             compared.outcome,
         );
-        worst.add_receipt(&receipt, &format!("{} through dumps (layer only: {layer_only})", path.display()));
+        worst.add_receipt(
+            &receipt,
+            &format!(
+                "{} through dumps (layer only: {layer_only})",
+                path.display()
+            ),
+        );
     }
 }
 
@@ -192,7 +203,13 @@ fn the_local_rules_hold_on_clean_runs() {
                 worst.add_receipt(&r, &format!("{name} {mode:?} {kv:?}"));
             }
         }
-        through_dumps(dir.path(), &path, &[1, 407, 259, 340, 344, 332, 326], KvType::F16, &mut worst);
+        through_dumps(
+            dir.path(),
+            &path,
+            &[1, 407, 259, 340, 344, 332, 326],
+            KvType::F16,
+            &mut worst,
+        );
     }
     worst.print("presets");
     worst.check(&Policy::default_policy());
@@ -237,4 +254,3 @@ fn measure_the_local_rules_on_every_width() {
     }
     worst.check(&Policy::default_policy());
 }
-

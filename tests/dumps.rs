@@ -181,7 +181,10 @@ fn a_dump_compared_with_itself_is_clean() {
     assert_eq!(r.verdict, Verdict::NoDivergence);
     assert!(r.coverage.complete);
     assert!(r.offline.as_ref().unwrap().note.contains("local error"));
-    assert!(r.offline.as_ref().unwrap().model_given, "the dump's own model is used");
+    assert!(
+        r.offline.as_ref().unwrap().model_given,
+        "the dump's own model is used"
+    );
     assert!(r.stages.iter().all(|s| s.all_exact));
 }
 
@@ -381,8 +384,18 @@ fn a_foreign_dump_is_read_through_a_map() {
     assert_eq!(r.stages.len(), direct.stages.len());
     for (a, b) in r.stages.iter().zip(&direct.stages) {
         assert_eq!(
-            (a.layer, a.stage, a.worst_nmse, a.worst_candidate_over_rounding),
-            (b.layer, b.stage, b.worst_nmse, b.worst_candidate_over_rounding)
+            (
+                a.layer,
+                a.stage,
+                a.worst_nmse,
+                a.worst_candidate_over_rounding
+            ),
+            (
+                b.layer,
+                b.stage,
+                b.worst_nmse,
+                b.worst_candidate_over_rounding
+            )
         );
     }
     // Without the map nothing matches: every tensor unmapped, nothing judged.
@@ -421,7 +434,11 @@ fn one_element_off_by_half_its_magnitude_is_found_at_exactly_its_place() {
     let (code, r, log) = compare(&changed, &[]);
     assert_eq!(code, 1, "{log}");
     let d = r.first_divergence.as_ref().unwrap();
-    assert_eq!((d.step, d.layer, d.stage), (1, Some(2), Stage::FfnUp), "{log}");
+    assert_eq!(
+        (d.step, d.layer, d.stage),
+        (1, Some(2), Stage::FfnUp),
+        "{log}"
+    );
     assert_eq!(d.blame.blame, divergence::compare::Blame::Candidate);
     assert_eq!(d.worst[0].flat_index, 3);
 }
@@ -505,15 +522,16 @@ fn two_tensors_for_one_stage_are_an_error_naming_both() {
 #[test]
 fn a_malformed_reference_dump_is_bad_input_about_the_reference() {
     let f = fixture();
-    for (what, edit) in [
-        ("wrong shape", 0usize),
-        ("zero elements", 1usize),
-    ] {
+    for (what, edit) in [("wrong shape", 0usize), ("zero elements", 1usize)] {
         let bad = f.dir.path().join(format!("ref-{edit}.safetensors"));
         rewrite(&f.reference, &bad, true, |name, shape, data| {
             if name == "step0.layer1.attn_out" {
                 if edit == 0 {
-                    return vec![(name.to_string(), shape.iter().rev().copied().collect(), data)];
+                    return vec![(
+                        name.to_string(),
+                        shape.iter().rev().copied().collect(),
+                        data,
+                    )];
                 }
                 return vec![(name.to_string(), vec![0, shape[1]], vec![])];
             }
@@ -557,7 +575,11 @@ fn compare_refuses_a_model_the_dumps_did_not_run() {
         f.dir.path().join("other.json").to_str().unwrap(),
     ]);
     assert_eq!(code, 2, "{log}");
-    let want = Dump::open(&f.reference).unwrap().manifest.unwrap().model_sha256;
+    let want = Dump::open(&f.reference)
+        .unwrap()
+        .manifest
+        .unwrap()
+        .model_sha256;
     assert!(log.contains(&want), "names the dump's hash: {log}");
     assert!(log.contains("sha256"), "{log}");
 }
@@ -652,4 +674,63 @@ fn different_prompt_ids_are_a_token_divergence_in_words() {
     assert!(diff.description.contains("duplicated BOS"), "{diff:?}");
     // The reference dump was captured from text: its ids were not "given".
     assert!(!log.contains("given"), "{log}");
+}
+
+/// An honest engine with an f32 KV cache against a reference dump made with
+/// the default f16 cache, on the 2B-4T widths with 12 layers: the two runs
+/// drift apart (reported, with its growth), and nothing is blamed.
+#[test]
+fn an_f32_cache_candidate_against_an_f16_reference_drifts_but_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("2b4t-12.gguf");
+    let mut cfg = SynthConfig::preset(Preset::Bitnet2B4T);
+    cfg.seed = 1;
+    cfg.n_layer = 12;
+    cfg.n_vocab = 1024;
+    write_model(&cfg, &model).unwrap();
+    let capture = |engine: &str, kv: &str| {
+        let out = dir.path().join(format!("{engine}-{kv}.safetensors"));
+        let (code, log) = cli(&[
+            "capture",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            "1,17,300,42,5,99,250,7",
+            "--steps",
+            "3",
+            "--threads",
+            "2",
+            "--kv",
+            kv,
+            "--engine",
+            engine,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{log}");
+        out
+    };
+    let reference = capture("reference", "f16");
+    let candidate = capture("candidate", "f32");
+    let receipt = dir.path().join("r.json");
+    let (code, log) = cli(&[
+        "compare",
+        "--reference",
+        reference.to_str().unwrap(),
+        "--candidate",
+        candidate.to_str().unwrap(),
+        "--receipt",
+        receipt.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{log}");
+    let r = Receipt::read(&receipt).unwrap();
+    let drift = r.drift.as_ref().expect("the drift is reported");
+    assert_eq!(drift.l_out_by_layer.len(), 12);
+    assert!(drift.l_out_by_layer.iter().any(|&v| v > 0.0), "{drift:?}");
+    assert!(log.contains("drift"), "{log}");
+    assert!(
+        r.remarks.iter().any(|m| m.contains("--kv f32")),
+        "the matching capture command is named: {:?}",
+        r.remarks
+    );
 }

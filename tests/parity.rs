@@ -215,7 +215,8 @@ fn free_run_32_steps_top1_agrees_at_every_position() {
         r.verdict,
         Verdict::NoDivergence,
         "{:?}",
-        r.first_divergence.map(|d| (d.step, d.stage, d.blame.reason))
+        r.first_divergence
+            .map(|d| (d.step, d.stage, d.blame.reason))
     );
     // The free-run logits rule (drift, reported) holds at every step.
     let logits: Vec<_> = r

@@ -192,7 +192,12 @@ fn bugs_below_1e_2_nmse_are_found_at_their_stage() {
     ] {
         let dump = dir.path().join(format!("{bug}.safetensors"));
         python_dump(&model, &dump, bug);
-        let (code, r) = compare(&reference, &dump, &model, &dir.path().join(format!("{bug}.json")));
+        let (code, r) = compare(
+            &reference,
+            &dump,
+            &model,
+            &dir.path().join(format!("{bug}.json")),
+        );
         assert_eq!(code, 1, "{bug}: {:?}", r.first_divergence);
         let d = r.first_divergence.unwrap();
         assert_eq!(
@@ -275,7 +280,11 @@ fn a_dump_of_layer_outputs_places_a_bug_in_its_layer() {
     );
     // Layers 0 to 4 were judged at every step up to it and held.
     for step in r.step_results.iter().filter(|s| s.step <= d.step) {
-        for x in step.stages.iter().filter(|x| x.layer.is_some_and(|l| l < 5)) {
+        for x in step
+            .stages
+            .iter()
+            .filter(|x| x.layer.is_some_and(|l| l < 5))
+        {
             assert!(x.pass, "step {} layer {:?} {}", step.step, x.layer, x.stage);
         }
     }

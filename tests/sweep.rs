@@ -280,10 +280,7 @@ fn corpus_sweep_on_small_shards_merge_to_the_unsharded_run() {
             d.layer,
             d.stage
         );
-        assert!(
-            d.sides_nmse.is_some(),
-            "free mode measures the drift"
-        );
+        assert!(d.sides_nmse.is_some(), "free mode measures the drift");
     }
     let embd = s.stages.iter().find(|d| d.stage == Stage::TokEmbd).unwrap();
     assert_eq!(embd.exact_fraction, 1.0);

@@ -439,7 +439,10 @@ fn zoo_case(name: &str) {
         }
         if mode == Mode::Free && d.stage != divergence::trace::Stage::TokEmbd {
             // Free mode still shows how far the two runs are apart there.
-            assert!(d.metrics.is_some(), "{name}: no side-against-side error recorded");
+            assert!(
+                d.metrics.is_some(),
+                "{name}: no side-against-side error recorded"
+            );
         }
     }
     // The dump path: `capture --engine candidate --inject F`, then
@@ -447,7 +450,10 @@ fn zoo_case(name: &str) {
     let outcome = through_dumps(&m.path, case.faults);
     let d = first(&outcome);
     if let Err(why) = check(&case.expect, observed(d)) {
-        panic!("{name} through dumps: {why}; blame reason: {}", d.blame.reason);
+        panic!(
+            "{name} through dumps: {why}; blame reason: {}",
+            d.blame.reason
+        );
     }
 }
 

@@ -332,7 +332,11 @@ pub fn print_summary(r: &Receipt, path: &Path) {
         outln!("scope   {}", scope.note);
     }
     if let Some(d) = &r.drift {
-        let growth: Vec<String> = d.l_out_by_layer.iter().map(|v| format!("{v:.0e}")).collect();
+        let growth: Vec<String> = d
+            .l_out_by_layer
+            .iter()
+            .map(|v| format!("{v:.0e}"))
+            .collect();
         if !growth.is_empty() {
             outln!(
                 "drift   l_out NMSE against the reference by layer (each fed itself; reported, not judged): {}",
@@ -399,7 +403,10 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                     shape
                 );
             }
-            for (side, e) in [("candidate", &d.candidate_local), ("reference", &d.reference_local)] {
+            for (side, e) in [
+                ("candidate", &d.candidate_local),
+                ("reference", &d.reference_local),
+            ] {
                 if let Some(e) = e {
                     outln!(
                         "  {side:<9} {} (NMSE {:.3e} vs the oracle{}{})",
@@ -414,7 +421,11 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                         } else {
                             String::new()
                         },
-                        if e.pass { ", within its rule" } else { ", BEYOND its rule" }
+                        if e.pass {
+                            ", within its rule"
+                        } else {
+                            ", BEYOND its rule"
+                        }
                     );
                 }
             }

@@ -81,7 +81,9 @@ impl SideTrack {
             Some(s) => {
                 s.iter()
                     .any(|&st| st.is_per_layer() && StageKey::new(Some(0), st).order() >= attention)
-                    || (s.iter().any(|&st| !st.is_per_layer() && st != Stage::TokEmbd)
+                    || (s
+                        .iter()
+                        .any(|&st| !st.is_per_layer() && st != Stage::TokEmbd)
                         && !s.contains(&Stage::LOut))
             }
         }
@@ -406,8 +408,7 @@ impl<'a> StepJudge<'a> {
     /// A stage only the reference has (the candidate did not emit it).
     fn judge_reference_only(&mut self, key: StageKey) -> StageJudgement {
         let r = &self.reference[&key];
-        let (reference, ref_oracle) =
-            self.local_of(Side::Reference, key, &r.shape, &r.data, false);
+        let (reference, ref_oracle) = self.local_of(Side::Reference, key, &r.shape, &r.data, false);
         self.judged_reference.insert(key);
         let class = self.side_rule(key.stage).class;
         // Without an oracle (`Err`) there is nothing to hold it to here.
@@ -430,8 +431,7 @@ impl<'a> StepJudge<'a> {
     }
 
     fn side_rule(&self, stage: Stage) -> &'a policy::Rule {
-        self.policy
-            .rule(stage, self.pairing == Pairing::OwnInputs)
+        self.policy.rule(stage, self.pairing == Pairing::OwnInputs)
     }
 
     /// Both sides' local errors, their agreement, and the verdict.
@@ -442,7 +442,9 @@ impl<'a> StepJudge<'a> {
         // a longer step) is judged on that row.
         let last_row = key.stage == Stage::Logits
             && shape.first() == Some(&1)
-            && reference.is_some_and(|r| r.shape.first().is_some_and(|&t| t > 1) && r.shape[1..] == shape[1..]);
+            && reference.is_some_and(|r| {
+                r.shape.first().is_some_and(|&t| t > 1) && r.shape[1..] == shape[1..]
+            });
         let reference_row = |r: &'a Tensor| -> std::borrow::Cow<'a, [f32]> {
             if last_row {
                 std::borrow::Cow::Borrowed(&r.data[r.data.len() - data.len()..])
@@ -489,7 +491,7 @@ impl<'a> StepJudge<'a> {
         let shapes_differ = reference.is_some_and(|r| r.shape != shape) && !last_row;
         let pass = local_ok(&cand_local)
             && local_ok(&ref_local)
-            && !(undetermined && !agree)
+            && (!undetermined || agree)
             && !shapes_differ;
         let mut j = StageJudgement {
             key,
@@ -708,9 +710,7 @@ impl<'a> StepJudge<'a> {
         ref_oracle: Option<OracleStage>,
         cand_oracle: Option<OracleStage>,
     ) -> Evidence {
-        let failed = |l: &Option<Result<LocalError, String>>| {
-            matches!(l, Some(Ok(e)) if !e.pass)
-        };
+        let failed = |l: &Option<Result<LocalError, String>>| matches!(l, Some(Ok(e)) if !e.pass);
         let (c_off, r_off) = (failed(&j.candidate), failed(&j.reference));
         let blame = match (c_off, r_off) {
             (true, false) => Blame::Candidate,
@@ -731,7 +731,10 @@ impl<'a> StepJudge<'a> {
                 e.over_rounding,
                 e.nmse,
                 if e.ties > 0 {
-                    format!(", {} tied activation code(s), {} taken the other way", e.ties, e.ties_taken)
+                    format!(
+                        ", {} tied activation code(s), {} taken the other way",
+                        e.ties, e.ties_taken
+                    )
                 } else {
                     String::new()
                 }

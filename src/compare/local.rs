@@ -84,7 +84,11 @@ pub fn measure(
                 continue;
             }
             let (mut now, mut then) = (0f64, 0f64);
-            for ((o, &x), d) in v[range.clone()].iter().zip(&side[range.clone()]).zip(&alt.delta) {
+            for ((o, &x), d) in v[range.clone()]
+                .iter()
+                .zip(&side[range.clone()])
+                .zip(&alt.delta)
+            {
                 let x = f64::from(x);
                 now += (x - o).powi(2);
                 then += (x - o - d).powi(2);
@@ -111,7 +115,12 @@ pub fn measure(
     let mut max_abs = 0f64;
     let mut broken = side.len() != values.len();
     if !broken {
-        for (i, ((&x, &o), &r)) in side.iter().zip(values.iter()).zip(&oracle.rounding).enumerate() {
+        for (i, ((&x, &o), &r)) in side
+            .iter()
+            .zip(values.iter())
+            .zip(&oracle.rounding)
+            .enumerate()
+        {
             let x = f64::from(x);
             let row = row_of(i).min(acc.len() - 1);
             let a = &mut acc[row];
@@ -202,10 +211,24 @@ mod tests {
     fn an_honest_rounding_passes_and_a_one_element_change_fails() {
         let o = oracle(vec![1.0, 2.0, 3.0, 4.0], vec![1e-7; 4]);
         let honest = [1.0f32, 2.0, 3.0, 4.0 + 2e-7];
-        let e = measure(Stage::FfnUp, &[2, 2], &honest, &o, Bound::OverRounding(25.0), vec![]);
+        let e = measure(
+            Stage::FfnUp,
+            &[2, 2],
+            &honest,
+            &o,
+            Bound::OverRounding(25.0),
+            vec![],
+        );
         assert!(e.pass, "{e:?}");
         let bad = [1.0f32, 2.0, 3.0, 4.0 + 0.5 * 5.0];
-        let e = measure(Stage::FfnUp, &[2, 2], &bad, &o, Bound::OverRounding(25.0), vec![]);
+        let e = measure(
+            Stage::FfnUp,
+            &[2, 2],
+            &bad,
+            &o,
+            Bound::OverRounding(25.0),
+            vec![],
+        );
         assert!(!e.pass);
         assert_eq!(e.first_row_beyond, Some(1), "the second token row");
     }
@@ -219,11 +242,25 @@ mod tests {
             delta: vec![0.25, -0.25],
         }];
         let side = [1.0f32, 2.0, 3.25, 3.75];
-        let e = measure(Stage::QProj, &[2, 2], &side, &o, Bound::OverRounding(25.0), vec![]);
+        let e = measure(
+            Stage::QProj,
+            &[2, 2],
+            &side,
+            &o,
+            Bound::OverRounding(25.0),
+            vec![],
+        );
         assert!(e.pass, "{e:?}");
         assert_eq!((e.ties, e.ties_taken), (1, 1));
         // A side that did not take it is not moved.
-        let e = measure(Stage::QProj, &[2, 2], &[1.0, 2.0, 3.0, 4.0], &o, Bound::OverRounding(25.0), vec![]);
+        let e = measure(
+            Stage::QProj,
+            &[2, 2],
+            &[1.0, 2.0, 3.0, 4.0],
+            &o,
+            Bound::OverRounding(25.0),
+            vec![],
+        );
         assert_eq!((e.ties, e.ties_taken, e.pass), (1, 0, true));
     }
 
@@ -233,10 +270,24 @@ mod tests {
         let o = oracle(vec![1.0; 8], vec![1e-7; 8]);
         let mut side = [1.0f32; 8];
         side[5] = 2.0;
-        let e = measure(Stage::AttnProbs, &[2, 2, 2], &side, &o, Bound::OverRounding(25.0), vec![]);
+        let e = measure(
+            Stage::AttnProbs,
+            &[2, 2, 2],
+            &side,
+            &o,
+            Bound::OverRounding(25.0),
+            vec![],
+        );
         assert_eq!(e.first_row_beyond, Some(0));
         side[5] = f32::NAN;
-        let e = measure(Stage::AttnProbs, &[2, 2, 2], &side, &o, Bound::OverRounding(25.0), vec![]);
+        let e = measure(
+            Stage::AttnProbs,
+            &[2, 2, 2],
+            &side,
+            &o,
+            Bound::OverRounding(25.0),
+            vec![],
+        );
         assert!(!e.pass && e.over_rounding == f64::MAX);
     }
 }

@@ -245,9 +245,18 @@ impl Policy {
         for (stage, rule) in &self.local.stages {
             let name = stage.name().to_string();
             if !seen.insert(*stage) {
-                return Err(invalid("local.stages", name, "the stage has two rules".into()));
+                return Err(invalid(
+                    "local.stages",
+                    name,
+                    "the stage has two rules".into(),
+                ));
             }
-            bound("local.stages", name, "max_over_rounding", rule.max_over_rounding)?;
+            bound(
+                "local.stages",
+                name,
+                "max_over_rounding",
+                rule.max_over_rounding,
+            )?;
         }
         bound(
             "local",

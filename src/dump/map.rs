@@ -151,10 +151,11 @@ impl DumpMap {
     /// Reads a map file.
     pub fn load(path: &Path) -> Result<DumpMap, MapError> {
         let p = path.display().to_string();
-        let text = crate::input::read_text(path, MAX_MAP_BYTES, "map").map_err(|e| MapError::Map {
-            path: p.clone(),
-            message: e.to_string(),
-        })?;
+        let text =
+            crate::input::read_text(path, MAX_MAP_BYTES, "map").map_err(|e| MapError::Map {
+                path: p.clone(),
+                message: e.to_string(),
+            })?;
         let map: DumpMap = serde_json::from_str(&text).map_err(|e| MapError::Map {
             path: p.clone(),
             message: e.to_string(),
@@ -560,7 +561,10 @@ mod tests {
         assert!(reshape(t.clone(), &[4, -1]).is_err());
         let t = Tensor::new(vec![2, 3, 4], vec![0.; 24]);
         assert_eq!(reshape(t.clone(), &[0, -1]).unwrap().shape, vec![2, 12]);
-        assert_eq!(reshape(t.clone(), &[0, 0, 2, 2]).unwrap().shape, vec![2, 3, 2, 2]);
+        assert_eq!(
+            reshape(t.clone(), &[0, 0, 2, 2]).unwrap().shape,
+            vec![2, 3, 2, 2]
+        );
         assert!(reshape(t, &[0, 0, 0, 0]).is_err(), "no fourth axis to keep");
     }
 

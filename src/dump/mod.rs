@@ -113,10 +113,7 @@ impl Manifest {
                 return Err(if self.steps[..i].iter().any(|p| p.step == s.step) {
                     format!("step {} is listed twice", s.step)
                 } else {
-                    format!(
-                        "the steps are not 0, 1, 2...: entry {i} is step {}",
-                        s.step
-                    )
+                    format!("the steps are not 0, 1, 2...: entry {i} is step {}", s.step)
                 });
             }
             if s.tokens.is_empty() {

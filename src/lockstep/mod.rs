@@ -465,14 +465,16 @@ impl<'c> Session<'c> {
                     }
                 ));
                 let own = match &cand_text {
-                    Some(t) => guarded(|| Ok(candidate.tokenize(t, true, true))).map_err(
-                        |failed| Ended::Candidate {
-                            during: "tokenize",
-                            failed,
-                            step: None,
-                            last: None,
-                        },
-                    )?,
+                    Some(t) => {
+                        guarded(|| Ok(candidate.tokenize(t, true, true))).map_err(|failed| {
+                            Ended::Candidate {
+                                during: "tokenize",
+                                failed,
+                                step: None,
+                                last: None,
+                            }
+                        })?
+                    }
                     None => None,
                 };
                 let mut c = match own {
@@ -548,14 +550,16 @@ impl<'c> Session<'c> {
 
     /// The prefill and the decode steps, each judged as the candidate
     /// produces it.
-    fn steps(&mut self, run: &mut Run, ref_tokens: Vec<u32>, cand_tokens: Vec<u32>) -> Result<(), Ended> {
+    fn steps(
+        &mut self,
+        run: &mut Run,
+        ref_tokens: Vec<u32>,
+        cand_tokens: Vec<u32>,
+    ) -> Result<(), Ended> {
         let cfg = self.cfg;
         let reference = self.reference.as_mut().expect("loaded");
         let candidate = self.candidate.as_mut().expect("loaded");
-        let n_vocab = self
-            .facts
-            .as_ref()
-            .map_or(reference.n_vocab, |f| f.n_vocab);
+        let n_vocab = self.facts.as_ref().map_or(reference.n_vocab, |f| f.n_vocab);
         let n_layer = self.facts.as_ref().map_or(0, |f| f.n_layer);
         let expected = self
             .facts
@@ -576,13 +580,18 @@ impl<'c> Session<'c> {
         let (mut ref_pos, mut cand_pos) = (0usize, 0usize);
         let total_steps = cfg.steps + 1;
         for step in 0..total_steps {
-            if cfg.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+            if cfg
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
                 run.outcome.interrupted = true;
                 break;
             }
             let t = Instant::now();
-            let (ref_logits, mut nodes, mut graph) =
-                reference.decode(&batch, ref_pos).map_err(Ended::Reference)?;
+            let (ref_logits, mut nodes, mut graph) = reference
+                .decode(&batch, ref_pos)
+                .map_err(Ended::Reference)?;
             run.outcome.timings.reference_s += t.elapsed().as_secs_f64();
             rename_nodes(&cfg.rename_reference_nodes, &mut nodes, &mut graph);
             for u in classify_graph(&graph).unknown {

@@ -278,9 +278,10 @@ pub fn compare_dumps(
     // The model: given, or the one the reference dump names if it is still
     // there; its hash must be the one each dump ran.
     let named = PathBuf::from(&manifest.model_path);
-    let model = opts.model.clone().or_else(|| {
-        (!manifest.model_path.is_empty() && named.is_file()).then_some(named)
-    });
+    let model = opts
+        .model
+        .clone()
+        .or_else(|| (!manifest.model_path.is_empty() && named.is_file()).then_some(named));
     let file = match &model {
         Some(p) => {
             let f = Arc::new(GgufFile::open(p)?);
@@ -307,8 +308,9 @@ pub fn compare_dumps(
         None => None,
     };
     let oracle = match &file {
-        Some((f, _)) => Oracle::new(f.clone(), manifest.kv_type == KvType::F16)
-            .map_err(|e| e.to_string()),
+        Some((f, _)) => {
+            Oracle::new(f.clone(), manifest.kv_type == KvType::F16).map_err(|e| e.to_string())
+        }
         None => Err(format!(
             "compare was run without --model and the reference dump's model {:?} is not there",
             manifest.model_path
@@ -398,7 +400,11 @@ fn judge_dumps(
     let mut unmapped = stages.unmapped.clone();
     let mut cand_by_step: Vec<Vec<(StageKey, &Tensor)>> = vec![Vec::new(); cand_steps.len()];
     for ((step, key), t) in &stages.stages {
-        let name = stages.sources.get(&(*step, *key)).cloned().unwrap_or_default();
+        let name = stages
+            .sources
+            .get(&(*step, *key))
+            .cloned()
+            .unwrap_or_default();
         if *step >= cand_steps.len() && *step <= MAX_LISTED_STEP && cand_manifest.is_some() {
             return Err(dump_failed(
                 format!(
@@ -423,7 +429,11 @@ fn judge_dumps(
             "{} tensor(s) of the candidate dump map to no stage of this run: {}{}",
             unmapped.len(),
             shown.join(", "),
-            if unmapped.len() > shown.len() { ", ..." } else { "" }
+            if unmapped.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
         ));
     }
     let expected = facts.expected_stages();
@@ -444,7 +454,9 @@ fn judge_dumps(
     let logits_key = StageKey::new(None, Stage::Logits);
     for (i, next) in cand_steps.iter().enumerate().skip(1) {
         if let Some((_, l)) = cand_by_step[i - 1].iter().find(|(k, _)| *k == logits_key) {
-            if l.shape.last() == Some(&facts.n_vocab) && !fed_is_greedy(l, facts.n_vocab, next.tokens[0]) {
+            if l.shape.last() == Some(&facts.n_vocab)
+                && !fed_is_greedy(l, facts.n_vocab, next.tokens[0])
+            {
                 return Err(dump_failed(
                     format!(
                         "its manifest says step {i} was fed token {}, but its logits of step {} chose another",
@@ -458,7 +470,10 @@ fn judge_dumps(
     }
 
     // The token check.
-    let (ref_tokens, cand_tokens) = (manifest.steps[0].tokens.clone(), cand_steps[0].tokens.clone());
+    let (ref_tokens, cand_tokens) = (
+        manifest.steps[0].tokens.clone(),
+        cand_steps[0].tokens.clone(),
+    );
     let tokenized = manifest.prompt.is_some() || cand_manifest.is_some_and(|m| m.prompt.is_some());
     if tokenized {
         run.outcome.tokens.source = TokenSource::EachSideTokenized;
@@ -483,7 +498,10 @@ fn judge_dumps(
     run.check_tokens(ref_tokens, cand_tokens, bos, &mut pieces);
 
     let oracle_ref = oracle.as_ref().map_err(String::as_str);
-    let cand_oracle = oracle.as_ref().ok().map(|o| o.with_kv(cand_kv == KvType::F16));
+    let cand_oracle = oracle
+        .as_ref()
+        .ok()
+        .map(|o| o.with_kv(cand_kv == KvType::F16));
     let oracle_cand = match &cand_oracle {
         Some(o) => Ok(o),
         None => oracle.as_ref().map_err(String::as_str),

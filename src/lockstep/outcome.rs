@@ -581,22 +581,23 @@ impl StageSummary {
 
     /// Adds one step's judgement of the stage.
     pub(crate) fn add(&mut self, j: &compare::judge::StageJudgement) {
-        let worst = |acc: Option<f64>, l: &Option<Result<compare::local::LocalError, String>>| {
-            match l {
+        let worst =
+            |acc: Option<f64>, l: &Option<Result<compare::local::LocalError, String>>| match l {
                 Some(Ok(e)) if e.recomputed.is_empty() => Some(metrics::finite_or_max(
                     acc.unwrap_or(0.0).max(e.over_rounding),
                 )),
                 _ => acc,
-            }
-        };
+            };
         let ties = |l: &Option<Result<compare::local::LocalError, String>>| match l {
             Some(Ok(e)) => e.ties,
             _ => 0,
         };
         self.steps += 1;
         self.all_pass &= j.pass;
-        self.worst_candidate_over_rounding = worst(self.worst_candidate_over_rounding, &j.candidate);
-        self.worst_reference_over_rounding = worst(self.worst_reference_over_rounding, &j.reference);
+        self.worst_candidate_over_rounding =
+            worst(self.worst_candidate_over_rounding, &j.candidate);
+        self.worst_reference_over_rounding =
+            worst(self.worst_reference_over_rounding, &j.reference);
         self.ties += ties(&j.candidate) + ties(&j.reference);
         self.all_agree &= j.agree;
         match &j.sides {

@@ -123,12 +123,15 @@ impl OracleStage {
     }
 }
 
+/// A block-aligned repacking of an I2_S tensor and its padded row length.
+type Aligned = (Arc<Vec<u8>>, usize);
+
 /// What the oracles of one model share: decoded weights that are costly to
 /// make and the same for every side.
 #[derive(Default)]
 struct Shared {
     /// I2_S tensors whose rows are not whole blocks, repacked block-aligned.
-    aligned: Mutex<HashMap<String, (Arc<Vec<u8>>, usize)>>,
+    aligned: Mutex<HashMap<String, Aligned>>,
     /// The logits matrix's largest |w| per row.
     row_max: OnceLock<Vec<f32>>,
 }
@@ -400,7 +403,11 @@ impl Oracle {
             return (PackedCodes::File(t.codes), t.n_in);
         }
         let key = format!("blk.{l}.{stem}");
-        let mut cache = self.shared.aligned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self
+            .shared
+            .aligned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (bytes, padded) = cache
             .entry(key)
             .or_insert_with(|| ternary::aligned_codes(t))

@@ -157,7 +157,6 @@ impl Dense<'_> {
             })
             .collect()
     }
-
 }
 
 /// The model as the oracle reads it.

@@ -65,7 +65,9 @@ fn quantize(row: &[f32]) -> Codes {
     for (j, &v) in row.iter().enumerate() {
         let exact = f64::from(v) * s; // an f32×f32 product is exact in f64
         let fused = exact.round_ties_even().clamp(-128.0, 127.0);
-        let unfused = f64::from(exact as f32).round_ties_even().clamp(-128.0, 127.0);
+        let unfused = f64::from(exact as f32)
+            .round_ties_even()
+            .clamp(-128.0, 127.0);
         if fused != unfused {
             ties.push((j, (unfused - fused) as i8));
         }
@@ -104,7 +106,8 @@ pub(super) fn aligned_codes(m: &Ternary<'_>) -> (Arc<Vec<u8>>, usize) {
                 } else {
                     1
                 };
-                row[(j / BLOCK) * (BLOCK / 4) + j % (BLOCK / 4)] |= code << (6 - 2 * ((j % BLOCK) / (BLOCK / 4)));
+                row[(j / BLOCK) * (BLOCK / 4) + j % (BLOCK / 4)] |=
+                    code << (6 - 2 * ((j % BLOCK) / (BLOCK / 4)));
             }
         });
     (Arc::new(bytes), padded)

@@ -10,8 +10,9 @@ use crate::candidate::{BuiltinCandidate, CandidateLoader, KvSemantics};
 use crate::compare::Policy;
 use crate::engine::Fault;
 use crate::lockstep::{
-    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Drift, Mode, Outcome, Prompt, RunConfig,
-    RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault, Verdict,
+    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Drift, Mode, Outcome, Prompt,
+    RunConfig, RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault,
+    Verdict,
 };
 use crate::model::{KvType, ModelConfig};
 use crate::oracle::FileFacts;

@@ -198,7 +198,11 @@ fn headline(r: &Receipt) -> String {
 fn divergence_size(d: &Divergence) -> String {
     let blamed = match d.blame.blame {
         Blame::Reference => d.reference_local.as_ref(),
-        _ => d.candidate_local.as_ref().filter(|e| !e.pass).or(d.reference_local.as_ref()),
+        _ => d
+            .candidate_local
+            .as_ref()
+            .filter(|e| !e.pass)
+            .or(d.reference_local.as_ref()),
     };
     match (d.measured, blamed) {
         (Measured::Tokens, _) => "the prompt's token ids differ".into(),
@@ -458,8 +462,13 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
         "measured",
         &esc(&match d.measured {
             Measured::Local => "each side against the f64 oracle on its own inputs".to_string(),
-            Measured::AcrossGap => "each side against the f64 oracle, recomputing the stages it does not emit".to_string(),
-            Measured::SideVsSide => "side against side (the oracle could not recompute the stage)".to_string(),
+            Measured::AcrossGap => {
+                "each side against the f64 oracle, recomputing the stages it does not emit"
+                    .to_string()
+            }
+            Measured::SideVsSide => {
+                "side against side (the oracle could not recompute the stage)".to_string()
+            }
             Measured::Tokens => "the prompt's token ids".to_string(),
         }),
     );
@@ -484,7 +493,10 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
             ("error over rounding", sci(e.over_rounding)),
             ("NMSE vs oracle", sci(e.nmse)),
             ("max |side − oracle|", sci(e.max_abs)),
-            ("tied codes (taken)", format!("{} ({})", e.ties, e.ties_taken)),
+            (
+                "tied codes (taken)",
+                format!("{} ({})", e.ties, e.ties_taken),
+            ),
             ("recomputed stages", e.recomputed.len().to_string()),
             ("within the rule", e.pass.to_string()),
         ]
@@ -513,10 +525,18 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
         let _ = write!(
             s,
             "<table class=\"metrics\"><tr><th>side against side</th><th>{}</th></tr>",
-            if r.run.mode == Mode::Resync { "same inputs (resync)" } else { "drift (each fed itself)" }
+            if r.run.mode == Mode::Resync {
+                "same inputs (resync)"
+            } else {
+                "drift (each fed itself)"
+            }
         );
         for (name, v) in metric_rows(m) {
-            let _ = write!(s, "<tr><td>{name}</td><td class=\"num\">{}</td></tr>", esc(&v));
+            let _ = write!(
+                s,
+                "<tr><td>{name}</td><td class=\"num\">{}</td></tr>",
+                esc(&v)
+            );
         }
         let _ = write!(
             s,
@@ -526,7 +546,9 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
                 d.rule.class,
                 d.rule.atol,
                 d.rule.rtol,
-                d.rule.max_nmse.map_or("-".to_string(), |v| format!("{v:e}")),
+                d.rule
+                    .max_nmse
+                    .map_or("-".to_string(), |v| format!("{v:e}")),
                 d.rule
                     .min_top1_agreement
                     .map_or(String::new(), |t| format!(", min top-1 agreement {t}"))
@@ -733,12 +755,11 @@ fn heatmaps(id: usize, r: &Receipt) -> String {
         let local = step_cells(r, step, false);
         let _ = write!(
             s,
-            r#"<div class="heatmap-pair" data-step="{}"><figure><figcaption>step {} (positions {}..{}){}</figcaption>{}</figure>"#,
+            r#"<div class="heatmap-pair" data-step="{}"><figure><figcaption>step {} (positions {}..{}) · local</figcaption>{}</figure>"#,
             step.step,
             step.step,
             step.pos0,
             step.pos0 + step.n_tokens,
-            " · local",
             Heatmap {
                 n_layer: layers,
                 columns: &cols,
