@@ -37,6 +37,8 @@ pub mod dump;
 #[doc(hidden)]
 pub mod engine;
 pub mod gguf;
+#[doc(hidden)]
+pub mod input;
 pub mod lockstep;
 pub mod model;
 #[doc(hidden)]

@@ -10,8 +10,9 @@ use crate::candidate::{BuiltinCandidate, CandidateLoader, KvSemantics};
 use crate::compare::Policy;
 use crate::engine::Fault;
 use crate::lockstep::{
-    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Mode, Outcome, Prompt, RunConfig,
-    RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault, Verdict,
+    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Drift, Mode, Outcome, Prompt,
+    RunConfig, RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault,
+    Verdict,
 };
 use crate::model::{KvType, ModelConfig};
 use crate::oracle::FileFacts;
@@ -23,7 +24,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// The receipt format's version, written as `schema_version`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// The JSON Schema every receipt validates against.
 pub const SCHEMA: &str = include_str!("../../receipts/schema.json");
 
@@ -66,10 +67,17 @@ pub struct Receipt {
     pub coverage: Coverage,
     /// Hyperparameters the candidate read differently from the file.
     pub config_check: Vec<ConfigMismatch>,
+    /// Free mode and dumps: how far the two runs grew apart (reported, never
+    /// the divergence by itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
     /// The greedy tokens each side chose.
     pub generated: Generated,
     /// F32/F16 weights holding NaN or Inf (the run went on).
     pub weight_warnings: Vec<String>,
+    /// What a reader should know that does not change the verdict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remarks: Vec<String>,
     /// Why bitnet.cpp failed, if it did.
     pub reference_failure: Option<String>,
     /// How the candidate failed, if it did.
@@ -343,12 +351,14 @@ impl Receipt {
             step_results: outcome.steps,
             coverage: outcome.coverage,
             config_check: outcome.config_check,
+            drift: outcome.drift,
             generated: Generated {
                 reference: outcome.generated_reference,
                 candidate: outcome.generated_candidate,
                 disagreements: outcome.token_disagreements,
             },
             weight_warnings: outcome.weight_warnings,
+            remarks: outcome.remarks,
             reference_failure: outcome.reference_failure,
             candidate_failure: outcome.candidate_failure,
             offline: None,
