@@ -748,44 +748,12 @@ fn engine_speed_report() {
     let prefill = t0.elapsed().as_secs_f64();
     let v = e.config().n_vocab;
     let mut next = argmax(&logits[logits.len() - v..]);
-    let n = std::env::var("DIVERGENCE_ENGINE_DECODE").ok().and_then(|t| t.parse().ok()).unwrap_or(16);
-    for (i, c) in divergence::engine::PROF.iter().enumerate() {
-        eprintln!("prefill prof {i}: {:.1} ms", c.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6);
-    }
-    eprintln!("prefill {:.1} ms", prefill * 1e3);
-    for c in divergence::engine::PROF.iter() { c.store(0, std::sync::atomic::Ordering::Relaxed); }
+    let n = 16;
     let t1 = std::time::Instant::now();
     for _ in 0..n {
         next = argmax(&e.forward(&[next], &mut divergence::trace::NoTrace).unwrap());
     }
     let decode = t1.elapsed().as_secs_f64();
-    if let Ok(v) = std::env::var("TUNE0") {
-        let vals: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect();
-        let mut times = vec![Vec::new(); vals.len()];
-        let mut pos = e.n_past();
-        for i in 0..(8 * vals.len() * 12) {
-            let k = (i / 8) % vals.len();
-            divergence::engine::TUNE[std::env::var("TUNEI").map(|v| v.parse().unwrap()).unwrap_or(0)].store(vals[k], std::sync::atomic::Ordering::Relaxed);
-            if e.n_past() + 2 > 200 { e.reset(); e.forward(&prompt[..8], &mut divergence::trace::NoTrace).unwrap(); }
-            let before = divergence::engine::PROF[if std::env::var("TUNEI").is_ok() { 1 } else { 4 }].load(std::sync::atomic::Ordering::Relaxed);
-            let t = std::time::Instant::now();
-            next = argmax(&e.forward(&[next], &mut divergence::trace::NoTrace).unwrap());
-            let total = t.elapsed().as_secs_f64() * 1e3;
-            let lg = (divergence::engine::PROF[if std::env::var("TUNEI").is_ok() { 1 } else { 4 }].load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / 1e6;
-            times[k].push((total, lg));
-            pos += 1;
-        }
-        let _ = pos;
-        for (k, v) in vals.iter().enumerate() {
-            let mut tt: Vec<f64> = times[k].iter().map(|x| x.0).collect();
-            let mut lg: Vec<f64> = times[k].iter().map(|x| x.1).collect();
-            tt.sort_by(f64::total_cmp); lg.sort_by(f64::total_cmp);
-            eprintln!("tune {v}: token median {:.2} ms, logits median {:.2} ms", tt[tt.len() / 2], lg[lg.len() / 2]);
-        }
-    }
-    for (i, c) in divergence::engine::PROF.iter().enumerate() {
-        eprintln!("prof {i}: {:.3} ms/token", c.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6 / n as f64);
-    }
     let gb = e.weight_bytes() as f64 / 1e9;
     eprintln!(
         "kernel {} threads {threads}: prefill {n_prompt} tok {:.2} tok/s; decode {:.2} tok/s, {:.3} GB/token, {:.1} GB/s",

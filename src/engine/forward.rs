@@ -85,9 +85,7 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         }
         let mut out = cx.rms_norm(&x, e, cx.eps(), &weights.output_norm);
         sink.stage(None, Stage::ResultNorm, &[t, e], &mut out);
-        let tl = std::time::Instant::now();
         let mut logits = cx.logits(&weights.output, &out);
-        super::prof_add(4, tl);
         sink.stage(None, Stage::Logits, &[t, config.n_vocab], &mut logits);
         logits
     })
@@ -263,12 +261,6 @@ impl<'a> Compute<'a, '_> {
     /// code whatever the thread count. Results are [T, n_out] per matrix.
     /// (With several tokens the matrices go one at a time, see below.)
     fn linear_many<const N: usize>(&self, ms: [&'a I2sMatrix; N], x: &ActCodes) -> [Vec<f32>; N] {
-        let t0 = std::time::Instant::now();
-        let r = self.linear_many_(ms, x);
-        super::prof_add(0, t0);
-        r
-    }
-    fn linear_many_<const N: usize>(&self, ms: [&'a I2sMatrix; N], x: &ActCodes) -> [Vec<f32>; N] {
         let (q, acts) = (x.q.clone(), x.acts.clone());
         let t = acts.len();
         if N > 1 && t > 1 {
@@ -291,7 +283,6 @@ impl<'a> Compute<'a, '_> {
         let parts = self
             .team
             .map_parts(total, ROW_ALIGN, CHUNKS_PER_MEMBER, move |rows| {
-                let t1 = std::time::Instant::now();
                 let mut sums = vec![0i32; rows.len() * t];
                 let mut y = Vec::with_capacity(rows.len() * t);
                 let mut base = 0; // first row of the current matrix in `total`
@@ -305,7 +296,6 @@ impl<'a> Compute<'a, '_> {
                     }
                     base += n_out;
                 }
-                super::prof_add(1, t1);
                 if t == 1 {
                     return y;
                 }
@@ -318,7 +308,6 @@ impl<'a> Compute<'a, '_> {
                 }
                 by_token
             });
-        let t2 = std::time::Instant::now();
         // Copy each range's token rows into [T, n_out] per matrix, in
         // pieces, one per matrix the range covers.
         let mut ys: [Vec<f32>; N] = std::array::from_fn(|i| vec![0f32; t * ms[i].n_out]);
@@ -335,7 +324,6 @@ impl<'a> Compute<'a, '_> {
                 }
             }
         }
-        super::prof_add(2, t2);
         ys
     }
 
@@ -344,12 +332,6 @@ impl<'a> Compute<'a, '_> {
     /// to whole 128-value blocks (the kernels' row length, see
     /// [`I2sMatrix::row_len`]); scale and sum cover the `n` real values.
     fn quantize(&self, x: &[f32], n: usize) -> ActCodes {
-        let t0 = std::time::Instant::now();
-        let r = self.quantize_(x, n);
-        super::prof_add(3, t0);
-        r
-    }
-    fn quantize_(&self, x: &[f32], n: usize) -> ActCodes {
         let (variant, kernel) = (self.act_variant(), self.kernel);
         let t = x.len() / n;
         let width = n.next_multiple_of(BLOCK);
@@ -598,13 +580,11 @@ impl<'a> Compute<'a, '_> {
             if t == 1 {
                 return out_t; // one block: already [1, V]
             }
-            let tt = std::time::Instant::now();
             for (r, o) in out_t.chunks_exact(t).enumerate() {
                 for (ti, &val) in o.iter().enumerate() {
                     y[ti * v + b0 + r] = val;
                 }
             }
-            super::prof_add(5, tt);
         }
         y
     }

@@ -26,12 +26,6 @@ pub mod weights;
 pub use crate::model::{Arch, KvType, ModelConfig};
 pub use faults::{Fault, FaultSet};
 
-pub static TUNE: [std::sync::atomic::AtomicUsize; 4] = [const { std::sync::atomic::AtomicUsize::new(0) }; 4];
-/// TEMP profiling counters (ns).
-pub static PROF: [std::sync::atomic::AtomicU64; 8] = [const { std::sync::atomic::AtomicU64::new(0) }; 8];
-pub fn prof_add(i: usize, t: std::time::Instant) {
-    PROF[i].fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-}
 pub use kernels::Kernel;
 
 use crate::gguf::{GgufError, GgufFile};

@@ -184,7 +184,9 @@ pub fn matmul(
             let mut r = r0;
             while r + PREFILL_ROWS <= r1 {
                 // SAFETY: as above: whole rows and whole tokens.
-                unsafe { prefill_tile::<PREFILL_ROWS>(r, t, tt, &row, &tok, nb, flush, out, first, n_tok) };
+                unsafe {
+                    prefill_tile::<PREFILL_ROWS>(r, t, tt, &row, &tok, nb, flush, out, first, n_tok)
+                };
                 r += PREFILL_ROWS;
             }
             for r in r..r1 {
@@ -396,15 +398,25 @@ pub unsafe fn dot_f16_rows_one_token(rows: &[u8], x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Rows per block of [`dot_f16_rows_tiled`]: their F16 values stay in L2
-/// while every token pair passes over them.
-const F16_ROW_BLOCK: usize = 64;
+/// Rows converted per block of [`dot_f16_rows_tiled`] (160 KB of f32 at
+/// the 2B-4T width: they stay in L2 while every token tile passes).
+const F16_ROW_BLOCK: usize = 16;
+
+/// Tokens per tile of [`dot_f16_rows_tiled`] (two rows by four tokens:
+/// eight accumulators, two weight registers, one activation, one product).
+const F16_TILE_TOKENS: usize = 6;
 
 /// [`dot_f16`] of consecutive rows of `n` values with every token of `xs`
 /// ([T, n]), for `n` a multiple of 64: `out[r * T + t]`, the same bits.
-/// Tiles of two rows by two tokens ([`dot_f16_tile`]) over blocks of rows,
-/// so each converted row slice serves two tokens and each activation load
-/// two rows, all from L1/L2 (prefill logits).
+///
+/// The specification's 64 lanes are eight independent groups of eight
+/// (register g holds lanes 8g..8g+8). Activations are rearranged once per
+/// call and rows once per block of [`F16_ROW_BLOCK`] (converted to f32)
+/// so that group g of a row or token is one contiguous run: a tile of two
+/// rows by four tokens then accumulates one group at a time from streams
+/// the caches serve whole (an element's lane is its index mod 64 and the
+/// order along a lane is the row order, so the sums are the
+/// specification's, bit for bit).
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C; `n` is a positive multiple of 64,
@@ -412,80 +424,93 @@ const F16_ROW_BLOCK: usize = 64;
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn dot_f16_rows_tiled(n: usize, rows: &[u8], xs: &[f32], out: &mut [f32]) {
     let (n_rows, n_tok) = (rows.len() / (2 * n), xs.len() / n);
-    let row = |r: usize| rows.as_ptr().add(2 * n * r);
-    let x = |t: usize| xs.as_ptr().add(n * t);
+    let chunks = n / DENSE_LANES;
+    // Group-major: element 64c + 8g + j of a vector goes to (g * chunks + c) * 8 + j.
+    let mut xg = vec![0f32; n_tok * n];
+    for (x, dst) in xs.chunks_exact(n).zip(xg.chunks_exact_mut(n)) {
+        for (c, x) in x.chunks_exact(DENSE_LANES).enumerate() {
+            for g in 0..8 {
+                dst[(g * chunks + c) * 8..][..8].copy_from_slice(&x[8 * g..8 * g + 8]);
+            }
+        }
+    }
+    let mut wg = vec![0f32; F16_ROW_BLOCK * n];
+    let mut sums = [[[_mm256_setzero_ps(); 8]; F16_TILE_TOKENS]; F16_ROW_BLOCK];
     let mut r0 = 0;
     while r0 < n_rows {
-        let r1 = (r0 + F16_ROW_BLOCK).min(n_rows);
-        let mut t = 0;
-        while t < n_tok {
-            let tt = 2.min(n_tok - t);
-            let mut r = r0;
-            while r < r1 {
-                let rr = 2.min(r1 - r);
-                let s = dot_f16_tile([row(r), row(r + rr - 1)], [x(t), x(t + tt - 1)], n);
-                for i in 0..rr {
-                    for k in 0..tt {
-                        out[(r + i) * n_tok + t + k] = s[i][k];
-                    }
+        let rb = F16_ROW_BLOCK.min(n_rows - r0);
+        let block = &rows[2 * n * r0..2 * n * (r0 + rb)];
+        for (row, dst) in block.chunks_exact(2 * n).zip(wg.chunks_exact_mut(n)) {
+            for (c, row) in row.chunks_exact(2 * DENSE_LANES).enumerate() {
+                for g in 0..8 {
+                    let h = _mm_loadu_si128(row[16 * g..16 * g + 16].as_ptr() as *const __m128i);
+                    let d = &mut dst[(g * chunks + c) * 8..][..8];
+                    _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
                 }
-                r += rr;
             }
-            t += tt;
         }
-        r0 = r1;
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let tt = F16_TILE_TOKENS.min(n_tok - t0);
+            let group = 8 * chunks; // values of one lane group of a row or token
+            for g in 0..8 {
+                // A short tile repeats its last token or row (computed twice, kept once).
+                let mut x = [xg.as_ptr(); F16_TILE_TOKENS];
+                for (k, x) in x.iter_mut().enumerate() {
+                    *x = xg[(t0 + k.min(tt - 1)) * n + g * group..][..group].as_ptr();
+                }
+                let mut r = 0;
+                while r < rb {
+                    let r1 = (r + 1).min(rb - 1);
+                    let w = [
+                        wg[r * n + g * group..][..group].as_ptr(),
+                        wg[r1 * n + g * group..][..group].as_ptr(),
+                    ];
+                    let acc = f16_group_tile(w, x, chunks);
+                    for i in 0..2.min(rb - r) {
+                        for k in 0..F16_TILE_TOKENS {
+                            sums[r + i][k][g] = acc[i][k];
+                        }
+                    }
+                    r += 2;
+                }
+            }
+            for (r, sums) in sums.iter().enumerate().take(rb) {
+                for (k, &lanes) in sums.iter().enumerate().take(tt) {
+                    out[(r0 + r) * n_tok + t0 + k] = fold64(lanes);
+                }
+            }
+            t0 += tt;
+        }
+        r0 += rb;
     }
 }
 
-/// [`super::scalar::dot_f16`] of two rows with two tokens each, rows a
-/// multiple of 64 values long: `out[r][t]`. The specification's lanes are
-/// independent, so its eight registers are accumulated two at a time, each
-/// pair in its own pass over the row (eight accumulators: two rows, two
-/// tokens, two registers); the same lanes in the same order: the same bits.
+/// One lane group of two rows with four tokens: `acc[r][t] += w[r] * x[t]`
+/// (a separate multiply and add, as the specification) along `chunks`
+/// runs of eight lanes.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C; every row is `2 * n` readable bytes
-/// and every token `n` readable values, `n` a multiple of 64.
+/// The CPU must support AVX2; every pointer is readable for `8 * chunks` values.
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
-#[allow(clippy::needless_range_loop)] // r, t and g index registers together
-unsafe fn dot_f16_tile(rows: [*const u8; 2], xs: [*const f32; 2], n: usize) -> [[f32; 2]; 2] {
-    let mut regs = [[[_mm256_setzero_ps(); 8]; 2]; 2];
-    for pass in 0..4 {
-        let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; 2];
-        let mut i = 16 * pass;
-        while i < n {
-            let mut w = [[_mm256_setzero_ps(); 2]; 2];
-            for r in 0..2 {
-                for g in 0..2 {
-                    let h = _mm_loadu_si128(rows[r].add(2 * (i + 8 * g)) as *const __m128i);
-                    w[r][g] = _mm256_cvtph_ps(h);
-                }
-            }
-            for t in 0..2 {
-                for g in 0..2 {
-                    let xv = _mm256_loadu_ps(xs[t].add(i + 8 * g));
-                    for r in 0..2 {
-                        acc[r][t][g] = _mm256_add_ps(acc[r][t][g], _mm256_mul_ps(w[r][g], xv));
-                    }
-                }
-            }
-            i += DENSE_LANES;
-        }
-        for r in 0..2 {
-            for t in 0..2 {
-                regs[r][t][2 * pass] = acc[r][t][0];
-                regs[r][t][2 * pass + 1] = acc[r][t][1];
-            }
+#[target_feature(enable = "avx2")]
+#[allow(clippy::needless_range_loop)] // t indexes tokens and accumulators together
+unsafe fn f16_group_tile(
+    w: [*const f32; 2],
+    x: [*const f32; F16_TILE_TOKENS],
+    chunks: usize,
+) -> [[__m256; F16_TILE_TOKENS]; 2] {
+    let mut acc = [[_mm256_setzero_ps(); F16_TILE_TOKENS]; 2];
+    for c in 0..chunks {
+        let w0 = _mm256_loadu_ps(w[0].add(8 * c));
+        let w1 = _mm256_loadu_ps(w[1].add(8 * c));
+        for t in 0..F16_TILE_TOKENS {
+            let xv = _mm256_loadu_ps(x[t].add(8 * c));
+            acc[0][t] = _mm256_add_ps(acc[0][t], _mm256_mul_ps(w0, xv));
+            acc[1][t] = _mm256_add_ps(acc[1][t], _mm256_mul_ps(w1, xv));
         }
     }
-    let mut out = [[0f32; 2]; 2];
-    for r in 0..2 {
-        for t in 0..2 {
-            out[r][t] = fold64(regs[r][t]);
-        }
-    }
-    out
+    acc
 }
 
 /// An element type of the KV cache, as the attention kernels read it.

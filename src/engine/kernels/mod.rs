@@ -2,9 +2,7 @@
 //! every other file is one instruction set, tested bit for bit against it.
 
 use crate::engine::kv_cache::{KvHead, KvRow};
-use crate::quant::act::{
-    act_scale, act_scale_of_max, quantize_row_i8_s, ActQuantVariant, ActRow,
-};
+use crate::quant::act::{act_scale, act_scale_of_max, quantize_row_i8_s, ActQuantVariant, ActRow};
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
