@@ -5,10 +5,12 @@
 use super::find::{parse_fault, parse_kv};
 use super::{CliResult, Failure};
 use anyhow::anyhow;
+use divergence::dump::map::DumpMap;
 use divergence::engine::Fault;
+use divergence::external::CandidateCommand;
 use divergence::lockstep::Mode;
 use divergence::report::html::{layer_name, pct, sci};
-use divergence::sweep::{self, Shard, Sweep, SweepError, SweepRequest};
+use divergence::sweep::{self, Shard, Sweep, SweepError, SweepExternal, SweepRequest};
 use divergence::KvType;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -52,6 +54,21 @@ pub struct SweepArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Run the candidate as this command for every prompt (see `find
+    /// --candidate-cmd`): it writes a dump to {out}; placeholders {model}
+    /// {tokens} {steps} {kv} {threads} {prompt}. Runs are free.
+    #[arg(long, conflicts_with = "inject")]
+    candidate_cmd: Option<String>,
+    /// Seconds each --candidate-cmd run may take before it is killed.
+    #[arg(long, default_value_t = divergence::external::DEFAULT_TIMEOUT.as_secs(), requires = "candidate_cmd")]
+    candidate_timeout: u64,
+    /// How the --candidate-cmd's dump names map onto canonical stages.
+    #[arg(long, requires = "candidate_cmd")]
+    map: Option<PathBuf>,
+    /// Where --candidate-cmd keeps each prompt's dumps (default:
+    /// `<out>.dumps/`).
+    #[arg(long, requires = "candidate_cmd")]
+    dumps: Option<PathBuf>,
     /// Test-only: inject a candidate fault (the bug zoo).
     #[arg(long = "inject", hide = true, value_parser = parse_fault)]
     inject: Vec<Fault>,
@@ -81,17 +98,42 @@ pub fn sweep(args: SweepArgs) -> CliResult {
     if args.threads == 0 || args.threads > 256 {
         return Err(anyhow!("--threads must be between 1 and 256").into());
     }
+    let external = match &args.candidate_cmd {
+        Some(template) => Some(SweepExternal {
+            command: CandidateCommand::parse(
+                template,
+                std::time::Duration::from_secs(args.candidate_timeout),
+            )
+            .map_err(|e| anyhow!(e))?,
+            map: match &args.map {
+                Some(p) => Some(DumpMap::load(p)?),
+                None => None,
+            },
+            dumps_dir: args.dumps.clone().unwrap_or_else(|| {
+                let mut d = args.out.clone().into_os_string();
+                d.push(".dumps");
+                PathBuf::from(d)
+            }),
+        }),
+        None => None,
+    };
     let req = SweepRequest {
         model: args.model,
         prompts: args.prompts,
         steps: args.steps,
-        mode: args.mode,
+        // An external engine's dumps are free runs.
+        mode: if external.is_some() {
+            Mode::Free
+        } else {
+            args.mode
+        },
         threads: args.threads,
         kv_type: args.kv,
         policy_path: args.policy,
         faults: args.inject,
         shard: args.shard,
         receipts_dir: args.receipts,
+        external,
     };
     let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
