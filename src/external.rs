@@ -395,6 +395,7 @@ pub fn judge(
     };
     let mut options = run.options.clone();
     options.model = Some(run.model.clone());
+    options.worker_exe = Some(worker_exe.to_path_buf());
     let compared = compare_dumps(&reference, &candidate, &options)?;
     Ok(ExternalOutcome {
         compared,

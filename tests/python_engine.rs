@@ -393,9 +393,16 @@ fn find_runs_an_external_engine_as_a_command() {
     assert_eq!((code, r.verdict), (5, Verdict::CandidateFailed), "{log}");
     assert!(log.contains("timed out"), "{log}");
 
-    // Exits 0 without writing its dump.
+    // Exits 0 without writing its dump, or writing garbage.
     let (code, _, log) = find_cmd(&model, dir.path(), "true {out}", &[]);
     assert_eq!(code, 5, "{log}");
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        "sh -c 'head -c 5000 /dev/urandom > \"$0\"' {out}",
+        &[],
+    );
+    assert_eq!((code, r.verdict), (5, Verdict::CandidateFailed), "{log}");
 
     // A template that cannot be a command is bad input, before anything runs.
     let out = Command::new(env!("CARGO_BIN_EXE_divergence"))
@@ -485,4 +492,47 @@ fn a_sweep_runs_an_external_engine_on_every_prompt_and_merges() {
     );
     let m = divergence::sweep::Sweep::read(&merged).unwrap();
     assert_eq!(m.identity(), sw.identity());
+}
+
+#[test]
+fn a_black_box_running_bitnet_with_squared_relu_is_caught_at_its_first_wrong_token() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    let cfg = SynthConfig {
+        arch: "bitnet".into(),
+        seed: 1,
+        ..SynthConfig::preset(Preset::Tiny)
+    };
+    write_model(&cfg, &model).unwrap();
+    // Tokens only, the model's own activation: clean.
+    let (code, r, log) = find_cmd(&model, dir.path(), &numpy_cmd("--stages none"), &[]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(r.coverage.scope.as_ref().unwrap().granularity, "tokens");
+    // Squared ReLU where arch bitnet is SiLU-gated: the first token it gets
+    // wrong is the divergence, with the reference's rank, gap and probability.
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        &numpy_cmd("--stages none --ffn-act relu2"),
+        &[],
+    );
+    assert_eq!(code, 1, "{log}");
+    let d = r.first_divergence.as_ref().unwrap();
+    assert_eq!(d.measured, Measured::Choice);
+    assert_eq!(d.blame.blame, Blame::Candidate);
+    let first_wrong = r
+        .generated
+        .reference
+        .iter()
+        .zip(&r.generated.candidate)
+        .position(|(a, b)| a != b)
+        .expect("a wrong token");
+    assert_eq!(d.step, first_wrong, "{log}");
+    for figure in ["ranks it", "below the top-1 logit", "probability"] {
+        assert!(d.blame.reason.contains(figure), "{}", d.blame.reason);
+    }
+    assert!(log.contains("tokens only"), "{log}");
 }

@@ -172,6 +172,7 @@ pub fn compare(args: CompareArgs) -> CliResult {
         policy: policy.clone(),
         keep_going: args.keep_going,
         model: args.model.clone(),
+        worker_exe: divergence::reference::worker::default_exe().ok(),
     };
     let compared = compare_dumps(&reference, &candidate, &opts)?;
     let m = reference

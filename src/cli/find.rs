@@ -278,6 +278,7 @@ pub fn external(
             policy: policy.clone(),
             keep_going: record.keep_going,
             model: None,
+            worker_exe: None,
         },
         dir,
     };
@@ -506,6 +507,7 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                     Measured::AcrossGap => "local error across the stages it does not emit",
                     Measured::SideVsSide => "side against side: the oracle could not judge",
                     Measured::Tokens => "tokens",
+                    Measured::Choice => "a chosen token under the reference's logits",
                 }
             );
             if let Some(shape) = d.metrics.as_ref().and_then(|m| m.candidate_shape.as_ref()) {

@@ -498,6 +498,7 @@ fn external_prompt(
             policy: policy.clone(),
             keep_going: true,
             model: None,
+            worker_exe: Some(worker_exe.to_path_buf()),
         },
         dir,
     };
