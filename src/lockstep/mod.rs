@@ -276,6 +276,12 @@ impl<'c> Session<'c> {
                 .notes
                 .push(format!("{e}: blame will be undetermined"));
         }
+        if let Some(w) = facts
+            .as_ref()
+            .and_then(|f| f.relu2_trained_as_bitnet(file.get_str("general.name").ok()))
+        {
+            base.remarks.push(w);
+        }
         let mut session = Session {
             cfg,
             loader,
