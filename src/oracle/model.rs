@@ -158,8 +158,19 @@ impl Dense<'_> {
         let width = if self.f16 { 2 } else { 4 };
         let bytes = &self.data[r * self.n_in * width..(r + 1) * self.n_in * width];
         if self.f16 {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f64::from(half::f16::from_le_bytes([b[0], b[1]]));
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            // The slice conversion uses F16C where the CPU has it: the
+            // logits matrix is 328 M values on the 2B-4T shape, read once
+            // per step and side.
+            match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+                Ok(bits) => bits
+                    .reinterpret_cast::<half::f16>()
+                    .convert_to_f64_slice(&mut out[..self.n_in]),
+                Err(_) => {
+                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = f64::from(half::f16::from_le_bytes([b[0], b[1]]));
+                    }
+                }
             }
         } else {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
