@@ -37,11 +37,13 @@ pub mod dump;
 #[doc(hidden)]
 pub mod engine;
 pub mod gguf;
+pub mod infile;
 pub mod lockstep;
 pub mod model;
 #[doc(hidden)]
 pub mod oracle;
-mod outfile;
+#[doc(hidden)]
+pub mod outfile;
 #[doc(hidden)]
 pub mod quant;
 pub mod receipt;

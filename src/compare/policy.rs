@@ -107,10 +107,13 @@ impl Policy {
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let text =
+            crate::infile::read_text(path, crate::infile::Limit::POLICY).map_err(|source| {
+                PolicyError::Io {
+                    path: p.clone(),
+                    source,
+                }
+            })?;
         Self::parse(&text, &p)
     }
 

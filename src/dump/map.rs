@@ -119,11 +119,19 @@ impl DumpMap {
     /// Reads a map file.
     pub fn load(path: &Path) -> Result<DumpMap, MapError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| MapError::Map {
-            path: p.clone(),
-            message: e.to_string(),
+        let text = crate::infile::read_text(path, crate::infile::Limit::MAP).map_err(|e| {
+            MapError::Map {
+                path: p.clone(),
+                message: e.to_string(),
+            }
         })?;
-        let map: DumpMap = serde_json::from_str(&text).map_err(|e| MapError::Map {
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and checks a map's JSON text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<DumpMap, MapError> {
+        let p = path.to_string();
+        let map: DumpMap = serde_json::from_str(text).map_err(|e| MapError::Map {
             path: p.clone(),
             message: e.to_string(),
         })?;
@@ -250,11 +258,17 @@ fn transpose(t: &Tensor, axes: &[usize]) -> Result<Tensor, String> {
 
 fn reshape(t: Tensor, dims: &[i64]) -> Result<Tensor, String> {
     let n = t.data.len();
-    let known: i64 = dims.iter().filter(|&&d| d != -1).product();
     let inferred = dims.iter().filter(|&&d| d == -1).count();
-    if inferred > 1 || dims.iter().any(|&d| d < -1 || d == 0) || known <= 0 {
+    if inferred > 1 || dims.iter().any(|&d| d < -1 || d == 0) {
         return Err(format!("reshape {dims:?} is not a shape"));
     }
+    // Checked: a map file can state any sizes.
+    let known = dims
+        .iter()
+        .filter(|&&d| d != -1)
+        .try_fold(1i64, |a, &d| a.checked_mul(d))
+        .filter(|&k| k > 0 && k as u64 <= n as u64)
+        .ok_or_else(|| format!("reshape {dims:?} holds more than the tensor's {n} values"))?;
     let shape: Vec<usize> = dims
         .iter()
         .map(|&d| {
@@ -265,7 +279,7 @@ fn reshape(t: Tensor, dims: &[i64]) -> Result<Tensor, String> {
             }
         })
         .collect();
-    if shape.iter().product::<usize>() != n {
+    if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(n) {
         return Err(format!(
             "reshape {dims:?} does not hold the {n} values of shape {:?}",
             t.shape

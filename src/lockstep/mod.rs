@@ -229,7 +229,14 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
             file_facts: facts.clone(),
             model_file_size: file.file_size(),
             recipe: crate::synth::recipe_of(&file),
-            ..Outcome::starting(TokenCheck::ids_given(vec![]))
+            ..Outcome::starting(TokenCheck {
+                // A text prompt has no ids until both sides tokenized it.
+                source: match &cfg.prompt {
+                    Prompt::Text(_) => TokenSource::NotTokenized,
+                    Prompt::Tokens(_) => TokenSource::IdsGiven,
+                },
+                ..TokenCheck::ids_given(vec![])
+            })
         },
         t_total,
     };
@@ -313,10 +320,14 @@ pub fn run(cfg: &RunConfig, loader: &dyn CandidateLoader) -> Result<Outcome, Run
                 };
                 let c = match guarded(|| Ok(local.chat_prompt(&messages))) {
                     Ok(Some(Ok(c))) => Some(c),
+                    // The reference formatted it: the candidate's failure, with a receipt.
                     Ok(Some(Err(e))) => {
-                        return Err(RunError::Input(format!(
-                            "--chat: the candidate cannot format the chat prompt: {e}"
-                        )))
+                        return Ok(run.candidate_failed(
+                            "chat_prompt",
+                            Failed::Error(e),
+                            None,
+                            None,
+                        ))
                     }
                     Ok(None) => None,
                     Err(f) => return Ok(run.candidate_failed("chat_prompt", f, None, None)),

@@ -371,8 +371,8 @@ impl Receipt {
 
     /// Reads and parses a receipt file.
     pub fn read(path: &Path) -> Result<Receipt, ReceiptError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
+        let text = crate::infile::read_text(path, crate::infile::Limit::RECEIPT)
+            .map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
         Self::parse(&text).map_err(|e| ReceiptError::Parse(path.to_path_buf(), e))
     }
 
@@ -596,7 +596,9 @@ fn hash_cache_dir() -> Option<PathBuf> {
 /// repeated `find` on a 1.2 GB model then skips most of a second of hashing.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
+    // A FIFO or a device (`/dev/zero`) would be read forever.
+    let file = crate::infile::open_regular(path)?;
+    let meta = file.metadata()?;
     let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
     let key = CachedHash {
         dev: meta.dev(),
@@ -622,7 +624,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
             return Ok(hit.sha256);
         }
     }
-    let sha256 = sha256_of_contents(path)?;
+    let sha256 = sha256_of_contents(file)?;
     if let Some(slot) = slot {
         // A cache that cannot be written only costs the next run the hashing.
         let entry = CachedHash {
@@ -641,9 +643,8 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// sha256 of a file's bytes, hex, read in 1 MiB blocks.
-fn sha256_of_contents(path: &Path) -> std::io::Result<String> {
+fn sha256_of_contents(mut f: std::fs::File) -> std::io::Result<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

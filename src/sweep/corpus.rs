@@ -63,7 +63,8 @@ struct JsonLine {
 impl Corpus {
     /// Reads `path` (see the module docs for the two forms).
     pub fn read(path: &Path) -> Result<Corpus, CorpusError> {
-        let bytes = std::fs::read(path).map_err(|e| CorpusError::Io(path.to_path_buf(), e))?;
+        let bytes = crate::infile::read_bytes(path, crate::infile::Limit::CORPUS)
+            .map_err(|e| CorpusError::Io(path.to_path_buf(), e))?;
         let text = String::from_utf8(bytes.clone()).map_err(|e| {
             let line = bytes[..e.utf8_error().valid_up_to()]
                 .iter()
