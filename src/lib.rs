@@ -37,7 +37,8 @@ pub mod dump;
 #[doc(hidden)]
 pub mod engine;
 pub mod gguf;
-pub mod infile;
+#[doc(hidden)]
+pub mod input;
 pub mod lockstep;
 pub mod model;
 #[doc(hidden)]

@@ -216,6 +216,17 @@ fn free_run_32_steps_top1_agrees_at_every_position() {
         Verdict::NoDivergence,
         "{:?}",
         r.first_divergence
-            .map(|d| (d.step, d.stage, d.metrics.logits))
+            .map(|d| (d.step, d.stage, d.blame.reason))
     );
+    // The free-run logits rule (drift, reported) holds at every step.
+    let logits: Vec<_> = r
+        .step_results
+        .iter()
+        .flat_map(|s| s.stages.iter().map(move |x| (s.step, x)))
+        .filter(|(_, x)| x.stage == divergence::trace::Stage::Logits)
+        .collect();
+    assert_eq!(logits.len(), 33);
+    for (step, x) in logits {
+        assert!(x.agree, "step {step}: the logits' top-1 disagree somewhere");
+    }
 }

@@ -59,7 +59,7 @@ fn the_plain_engine_is_clean_in_resync_on_tiny_and_small() {
                 Verdict::NoDivergence,
                 "{preset} {arch} {kv:?}: {:?}",
                 o.first_divergence
-                    .map(|d| (d.step, d.layer, d.stage, d.metrics.nmse))
+                    .map(|d| (d.step, d.layer, d.stage, d.nmse()))
             );
             // Bit-exact wherever the policy says exact.
             for s in &o.summary {

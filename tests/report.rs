@@ -226,14 +226,20 @@ fn check_heatmaps(dom_section: &str, r: &Receipt) {
             step.to_string(),
         )
     };
-    for kind in ["local", "propagated"] {
+    for kind in ["local", "sides"] {
         let mut want: Vec<_> = r
             .step_results
             .iter()
             .flat_map(|st| {
                 st.stages
                     .iter()
-                    .filter(|x| kind == "local" || x.propagated_nmse.is_some())
+                    .filter(|x| {
+                        if kind == "local" {
+                            x.candidate_local_nmse.or(x.reference_local_nmse).is_some()
+                        } else {
+                            x.nmse.is_some()
+                        }
+                    })
                     .map(|x| key(x.layer, x.stage.name(), st.step))
             })
             .collect();
@@ -252,17 +258,25 @@ fn check_heatmaps(dom_section: &str, r: &Receipt) {
         got.sort();
         assert_eq!(got, want, "{kind} cells");
     }
-    let exact_want = r
-        .step_results
-        .iter()
-        .flat_map(|s| &s.stages)
-        .filter(|x| x.exact)
+    // A local cell is exact where the side equals the oracle's value; a
+    // side-against-side cell where the two sides are bit-identical.
+    let stages = || r.step_results.iter().flat_map(|s| &s.stages);
+    let exact_got = |kind: &str| {
+        cells
+            .iter()
+            .filter(|t| t.get("data-kind") == kind && t.has_class("exact"))
+            .count()
+    };
+    let local_exact = stages()
+        .filter(|x| x.candidate_local_nmse.or(x.reference_local_nmse) == Some(0.0))
         .count();
-    let exact_got = cells
-        .iter()
-        .filter(|t| t.get("data-kind") == "local" && t.has_class("exact"))
-        .count();
-    assert_eq!(exact_got, exact_want, "exact cells");
+    assert_eq!(exact_got("local"), local_exact, "exact local cells");
+    let sides_exact = stages().filter(|x| x.exact && x.nmse.is_some()).count();
+    assert_eq!(
+        exact_got("sides"),
+        sides_exact,
+        "exact side-against-side cells"
+    );
     let marked: Vec<&&Tag> = cells.iter().filter(|t| t.has_class("divergence")).collect();
     match &r.first_divergence {
         Some(d) => {
@@ -338,10 +352,10 @@ fn find_and_zoo_receipts_render_in_chromium() {
     assert_eq!(
         tags(&dom, "svg")
             .iter()
-            .filter(|t| t.get("data-kind") == "propagated")
+            .filter(|t| t.get("data-kind") == "sides")
             .count(),
         r.step_results.len(),
-        "free mode: a propagated heatmap beside each step's local one"
+        "free mode: a drift heatmap beside each step's local one"
     );
     screenshot(&browser, &html, "find-free-o-proj-previous-layer");
 

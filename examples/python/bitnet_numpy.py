@@ -12,8 +12,20 @@ layouts of docs/candidate-api.md), then
 
 It reads the GGUF and the I2_S tensors with its own code (the PyPI `gguf`
 reader does not know type 36) and needs only numpy and safetensors.
-`--bug rope-pairs` plants a bug (RoPE on adjacent pairs instead of NEOX
-halves) that compare must find at q_rope of layer 0.
+
+Planted bugs (`--bug`), each of which `compare` must find at its stage:
+  rope-pairs     RoPE on adjacent pairs instead of NEOX halves (q_rope)
+  eps-hardcoded  RMSNorm eps 1e-6 whatever the file says (attn_norm; NMSE ~1e-9)
+  act-scale128   activation scale 128/absmax instead of 127 (q_proj; NMSE ~1e-4)
+`--bug-layer L` plants it in layer L only.
+
+Honest variants that must stay clean: `--rope-style hf` computes RoPE as
+Hugging Face does (inverse frequencies by pow, angle = pos * inv_freq in
+f32, no FMA) instead of mirroring ggml.
+
+What it emits: `--stages l_out,result_norm,logits` writes only those stages
+(and declares them in the manifest), `--last-logits` only the last position's
+logits row, `--stages none` only the tokens (a black-box engine).
 """
 
 import argparse
@@ -121,11 +133,11 @@ def rms_norm(x, w, eps):
     return ((x * scale) * w).astype(np.float32)
 
 
-def linear(w, w_scale, x, extra=None):
+def linear(w, w_scale, x, extra=None, numerator=127.0):
     """bitnet.cpp's I2_S product: int8 codes of each row (exact product,
     ties to even), an integer dot, then (Σ) / act_scale * w_scale in f32."""
     mx = np.maximum(np.abs(x.astype(np.float64)).max(axis=-1, keepdims=True), 1e-5)
-    s = (127.0 / mx).astype(np.float32)
+    s = (numerator / mx).astype(np.float32)
     q = np.clip(np.rint(x.astype(np.float64) * s.astype(np.float64)), -128, 127).astype(np.int64)
     acc = q @ w.T.astype(np.int64)  # exact
     y = (acc.astype(np.float32) / s) * w_scale
@@ -138,6 +150,28 @@ def fma32(a, b, c):
     """a*b + c rounded once to f32 (the FMA ggml's RoPE compiles to): the
     f32 product is exact in f64; one f64 addition, then one rounding."""
     return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def rope_hf(x, pos0, base, neox):
+    """[T, heads, hd] as Hugging Face computes it: inv_freq = 1 / base^(2i/d)
+    in f32, angle = pos * inv_freq in f32, cos and sin in f32, no FMA."""
+    t, _, hd = x.shape
+    inv = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    out = x.copy()
+    for ti in range(t):
+        ang = (np.float32(pos0 + ti) * inv).astype(np.float32)
+        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        if neox:
+            a, b = x[ti, :, : hd // 2], x[ti, :, hd // 2:]
+        else:
+            a, b = x[ti, :, 0::2], x[ti, :, 1::2]
+        ra = (a * cos - b * sin).astype(np.float32)
+        rb = (a * sin + b * cos).astype(np.float32)
+        if neox:
+            out[ti, :, : hd // 2], out[ti, :, hd // 2:] = ra, rb
+        else:
+            out[ti, :, 0::2], out[ti, :, 1::2] = ra, rb
+    return out
 
 
 def rope(x, pos0, base, neox):
@@ -170,13 +204,14 @@ def f16(x):
 
 
 class Engine:
-    def __init__(self, path, kv_f16, bug):
+    def __init__(self, path, kv_f16, bug, bug_layer=None, rope_style="ggml"):
         g = Gguf(path)
         arch = g.meta["general.architecture"]
         if arch not in ("bitnet", "bitnet-b1.58", "llama"):
             raise SystemExit(f"arch {arch} is not supported")
         k = lambda s: g.meta[f"{arch}.{s}"]
         self.arch, self.kv_f16, self.bug = arch, kv_f16, bug
+        self.bug_layer, self.rope_style = bug_layer, rope_style
         self.n_embd, self.n_layer = k("embedding_length"), k("block_count")
         self.n_head = k("attention.head_count")
         self.n_head_kv = g.meta.get(f"{arch}.attention.head_count_kv", self.n_head)
@@ -210,21 +245,27 @@ class Engine:
         self.k_cache = [np.zeros((0, self.n_head_kv * self.hd), np.float32) for _ in range(self.n_layer)]
         self.v_cache = [np.zeros((0, self.n_head_kv * self.hd), np.float32) for _ in range(self.n_layer)]
 
+    def planted(self, bug, layer):
+        return self.bug == bug and (self.bug_layer is None or self.bug_layer == layer)
+
     def forward(self, tokens, pos0, emit):
         e, hd, nh, nkv = self.n_embd, self.hd, self.n_head, self.n_head_kv
         t = len(tokens)
         x = self.embd[np.array(tokens)]
         emit(None, "tok_embd", x)
-        neox = (self.arch != "llama") != (self.bug == "rope-pairs")
         store = f16 if self.kv_f16 else (lambda v: v)
+        rotate = rope_hf if self.rope_style == "hf" else rope
         for l, w in enumerate(self.layers):
-            cur = rms_norm(x, w["attn_norm"], self.eps)
+            neox = (self.arch != "llama") != self.planted("rope-pairs", l)
+            eps = 1e-6 if self.planted("eps-hardcoded", l) else self.eps
+            num = 128.0 if self.planted("act-scale128", l) else 127.0
+            cur = rms_norm(x, w["attn_norm"], eps)
             emit(l, "attn_norm", cur)
-            q, k, v = (linear(*w[p][:2], cur, w[p][2]) for p in ("q", "k", "v"))
+            q, k, v = (linear(*w[p][:2], cur, w[p][2], num) for p in ("q", "k", "v"))
             emit(l, "q_proj", q); emit(l, "k_proj", k); emit(l, "v_proj", v)
-            q = rope(q.reshape(t, nh, hd), pos0, self.theta, neox).reshape(t, e)
+            q = rotate(q.reshape(t, nh, hd), pos0, self.theta, neox).reshape(t, e)
             emit(l, "q_rope", q)
-            k = rope(k.reshape(t, nkv, hd), pos0, self.theta, neox).reshape(t, nkv * hd)
+            k = rotate(k.reshape(t, nkv, hd), pos0, self.theta, neox).reshape(t, nkv * hd)
             emit(l, "k_rope", k)
             self.k_cache[l] = np.concatenate([self.k_cache[l], store(k)])
             self.v_cache[l] = np.concatenate([self.v_cache[l], store(v)])
@@ -251,29 +292,29 @@ class Engine:
             attn = attn.reshape(t, e)
             emit(l, "attn_out", attn)
             if w["attn_sub_norm"] is not None:
-                attn = rms_norm(attn, w["attn_sub_norm"], self.eps)
+                attn = rms_norm(attn, w["attn_sub_norm"], eps)
                 emit(l, "attn_sub_norm", attn)
-            o = linear(*w["o"][:2], attn, w["o"][2])
+            o = linear(*w["o"][:2], attn, w["o"][2], num)
             emit(l, "o_proj", o)
             ffn_inp = (o + x).astype(np.float32)
             emit(l, "ffn_inp", ffn_inp)
-            cur = rms_norm(ffn_inp, w["ffn_norm"], self.eps)
+            cur = rms_norm(ffn_inp, w["ffn_norm"], eps)
             emit(l, "ffn_norm", cur)
-            gate = linear(*w["gate"][:2], cur, w["gate"][2])
+            gate = linear(*w["gate"][:2], cur, w["gate"][2], num)
             emit(l, "ffn_gate", gate)
             if self.arch == "bitnet-b1.58":
                 act = (np.maximum(gate, 0) ** 2).astype(np.float32)
             else:
                 act = (gate / (np.float32(1) + np.exp(-gate))).astype(np.float32)
             emit(l, "ffn_act", act)
-            up = linear(*w["up"][:2], cur, w["up"][2])
+            up = linear(*w["up"][:2], cur, w["up"][2], num)
             emit(l, "ffn_up", up)
             prod = (act * up).astype(np.float32)
             emit(l, "ffn_mul", prod)
             if w["ffn_sub_norm"] is not None:
-                prod = rms_norm(prod, w["ffn_sub_norm"], self.eps)
+                prod = rms_norm(prod, w["ffn_sub_norm"], eps)
                 emit(l, "ffn_sub_norm", prod)
-            down = linear(*w["down"][:2], prod, w["down"][2])
+            down = linear(*w["down"][:2], prod, w["down"][2], num)
             emit(l, "ffn_down", down)
             x = (down + ffn_inp).astype(np.float32)
             emit(l, "l_out", x)
@@ -285,24 +326,48 @@ class Engine:
         return logits
 
 
+STAGES = ["tok_embd", "attn_norm", "q_proj", "k_proj", "v_proj", "q_rope", "k_rope",
+          "attn_scores", "attn_probs", "attn_out", "attn_sub_norm", "o_proj", "ffn_inp",
+          "ffn_norm", "ffn_gate", "ffn_act", "ffn_up", "ffn_mul", "ffn_sub_norm", "ffn_down",
+          "l_out", "result_norm", "logits"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", required=True, help="comma-separated prompt ids")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--kv", choices=["f16", "f32"], default="f16")
-    ap.add_argument("--bug", choices=["none", "rope-pairs"], default="none")
+    ap.add_argument("--bug", choices=["none", "rope-pairs", "eps-hardcoded", "act-scale128"], default="none")
+    ap.add_argument("--bug-layer", type=int, default=None, help="plant the bug in this layer only")
+    ap.add_argument("--rope-style", choices=["ggml", "hf"], default="ggml")
+    ap.add_argument("--stages", default="all",
+                    help="comma-separated stages to write (default all; none: tokens only)")
+    ap.add_argument("--last-logits", action="store_true", help="write only the last position's logits")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     try:
         tokens = [int(t) for t in a.tokens.split(",")]
     except ValueError:
         raise SystemExit("--tokens must be comma-separated integers")
-    eng = Engine(a.model, a.kv == "f16", a.bug)
+    if a.stages == "all":
+        wanted = None
+    elif a.stages == "none":
+        wanted = []
+    else:
+        wanted = [s for s in a.stages.split(",") if s]
+        unknown = [s for s in wanted if s not in STAGES]
+        if unknown:
+            raise SystemExit(f"unknown stages {unknown}")
+    eng = Engine(a.model, a.kv == "f16", a.bug, a.bug_layer, a.rope_style)
     tensors, steps, pos = {}, [], 0
     batch = tokens
     for step in range(a.steps + 1):
         def emit(layer, stage, value, step=step):
+            if wanted is not None and stage not in wanted:
+                return
+            if stage == "logits" and a.last_logits:
+                value = value[-1:]
             name = f"step{step}.{stage}" if layer is None else f"step{step}.layer{layer}.{stage}"
             tensors[name] = np.ascontiguousarray(value, dtype=np.float32)
         logits = eng.forward(batch, pos, emit)
@@ -314,10 +379,13 @@ def main():
     manifest = {
         "tool": "examples/python/bitnet_numpy.py",
         "engine": "numpy example engine",
-        "engine_build": f"numpy {np.__version__}, float32, bug {a.bug}",
+        "engine_build": f"numpy {np.__version__}, float32, RoPE {a.rope_style}, bug {a.bug}"
+        + (f" in layer {a.bug_layer}" if a.bug_layer is not None else ""),
         "model_path": a.model, "model_sha256": sha, "model": None, "engine_config": None,
         "steps": steps, "mode": "free", "threads": 1, "kv_type": a.kv, "reference_build": None,
     }
+    if wanted is not None:
+        manifest["stages"] = wanted
     save_file(tensors, a.out, metadata={"divergence": json.dumps(manifest)})
     print(f"dump {a.out}: {len(tensors)} tensors, {len(steps)} steps")
 

@@ -49,6 +49,9 @@ pub struct CaptureArgs {
     /// The dump to write (safetensors).
     #[arg(long)]
     out: PathBuf,
+    /// Test-only: inject a fault into the candidate engine (the bug zoo).
+    #[arg(long = "inject", hide = true, value_parser = super::find::parse_fault)]
+    inject: Vec<divergence::engine::Fault>,
 }
 
 pub fn capture(args: CaptureArgs) -> CliResult {
@@ -62,6 +65,9 @@ pub fn capture(args: CaptureArgs) -> CliResult {
     }
     let threads = threads::bounded(args.threads, "--threads")?;
     divergence::outfile::refuse_overwriting(&args.out, &[&args.model]).map_err(|e| anyhow!(e))?;
+    if !args.inject.is_empty() && args.engine == EngineChoice::Reference {
+        return Err(anyhow!("--inject applies to --engine candidate only").into());
+    }
     let prompt = match (&args.prompt, &args.tokens) {
         (_, Some(ids)) if ids.is_empty() => return Err(anyhow!("--tokens is empty").into()),
         (_, Some(ids)) => Prompt::Tokens(ids.clone()),
@@ -84,7 +90,13 @@ pub fn capture(args: CaptureArgs) -> CliResult {
                 divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
             capture_reference(&cfg, &worker)
         }
-        EngineChoice::Candidate => capture_candidate(&cfg, &BuiltinCandidate::default()),
+        EngineChoice::Candidate => capture_candidate(
+            &cfg,
+            &BuiltinCandidate {
+                faults: args.inject.clone(),
+                ..BuiltinCandidate::default()
+            },
+        ),
     };
     let manifest = result.map_err(|e| {
         let code = match e {
@@ -182,22 +194,26 @@ pub fn compare(args: CompareArgs) -> CliResult {
         keep_going: args.keep_going,
         model: args.model.clone(),
     };
-    let outcome = compare_dumps(&reference, &candidate, &opts)?;
+    let compared = compare_dumps(&reference, &candidate, &opts)?;
     let m = reference
         .manifest
         .as_ref()
         .expect("compare_dumps checked the manifest");
+    let (model_path, sha256) = match &compared.model {
+        Some((p, sha)) => (p.display().to_string(), sha.clone()),
+        None => (m.model_path.clone(), m.model_sha256.clone()),
+    };
     let record = RunRecord {
-        model_path: args
-            .model
-            .as_ref()
-            .map_or_else(|| m.model_path.clone(), |p| p.display().to_string()),
-        prompt: Prompt::Tokens(
-            m.steps
-                .first()
-                .map(|s| s.tokens.clone())
-                .unwrap_or_default(),
-        ),
+        model_path,
+        prompt: match &m.prompt {
+            Some(text) => Prompt::Text(text.clone()),
+            None => Prompt::Tokens(
+                m.steps
+                    .first()
+                    .map(|s| s.tokens.clone())
+                    .unwrap_or_default(),
+            ),
+        },
         steps: m.steps.len().saturating_sub(1),
         mode: Mode::Free,
         threads: m.threads,
@@ -214,17 +230,15 @@ pub fn compare(args: CompareArgs) -> CliResult {
         reference_dump: args.reference.display().to_string(),
         candidate_dump: args.candidate.display().to_string(),
         map: args.map.as_ref().map(|p| p.display().to_string()),
-        model_given: args.model.is_some(),
-        note: format!(
-            "offline comparison of two dumps: each engine fed itself, so stages are judged on their propagated error under the policy's free_run rules (no resync, no local error){}",
-            if candidate.manifest.is_none() {
-                "; the candidate dump has no manifest, so its token ids are taken to be the reference's (tok_embd still compares the rows it embedded)"
-            } else {
-                ""
-            }
-        ),
+        model_given: compared.model.is_some(),
+        note: if compared.model.is_some() {
+            "offline comparison of two dumps: each engine fed itself; the f64 oracle recomputed every stage of each dump from that dump's own inputs and judged each side's local error; side against side is the drift".to_string()
+        } else {
+            "offline comparison of two dumps without the model: only side against side could be measured, so the verdict cannot vouch for either side (give --model)".to_string()
+        },
     };
-    let receipt = Receipt::offline(record, m.model_sha256.clone(), policy, outcome, offline);
+    let outcome = compared.outcome;
+    let receipt = Receipt::offline(record, sha256, policy, outcome, offline);
     receipt.write(&args.receipt).map_err(|e| Failure {
         code: 2,
         error: e.into(),

@@ -4,7 +4,7 @@
 use super::{interrupt, threads, CliResult, Failure};
 use anyhow::{anyhow, Context as _};
 use divergence::engine::Fault;
-use divergence::lockstep::{Mode, Prompt, RunError, TokenFault, TokenSource, Verdict};
+use divergence::lockstep::{Measured, Mode, Prompt, RunError, TokenFault, TokenSource, Verdict};
 use divergence::receipt::{self, Receipt, RunRecord};
 use divergence::reference::FfnAct;
 use divergence::KvType;
@@ -286,7 +286,8 @@ pub fn print_summary(r: &Receipt, path: &Path) {
             t.duplicate_bos_candidate
         );
     }
-    // Per-layer table: one column per stage, the worst NMSE up to the divergence.
+    // Per-layer table: one column per stage, the candidate's worst local
+    // error (over its rounding level, on its own inputs) up to the divergence.
     let stages: Vec<_> = divergence::trace::Stage::ALL
         .into_iter()
         .filter(|s| r.stages.iter().any(|x| x.stage == *s))
@@ -294,7 +295,9 @@ pub fn print_summary(r: &Receipt, path: &Path) {
     let mut layers: Vec<Option<usize>> = r.stages.iter().map(|s| s.layer).collect();
     layers.sort_by_key(|l| l.map_or(usize::MAX, |v| v));
     layers.dedup();
-    outln!("\nworst per stage (= bit-exact, ~ within policy, X failed; number: worst NMSE)");
+    outln!(
+        "\nlocal error per stage, candidate against the f64 oracle on its own inputs (= bit-identical to the reference, ~ within the local rule, X beyond it; number: worst error over the stage's rounding level)"
+    );
     for layer in layers {
         let label = layer.map_or("model".to_string(), |l| format!("layer {l}"));
         let mut cells = Vec::new();
@@ -307,14 +310,41 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                 } else {
                     "~"
                 };
-                cells.push(if x.all_exact {
-                    format!("{s}{mark}")
-                } else {
-                    format!("{s}{mark}{:.0e}", x.worst_nmse)
+                cells.push(match x.worst_candidate_over_rounding {
+                    Some(v) if !x.all_exact || !x.all_pass => format!("{s}{mark}{v:.0e}"),
+                    _ => format!("{s}{mark}"),
                 });
             }
         }
         outln!("  {label:>8}  {}", cells.join(" "));
+    }
+    if let Some(scope) = &r.coverage.scope {
+        outln!("scope   {}", scope.note);
+    }
+    if let Some(d) = &r.drift {
+        let growth: Vec<String> = d
+            .l_out_by_layer
+            .iter()
+            .map(|v| format!("{v:.0e}"))
+            .collect();
+        if !growth.is_empty() {
+            outln!(
+                "drift   l_out NMSE against the reference by layer (each fed itself; reported, not judged): {}",
+                growth.join(" ")
+            );
+        }
+        if !d.beyond_free_run_bound.is_empty() {
+            outln!(
+                "        beyond the free-run drift bound at {} (drift, not a bug: each side is within its local rule)",
+                keys(&d.beyond_free_run_bound)
+            );
+        }
+        if let Some(s) = d.fed_different_tokens_from {
+            outln!("        from step {s} the two sides were fed different tokens");
+        }
+    }
+    for remark in &r.remarks {
+        outln!("note    {remark}");
     }
     outln!();
     match (&r.verdict, &r.first_divergence) {
@@ -335,32 +365,69 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                 );
             }
         }
+        (_, Some(d)) if d.measured == Measured::Tokens => {
+            outln!(
+                "FIRST DIVERGENCE  the prompt's token ids, position {}",
+                d.position
+            );
+            outln!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
+        }
         (_, Some(d)) => {
             outln!(
-                "FIRST DIVERGENCE  step {} position {} layer {} stage {} (class {:?}, {:?} error)",
+                "FIRST DIVERGENCE  step {} position {} layer {} stage {} ({})",
                 d.step,
                 d.position,
                 d.layer.map_or("-".to_string(), |l| l.to_string()),
                 d.stage,
-                d.rule.class,
-                d.measured
+                match d.measured {
+                    Measured::Local => "local error on its own inputs",
+                    Measured::AcrossGap => "local error across the stages it does not emit",
+                    Measured::SideVsSide => "side against side: the oracle could not judge",
+                    Measured::Tokens => "tokens",
+                }
             );
-            if let Some(shape) = &d.metrics.candidate_shape {
+            if let Some(shape) = d.metrics.as_ref().and_then(|m| m.candidate_shape.as_ref()) {
                 outln!(
                     "  the shapes differ: reference {:?}, candidate {:?}",
                     d.shape,
                     shape
                 );
             }
-            outln!(
-                "  nmse {:.3e}  max_abs {:.3e}  max_ulp {}  outside {} of {}  cosine {:.6}",
-                d.metrics.nmse,
-                d.metrics.max_abs,
-                d.metrics.max_ulp,
-                d.metrics.n_outside,
-                d.metrics.n,
-                d.metrics.cosine
-            );
+            for (side, e) in [
+                ("candidate", &d.candidate_local),
+                ("reference", &d.reference_local),
+            ] {
+                if let Some(e) = e {
+                    outln!(
+                        "  {side:<9} {} (NMSE {:.3e} vs the oracle{}{})",
+                        if e.recomputed.is_empty() {
+                            format!("{:.2e}x its rounding level", e.over_rounding)
+                        } else {
+                            format!("across {} recomputed stage(s)", e.recomputed.len())
+                        },
+                        e.nmse,
+                        if e.ties > 0 {
+                            format!(", {} tied code(s), {} taken", e.ties, e.ties_taken)
+                        } else {
+                            String::new()
+                        },
+                        if e.pass {
+                            ", within its rule"
+                        } else {
+                            ", BEYOND its rule"
+                        }
+                    );
+                }
+            }
+            if let Some(m) = &d.metrics {
+                outln!(
+                    "  side against side: nmse {:.3e}  max_abs {:.3e}  max_ulp {}  cosine {:.6}",
+                    m.nmse,
+                    m.max_abs,
+                    m.max_ulp,
+                    m.cosine
+                );
+            }
             for w in d.worst.iter().take(4) {
                 outln!(
                     "  at {:?}: reference {} candidate {}{}",
@@ -371,9 +438,6 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                         .map(|o| format!(" oracle {o:.6}"))
                         .unwrap_or_default()
                 );
-            }
-            if let Some(p) = &d.propagated {
-                outln!("  propagated (free run) nmse {:.3e} at this stage", p.nmse);
             }
             outln!("  blame: {:?} — {}", d.blame.blame, d.blame.reason);
             if let Some(cause) = &d.blame.cause {

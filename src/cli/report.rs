@@ -25,7 +25,11 @@ enum Input {
 }
 
 fn read_input(path: &Path) -> Result<Input, Failure> {
-    let text = divergence::infile::read_text(path, divergence::infile::Limit::REPORT_INPUT)
+    let text = divergence::input::read_text(
+        path,
+        divergence::receipt::MAX_RECEIPT_BYTES.max(divergence::sweep::MAX_SWEEP_BYTES),
+        "receipt or sweep file",
+    )
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{} is not JSON: {e}", path.display()))?;

@@ -192,12 +192,12 @@ fn print_summary(sw: &Sweep) {
         .stages
         .iter()
         .filter(|d| d.exact_fraction < 1.0)
-        .max_by(|a, b| a.nmse.p99.total_cmp(&b.nmse.p99));
+        .max_by(|a, b| a.local_nmse.p99.total_cmp(&b.local_nmse.p99));
     match worst {
         Some(d) => outln!(
             "stages  {} judged; worst p99 local NMSE {} at layer {} {}; {} always bit-exact",
             s.stages.len(),
-            sci(d.nmse.p99),
+            sci(d.local_nmse.p99),
             layer_name(d.layer),
             d.stage,
             s.stages.iter().filter(|d| d.exact_fraction >= 1.0).count()

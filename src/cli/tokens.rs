@@ -21,12 +21,19 @@ use divergence::compare::tokens::{first_difference, TokenDifference};
 use divergence::engine::tokenizer::chat::{render_chat, ChatMessage};
 use divergence::engine::tokenizer::Tokenizer;
 use divergence::gguf::GgufFile;
-use divergence::infile::{read_text, Limit};
+use divergence::input::read_text;
 use divergence::reference::worker::{default_exe, Worker};
 use divergence::reference::RefError;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// The largest `--inputs` file read.
+const MAX_INPUTS_BYTES: u64 = 64 << 20;
+/// The largest `--chat-template` file read (real ones are a few KB).
+const MAX_CHAT_TEMPLATE_BYTES: u64 = 1 << 20;
+/// The largest `--tokenizer-json` read (llama3's is 9 MB).
+const MAX_TOKENIZER_JSON_BYTES: u64 = 256 << 20;
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["text", "inputs"])))]
@@ -76,7 +83,7 @@ pub fn run(args: Args) -> CliResult {
     let template = if args.chat {
         Some(match &args.chat_template {
             Some(path) => Template {
-                text: read_text(path, Limit::CHAT_TEMPLATE)
+                text: read_text(path, MAX_CHAT_TEMPLATE_BYTES, "chat template")
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
                 from_file: false,
             },
@@ -95,7 +102,7 @@ pub fn run(args: Args) -> CliResult {
     };
     let hf = match &args.tokenizer_json {
         Some(path) => {
-            let text = read_text(path, Limit::TOKENIZER_JSON)
+            let text = read_text(path, MAX_TOKENIZER_JSON_BYTES, "tokenizer.json")
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let tok: tokenizers::Tokenizer = text.parse().map_err(|e| {
                 anyhow::anyhow!("the tokenizers crate cannot load {}: {e}", path.display())
@@ -330,7 +337,7 @@ fn hf_encode(hf: &tokenizers::Tokenizer, path: &Path, text: &str) -> Result<Vec<
 
 /// A JSON array of strings, or a llama.cpp `.inp` file.
 fn read_inputs(path: &Path) -> Result<Vec<String>, Failure> {
-    let text = read_text(path, Limit::TOKEN_INPUTS)
+    let text = read_text(path, MAX_INPUTS_BYTES, "tokens input file")
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     const SEP: &str = "\n__ggml_vocab_test__\n";
     match serde_json::from_str::<Value>(&text) {

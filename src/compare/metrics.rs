@@ -453,7 +453,8 @@ pub fn worst_elements(
         .collect()
 }
 
-fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+/// The multi-index of flat index `i` in a row-major `shape`.
+pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
     let mut out = vec![0; shape.len()];
     for (slot, &dim) in out.iter_mut().zip(shape).rev() {
         if dim > 0 {

@@ -1,4 +1,9 @@
-//! The tolerance policy: data, not code. One rule per stage, with a class:
+//! The tolerance policy: data, not code.
+//!
+//! The `local` rules decide: each side's stage against the f64 oracle on
+//! that side's own inputs, in units of the stage's rounding level (see
+//! `compare::local`). The side-against-side rules, one per stage with a
+//! class, report how the two engines compare:
 //!
 //! - `exact`: both engines run the same integer or single-f32 chain given
 //!   identical inputs; anything but bit equality is a divergence.
@@ -26,8 +31,9 @@ pub enum Class {
     Loose,
 }
 
-/// How one stage is judged. Whatever the class, the NaN and Inf counts of
-/// the two sides must match.
+/// How two sides' values of one stage are compared with each other (the
+/// side-against-side rules: resync agreement, free-run drift). Whatever the
+/// class, the NaN and Inf counts of the two sides must match.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
@@ -39,16 +45,54 @@ pub struct Rule {
     /// Tolerance relative to |reference| per element (`tight`); 0 when absent.
     #[serde(default)]
     pub rtol: f64,
-    /// Largest NMSE a `loose` stage may have (also applied to `tight`).
-    #[serde(default)]
-    pub max_nmse: f64,
+    /// Largest NMSE (`loose` and `tight` need it; `exact` has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_nmse: Option<f64>,
     /// For logits: the fraction of positions whose top-1 token must agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_top1_agreement: Option<f64>,
 }
 
-/// A tolerance policy: one rule per stage for resync mode, overrides for
-/// free-run mode.
+/// The bound on one stage's local error: a side against the f64 oracle on
+/// its own inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRule {
+    /// The largest `Σ(side − oracle)² / Σ rounding²` an honest engine
+    /// reaches (about 1 for one correctly rounded f32 computation).
+    pub max_over_rounding: f64,
+    /// What clean engines were measured at, for the reviewer.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub measured: String,
+}
+
+/// The bound on a stage the oracle reached across stages a side does not
+/// emit (a dump of layer outputs only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GapRule {
+    /// The largest NMSE against the oracle a clean engine reaches there.
+    pub max_nmse: f64,
+    /// What clean engines were measured at.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub measured: String,
+}
+
+/// The local rules: what decides a verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalPolicy {
+    /// Why these bounds, with the measurements they rest on.
+    pub notes: String,
+    /// One rule per canonical stage.
+    pub stages: Vec<(Stage, LocalRule)>,
+    /// Stages judged across a gap of recomputed ones.
+    pub across_gap: GapRule,
+}
+
+/// A tolerance policy: the local rules that decide (each side against the
+/// oracle on its own inputs), and the side-against-side rules that report
+/// agreement in resync and drift in free runs and dumps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
@@ -56,15 +100,22 @@ pub struct Policy {
     pub name: String,
     /// Why these numbers: shown to reviewers with every receipt.
     pub notes: String,
-    /// Rules keyed by canonical stage name; free-run mode uses `free_run`
-    /// where present, since error legitimately accumulates there.
+    /// Each side against the f64 oracle on its own inputs: the verdict.
+    pub local: LocalPolicy,
+    /// Side against side on the same inputs (resync): where the two engines
+    /// agree bit for bit or within these bounds. Reported, and the judge of
+    /// last resort where the oracle cannot recompute a stage.
     pub resync: Vec<(Stage, Rule)>,
-    /// Free-run overrides; a stage without one falls back to its `resync` rule.
+    /// Side against side when each fed itself (free mode, dumps): the drift
+    /// bounds; a stage without one falls back to its `resync` rule.
     pub free_run: Vec<(Stage, Rule)>,
 }
 
 /// The text of the built-in policy, `policies/default.json`.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.json");
+
+/// The largest policy file read (a policy is a few kilobytes).
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +144,20 @@ pub enum PolicyError {
         path: String,
         /// The stage without a rule.
         stage: Stage,
-        /// The rule list it is missing from (`resync`).
+        /// The rule list it is missing from (`resync`, `local.stages`).
         mode: &'static str,
+    },
+    /// A rule is present but cannot be applied as written.
+    #[error("policy {path}: {list} rule for `{stage}`: {message}")]
+    Invalid {
+        /// The file, or the name the text was given under.
+        path: String,
+        /// The rule list (`resync`, `free_run`, `local.stages`).
+        list: &'static str,
+        /// The stage (or `across_gap`).
+        stage: String,
+        /// What is wrong with it.
+        message: String,
     },
 }
 
@@ -104,39 +167,123 @@ impl Policy {
         Self::parse(DEFAULT_POLICY, "policies/default.json").expect("the built-in policy is valid")
     }
 
-    /// Reads and validates a policy file.
+    /// Reads and validates a policy file (at most [`MAX_POLICY_BYTES`]).
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
         let p = path.display().to_string();
-        let text =
-            crate::infile::read_text(path, crate::infile::Limit::POLICY).map_err(|source| {
-                PolicyError::Io {
-                    path: p.clone(),
-                    source,
-                }
-            })?;
+        let text = crate::input::read_text(path, MAX_POLICY_BYTES, "policy").map_err(|source| {
+            PolicyError::Io {
+                path: p.clone(),
+                source,
+            }
+        })?;
         Self::parse(&text, &p)
     }
 
-    /// Parses a policy from JSON text and checks that every stage has a
-    /// `resync` rule; `path` names the text in errors.
+    /// Parses a policy from JSON text and validates it: every stage has a
+    /// `resync` and a local rule, no stage has two rules in one list, every
+    /// bound is a finite non-negative number and every class has the bound
+    /// it needs. `path` names the text in errors.
     pub fn parse(text: &str, path: &str) -> Result<Policy, PolicyError> {
         let policy: Policy = serde_json::from_str(text).map_err(|source| PolicyError::Parse {
             path: path.into(),
             source,
         })?;
+        policy.validate(path)?;
+        Ok(policy)
+    }
+
+    fn validate(&self, path: &str) -> Result<(), PolicyError> {
+        let invalid = |list: &'static str, stage: String, message: String| PolicyError::Invalid {
+            path: path.into(),
+            list,
+            stage,
+            message,
+        };
+        let bound = |list: &'static str, stage: String, what: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(
+                    list,
+                    stage,
+                    format!("{what} is {v}: a bound must be a finite number >= 0"),
+                ))
+            }
+        };
+        for (list, rules) in [("resync", &self.resync), ("free_run", &self.free_run)] {
+            let mut seen = std::collections::BTreeSet::new();
+            for (stage, rule) in rules {
+                let name = stage.name().to_string();
+                if !seen.insert(*stage) {
+                    return Err(invalid(list, name, "the stage has two rules".into()));
+                }
+                bound(list, name.clone(), "atol", rule.atol)?;
+                bound(list, name.clone(), "rtol", rule.rtol)?;
+                match (rule.class, rule.max_nmse) {
+                    (Class::Tight | Class::Loose, None) => {
+                        return Err(invalid(
+                            list,
+                            name,
+                            format!("class {:?} needs `max_nmse`", rule.class).to_lowercase(),
+                        ))
+                    }
+                    (_, Some(v)) => bound(list, name.clone(), "max_nmse", v)?,
+                    (Class::Exact, None) => {}
+                }
+                if let Some(v) = rule.min_top1_agreement {
+                    if !(0.0..=1.0).contains(&v) {
+                        return Err(invalid(
+                            list,
+                            name,
+                            format!("min_top1_agreement is {v}: it is a fraction in [0, 1]"),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (stage, rule) in &self.local.stages {
+            let name = stage.name().to_string();
+            if !seen.insert(*stage) {
+                return Err(invalid(
+                    "local.stages",
+                    name,
+                    "the stage has two rules".into(),
+                ));
+            }
+            bound(
+                "local.stages",
+                name,
+                "max_over_rounding",
+                rule.max_over_rounding,
+            )?;
+        }
+        bound(
+            "local",
+            "across_gap".into(),
+            "max_nmse",
+            self.local.across_gap.max_nmse,
+        )?;
         for stage in Stage::ALL {
-            if !policy.resync.iter().any(|(s, _)| *s == stage) {
+            if !self.resync.iter().any(|(s, _)| *s == stage) {
                 return Err(PolicyError::Missing {
                     path: path.into(),
                     stage,
                     mode: "resync",
                 });
             }
+            if !self.local.stages.iter().any(|(s, _)| *s == stage) {
+                return Err(PolicyError::Missing {
+                    path: path.into(),
+                    stage,
+                    mode: "local.stages",
+                });
+            }
         }
-        Ok(policy)
+        Ok(())
     }
 
-    /// The rule for a stage in the given mode.
+    /// The side-against-side rule for a stage in the given mode.
     pub fn rule(&self, stage: Stage, free_run: bool) -> &Rule {
         fn pick(rules: &[(Stage, Rule)], stage: Stage) -> Option<&Rule> {
             rules.iter().find(|(s, _)| *s == stage).map(|(_, r)| r)
@@ -149,21 +296,33 @@ impl Policy {
         .or_else(|| pick(&self.resync, stage))
         .expect("validated at load: every stage has a resync rule")
     }
+
+    /// The local rule for a stage.
+    pub fn local_rule(&self, stage: Stage) -> &LocalRule {
+        self.local
+            .stages
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map(|(_, r)| r)
+            .expect("validated at load: every stage has a local rule")
+    }
 }
 
-/// Whether metrics pass a rule: the single place that reads a rule.
+/// Whether side-against-side metrics pass a rule: the single place that
+/// reads a [`Rule`].
 pub fn passes(rule: &Rule, m: &super::Metrics) -> bool {
     let finite_ok = m.nan_candidate == m.nan_reference && m.inf_candidate == m.inf_reference;
     let top1_ok = match (rule.min_top1_agreement, &m.logits) {
         (Some(min), Some(l)) if l.rows > 0 => l.top1_agree as f64 >= min * l.rows as f64,
         _ => true,
     };
+    let max_nmse = rule.max_nmse.unwrap_or(0.0);
     finite_ok
         && top1_ok
         && match rule.class {
             Class::Exact => m.exact,
-            Class::Tight => m.n_outside == 0 && m.nmse <= rule.max_nmse,
-            Class::Loose => m.nmse <= rule.max_nmse,
+            Class::Tight => m.n_outside == 0 && m.nmse <= max_nmse,
+            Class::Loose => m.nmse <= max_nmse,
         }
 }
 
@@ -177,7 +336,7 @@ mod tests {
             class: Class::Tight,
             atol,
             rtol,
-            max_nmse,
+            max_nmse: Some(max_nmse),
             min_top1_agreement: None,
         }
     }

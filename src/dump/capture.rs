@@ -83,6 +83,11 @@ fn manifest(cfg: &CaptureConfig, file: &GgufFile, engine: &str, build: String) -
         model_sha256: crate::receipt::sha256_file(&cfg.model).unwrap_or_default(),
         model: OracleModel::read(file).ok().map(|m| m.facts),
         engine_config: None,
+        prompt: match &cfg.prompt {
+            Prompt::Text(t) => Some(t.clone()),
+            Prompt::Tokens(_) => None,
+        },
+        stages: None,
         steps: Vec::new(),
         mode: Mode::Free,
         threads: cfg.threads,

@@ -18,12 +18,19 @@
 //! ```
 //!
 //! - `name` is the foreign name with placeholders: `{S}` the step, `{L}`
-//!   the layer, `{H}` a head (each matches a decimal number). Without `{S}`
-//!   a tensor belongs to step 0.
+//!   the layer, `{H}` a head (each matches a decimal number), and `*` (any
+//!   run of characters, for skip rules that cover a family of tensors).
+//!   Without `{S}` a tensor belongs to step 0.
 //! - `stage` is the canonical stage; `skip: true` marks a tensor that has
 //!   no stage (listed as skipped, never reported as unmapped).
 //! - `transpose` permutes the axes (numpy's `transpose(axes)`), then
-//!   `reshape` sets the shape (one `-1` is inferred).
+//!   `reshape` sets the shape (one `-1` is inferred, a `0` keeps that axis
+//!   of the tensor as it is, so one map serves every model width).
+//! - `mask_future: true` (attention scores and probabilities): the engine
+//!   stores the raw q·k (or anything) of future keys; they are set to 0 as
+//!   the canonical layout has them.
+//!
+//! Two tensors that land on one stage of one step are an error naming both.
 //! - `heads` joins per-head tensors (ordered by `{H}`): `concat` along the
 //!   last axis (`[T, hd]` per head → `[T, H·hd]`), `stack` on a new first
 //!   axis (`[T, K]` per head → `[H, T, K]`).
@@ -33,7 +40,7 @@
 use super::{parse_name, Dump, DumpError};
 use crate::trace::{Stage, StageKey, Tensor};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// How per-head tensors are joined into one stage tensor.
@@ -67,6 +74,9 @@ pub struct MapRule {
     /// Per-head tensors and how to join them.
     #[serde(default)]
     pub heads: Option<HeadJoin>,
+    /// Attention matrices: zero the entries of future keys.
+    #[serde(default)]
+    pub mask_future: bool,
 }
 
 /// A map from another engine's dump onto canonical stages.
@@ -89,6 +99,13 @@ pub struct MappedDump {
     pub unmapped: Vec<String>,
     /// Tensors a rule marked `skip`.
     pub skipped: Vec<String>,
+    /// The dump's own name of each stage's tensor (the rule's pattern for
+    /// joined heads), for messages about it.
+    pub sources: BTreeMap<(usize, StageKey), String>,
+    /// Stages whose future-key entries are to be zeroed (`mask_future`).
+    pub mask_future: BTreeSet<(usize, StageKey)>,
+    /// The stages the map's rules name: what the engine emits by design.
+    pub declared: Option<BTreeSet<Stage>>,
 }
 
 /// Why a dump could not be mapped.
@@ -105,6 +122,18 @@ pub enum MapError {
     /// A tensor of the dump cannot be read.
     #[error(transparent)]
     Dump(#[from] DumpError),
+    /// Two tensors (or two rules) land on one stage of one step.
+    #[error("tensors {first} and {second} both map to {stage} of step {step}: a stage must come from one tensor")]
+    Duplicate {
+        /// The first tensor's name.
+        first: String,
+        /// The second tensor's name.
+        second: String,
+        /// The stage, with its layer.
+        stage: StageKey,
+        /// The step.
+        step: usize,
+    },
     /// A tensor cannot be transformed as the map says.
     #[error("tensor {name}: {message}")]
     Transform {
@@ -115,16 +144,18 @@ pub enum MapError {
     },
 }
 
+/// The largest map file read.
+pub const MAX_MAP_BYTES: u64 = 4 << 20;
+
 impl DumpMap {
     /// Reads a map file.
     pub fn load(path: &Path) -> Result<DumpMap, MapError> {
         let p = path.display().to_string();
-        let text = crate::infile::read_text(path, crate::infile::Limit::MAP).map_err(|e| {
-            MapError::Map {
+        let text =
+            crate::input::read_text(path, MAX_MAP_BYTES, "map").map_err(|e| MapError::Map {
                 path: p.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         Self::parse(&text, &p)
     }
 
@@ -166,6 +197,15 @@ impl DumpMap {
                     });
                 }
             }
+            if rule.mask_future && !rule.stage.is_some_and(Stage::is_attention_matrix) {
+                return Err(MapError::Map {
+                    path: p,
+                    message: format!(
+                        "rule {:?}: `mask_future` applies to attn_scores and attn_probs only",
+                        rule.name
+                    ),
+                });
+            }
             if rule.heads.is_some() != rule.name.contains("{H}") {
                 return Err(MapError::Map {
                     path: p,
@@ -188,33 +228,47 @@ struct Captures {
     head: Option<usize>,
 }
 
-/// Matches `name` against a pattern with `{S}`, `{L}`, `{H}` placeholders.
+/// Matches `name` against a pattern with `{S}`, `{L}`, `{H}` placeholders
+/// (each a run of decimal digits) and `*` (any run of characters).
 fn matches(pattern: &str, name: &str) -> Option<Captures> {
     let mut caps = Captures::default();
-    let (mut p, mut n) = (pattern, name);
-    while !p.is_empty() {
-        if let Some(rest) = p.strip_prefix('{') {
-            let (tag, after) = rest.split_once('}')?;
-            let digits = n.len() - n.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-            if digits == 0 {
-                return None;
-            }
-            let value: usize = n[..digits].parse().ok()?;
-            match tag {
-                "S" => caps.step = Some(value),
-                "L" => caps.layer = Some(value),
-                "H" => caps.head = Some(value),
-                _ => return None,
-            }
-            n = &n[digits..];
-            p = after;
-        } else {
-            let lit_len = p.find('{').unwrap_or(p.len());
-            n = n.strip_prefix(&p[..lit_len])?;
-            p = &p[lit_len..];
-        }
+    match_from(pattern, name, &mut caps).then_some(caps)
+}
+
+fn match_from(p: &str, n: &str, caps: &mut Captures) -> bool {
+    if p.is_empty() {
+        return n.is_empty();
     }
-    n.is_empty().then_some(caps)
+    if let Some(rest) = p.strip_prefix('*') {
+        // Shortest first; a later literal decides.
+        return (0..=n.len())
+            .filter(|&i| n.is_char_boundary(i))
+            .any(|i| match_from(rest, &n[i..], caps));
+    }
+    if let Some(rest) = p.strip_prefix('{') {
+        let Some((tag, after)) = rest.split_once('}') else {
+            return false;
+        };
+        let digits = n.len() - n.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return false;
+        }
+        let Ok(value) = n[..digits].parse::<usize>() else {
+            return false;
+        };
+        match tag {
+            "S" => caps.step = Some(value),
+            "L" => caps.layer = Some(value),
+            "H" => caps.head = Some(value),
+            _ => return false,
+        }
+        return match_from(after, &n[digits..], caps);
+    }
+    let lit_len = p.find(['{', '*']).unwrap_or(p.len());
+    match n.strip_prefix(&p[..lit_len]) {
+        Some(rest) => match_from(&p[lit_len..], rest, caps),
+        None => false,
+    }
 }
 
 /// Permutes the axes of a row-major tensor.
@@ -256,20 +310,42 @@ fn transpose(t: &Tensor, axes: &[usize]) -> Result<Tensor, String> {
     Ok(Tensor::new(shape, data))
 }
 
+/// Sets the shape: one `-1` is inferred, a `0` keeps that axis as it is.
 fn reshape(t: Tensor, dims: &[i64]) -> Result<Tensor, String> {
     let n = t.data.len();
-    let inferred = dims.iter().filter(|&&d| d == -1).count();
-    if inferred > 1 || dims.iter().any(|&d| d < -1 || d == 0) {
+    if dims.iter().any(|&d| d < -1) || dims.iter().filter(|&&d| d == -1).count() > 1 {
         return Err(format!("reshape {dims:?} is not a shape"));
     }
+    let mut kept = Vec::with_capacity(dims.len());
+    for (i, &d) in dims.iter().enumerate() {
+        kept.push(if d == 0 {
+            match t.shape.get(i) {
+                Some(&axis) => axis as i64,
+                None => {
+                    return Err(format!(
+                        "reshape {dims:?} keeps axis {i}, but shape {:?} has no such axis",
+                        t.shape
+                    ))
+                }
+            }
+        } else {
+            d
+        });
+    }
+    if kept.contains(&0) {
+        return Err(format!(
+            "reshape {dims:?} of shape {:?} has an empty axis",
+            t.shape
+        ));
+    }
     // Checked: a map file can state any sizes.
-    let known = dims
+    let known = kept
         .iter()
         .filter(|&&d| d != -1)
         .try_fold(1i64, |a, &d| a.checked_mul(d))
-        .filter(|&k| k > 0 && k as u64 <= n as u64)
+        .filter(|&k| k as u64 <= n as u64)
         .ok_or_else(|| format!("reshape {dims:?} holds more than the tensor's {n} values"))?;
-    let shape: Vec<usize> = dims
+    let shape: Vec<usize> = kept
         .iter()
         .map(|&d| {
             if d == -1 {
@@ -343,18 +419,22 @@ fn join_heads(
 type HeadParts = BTreeMap<(usize, StageKey), (usize, Vec<(usize, Tensor)>)>;
 
 /// Reads every tensor of `dump` as a canonical stage, through `map` when
-/// given (else by canonical names).
+/// given (else by canonical names). Two tensors that land on one stage of
+/// one step are an error naming both.
 pub fn map_dump(dump: &Dump, map: Option<&DumpMap>) -> Result<MappedDump, MapError> {
-    let mut out = MappedDump::default();
+    let mut out = MappedDump {
+        declared: map.map(|m| m.tensors.iter().filter_map(|r| r.stage).collect()),
+        ..MappedDump::default()
+    };
     // Per-head parts waiting to be joined: (step, key) → (rule, [(head, tensor)]).
     let mut parts: HeadParts = BTreeMap::new();
     let names: Vec<String> = dump.names().map(str::to_owned).collect();
     for name in names {
-        let tensor = dump.tensor(&name)?.expect("listed names exist");
         let Some(map) = map else {
             match parse_name(&name) {
                 Some(at) => {
-                    out.stages.insert(at, tensor);
+                    let tensor = dump.tensor(&name)?.expect("listed names exist");
+                    out.insert(at, tensor, name)?;
                 }
                 None => out.unmapped.push(name),
             }
@@ -374,7 +454,7 @@ pub fn map_dump(dump: &Dump, map: Option<&DumpMap>) -> Result<MappedDump, MapErr
             continue;
         }
         let stage = rule.stage.expect("validated at load: stage or skip");
-        let mut t = tensor;
+        let mut t = dump.tensor(&name)?.expect("listed names exist");
         let transform = |message: String| MapError::Transform {
             name: name.clone(),
             message,
@@ -387,15 +467,31 @@ pub fn map_dump(dump: &Dump, map: Option<&DumpMap>) -> Result<MappedDump, MapErr
         }
         let key = StageKey::new(caps.layer, stage);
         let at = (caps.step.unwrap_or(0), key);
+        if rule.mask_future {
+            out.mask_future.insert(at);
+        }
         match caps.head {
-            Some(h) => parts
-                .entry(at)
-                .or_insert_with(|| (i, Vec::new()))
-                .1
-                .push((h, t)),
-            None => {
-                out.stages.insert(at, t);
+            Some(h) => {
+                let entry = parts.entry(at).or_insert_with(|| (i, Vec::new()));
+                if entry.0 != i {
+                    return Err(MapError::Duplicate {
+                        first: map.tensors[entry.0].name.clone(),
+                        second: name,
+                        stage: key,
+                        step: at.0,
+                    });
+                }
+                if entry.1.iter().any(|(seen, _)| *seen == h) {
+                    return Err(MapError::Duplicate {
+                        first: format!("{} (head {h})", rule.name),
+                        second: name,
+                        stage: key,
+                        step: at.0,
+                    });
+                }
+                entry.1.push((h, t));
             }
+            None => out.insert(at, t, name)?,
         }
     }
     for (at, (rule, heads)) in parts {
@@ -404,9 +500,26 @@ pub fn map_dump(dump: &Dump, map: Option<&DumpMap>) -> Result<MappedDump, MapErr
             .heads
             .expect("validated: {H} goes with heads");
         let joined = join_heads(&map.tensors[rule].name, heads, how)?;
-        out.stages.insert(at, joined);
+        out.insert(at, joined, map.tensors[rule].name.clone())?;
     }
     Ok(out)
+}
+
+impl MappedDump {
+    /// Adds a stage's tensor, refusing a second one for the same place.
+    fn insert(&mut self, at: (usize, StageKey), t: Tensor, name: String) -> Result<(), MapError> {
+        if let Some(first) = self.sources.get(&at) {
+            return Err(MapError::Duplicate {
+                first: first.clone(),
+                second: name,
+                stage: at.1,
+                step: at.0,
+            });
+        }
+        self.sources.insert(at, name);
+        self.stages.insert(at, t);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -454,9 +567,25 @@ mod tests {
     }
 
     #[test]
-    fn reshape_infers_one_axis() {
+    fn reshape_infers_one_axis_and_zero_keeps_one() {
         let t = Tensor::new(vec![6], vec![0.; 6]);
         assert_eq!(reshape(t.clone(), &[-1, 3]).unwrap().shape, vec![2, 3]);
-        assert!(reshape(t, &[4, -1]).is_err());
+        assert!(reshape(t.clone(), &[4, -1]).is_err());
+        let t = Tensor::new(vec![2, 3, 4], vec![0.; 24]);
+        assert_eq!(reshape(t.clone(), &[0, -1]).unwrap().shape, vec![2, 12]);
+        assert_eq!(
+            reshape(t.clone(), &[0, 0, 2, 2]).unwrap().shape,
+            vec![2, 3, 2, 2]
+        );
+        assert!(reshape(t, &[0, 0, 0, 0]).is_err(), "no fourth axis to keep");
+    }
+
+    #[test]
+    fn a_star_matches_any_run_and_backtracks() {
+        assert!(matches("*.kv_cache", "s1.layers.3.kv_cache").is_some());
+        assert!(matches("s{S}.*.k*", "s2.layers.4.kv").is_some_and(|c| c.step == Some(2)));
+        assert!(matches("a*b*c", "axxbyyc").is_some());
+        assert!(matches("a*b*c", "axxbyy").is_none());
+        assert!(matches("*", "").is_some());
     }
 }

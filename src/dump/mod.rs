@@ -41,31 +41,50 @@ pub struct DumpStep {
     pub tokens: Vec<u32>,
 }
 
-/// What a dump holds and how it was made.
+/// What a dump holds and how it was made. Only `steps` is required: a
+/// manifest another engine writes may leave the rest out.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// `divergence <version>`.
+    /// `divergence <version>` (or the writing tool's name).
+    #[serde(default)]
     pub tool: String,
     /// `reference` or `candidate` (or another engine's name).
+    #[serde(default)]
     pub engine: String,
     /// The engine's build description.
+    #[serde(default)]
     pub engine_build: String,
     /// The model file as given.
+    #[serde(default)]
     pub model_path: String,
-    /// Its sha256.
+    /// Its sha256 (hex); checked against `compare --model`.
+    #[serde(default)]
     pub model_sha256: String,
     /// The model's hyperparameters as the file states them.
+    #[serde(default)]
     pub model: Option<FileFacts>,
     /// The hyperparameters as the engine read them (candidates only).
     #[serde(default)]
     pub engine_config: Option<ModelConfig>,
+    /// The prompt text, when the run tokenized one (each engine with its
+    /// own tokenizer); absent when token ids were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// The stages the engine emits by design, when not every stage of the
+    /// arch (e.g. `["l_out", "result_norm", "logits"]`, or `[]` for an
+    /// engine that only gives the tokens it chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<Stage>>,
     /// Every step: positions and token ids.
     pub steps: Vec<DumpStep>,
     /// Always `free`: each engine fed itself.
+    #[serde(default = "free")]
     pub mode: Mode,
     /// Threads the engine used.
+    #[serde(default = "one")]
     pub threads: usize,
     /// The KV cache type.
+    #[serde(default)]
     pub kv_type: KvType,
     /// bitnet.cpp's build, for reference dumps.
     #[serde(default)]
@@ -74,6 +93,54 @@ pub struct Manifest {
     /// that were asked for.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
+}
+
+fn free() -> Mode {
+    Mode::Free
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The most positions a dump's steps may cover (a run's context is at most
+/// a few thousand).
+pub const MAX_POSITIONS: usize = 1 << 20;
+
+impl Manifest {
+    /// Checks the steps are a run: numbered 0, 1, 2... in order, none twice,
+    /// each with at least one token, each starting where the last ended.
+    pub fn check_steps(&self) -> Result<(), String> {
+        let mut pos = 0usize;
+        for (i, s) in self.steps.iter().enumerate() {
+            if s.step != i {
+                return Err(if self.steps[..i].iter().any(|p| p.step == s.step) {
+                    format!("step {} is listed twice", s.step)
+                } else {
+                    format!("the steps are not 0, 1, 2...: entry {i} is step {}", s.step)
+                });
+            }
+            if s.tokens.is_empty() {
+                return Err(format!("step {i} has no tokens"));
+            }
+            if s.pos0 != pos {
+                return Err(format!(
+                    "step {i} starts at position {}, but the steps before it end at {pos}",
+                    s.pos0
+                ));
+            }
+            pos = pos.saturating_add(s.tokens.len());
+            if pos > MAX_POSITIONS {
+                return Err(format!(
+                    "the steps cover more than {MAX_POSITIONS} positions"
+                ));
+            }
+        }
+        if self.steps.is_empty() {
+            return Err("it lists no steps".into());
+        }
+        Ok(())
+    }
 }
 
 /// What can go wrong reading or writing a dump.
@@ -351,7 +418,7 @@ impl Dump {
     pub fn open(path: &Path) -> Result<Dump, DumpError> {
         let mut bytes = Vec::new();
         // A regular file only: a FIFO or `/dev/zero` would block or never end.
-        crate::infile::open_regular(path)
+        crate::input::open_regular(path, u64::MAX, "dump")
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(|source| DumpError::Io {
                 path: path.to_path_buf(),

@@ -67,7 +67,7 @@ impl GgufFile {
             source,
         };
         // A FIFO would block in open(2), a device has nothing to map.
-        let file = crate::infile::open_regular(path).map_err(io)?;
+        let file = crate::input::open_regular(path, u64::MAX, "GGUF file").map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let storage = if len == 0 {
             // Mapping an empty file fails on some platforms; there is nothing to map.

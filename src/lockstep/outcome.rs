@@ -105,16 +105,43 @@ pub struct StepCoverage {
     pub step: usize,
     /// Stages the arch implies for a step.
     pub expected: usize,
-    /// Stages judged in this step.
+    /// Stages judged in this step on the candidate's side.
     pub judged: usize,
     /// Stages not judged because the run stopped at the divergence.
     pub after_divergence: usize,
+    /// Expected stages the candidate does not emit by design (outside the
+    /// verdict's scope: the oracle recomputes across them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub outside_scope: usize,
     /// Expected stages the reference did not produce.
     pub missing_reference: Vec<StageKey>,
-    /// Expected stages the candidate did not emit.
+    /// Expected stages the candidate declares (or, without a declaration,
+    /// every stage) but did not emit.
     pub missing_candidate: Vec<StageKey>,
     /// Stages the candidate emitted that the arch does not have.
     pub unexpected_candidate: Vec<StageKey>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// What the candidate emits when it is not every stage: the finest unit its
+/// verdict can name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scope {
+    /// The stages it emits (declared in its manifest or inferred from the map).
+    pub stages: Vec<Stage>,
+    /// `stage` (every stage), `layer` (layer outputs: a bug is placed in
+    /// its layer), `model` (only model-level stages), `tokens` (only the
+    /// tokens it chose: judged by their ranks under the reference).
+    pub granularity: String,
+    /// The sentence a reader sees, e.g. "judged at layer granularity".
+    pub note: String,
 }
 
 /// Whether everything a clean verdict vouches for was judged.
@@ -124,9 +151,14 @@ pub struct Coverage {
     pub complete: bool,
     /// Per step.
     pub steps: Vec<StepCoverage>,
-    /// Reference graph nodes that map to no stage and are not known
-    /// auxiliaries (views, cache copies): listed, never dropped.
+    /// Reference graph nodes (or reference dump tensors) that map to no
+    /// stage and are not known auxiliaries (views, cache copies): listed,
+    /// never dropped.
     pub unmapped_reference_nodes: Vec<String>,
+    /// What the candidate emits, when not every stage: outside it the
+    /// verdict says nothing stage by stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
     /// What else was not judged, in words.
     pub notes: Vec<String>,
 }
@@ -138,20 +170,31 @@ pub struct StageResult {
     pub layer: Option<usize>,
     /// The stage.
     pub stage: Stage,
-    /// Local error (resync: the stage on the reference's inputs): NMSE.
-    pub nmse: f64,
-    /// Local error: largest absolute difference.
-    pub max_abs: f64,
-    /// Local error: bit-identical.
-    pub exact: bool,
-    /// Passed its rule.
+    /// No side beyond its local rule.
     pub pass: bool,
-    /// Free mode: the propagated error (each engine on its own inputs): NMSE.
+    /// The candidate's local error: its NMSE against the oracle on its own
+    /// inputs (none: it did not emit the stage, or the oracle could not
+    /// recompute it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub propagated_nmse: Option<f64>,
-    /// Free mode: the propagated error is within the policy's free-run rule.
+    pub candidate_local_nmse: Option<f64>,
+    /// The reference's local error, the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub propagated_pass: Option<bool>,
+    pub reference_local_nmse: Option<f64>,
+    /// The candidate's local error was measured across stages it does not
+    /// emit (recomputed by the oracle).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub across_gap: bool,
+    /// Side against side: NMSE (resync: on the same inputs; free mode and
+    /// dumps: the drift). None when one side did not emit the stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nmse: Option<f64>,
+    /// Side against side: the largest absolute difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs: Option<f64>,
+    /// Side against side: bit-identical.
+    pub exact: bool,
+    /// Side against side within the policy's resync (or free-run) rule.
+    pub agree: bool,
 }
 
 /// Every stage judged in one step.
@@ -167,17 +210,6 @@ pub struct StepRecord {
     pub stages: Vec<StageResult>,
 }
 
-/// The propagated (free-run) error of one (layer, stage) over the steps.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PropagatedSummary {
-    /// Within the free-run rule at every step.
-    pub all_pass: bool,
-    /// Worst NMSE.
-    pub worst_nmse: f64,
-    /// Worst largest absolute difference.
-    pub worst_max_abs: f64,
-}
-
 /// One (layer, stage) aggregated over the steps compared so far.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageSummary {
@@ -185,34 +217,81 @@ pub struct StageSummary {
     pub layer: Option<usize>,
     /// The stage.
     pub stage: Stage,
-    /// The policy class it was judged by.
+    /// The class of its side-against-side rule.
     pub class: compare::Class,
     /// Steps judged.
     pub steps: usize,
-    /// Passed at every step.
+    /// No side beyond its local rule at any step.
     pub all_pass: bool,
-    /// Bit-identical at every step.
-    pub all_exact: bool,
-    /// Worst local NMSE.
-    pub worst_nmse: f64,
-    /// Worst local largest absolute difference.
-    pub worst_max_abs: f64,
-    /// Worst local ULP distance.
-    pub worst_max_ulp: u64,
-    /// Free mode: the propagated error.
+    /// The candidate's worst local error over the stage's rounding level
+    /// (its own inputs; stages judged across a gap are not counted here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub propagated: Option<PropagatedSummary>,
+    pub worst_candidate_over_rounding: Option<f64>,
+    /// The reference's, the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_reference_over_rounding: Option<f64>,
+    /// Tied activation codes over the steps, both sides (I2_S stages).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ties: usize,
+    /// Side against side: bit-identical at every step.
+    pub all_exact: bool,
+    /// Side against side: within its rule at every step.
+    pub all_agree: bool,
+    /// Side against side: worst NMSE.
+    pub worst_nmse: f64,
+    /// Side against side: worst largest absolute difference.
+    pub worst_max_abs: f64,
+    /// Side against side: worst ULP distance.
+    pub worst_max_ulp: u64,
+}
+
+/// How far the two runs grew apart when each fed itself (free mode,
+/// dumps): reported, never the divergence by itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    /// Per layer, the worst side-against-side NMSE of `l_out` over the steps.
+    pub l_out_by_layer: Vec<f64>,
+    /// Per step, the side-against-side NMSE of the logits.
+    pub logits_by_step: Vec<f64>,
+    /// Stages whose drift exceeds the policy's free-run bound (first eight).
+    pub beyond_free_run_bound: Vec<StageKey>,
+    /// From this step on the two sides were fed different tokens (their
+    /// greedy choices differed): side against side compares different
+    /// computations from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fed_different_tokens_from: Option<usize>,
 }
 
 /// Which error a divergence was found in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Measured {
-    /// The stage computed on the reference's inputs (resync, and free
-    /// mode's resynced twin): where an error is born.
+    /// A side against the oracle on its own direct inputs: where an error
+    /// is born.
     Local,
-    /// Each engine on its own inputs (an offline dump comparison).
-    Propagated,
+    /// A side against the oracle across stages it does not emit: the
+    /// divergence is placed at the granularity the side allows.
+    AcrossGap,
+    /// The oracle could not recompute the stage: side against side.
+    SideVsSide,
+    /// The prompt's token ids differ.
+    Tokens,
+}
+
+/// The local bound a divergence failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LocalBound {
+    /// Error over rounding at most `max`.
+    OverRounding {
+        /// The bound.
+        max: f64,
+    },
+    /// NMSE against the oracle across a gap at most `max`.
+    AcrossGapNmse {
+        /// The bound.
+        max: f64,
+    },
 }
 
 /// The first stage that failed its rule.
@@ -220,9 +299,9 @@ pub enum Measured {
 pub struct Divergence {
     /// The step.
     pub step: usize,
-    /// Positions of the step's batch (absolute), and the worst one.
+    /// Positions of the step's batch (absolute).
     pub positions: Vec<usize>,
-    /// The position of the worst element.
+    /// The first position beyond the rule (absolute).
     pub position: usize,
     /// The layer (none for model-level stages).
     pub layer: Option<usize>,
@@ -230,19 +309,52 @@ pub struct Divergence {
     pub stage: Stage,
     /// The reference's shape (canonical layout).
     pub shape: Vec<usize>,
-    /// The rule it failed.
-    pub rule: policy::Rule,
-    /// Which error the rule judged.
+    /// What was measured.
     pub measured: Measured,
-    /// The metrics.
-    pub metrics: Metrics,
-    /// Free mode: the propagated error at the same stage.
+    /// The local bound that decided (none for token and side-against-side
+    /// divergences).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub propagated: Option<Metrics>,
-    /// The elements that differ most, with the oracle's values.
+    pub bound: Option<LocalBound>,
+    /// The candidate against the oracle on its own inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_local: Option<compare::local::LocalError>,
+    /// The reference against the oracle on its own inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_local: Option<compare::local::LocalError>,
+    /// The side-against-side rule at this stage.
+    pub rule: policy::Rule,
+    /// The two sides against each other (none when one did not emit it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// The elements where the blamed side is farthest from the oracle, with
+    /// both sides' values and the oracle's.
     pub worst: Vec<WorstElement>,
     /// Which side is wrong, and why.
     pub blame: BlameReport,
+}
+
+impl Divergence {
+    /// The blamed side's local error: beyond its rule on its own inputs.
+    pub fn blamed_local(&self) -> Option<&compare::local::LocalError> {
+        match self.blame.blame {
+            compare::Blame::Reference => self.reference_local.as_ref(),
+            _ => self
+                .candidate_local
+                .as_ref()
+                .filter(|e| !e.pass)
+                .or(self.reference_local.as_ref().filter(|e| !e.pass))
+                .or(self.candidate_local.as_ref()),
+        }
+    }
+
+    /// One number for how large the divergence is: the blamed side's NMSE
+    /// against the oracle, else the two sides' NMSE (0 for token divergences).
+    pub fn nmse(&self) -> f64 {
+        self.blamed_local()
+            .map(|e| e.nmse)
+            .or(self.metrics.as_ref().map(|m| m.nmse))
+            .unwrap_or(0.0)
+    }
 }
 
 /// A greedy decode choice that differed.
@@ -331,6 +443,8 @@ pub struct Outcome {
     pub coverage: Coverage,
     /// Hyperparameters the candidate read differently from the file.
     pub config_check: Vec<ConfigMismatch>,
+    /// Free mode and dumps: how far the two runs grew apart.
+    pub drift: Option<Drift>,
     /// The reference's greedy tokens.
     pub generated_reference: Vec<u32>,
     /// The candidate's greedy tokens.
@@ -359,6 +473,10 @@ pub struct Outcome {
     pub candidate: CandidateInfo,
     /// F32/F16 tensors holding NaN or Inf: a warning, the run goes on.
     pub weight_warnings: Vec<String>,
+    /// What a reader should know that does not change the verdict (e.g.
+    /// the two dumps used different KV cache types, and how to match them).
+    #[serde(default)]
+    pub remarks: Vec<String>,
     /// Per position, the two sides' next-token distributions compared (KL,
     /// top tokens): a few numbers per position, never the vocabulary. Not
     /// part of a receipt; `divergence sweep` gathers them over a corpus.
@@ -400,6 +518,7 @@ impl Outcome {
             steps: vec![],
             coverage: Coverage::default(),
             config_check: vec![],
+            drift: None,
             generated_reference: vec![],
             generated_candidate: vec![],
             token_disagreements: vec![],
@@ -414,18 +533,14 @@ impl Outcome {
             recipe: None,
             candidate: CandidateInfo::default(),
             weight_warnings: vec![],
+            remarks: vec![],
             logit_positions: vec![],
             timings: Timings::default(),
         }
     }
 
     /// Records a failing stage: the first divergence, or one more after it.
-    /// At the embeddings of step 0 with prompts that differ, the token
-    /// check's blame replaces the oracle's.
-    pub(crate) fn record_divergence(&mut self, step: usize, mut div: Divergence) {
-        if step == 0 && !self.tokens.equal && div.stage == crate::trace::Stage::TokEmbd {
-            div.blame = super::token_blame(&self.tokens);
-        }
+    pub(crate) fn record_divergence(&mut self, _step: usize, div: Divergence) {
         if self.first_divergence.is_none() {
             self.first_divergence = Some(div);
         } else {
@@ -456,34 +571,47 @@ impl StageSummary {
             class,
             steps: 0,
             all_pass: true,
+            worst_candidate_over_rounding: None,
+            worst_reference_over_rounding: None,
+            ties: 0,
             all_exact: true,
+            all_agree: true,
             worst_nmse: 0.0,
             worst_max_abs: 0.0,
             worst_max_ulp: 0,
-            propagated: None,
         }
     }
 
-    /// Adds one step's local metrics.
-    pub(crate) fn add_local(&mut self, pass: bool, m: &Metrics) {
+    /// Adds one step's judgement of the stage.
+    pub(crate) fn add(&mut self, j: &compare::judge::StageJudgement) {
+        let worst =
+            |acc: Option<f64>, l: &Option<Result<compare::local::LocalError, String>>| match l {
+                Some(Ok(e)) if e.recomputed.is_empty() => Some(metrics::finite_or_max(
+                    acc.unwrap_or(0.0).max(e.over_rounding),
+                )),
+                _ => acc,
+            };
+        let ties = |l: &Option<Result<compare::local::LocalError, String>>| match l {
+            Some(Ok(e)) => e.ties,
+            _ => 0,
+        };
         self.steps += 1;
-        self.all_pass &= pass;
-        self.all_exact &= m.exact;
-        self.worst_nmse = metrics::finite_or_max(self.worst_nmse.max(m.nmse));
-        self.worst_max_abs = metrics::finite_or_max(self.worst_max_abs.max(m.max_abs));
-        self.worst_max_ulp = self.worst_max_ulp.max(m.max_ulp);
-    }
-
-    /// Adds one step's propagated metrics.
-    pub(crate) fn add_propagated(&mut self, pass: bool, m: &Metrics) {
-        let p = self.propagated.get_or_insert(PropagatedSummary {
-            all_pass: true,
-            worst_nmse: 0.0,
-            worst_max_abs: 0.0,
-        });
-        p.all_pass &= pass;
-        p.worst_nmse = metrics::finite_or_max(p.worst_nmse.max(m.nmse));
-        p.worst_max_abs = metrics::finite_or_max(p.worst_max_abs.max(m.max_abs));
+        self.all_pass &= j.pass;
+        self.worst_candidate_over_rounding =
+            worst(self.worst_candidate_over_rounding, &j.candidate);
+        self.worst_reference_over_rounding =
+            worst(self.worst_reference_over_rounding, &j.reference);
+        self.ties += ties(&j.candidate) + ties(&j.reference);
+        self.all_agree &= j.agree;
+        match &j.sides {
+            Some(m) => {
+                self.all_exact &= m.exact;
+                self.worst_nmse = metrics::finite_or_max(self.worst_nmse.max(m.nmse));
+                self.worst_max_abs = metrics::finite_or_max(self.worst_max_abs.max(m.max_abs));
+                self.worst_max_ulp = self.worst_max_ulp.max(m.max_ulp);
+            }
+            None => self.all_exact = false,
+        }
     }
 }
 

@@ -63,8 +63,9 @@ impl FileFacts {
 }
 
 /// How an arch computes, as far as the oracle needs to know.
+#[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ArchMath {
+pub struct ArchMath {
     /// RoPE pairs (i, i + d/2) (NEOX) rather than (2i, 2i + 1).
     pub neox: bool,
     /// `relu(gate)²` rather than `silu(gate)`.
@@ -129,27 +130,39 @@ impl Dense<'_> {
         self.f16
     }
 
-    /// Row `r` widened to f64 (exact for both F16 and F32).
-    pub fn row(&self, r: usize) -> Vec<f64> {
+    /// Row `r` widened to f64 into `out` (exact for both F16 and F32).
+    pub fn row_into(&self, r: usize, out: &mut [f64]) {
         let width = if self.f16 { 2 } else { 4 };
         let bytes = &self.data[r * self.n_in * width..(r + 1) * self.n_in * width];
         if self.f16 {
-            bytes
-                .chunks_exact(2)
-                .map(|b| f64::from(half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
-                .collect()
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f64::from(half::f16::from_le_bytes([b[0], b[1]]));
+            }
         } else {
-            bytes
-                .chunks_exact(4)
-                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                .collect()
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
         }
+    }
+
+    /// The largest |w| of every row (one pass over the matrix, in parallel).
+    pub fn row_max(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        (0..self.rows)
+            .into_par_iter()
+            .map(|r| {
+                let mut row = vec![0f64; self.n_in];
+                self.row_into(r, &mut row);
+                row.iter().fold(0f64, |m, v| m.max(v.abs())) as f32
+            })
+            .collect()
     }
 }
 
 /// The model as the oracle reads it.
+#[derive(Clone)]
 pub struct OracleModel<'f> {
-    file: &'f GgufFile,
+    pub(crate) file: &'f GgufFile,
     /// What the file says.
     pub facts: FileFacts,
     pub(crate) math: ArchMath,

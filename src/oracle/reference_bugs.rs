@@ -18,14 +18,15 @@
 //!   ffn_down row).
 
 use super::model::Ternary;
-use super::{quantize_activations, Oracle, OracleInputs};
+use super::ternary::quantize_activations;
+use super::{Oracle, OracleInputs};
 use crate::trace::Stage;
 
 /// Values per I2_S block; blocks whose 16-bit sums the kernel keeps.
 const BLOCK: usize = 128;
 const WRAP_GROUP_BLOCKS: usize = 32;
 
-impl Oracle<'_> {
+impl Oracle {
     /// Why the reference's output of an I2_S stage is what it is, when a
     /// known bug of its mat-vec reproduces it exactly; `None` otherwise (a
     /// stage that is not a projection, a missing input, or no known bug
@@ -38,7 +39,8 @@ impl Oracle<'_> {
         reference: &[f32],
     ) -> Option<String> {
         let l = layer?;
-        let sub_norms = self.model.math.sub_norms;
+        let model = self.model();
+        let sub_norms = model.math.sub_norms;
         let (stem, input) = match stage {
             Stage::QProj => ("attn_q", Stage::AttnNorm),
             Stage::KProj => ("attn_k", Stage::AttnNorm),
@@ -51,7 +53,7 @@ impl Oracle<'_> {
             Stage::FfnDown => ("ffn_down", Stage::FfnMul),
             _ => return None,
         };
-        let m = self.model.ternary(l, stem)?;
+        let m = model.ternary(l, stem)?;
         let x = inputs.current(layer, input)?;
         if m.n_in == 0
             || !x.len().is_multiple_of(m.n_in)

@@ -10,8 +10,9 @@ use crate::candidate::{BuiltinCandidate, CandidateLoader, KvSemantics};
 use crate::compare::Policy;
 use crate::engine::Fault;
 use crate::lockstep::{
-    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Mode, Outcome, Prompt, RunConfig,
-    RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault, Verdict,
+    self, CandidateFailure, ConfigMismatch, Coverage, Divergence, Drift, Mode, Outcome, Prompt,
+    RunConfig, RunError, StageSummary, StepRecord, TokenCheck, TokenDisagreement, TokenFault,
+    Verdict,
 };
 use crate::model::{KvType, ModelConfig};
 use crate::oracle::FileFacts;
@@ -23,7 +24,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// The receipt format's version, written as `schema_version`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// The JSON Schema every receipt validates against.
 pub const SCHEMA: &str = include_str!("../../receipts/schema.json");
 
@@ -66,10 +67,17 @@ pub struct Receipt {
     pub coverage: Coverage,
     /// Hyperparameters the candidate read differently from the file.
     pub config_check: Vec<ConfigMismatch>,
+    /// Free mode and dumps: how far the two runs grew apart (reported, never
+    /// the divergence by itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
     /// The greedy tokens each side chose.
     pub generated: Generated,
     /// F32/F16 weights holding NaN or Inf (the run went on).
     pub weight_warnings: Vec<String>,
+    /// What a reader should know that does not change the verdict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remarks: Vec<String>,
     /// Why bitnet.cpp failed, if it did.
     pub reference_failure: Option<String>,
     /// How the candidate failed, if it did.
@@ -186,6 +194,10 @@ pub struct Volatile {
     /// Wall times of the run's phases and peak memory.
     pub timings: crate::lockstep::Timings,
 }
+
+/// The largest receipt read: the largest checked in is 120 KB, and
+/// `--keep-going` over thousands of steps stays well below this.
+pub const MAX_RECEIPT_BYTES: u64 = 64 << 20;
 
 impl Receipt {
     /// Runs what `record` describes (the lockstep comparison) and builds the
@@ -343,12 +355,14 @@ impl Receipt {
             step_results: outcome.steps,
             coverage: outcome.coverage,
             config_check: outcome.config_check,
+            drift: outcome.drift,
             generated: Generated {
                 reference: outcome.generated_reference,
                 candidate: outcome.generated_candidate,
                 disagreements: outcome.token_disagreements,
             },
             weight_warnings: outcome.weight_warnings,
+            remarks: outcome.remarks,
             reference_failure: outcome.reference_failure,
             candidate_failure: outcome.candidate_failure,
             offline: None,
@@ -369,9 +383,9 @@ impl Receipt {
         s
     }
 
-    /// Reads and parses a receipt file.
+    /// Reads and parses a receipt file (at most [`MAX_RECEIPT_BYTES`]).
     pub fn read(path: &Path) -> Result<Receipt, ReceiptError> {
-        let text = crate::infile::read_text(path, crate::infile::Limit::RECEIPT)
+        let text = crate::input::read_text(path, MAX_RECEIPT_BYTES, "receipt")
             .map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
         Self::parse(&text).map_err(|e| ReceiptError::Parse(path.to_path_buf(), e))
     }
@@ -597,7 +611,7 @@ fn hash_cache_dir() -> Option<PathBuf> {
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
     // A FIFO or a device (`/dev/zero`) would be read forever.
-    let file = crate::infile::open_regular(path)?;
+    let file = crate::input::open_regular(path, u64::MAX, "model")?;
     let meta = file.metadata()?;
     let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
     let key = CachedHash {

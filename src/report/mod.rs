@@ -77,7 +77,7 @@ fn comparison_table(receipts: &[(String, Receipt)]) -> String {
         let (place, nmse, blame) = match (&r.first_divergence, r.verdict) {
             (Some(d), _) => (
                 receipt::divergence_place(d),
-                sci(d.metrics.nmse),
+                sci(d.nmse()),
                 format!("{:?}", d.blame.blame).to_lowercase(),
             ),
             (None, crate::lockstep::Verdict::CandidateFailed) => (

@@ -5,7 +5,9 @@
 use super::html::{esc, layer_name, sci};
 use super::svg::{self, Cell, CellValue, Heatmap, Series};
 use crate::compare::{Blame, Metrics};
-use crate::lockstep::{Divergence, Mode, Prompt, StepRecord, TokenSource, Verdict};
+use crate::lockstep::{
+    Divergence, LocalBound, Measured, Mode, Prompt, StepRecord, TokenSource, Verdict,
+};
 use crate::receipt::Receipt;
 use crate::sweep::verdict_name;
 use crate::trace::Stage;
@@ -160,9 +162,9 @@ fn headline(r: &Receipt) -> String {
             Some(d) => {
                 let _ = write!(
                     s,
-                    r#"<div class="banner"><b>First divergence:</b> {} — NMSE {}, blame <b>{}</b></div>"#,
+                    r#"<div class="banner"><b>First divergence:</b> {} — {}, blame <b>{}</b></div>"#,
                     esc(&divergence_place(d)),
-                    sci(d.metrics.nmse),
+                    esc(&divergence_size(d)),
                     blame_name(d.blame.blame)
                 );
             }
@@ -190,6 +192,39 @@ fn headline(r: &Receipt) -> String {
         );
     }
     s
+}
+
+/// How far the blamed side is off, in the unit that decided.
+fn divergence_size(d: &Divergence) -> String {
+    let blamed = match d.blame.blame {
+        Blame::Reference => d.reference_local.as_ref(),
+        _ => d
+            .candidate_local
+            .as_ref()
+            .filter(|e| !e.pass)
+            .or(d.reference_local.as_ref()),
+    };
+    match (d.measured, blamed) {
+        (Measured::Tokens, _) => "the prompt's token ids differ".into(),
+        (Measured::AcrossGap, Some(e)) => format!(
+            "NMSE {} against the oracle across {} recomputed stage(s)",
+            sci(e.nmse),
+            e.recomputed.len()
+        ),
+        (_, Some(e)) => format!(
+            "{} its rounding level on its own inputs (NMSE {} vs the oracle)",
+            sci_x(e.over_rounding),
+            sci(e.nmse)
+        ),
+        (_, None) => format!(
+            "side against side NMSE {}",
+            d.metrics.as_ref().map_or("-".into(), |m| sci(m.nmse))
+        ),
+    }
+}
+
+fn sci_x(v: f64) -> String {
+    format!("{}x", sci(v))
 }
 
 fn blame_name(b: Blame) -> &'static str {
@@ -263,8 +298,9 @@ fn run_facts(r: &Receipt) -> String {
         &mut s,
         "mode",
         match r.run.mode {
-            Mode::Free => "free (each engine feeds itself; a resynced twin measures local error)",
-            Mode::Resync => "resync (each stage on the reference's inputs)",
+            Mode::Free if r.offline.is_some() => "offline comparison of two dumps (each engine fed itself; each side judged against the f64 oracle on its own inputs)",
+            Mode::Free => "free (each engine feeds itself; each side judged against the f64 oracle on its own inputs)",
+            Mode::Resync => "resync (each stage on the reference's inputs; each side also judged against the f64 oracle)",
         },
     );
     fact(
@@ -413,7 +449,7 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
         "shape (canonical layout)",
         &esc(&format!("{:?}", d.shape)),
     );
-    if let Some(shape) = &d.metrics.candidate_shape {
+    if let Some(shape) = d.metrics.as_ref().and_then(|m| m.candidate_shape.as_ref()) {
         fact(
             &mut s,
             "candidate shape",
@@ -425,39 +461,102 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
     }
     fact(
         &mut s,
-        "rule",
-        &esc(&format!(
-            "class {:?}, atol {}, rtol {}, max NMSE {}{} ({:?} error judged)",
-            d.rule.class,
-            d.rule.atol,
-            d.rule.rtol,
-            d.rule.max_nmse,
-            d.rule
-                .min_top1_agreement
-                .map_or(String::new(), |t| format!(", min top-1 agreement {t}")),
-            d.measured
-        )),
+        "measured",
+        &esc(&match d.measured {
+            Measured::Local => "each side against the f64 oracle on its own inputs".to_string(),
+            Measured::AcrossGap => {
+                "each side against the f64 oracle, recomputing the stages it does not emit"
+                    .to_string()
+            }
+            Measured::SideVsSide => {
+                "side against side (the oracle could not recompute the stage)".to_string()
+            }
+            Measured::Tokens => "the prompt's token ids".to_string(),
+        }),
     );
-    s.push_str("</dl>");
-    // Metrics, local and propagated side by side.
-    s.push_str("<table class=\"metrics\"><tr><th>metric</th><th>local</th>");
-    let prop = d.propagated.as_ref().map(metric_rows);
-    if prop.is_some() {
-        s.push_str("<th>propagated (free run)</th>");
+    if let Some(b) = &d.bound {
+        fact(
+            &mut s,
+            "local rule",
+            &esc(&match b {
+                LocalBound::OverRounding { max } => {
+                    format!("error over the stage's rounding level at most {max}")
+                }
+                LocalBound::AcrossGapNmse { max } => {
+                    format!("NMSE against the oracle across the gap at most {max:e}")
+                }
+            }),
+        );
     }
-    s.push_str("</tr>");
-    for (i, (name, v)) in metric_rows(&d.metrics).into_iter().enumerate() {
-        let _ = write!(s, "<tr><td>{name}</td><td class=\"num\">{}</td>", esc(&v));
-        if let Some(p) = &prop {
+    s.push_str("</dl>");
+    // Each side against the oracle on its own inputs.
+    let local_rows = |e: &crate::compare::local::LocalError| {
+        vec![
+            ("error over rounding", sci(e.over_rounding)),
+            ("NMSE vs oracle", sci(e.nmse)),
+            ("max |side − oracle|", sci(e.max_abs)),
+            (
+                "tied codes (taken)",
+                format!("{} ({})", e.ties, e.ties_taken),
+            ),
+            ("recomputed stages", e.recomputed.len().to_string()),
+            ("within the rule", e.pass.to_string()),
+        ]
+    };
+    if d.candidate_local.is_some() || d.reference_local.is_some() {
+        s.push_str("<table class=\"metrics\"><tr><th>local error</th><th>candidate</th><th>reference</th></tr>");
+        let c = d.candidate_local.as_ref().map(local_rows);
+        let r_ = d.reference_local.as_ref().map(local_rows);
+        let n = c.as_ref().or(r_.as_ref()).map_or(0, Vec::len);
+        for i in 0..n {
+            let name = c.as_ref().or(r_.as_ref()).map_or("", |v| v[i].0);
+            let cell = |v: &Option<Vec<(&str, String)>>| {
+                v.as_ref().map_or("-".to_string(), |v| v[i].1.clone())
+            };
             let _ = write!(
                 s,
-                "<td class=\"num\">{}</td>",
-                esc(&p.get(i).map_or(String::new(), |x| x.1.clone()))
+                "<tr><td>{name}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                esc(&cell(&c)),
+                esc(&cell(&r_))
             );
         }
-        s.push_str("</tr>");
+        s.push_str("</table>");
     }
-    s.push_str("</table>");
+    // Side against side: agreement on the same inputs (resync) or drift.
+    if let Some(m) = &d.metrics {
+        let _ = write!(
+            s,
+            "<table class=\"metrics\"><tr><th>side against side</th><th>{}</th></tr>",
+            if r.run.mode == Mode::Resync {
+                "same inputs (resync)"
+            } else {
+                "drift (each fed itself)"
+            }
+        );
+        for (name, v) in metric_rows(m) {
+            let _ = write!(
+                s,
+                "<tr><td>{name}</td><td class=\"num\">{}</td></tr>",
+                esc(&v)
+            );
+        }
+        let _ = write!(
+            s,
+            "<tr><td>rule</td><td class=\"num\">{}</td></tr></table>",
+            esc(&format!(
+                "class {:?}, atol {}, rtol {}, max NMSE {}{}",
+                d.rule.class,
+                d.rule.atol,
+                d.rule.rtol,
+                d.rule
+                    .max_nmse
+                    .map_or("-".to_string(), |v| format!("{v:e}")),
+                d.rule
+                    .min_top1_agreement
+                    .map_or(String::new(), |t| format!(", min top-1 agreement {t}"))
+            ))
+        );
+    }
     // Worst elements, decoded.
     if !d.worst.is_empty() {
         let pos0 = d.positions.first().copied().unwrap_or(0);
@@ -489,13 +588,12 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), sci);
     fact(
         &mut s,
-        "reference NMSE vs oracle",
-        &opt(b.reference_nmse_vs_oracle),
-    );
-    fact(
-        &mut s,
-        "candidate NMSE vs oracle",
-        &opt(b.candidate_nmse_vs_oracle),
+        "NMSE vs oracle (own inputs)",
+        &format!(
+            "reference {}, candidate {}",
+            opt(b.reference_nmse_vs_oracle),
+            opt(b.candidate_nmse_vs_oracle)
+        ),
     );
     if b.reference_error_over_rounding.is_some() || b.candidate_error_over_rounding.is_some() {
         fact(
@@ -509,13 +607,16 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
         );
     }
     fact(&mut s, "reasoning", &esc(&b.reason));
+    if let Some(c) = &b.cause {
+        fact(&mut s, "cause", &esc(c));
+    }
     s.push_str("</dl></div>");
     s
 }
 
 fn later_divergences(r: &Receipt) -> String {
     let mut s = format!(
-        "<details><summary>{} later divergence(s) (--keep-going)</summary><table><tr><th>where</th><th>NMSE</th><th>blame</th></tr>",
+        "<details><summary>{} later divergence(s) (--keep-going)</summary><table><tr><th>where</th><th>size</th><th>blame</th></tr>",
         r.later_divergences.len()
     );
     for d in r.later_divergences.iter().take(200) {
@@ -523,7 +624,7 @@ fn later_divergences(r: &Receipt) -> String {
             s,
             "<tr><td>{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
             esc(&divergence_place(d)),
-            sci(d.metrics.nmse),
+            esc(&divergence_size(d)),
             blame_name(d.blame.blame)
         );
     }
@@ -531,9 +632,15 @@ fn later_divergences(r: &Receipt) -> String {
     s
 }
 
-/// The local (and in free mode the propagated) cells of one step.
-fn step_cells(r: &Receipt, step: &StepRecord, propagated: bool) -> Vec<Cell> {
+/// The cells of one step: the candidate's local error (against the oracle
+/// on its own inputs), or side against side.
+fn step_cells(r: &Receipt, step: &StepRecord, sides: bool) -> Vec<Cell> {
     let div = r.first_divergence.as_ref();
+    let pair = if r.run.mode == Mode::Resync {
+        "against the reference on the same inputs"
+    } else {
+        "drift from the reference"
+    };
     step.stages
         .iter()
         .filter_map(|x| {
@@ -543,51 +650,53 @@ fn step_cells(r: &Receipt, step: &StepRecord, propagated: bool) -> Vec<Cell> {
                 layer_name(x.layer),
                 x.stage
             );
-            if propagated {
-                let p = x.propagated_nmse?;
-                let failed = x.propagated_pass == Some(false);
-                Some(Cell {
-                    layer: x.layer,
-                    stage: x.stage,
-                    value: if p == 0.0 {
-                        CellValue::Exact
-                    } else {
-                        CellValue::Nmse(p)
-                    },
-                    failed,
-                    divergence: false,
-                    title: format!(
-                        "{where_}: propagated NMSE {}{}",
-                        sci(p),
-                        if failed {
-                            ", outside the free-run rule"
-                        } else {
-                            ""
-                        }
-                    ),
-                })
-            } else {
-                let is_div = div.is_some_and(|d| {
-                    d.step == step.step && d.layer == x.layer && d.stage == x.stage
-                });
+            let is_div = div.is_some_and(|d| {
+                d.step == step.step && d.layer == x.layer && d.stage == x.stage
+            });
+            if sides {
+                let v = x.nmse?;
                 Some(Cell {
                     layer: x.layer,
                     stage: x.stage,
                     value: if x.exact {
                         CellValue::Exact
                     } else {
-                        CellValue::Nmse(x.nmse)
+                        CellValue::Nmse(v)
+                    },
+                    failed: !x.agree,
+                    divergence: false,
+                    title: format!(
+                        "{where_}: {pair}: {}{}",
+                        if x.exact {
+                            "bit-exact".to_string()
+                        } else {
+                            format!(
+                                "NMSE {}, max abs {}",
+                                sci(v),
+                                x.max_abs.map_or("-".into(), sci)
+                            )
+                        },
+                        if x.agree { "" } else { ", outside the side-against-side rule" }
+                    ),
+                })
+            } else {
+                let v = x.candidate_local_nmse.or(x.reference_local_nmse)?;
+                Some(Cell {
+                    layer: x.layer,
+                    stage: x.stage,
+                    value: if v == 0.0 {
+                        CellValue::Exact
+                    } else {
+                        CellValue::Nmse(v)
                     },
                     failed: !x.pass,
                     divergence: is_div,
                     title: format!(
-                        "{where_}: {}{}{}",
-                        if x.exact {
-                            "bit-exact".to_string()
-                        } else {
-                            format!("NMSE {}, max abs {}", sci(x.nmse), sci(x.max_abs))
-                        },
-                        if x.pass { "" } else { ", FAILED its rule" },
+                        "{where_}: candidate NMSE {} against the oracle on its own inputs{}, reference {}{}{}",
+                        sci(v),
+                        if x.across_gap { " (across recomputed stages)" } else { "" },
+                        x.reference_local_nmse.map_or("-".into(), sci),
+                        if x.pass { "" } else { ", BEYOND its local rule" },
                         if is_div {
                             " — the first divergence"
                         } else {
@@ -630,13 +739,12 @@ fn heatmaps(id: usize, r: &Receipt) -> String {
         s.push_str("<p class=\"muted\">No step was judged.</p>");
         return s;
     }
-    let free = r
-        .step_results
-        .iter()
-        .any(|st| st.stages.iter().any(|x| x.propagated_nmse.is_some()));
-    if free {
-        s.push_str("<p class=\"muted\">Free mode: on the left of each pair the local error (the stage on the reference's inputs, where an error is born), on the right the propagated error (each engine on its own inputs: how it grows).</p>");
-    }
+    let free = r.run.mode != Mode::Resync;
+    s.push_str(if free {
+        "<p class=\"muted\">On the left of each pair the candidate's local error: its NMSE against the f64 oracle recomputed from its own inputs (where an error is born). On the right the drift: the candidate against the reference, each having fed itself (how far the runs grew apart; reported, not judged).</p>"
+    } else {
+        "<p class=\"muted\">On the left of each pair the candidate's local error: its NMSE against the f64 oracle on its inputs (the reference's, resynced). On the right the candidate against the reference on the same inputs (= where bit-identical).</p>"
+    });
     s.push_str(&svg::legend());
     let cols = svg::columns(
         r.step_results
@@ -649,12 +757,11 @@ fn heatmaps(id: usize, r: &Receipt) -> String {
         let local = step_cells(r, step, false);
         let _ = write!(
             s,
-            r#"<div class="heatmap-pair" data-step="{}"><figure><figcaption>step {} (positions {}..{}){}</figcaption>{}</figure>"#,
+            r#"<div class="heatmap-pair" data-step="{}"><figure><figcaption>step {} (positions {}..{}) · local</figcaption>{}</figure>"#,
             step.step,
             step.step,
             step.pos0,
             step.pos0 + step.n_tokens,
-            if free { " · local" } else { "" },
             Heatmap {
                 n_layer: layers,
                 columns: &cols,
@@ -665,23 +772,22 @@ fn heatmaps(id: usize, r: &Receipt) -> String {
             }
             .render()
         );
-        if free {
-            let prop = step_cells(r, step, true);
-            let _ = write!(
-                s,
-                r#"<figure><figcaption>step {} · propagated</figcaption>{}</figure>"#,
-                step.step,
-                Heatmap {
-                    n_layer: layers,
-                    columns: &cols,
-                    cells: &prop,
-                    kind: "propagated",
-                    step: Some(step.step),
-                    compact: false,
-                }
-                .render()
-            );
-        }
+        let sides = step_cells(r, step, true);
+        let _ = write!(
+            s,
+            r#"<figure><figcaption>step {} · {}</figcaption>{}</figure>"#,
+            step.step,
+            if free { "drift" } else { "side against side" },
+            Heatmap {
+                n_layer: layers,
+                columns: &cols,
+                cells: &sides,
+                kind: "sides",
+                step: Some(step.step),
+                compact: false,
+            }
+            .render()
+        );
         s.push_str("</div>");
     }
     s.push_str("</div>");
@@ -704,24 +810,32 @@ fn growth_series(r: &Receipt, stage: Stage) -> Vec<Series> {
         if xs.is_empty() {
             continue;
         }
-        let worst = xs.iter().map(|x| x.nmse).fold(0.0, f64::max);
-        let exact = xs.iter().all(|x| x.exact);
-        local.push((l, (!exact).then(|| svg::log10_nmse(worst))));
-        let ps: Vec<f64> = xs.iter().filter_map(|x| x.propagated_nmse).collect();
+        let local_worst = xs
+            .iter()
+            .filter_map(|x| x.candidate_local_nmse)
+            .fold(0.0, f64::max);
+        if xs.iter().any(|x| x.candidate_local_nmse.is_some()) {
+            local.push((l, (local_worst > 0.0).then(|| svg::log10_nmse(local_worst))));
+        }
+        let ps: Vec<f64> = xs.iter().filter_map(|x| x.nmse).collect();
         if !ps.is_empty() {
             let worst = ps.iter().copied().fold(0.0, f64::max);
             prop.push((l, (worst > 0.0).then(|| svg::log10_nmse(worst))));
         }
     }
     let mut out = vec![Series {
-        name: "local (worst step)".into(),
+        name: "candidate vs oracle, own inputs (worst step)".into(),
         color: "#1f5fa8",
         dashed: false,
         points: local,
     }];
     if !prop.is_empty() {
         out.push(Series {
-            name: "propagated (worst step)".into(),
+            name: if r.run.mode == Mode::Resync {
+                "candidate vs reference, same inputs (worst step)".into()
+            } else {
+                "drift: candidate vs reference (worst step)".into()
+            },
             color: "#c0392b",
             dashed: true,
             points: prop,

@@ -87,7 +87,7 @@ pub struct Heatmap<'a> {
     /// The judged cells; a slot without one stays grey, a cell outside the
     /// columns or rows is not drawn.
     pub cells: &'a [Cell],
-    /// `data-kind` of the cells: `local`, `propagated`, `p99`, ...
+    /// `data-kind` of the cells: `local`, `sides`, `p99`, ...
     pub kind: &'a str,
     /// `data-step` of the cells (none for corpus statistics).
     pub step: Option<usize>,

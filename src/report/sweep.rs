@@ -208,7 +208,7 @@ fn stages(sw: &Sweep) -> String {
         s.push_str("<p class=\"muted\">No stage was judged.</p>");
         return s;
     }
-    let free = sum.stages.iter().any(|d| d.propagated_nmse.is_some());
+    let sides = sum.stages.iter().any(|d| d.sides_nmse.is_some());
     let n_layer = sum
         .stages
         .iter()
@@ -222,18 +222,18 @@ fn stages(sw: &Sweep) -> String {
         .map(|d| Cell {
             layer: d.layer,
             stage: d.stage,
-            value: if d.exact_fraction >= 1.0 {
+            value: if d.local_nmse.max == 0.0 {
                 CellValue::Exact
             } else {
-                CellValue::Nmse(d.nmse.p99)
+                CellValue::Nmse(d.local_nmse.p99)
             },
             failed: d.pass_fraction < 1.0,
             divergence: false,
             title: format!(
-                "layer {} · {}: p99 NMSE {}, exact in {}, passed in {}",
+                "layer {} · {}: p99 local NMSE {} (candidate against the oracle on its own inputs), bit-exact with the reference in {}, within the local rule in {}",
                 layer_name(d.layer),
                 d.stage,
-                sci(d.nmse.p99),
+                sci(d.local_nmse.p99),
                 pct(d.exact_fraction),
                 pct(d.pass_fraction)
             ),
@@ -241,7 +241,7 @@ fn stages(sw: &Sweep) -> String {
         .collect();
     let _ = write!(
         s,
-        "<p class=\"muted\">The heatmap shows each (layer, stage)'s p99 local NMSE over every step of every prompt (= where every sample was bit-exact; red border where some sample failed its rule).</p>{}<figure>{}</figure>",
+        "<p class=\"muted\">The heatmap shows each (layer, stage)'s p99 local NMSE over every step of every prompt: the candidate against the f64 oracle on its own inputs (= where it was exact; red border where some sample was beyond its local rule).</p>{}<figure>{}</figure>",
         svg::legend(),
         Heatmap {
             n_layer,
@@ -253,9 +253,9 @@ fn stages(sw: &Sweep) -> String {
         }
         .render()
     );
-    s.push_str("<table class=\"stage-distribution\"><tr><th>layer</th><th>stage</th><th>samples</th><th>median</th><th>p90</th><th>p99</th><th>max</th><th>exact</th><th>passed</th>");
-    if free {
-        s.push_str("<th>propagated median</th><th>propagated p90</th><th>propagated p99</th><th>propagated max</th>");
+    s.push_str("<table class=\"stage-distribution\"><tr><th>layer</th><th>stage</th><th>samples</th><th>local median</th><th>local p90</th><th>local p99</th><th>local max</th><th>bit-exact</th><th>passed</th>");
+    if sides {
+        s.push_str("<th>side vs side median</th><th>p90</th><th>p99</th><th>max</th>");
     }
     s.push_str("</tr>");
     for d in &sum.stages {
@@ -264,16 +264,16 @@ fn stages(sw: &Sweep) -> String {
             "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>",
             layer_name(d.layer),
             d.stage,
-            d.nmse.samples,
-            sci(d.nmse.median),
-            sci(d.nmse.p90),
-            sci(d.nmse.p99),
-            sci(d.nmse.max),
+            d.local_nmse.samples,
+            sci(d.local_nmse.median),
+            sci(d.local_nmse.p90),
+            sci(d.local_nmse.p99),
+            sci(d.local_nmse.max),
             pct(d.exact_fraction),
             pct(d.pass_fraction)
         );
-        if free {
-            match &d.propagated_nmse {
+        if sides {
+            match &d.sides_nmse {
                 Some(p) => {
                     let _ = write!(
                         s,
@@ -303,7 +303,7 @@ fn max_kl(p: &PromptResult) -> f64 {
 fn worst_local(p: &PromptResult) -> f64 {
     p.steps
         .iter()
-        .flat_map(|s| s.stages.iter().map(|x| x.nmse))
+        .flat_map(|s| s.stages.iter().filter_map(|x| x.candidate_local_nmse))
         .fold(0.0, f64::max)
 }
 

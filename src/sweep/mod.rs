@@ -2,7 +2,8 @@
 //! of them.
 //!
 //! One prompt proves little. A sweep runs every prompt of a corpus
-//! ([`corpus`]) through [`crate::lockstep::run`] and keeps, per prompt, the
+//! ([`corpus`]) through one [`crate::lockstep::Session`] (both engines
+//! loaded once, caches cleared between prompts) and keeps, per prompt, the
 //! verdict, the first divergence, every judged (layer, stage) of every step
 //! and, for every position, the two sides' next-token distributions
 //! compared (KL and top tokens). Over the corpus it reports per (layer,
@@ -29,7 +30,7 @@ use crate::candidate::BuiltinCandidate;
 use crate::compare::{Blame, Policy};
 use crate::engine::Fault;
 use crate::lockstep::{
-    self, Measured, Mode, PositionLogits, Prompt, RunConfig, RunError, StepRecord, Verdict,
+    self, Measured, Mode, PositionLogits, Prompt, RunConfig, RunError, Session, StepRecord, Verdict,
 };
 use crate::model::KvType;
 use crate::receipt::{self, Generated, Receipt, RunRecord};
@@ -44,6 +45,8 @@ use std::time::Instant;
 pub const FORMAT: &str = "divergence-sweep";
 /// The version of the sweep file's layout.
 pub const SCHEMA_VERSION: u32 = 1;
+/// The largest sweep file (or shard) read.
+pub const MAX_SWEEP_BYTES: u64 = 256 << 20;
 
 /// A sweep file: what ran, the statistics, every prompt's raw results.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -331,41 +334,64 @@ pub fn run(
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     };
     let mut interrupted = false;
+    let record_of = |p: &CorpusPrompt| RunRecord {
+        model_path: req.model.display().to_string(),
+        prompt: p.prompt.clone(),
+        steps: req.steps,
+        mode: req.mode,
+        threads: req.threads,
+        kv_type: req.kv_type,
+        keep_going: true,
+        faults: req.faults.clone(),
+        token_faults: vec![],
+        policy_path: req.policy_path.as_ref().map(|p| p.display().to_string()),
+        chat: false,
+        reference_ffn_act: Default::default(),
+    };
+    let config_of = |prompt: &Prompt| RunConfig {
+        steps: req.steps,
+        mode: req.mode,
+        threads: req.threads,
+        kv_type: req.kv_type,
+        keep_going: true,
+        cancel: req.cancel.clone(),
+        ..RunConfig::new(
+            req.model.clone(),
+            prompt.clone(),
+            policy.clone(),
+            worker_exe.clone(),
+        )
+    };
+    // Both engines stay loaded for the whole corpus (each prompt starts
+    // from position 0 with empty caches): loading the 2B-4T shape costs
+    // more than judging a short prompt. The caches are sized for the
+    // longest prompt. A session that cannot open (an engine that fails to
+    // load) leaves each prompt to a run of its own, which reports why.
+    let session_cfg = selected.first().map(|p| config_of(&p.prompt));
+    let bound = selected
+        .iter()
+        .map(|p| lockstep::prompt_bound(&p.prompt, false))
+        .max()
+        .unwrap_or(0);
+    let mut session = match &session_cfg {
+        Some(cfg) => match Session::open(cfg, &candidate, bound) {
+            Ok(Ok(session)) => Some(session),
+            Ok(Err(_)) | Err(_) => None,
+        },
+        None => None,
+    };
     for (done, p) in selected.iter().enumerate() {
         if cancelled() {
             interrupted = true;
             break;
         }
         let t = Instant::now();
-        let record = RunRecord {
-            model_path: req.model.display().to_string(),
-            prompt: p.prompt.clone(),
-            steps: req.steps,
-            mode: req.mode,
-            threads: req.threads,
-            kv_type: req.kv_type,
-            keep_going: true,
-            faults: req.faults.clone(),
-            token_faults: vec![],
-            policy_path: req.policy_path.as_ref().map(|p| p.display().to_string()),
-            chat: false,
-            reference_ffn_act: Default::default(),
+        let record = record_of(p);
+        let result = match session.as_mut() {
+            Some(session) => session.run_prompt(&p.prompt, t),
+            None => lockstep::run(&config_of(&p.prompt), &candidate),
         };
-        let cfg = RunConfig {
-            steps: record.steps,
-            mode: record.mode,
-            threads: record.threads,
-            kv_type: record.kv_type,
-            keep_going: true,
-            cancel: req.cancel.clone(),
-            ..RunConfig::new(
-                req.model.clone(),
-                record.prompt.clone(),
-                policy.clone(),
-                worker_exe.clone(),
-            )
-        };
-        let result = match lockstep::run(&cfg, &candidate) {
+        let result = match result {
             // Stopped part way: what it measured covers fewer positions.
             Ok(outcome) if outcome.interrupted => {
                 interrupted = true;
@@ -481,7 +507,7 @@ fn prompt_result(
             layer: d.layer,
             stage: d.stage,
             measured: d.measured,
-            nmse: d.metrics.nmse,
+            nmse: d.nmse(),
             blame: d.blame.blame,
         }),
         later_divergences: r.later_divergences.len(),
@@ -620,7 +646,7 @@ impl Sweep {
 
     /// Reads a sweep file, refusing anything else (a receipt, say).
     pub fn read(path: &Path) -> Result<Sweep, SweepError> {
-        let text = crate::infile::read_text(path, crate::infile::Limit::SWEEP)
+        let text = crate::input::read_text(path, MAX_SWEEP_BYTES, "sweep file")
             .map_err(|e| SweepError::Io(format!("{}: {e}", path.display())))?;
         Self::parse(&text).map_err(|e| SweepError::Io(format!("{}: {e}", path.display())))
     }

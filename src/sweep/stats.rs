@@ -75,15 +75,15 @@ pub struct StageDistribution {
     pub layer: Option<usize>,
     /// The stage.
     pub stage: Stage,
-    /// Local NMSE (resync, or free mode's resynced twin).
-    pub nmse: Distribution,
-    /// The fraction of samples that were bit-exact.
+    /// The candidate's local error: NMSE against the oracle on its own inputs.
+    pub local_nmse: Distribution,
+    /// The fraction of samples where the two sides were bit-exact.
     pub exact_fraction: f64,
-    /// The fraction of samples that passed their rule.
+    /// The fraction of samples within the local rule.
     pub pass_fraction: f64,
-    /// Free mode: the propagated NMSE (each engine on its own inputs).
+    /// Side against side: NMSE (resync: on the same inputs; free: drift).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub propagated_nmse: Option<Distribution>,
+    pub sides_nmse: Option<Distribution>,
 }
 
 /// Per (layer, stage), in execution order, over the step records of every
@@ -93,10 +93,11 @@ pub fn stage_distributions<'a>(
 ) -> Vec<StageDistribution> {
     #[derive(Default)]
     struct Samples {
-        nmse: Vec<f64>,
+        local: Vec<f64>,
+        n: usize,
         exact: usize,
         pass: usize,
-        propagated: Vec<f64>,
+        sides: Vec<f64>,
     }
     let mut by_key: BTreeMap<(usize, usize, usize), (StageKey, Samples)> = BTreeMap::new();
     for record in steps {
@@ -105,25 +106,28 @@ pub fn stage_distributions<'a>(
             let (_, samples) = by_key
                 .entry(key.order())
                 .or_insert_with(|| (key, Samples::default()));
-            samples.nmse.push(s.nmse);
+            samples.n += 1;
+            if let Some(l) = s.candidate_local_nmse {
+                samples.local.push(l);
+            }
             samples.exact += usize::from(s.exact);
             samples.pass += usize::from(s.pass);
-            if let Some(p) = s.propagated_nmse {
-                samples.propagated.push(p);
+            if let Some(p) = s.nmse {
+                samples.sides.push(p);
             }
         }
     }
     by_key
         .into_values()
         .filter_map(|(key, s)| {
-            let n = s.nmse.len() as f64;
+            let n = s.n as f64;
             Some(StageDistribution {
                 layer: key.layer,
                 stage: key.stage,
                 exact_fraction: s.exact as f64 / n,
                 pass_fraction: s.pass as f64 / n,
-                nmse: Distribution::of(s.nmse)?,
-                propagated_nmse: Distribution::of(s.propagated),
+                local_nmse: Distribution::of(s.local)?,
+                sides_nmse: Distribution::of(s.sides),
             })
         })
         .collect()

@@ -1,0 +1,324 @@
+//! The oracle's floating-point stages, in f64, each value with the rounding
+//! scale of an honest f32 computation of it: one rounding per op, `√n`
+//! growth for sums of n terms, RoPE's angle accumulated over the pairs.
+//!
+//! Where an engine may legitimately store an operand in f16 or not (the
+//! query and the probabilities of an F16 KV cache's products, the
+//! activations of an F16 logits product), the value is the reference's
+//! choice and the scale also covers the other one: a half-precision
+//! rounding of each term. Bugs in these stages (a head mapping, a mask, a
+//! scale) move values by far more.
+
+use super::{OracleStage, U};
+use crate::oracle::model::{Dense, FileFacts};
+use rayon::prelude::*;
+
+/// The f16 unit roundoff, 2⁻¹¹.
+const U16: f64 = 1.0 / 2048.0;
+
+/// RMSNorm of each row, then the weight: `x / sqrt(mean(x²) + eps) · w`.
+pub(super) fn rms_norm(x: &[f32], n: usize, eps: f64, w: &[f64]) -> OracleStage {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(n) {
+        let mean = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n as f64;
+        let scale = 1.0 / (mean + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(&v, &wi)| f64::from(v) * scale * wi));
+    }
+    // The mean's and the root's roundings, the two products.
+    OracleStage::rounded(out, 4.0)
+}
+
+/// Element-wise sum (the residual adds).
+pub(super) fn add(a: &[f32], b: &[f32]) -> OracleStage {
+    let sum = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) + f64::from(y))
+        .collect();
+    OracleStage::rounded(sum, 1.0)
+}
+
+/// Element-wise product (`ffn_act · ffn_up`).
+pub(super) fn mul(a: &[f32], b: &[f32]) -> OracleStage {
+    let product = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .collect();
+    OracleStage::rounded(product, 1.0)
+}
+
+/// The gated FFN's activation of the gate.
+pub(super) fn ffn_act(gate: &[f32], squared_relu: bool) -> OracleStage {
+    if squared_relu {
+        let v = gate
+            .iter()
+            .map(|&g| f64::from(g).max(0.0).powi(2))
+            .collect();
+        OracleStage::rounded(v, 2.0)
+    } else {
+        let v = gate
+            .iter()
+            .map(|&g| {
+                let g = f64::from(g);
+                g / (1.0 + (-g).exp())
+            })
+            .collect();
+        // An exp, a sum, a division: a few roundings (ggml's SIMD exp included).
+        OracleStage::rounded(v, 8.0)
+    }
+}
+
+/// RoPE at positions `pos0 + t`, pairs (i, i + d/2) (NEOX) or (2i, 2i + 1).
+/// The rounding scale includes the angle's error: ggml builds θᵢ by i
+/// successive f32 multiplications, so its relative error grows with i.
+pub(super) fn rope(
+    x: &[f32],
+    f: &FileFacts,
+    n_heads: usize,
+    pos0: usize,
+    neox: bool,
+) -> OracleStage {
+    let hd = f.head_dim;
+    let base = f64::from(f.rope_theta);
+    let mut out = vec![(0f64, 0f64); x.len()];
+    for (t, (row, orow)) in x
+        .chunks_exact(n_heads * hd)
+        .zip(out.chunks_exact_mut(n_heads * hd))
+        .enumerate()
+    {
+        let pos = (pos0 + t) as f64;
+        for (head, ohead) in row.chunks_exact(hd).zip(orow.chunks_exact_mut(hd)) {
+            for i in 0..hd / 2 {
+                let theta = pos * base.powf(-2.0 * i as f64 / hd as f64);
+                let (s, c) = theta.sin_cos();
+                let (a, b) = if neox {
+                    (i, i + hd / 2)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
+                let scale = U * (x0.abs() + x1.abs()) * (4.0 + theta * (2 * i + 2) as f64);
+                ohead[a] = (x0 * c - x1 * s, scale);
+                ohead[b] = (x0 * s + x1 * c, scale);
+            }
+        }
+    }
+    OracleStage::from_pairs(out)
+}
+
+/// A dot product in f64 and the rounding scale of an f32 sum of its terms:
+/// one rounding of the result plus √n roundings of the terms' magnitude;
+/// `half` adds a half-precision rounding of every term (an operand an
+/// engine may or may not store in f16).
+fn dot_with_scale(terms: impl Iterator<Item = f64>, half: bool) -> (f64, f64) {
+    let (mut sum, mut sq, mut abs, mut n) = (0f64, 0f64, 0f64, 0usize);
+    for v in terms {
+        sum += v;
+        sq += v * v;
+        abs += v.abs();
+        n += 1;
+    }
+    let f32_scale = U * (sum.abs() + (n as f64).sqrt() * sq.sqrt());
+    (sum, f32_scale + if half { U16 * abs } else { 0.0 })
+}
+
+/// The attention products over one side's rows.
+pub(super) struct Attention {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub t: usize,
+    pub n_past: usize,
+    pub kv_f16: bool,
+}
+
+impl Attention {
+    fn n_keys(&self) -> usize {
+        self.n_past + self.t
+    }
+
+    fn kv_width(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    /// The kv head a query head reads (heads of a group share one).
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.n_head / self.n_head_kv)
+    }
+
+    /// K, V and the query as the F16 cache and mul_mat store them.
+    fn stored(&self, v: f32) -> f64 {
+        if self.kv_f16 {
+            f64::from(half::f16::from_f32(v).to_f32())
+        } else {
+            f64::from(v)
+        }
+    }
+
+    /// Raw q·k, [H, T, K], future keys 0.
+    pub fn scores(&self, q: &[f32], k: &[f32]) -> Result<OracleStage, String> {
+        let (hd, kw, n_keys) = (self.head_dim, self.kv_width(), self.n_keys());
+        let e = self.n_head * hd;
+        if q.len() != self.t * e || k.len() < n_keys * kw {
+            return Err("the q or k rows do not match the model's shape".into());
+        }
+        let mut s = vec![(0f64, 0f64); self.n_head * self.t * n_keys];
+        s.par_chunks_mut(self.t * n_keys)
+            .enumerate()
+            .for_each(|(h, out)| {
+                let kvh = self.kv_head(h);
+                for ti in 0..self.t {
+                    let qh = &q[ti * e + h * hd..ti * e + (h + 1) * hd];
+                    for j in 0..=self.n_past + ti {
+                        let kj = &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+                        out[ti * n_keys + j] = dot_with_scale(
+                            qh.iter()
+                                .zip(kj)
+                                .map(|(&a, &b)| self.stored(a) * self.stored(b)),
+                            self.kv_f16,
+                        );
+                    }
+                }
+            });
+        Ok(OracleStage::from_pairs(s))
+    }
+
+    /// Causal softmax of the scaled scores, [H, T, K].
+    pub fn probs(&self, scores: &[f32]) -> Result<OracleStage, String> {
+        let n_keys = self.n_keys();
+        if scores.len() != self.n_head * self.t * n_keys {
+            return Err("the attention scores do not match the model's shape".into());
+        }
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut p = vec![(0f64, 0f64); scores.len()];
+        for (i, (row, out)) in scores
+            .chunks_exact(n_keys)
+            .zip(p.chunks_exact_mut(n_keys))
+            .enumerate()
+        {
+            let n = self.n_past + i % self.t + 1;
+            let scaled: Vec<f64> = row[..n].iter().map(|&v| f64::from(v) * scale).collect();
+            let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = scaled.iter().map(|&v| (v - max).exp()).sum();
+            for (o, &v) in out[..n].iter_mut().zip(&scaled) {
+                let pv = (v - max).exp() / sum;
+                // The exponent's argument rounds twice (the scaling, the
+                // subtraction); exp, the sum and the normalisation a few times.
+                *o = (pv, U * pv * (8.0 + v.abs() + (v - max).abs()));
+            }
+        }
+        Ok(OracleStage::from_pairs(p))
+    }
+
+    /// probs · V, [T, E].
+    pub fn apply(&self, probs: &[f32], v: &[f32]) -> Result<OracleStage, String> {
+        let (hd, kw, n_keys) = (self.head_dim, self.kv_width(), self.n_keys());
+        let e = self.n_head * hd;
+        if probs.len() != self.n_head * self.t * n_keys || v.len() < n_keys * kw {
+            return Err("the probabilities or v rows do not match the model's shape".into());
+        }
+        // Probabilities are converted to f16 only for a single token (ggml's
+        // mul_mat converts src1 there; tinyBLAS reads f32 for several).
+        let store_p = |p: f32| {
+            if self.kv_f16 && self.t == 1 {
+                self.stored(p)
+            } else {
+                f64::from(p)
+            }
+        };
+        let mut out = vec![(0f64, 0f64); self.t * e];
+        for h in 0..self.n_head {
+            let kvh = self.kv_head(h);
+            for ti in 0..self.t {
+                let p = &probs[(h * self.t + ti) * n_keys..(h * self.t + ti + 1) * n_keys];
+                for d in 0..hd {
+                    out[ti * e + h * hd + d] = dot_with_scale(
+                        (0..n_keys).map(|j| store_p(p[j]) * self.stored(v[j * kw + kvh * hd + d])),
+                        self.kv_f16,
+                    );
+                }
+            }
+        }
+        Ok(OracleStage::from_pairs(out))
+    }
+}
+
+/// Logits [T, V] against a dense matrix; a single token's activations are
+/// rounded to f16 first when the matrix is F16 (ggml's mul_mat conversion;
+/// the scale also covers an engine that does not). `row_max` is each
+/// matrix row's largest |w|: the rounding scale bounds the terms' norm by
+/// max|w|·‖x‖ instead of summing their squares, which halves the work of
+/// the one stage that reads the whole vocabulary.
+pub(super) fn dense(m: &Dense<'_>, row_max: &[f32], x: &[f32], single_token: bool) -> OracleStage {
+    let e = m.n_in;
+    let t = x.len() / e.max(1);
+    let half_in = m.is_f16() && single_token;
+    let xs: Vec<f64> = x
+        .iter()
+        .map(|&v| {
+            if half_in {
+                f64::from(half::f16::from_f32(v).to_f32())
+            } else {
+                f64::from(v)
+            }
+        })
+        .collect();
+    let norms: Vec<(f64, f64)> = xs
+        .chunks_exact(e.max(1))
+        .map(|r| {
+            (
+                r.iter().map(|v| v * v).sum::<f64>().sqrt(),
+                r.iter().map(|v| v.abs()).sum::<f64>(),
+            )
+        })
+        .collect();
+    let sqrt_n = (e as f64).sqrt();
+    let mut y = vec![(0f64, 0f64); t * m.rows];
+    // Row-major [T, V] output filled by blocks of matrix rows, so each row is
+    // decoded once for every token.
+    const ROWS: usize = 64;
+    let mut by_row = vec![(0f64, 0f64); m.rows * t];
+    by_row
+        .par_chunks_mut(ROWS * t)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let mut w = vec![0f64; e];
+            for (i, cell) in out.chunks_exact_mut(t).enumerate() {
+                let r = b * ROWS + i;
+                m.row_into(r, &mut w);
+                let wmax = f64::from(row_max[r]);
+                for (ti, o) in cell.iter_mut().enumerate() {
+                    let xt = &xs[ti * e..(ti + 1) * e];
+                    let sum = dot4(&w, xt);
+                    let (l2, l1) = norms[ti];
+                    let mut scale = U * (sum.abs() + sqrt_n * wmax * l2);
+                    if m.is_f16() && single_token {
+                        scale += U16 * wmax * l1;
+                    }
+                    *o = (sum, scale);
+                }
+            }
+        });
+    for r in 0..m.rows {
+        for ti in 0..t {
+            y[ti * m.rows + r] = by_row[r * t + ti];
+        }
+    }
+    OracleStage::from_pairs(y)
+}
+
+/// An f64 dot product with four accumulators (vectorizes; the order of an
+/// f64 sum of f32-sized terms does not matter at f32 rounding scale).
+fn dot4(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc[0] + acc[1] + acc[2] + acc[3] + tail
+}

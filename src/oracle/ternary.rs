@@ -1,0 +1,233 @@
+//! The exact I2_S products: int8 activation codes and ternary weights are
+//! integers, so the oracle reproduces a projection exactly from a side's own
+//! f32 input, and the only freedom an honest engine has is the f32 epilogue
+//! (`Σ / act_scale · weight_scale`) and, rarely, one activation code.
+//!
+//! The code of `x` is the integer nearest the exact product `x·s`, ties to
+//! even (bitnet.cpp's `quantize_row_i8_s`, where GCC fuses the product into
+//! the rounding). An engine that rounds `x·s` to f32 first gets another code
+//! only when that f32 rounding lands on or across a .5 boundary the exact
+//! product does not: both codes are then honest. Those codes are the
+//! stage's *ties*: the oracle takes the fused one, counts them, and offers
+//! the other as an [`Alternative`] the judge may apply to the token row it
+//! moves (the judge takes it when it brings the side closer).
+//!
+//! The integer product runs through the engine's kernels (`Kernel::matmul`,
+//! proven equal to the scalar specification by the property tests): the
+//! oracle quantizes with its own code and reads the weights from the file
+//! itself, so what it shares with the candidate is an integer sum, not a
+//! rounding or a loading decision.
+
+use super::model::Ternary;
+use super::{OracleStage, U};
+use crate::engine::kernels::Kernel;
+use crate::quant::i2s;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Values per I2_S block.
+const BLOCK: usize = i2s::BLOCK;
+/// Ties recorded as alternatives per stage; more are folded into the
+/// rounding scale of the rows they touch (never seen on real activations).
+const MAX_ALTERNATIVES: usize = 256;
+
+/// Another honest value of one token row: the output if one tied
+/// activation code had rounded the other way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alternative {
+    /// The token row (outermost index of the stage's layout).
+    pub row: usize,
+    /// What the row's values move by, one per output column.
+    pub delta: Vec<f64>,
+}
+
+/// One row's int8 codes as the format defines them, with their scale, and
+/// the ties: (column, the other code − this code).
+struct Codes {
+    q: Vec<i8>,
+    scale: f32,
+    sum: i64,
+    ties: Vec<(usize, i8)>,
+}
+
+/// BitNet b1.58's per-token absmax int8 quantization: the scale 127/max
+/// (max floored at 1e-5, in f64) kept as the f32 the format stores, each code
+/// the integer nearest the exact product x·scale (ties to even), clamped to
+/// [-128, 127]; and where rounding the product to f32 first would give
+/// another code, that code as a tie.
+fn quantize(row: &[f32]) -> Codes {
+    let max = row.iter().fold(1e-5f64, |m, &v| m.max(f64::from(v).abs()));
+    let scale = (127.0 / max) as f32;
+    let s = f64::from(scale);
+    let mut q = Vec::with_capacity(row.len());
+    let mut ties = Vec::new();
+    let mut sum = 0i64;
+    for (j, &v) in row.iter().enumerate() {
+        let exact = f64::from(v) * s; // an f32×f32 product is exact in f64
+        let fused = exact.round_ties_even().clamp(-128.0, 127.0);
+        let unfused = f64::from(exact as f32)
+            .round_ties_even()
+            .clamp(-128.0, 127.0);
+        if fused != unfused {
+            ties.push((j, (unfused - fused) as i8));
+        }
+        q.push(fused as i8);
+        sum += fused as i64;
+    }
+    Codes {
+        q,
+        scale,
+        sum,
+        ties,
+    }
+}
+
+/// The activation codes of `x` as [`quantize`] makes them, for the reference
+/// bug recogniser (i64 codes and the f32 scale).
+pub(super) fn quantize_activations(row: &[f32]) -> (Vec<i64>, f32) {
+    let c = quantize(row);
+    (c.q.iter().map(|&v| i64::from(v)).collect(), c.scale)
+}
+
+/// The packed codes of `m` with every row starting a 128-value block, as
+/// `Kernel::matmul` reads them: the file's own bytes when rows are whole
+/// blocks, else a copy with each row padded by code 1 (weight 0) to the next
+/// block (the padding meets activation 0).
+pub(super) fn aligned_codes(m: &Ternary<'_>) -> (Arc<Vec<u8>>, usize) {
+    let padded = m.n_in.next_multiple_of(BLOCK);
+    let mut bytes = vec![0u8; m.n_out * padded / 4];
+    bytes
+        .par_chunks_mut(padded / 4)
+        .enumerate()
+        .for_each(|(r, row)| {
+            for j in 0..padded {
+                let code = if j < m.n_in {
+                    i2s::code_at(m.codes, r * m.n_in + j)
+                } else {
+                    1
+                };
+                row[(j / BLOCK) * (BLOCK / 4) + j % (BLOCK / 4)] |=
+                    code << (6 - 2 * ((j % BLOCK) / (BLOCK / 4)));
+            }
+        });
+    (Arc::new(bytes), padded)
+}
+
+/// `x` ([T, n_in]) through the projection `m`: exact integer products,
+/// the f64 epilogue `Σ (code − 1)·q / act_scale · tensor_scale (· extra)`,
+/// and per value the rounding scale of an f32 epilogue. `packed` holds the
+/// rows block-aligned (`aligned_codes`, or the file's bytes when n_in is a
+/// multiple of 128) with `padded` values a row.
+pub(super) fn linear(
+    m: &Ternary<'_>,
+    packed: &[u8],
+    padded: usize,
+    x: &[f32],
+) -> Result<OracleStage, String> {
+    if m.n_in == 0 || !x.len().is_multiple_of(m.n_in) {
+        return Err(format!(
+            "an input of {} values does not fill rows of {}",
+            x.len(),
+            m.n_in
+        ));
+    }
+    let t = x.len() / m.n_in;
+    let codes: Vec<Codes> = x.par_chunks(m.n_in).map(quantize).collect();
+    // Codes of every token, each row padded with zero activations.
+    let mut q = vec![0i8; t * padded];
+    for (dst, c) in q.chunks_exact_mut(padded).zip(&codes) {
+        dst[..m.n_in].copy_from_slice(&c.q);
+    }
+    // Σ code·q for every (output row, token), rows split across threads.
+    let kernel = Kernel::detect();
+    let mut sums = vec![0i32; m.n_out * t];
+    let rows_per_task = (m.n_out / (4 * rayon::current_num_threads()).max(1)).max(16);
+    sums.par_chunks_mut(rows_per_task * t)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let start = i * rows_per_task;
+            let rows = start..start + out.len() / t;
+            kernel.matmul(false, packed, padded, rows, &q, out);
+        });
+    let tensor_scale = f64::from(m.tensor_scale);
+    let extra = m.extra_scale.map_or(1.0, f64::from);
+    let mut values = vec![0f64; t * m.n_out];
+    let mut rounding = vec![0f64; t * m.n_out];
+    let mut alternatives = Vec::new();
+    let mut ties = 0usize;
+    for (ti, c) in codes.iter().enumerate() {
+        let unit = tensor_scale * extra / f64::from(c.scale);
+        // The epilogue's roundings (the conversion, the division, the
+        // products) and, for an engine that subtracts the offset Σq after
+        // scaling, the cancellation of that term.
+        let offset = U * (c.sum as f64).abs() * unit.abs();
+        for r in 0..m.n_out {
+            let dot = i64::from(sums[r * t + ti]) - c.sum;
+            let v = dot as f64 * unit;
+            values[ti * m.n_out + r] = v;
+            rounding[ti * m.n_out + r] = 4.0 * U * v.abs() + offset;
+        }
+        for &(j, dq) in &c.ties {
+            ties += 1;
+            if alternatives.len() < MAX_ALTERNATIVES {
+                let delta = (0..m.n_out)
+                    .map(|r| f64::from(dq) * m.weight(r, j) as f64 * unit)
+                    .collect();
+                alternatives.push(Alternative { row: ti, delta });
+            } else {
+                // Too many to offer one by one: the row may move by a step.
+                for r in 0..m.n_out {
+                    rounding[ti * m.n_out + r] += unit.abs();
+                }
+            }
+        }
+    }
+    Ok(OracleStage {
+        values,
+        rounding,
+        ties,
+        alternatives,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_product_that_rounds_onto_a_half_in_f32_is_a_tie() {
+        // max = 127 so scale = 1: the product is x itself, no tie possible.
+        let (q, s) = quantize_activations(&[127.0, 2.5, -3.5]);
+        assert_eq!((q, s), (vec![127, 2, -4], 1.0));
+        // scale 127/max with max = 1.1: find an x whose exact product is
+        // just above k + 0.5 but rounds to k + 0.5 in f32 (then ties to even
+        // picks k): the fused code is k + 1, the unfused one k.
+        let scale = (127.0f64 / f64::from(1.1f32)) as f32;
+        let mut found = None;
+        let mut x = 0.2f32;
+        for _ in 0..2_000_000 {
+            x = f32::from_bits(x.to_bits() + 1);
+            let p = f64::from(x) * f64::from(scale);
+            let f = p as f32;
+            if f64::from(f).fract() == 0.5 && p != f64::from(f) {
+                found = Some(x);
+                break;
+            }
+        }
+        let x = found.expect("such an x exists near 0.2");
+        let c = quantize(&[1.1, x]);
+        assert_eq!(c.scale, scale);
+        assert_eq!(c.ties.len(), 1, "{x}");
+        let (j, dq) = c.ties[0];
+        assert_eq!(j, 1);
+        assert_eq!(dq.abs(), 1);
+    }
+
+    #[test]
+    fn exact_ties_are_not_ambiguous() {
+        // x·s = 2.5 exactly in both f32 and f64: ties to even, one answer.
+        let c = quantize(&[127.0, 2.5, 4.5]);
+        assert!(c.ties.is_empty());
+        assert_eq!(c.q, vec![127, 2, 4]);
+    }
+}
