@@ -40,40 +40,13 @@ trap 'rm -rf "$work"' EXIT
 # extraction does not download 77 MB again.
 cached="$dest/$archive"
 if [ ! -f "$cached" ] || [ "$(sha256_of "$cached")" != "$archive_sha256" ]; then
-  # The file itself, found through the package index (PIP_INDEX_URL, else
-  # PyPI) and fetched by URL. Not `pip download`: for a source
-  # distribution pip prepares its metadata, which installs its build
-  # backend and, with --no-binary :all:, builds CMake and ninja from source
-  # (minutes on 2 cores) on a machine without them.
+  # Only this package as a source download: pip still prepares the sdist's
+  # metadata, which installs its build backend (scikit-build-core, CMake,
+  # ninja); with --no-binary :all: those were built from source too
+  # (minutes on 2 cores) on a machine without cmake. As wheels: seconds.
   echo "fetch-vocab: downloading $archive from PyPI"
-  python3 - "$archive" "$archive_sha256" "$work/$archive" <<'PY'
-import hashlib, json, os, ssl, sys, urllib.parse, urllib.request
-
-name, sha256, dest = sys.argv[1:]
-index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-cafile = os.environ.get("PIP_CERT") or None
-context = ssl.create_default_context(cafile=cafile)
-
-def get(url, accept=None):
-    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    return urllib.request.urlopen(req, timeout=120, context=context)
-
-# PEP 691: the index's JSON page of the project lists every file and its hash.
-page = f"{index}/llama-cpp-python/"
-with get(page, "application/vnd.pypi.simple.v1+json") as r:
-    files = json.load(r)["files"]
-match = [f for f in files if f["filename"] == name]
-if not match:
-    sys.exit(f"fetch-vocab: {page} lists no {name}")
-url = urllib.parse.urljoin(page, match[0]["url"])
-h = hashlib.sha256()
-with get(url) as r, open(dest, "wb") as out:
-    while chunk := r.read(1 << 20):
-        h.update(chunk)
-        out.write(chunk)
-if h.hexdigest() != sha256:
-    sys.exit(f"fetch-vocab: {url} has sha256 {h.hexdigest()}, expected {sha256}")
-PY
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
+    --dest "$work" "llama-cpp-python==$version"
   mv "$work/$archive" "$cached"
 fi
 got=$(sha256_of "$cached")

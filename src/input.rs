@@ -58,7 +58,7 @@ fn kind_of(t: std::fs::FileType) -> &'static str {
 
 /// `limit` bytes in words: `1 MiB`, `1000 bytes`.
 fn size(limit: u64) -> String {
-    if limit >= 1 << 20 && limit % (1 << 20) == 0 {
+    if limit >= 1 << 20 && limit.is_multiple_of(1 << 20) {
         format!("{} MiB", limit >> 20)
     } else {
         format!("{limit} bytes")
@@ -111,8 +111,7 @@ pub fn read_bytes(path: &Path, limit: u64, what: &str) -> io::Result<Vec<u8>> {
     }
     let mut bytes = Vec::with_capacity(if t.is_file() { meta.len() as usize } else { 0 });
     // One byte past the limit tells a file of exactly the limit from a longer one.
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)?;
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(too_large(what, limit));
     }
@@ -160,7 +159,9 @@ mod tests {
         let e = read_bytes(Path::new("/dev/zero"), 16, "test input").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge, "{e}");
         let e = open_regular(Path::new("/dev/zero"), u64::MAX, "model").unwrap_err();
-        assert!(e.to_string().contains("character device, not a regular file"));
+        assert!(e
+            .to_string()
+            .contains("character device, not a regular file"));
     }
 
     #[test]

@@ -30,7 +30,7 @@ fn read_input(path: &Path) -> Result<Input, Failure> {
         divergence::receipt::MAX_RECEIPT_BYTES.max(divergence::sweep::MAX_SWEEP_BYTES),
         "receipt or sweep file",
     )
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{} is not JSON: {e}", path.display()))?;
     if sweep::is_sweep(&value) {
