@@ -451,6 +451,27 @@ fn sizes_stated_by_flags_and_files_are_checked_before_allocating() {
         results
             .push(run(&["report", s(&r), "-o", s(&html)]).expect(2, &[name, "n_layer", "at most"]));
     }
+
+    // A reference dump (its model gone) whose manifest claims a billion layers.
+    let dump = reference_dump(&model, dir.path(), "ref.safetensors", "reference");
+    let claimed = dir.path().join("billion-layers.safetensors");
+    rewrite_dump(&dump, &claimed, |_, m| {
+        m["model_path"] = json!(gone.to_str().unwrap());
+        m["model"]["n_layer"] = json!(1_000_000_000u64);
+    });
+    let receipt = out.join("compare.json");
+    results.push(
+        run(&[
+            "compare",
+            "--reference",
+            s(&claimed),
+            "--candidate",
+            s(&dump),
+            "--receipt",
+            s(&receipt),
+        ])
+        .expect(2, &["billion-layers.safetensors", "1000000000 layers"]),
+    );
     assert_eq!(files_in(&out), Vec::<String>::new());
     all_ok(results);
 }
@@ -1036,9 +1057,9 @@ fn raw_controls(ran: &Ran) -> Result<(), String> {
 
 const OSC52: &str = "\x1b]52;c;SGVsbG8=\x07";
 
-/// Rewrites a dump's safetensors header: manifest fields and one tensor
-/// name carry escape sequences.
-fn poison_dump(src: &Path, dst: &Path) {
+/// Rewrites a dump's safetensors header: `edit` gets the header and the
+/// manifest (parsed), the data is kept.
+fn rewrite_dump(src: &Path, dst: &Path, edit: impl FnOnce(&mut Value, &mut Value)) {
     let bytes = std::fs::read(src).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -1047,19 +1068,26 @@ fn poison_dump(src: &Path, dst: &Path) {
         .unwrap()
         .to_string();
     let mut m: Value = serde_json::from_str(&manifest).unwrap();
-    m["engine"] = json!(format!("evil{OSC52}"));
-    m["engine_build"] = json!("\x1b[2Jcleared\u{9b}31m");
-    m["model_path"] = json!("\x1b[31mred.gguf");
+    edit(&mut header, &mut m);
     header["__metadata__"]["divergence"] = json!(m.to_string());
-    let obj = header.as_object_mut().unwrap();
-    let t = obj.remove("step0.logits").unwrap();
-    obj.insert(format!("step0.\x1b[31mlogits{OSC52}"), t);
     let mut h = serde_json::to_vec(&header).unwrap();
     h.resize(h.len().next_multiple_of(8), b' ');
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&h);
     out.extend_from_slice(&bytes[8 + n..]);
     std::fs::write(dst, out).unwrap();
+}
+
+/// A dump whose manifest fields and one tensor name carry escape sequences.
+fn poison_dump(src: &Path, dst: &Path) {
+    rewrite_dump(src, dst, |header, m| {
+        m["engine"] = json!(format!("evil{OSC52}"));
+        m["engine_build"] = json!("\x1b[2Jcleared\u{9b}31m");
+        m["model_path"] = json!("\x1b[31mred.gguf");
+        let obj = header.as_object_mut().unwrap();
+        let t = obj.remove("step0.logits").unwrap();
+        obj.insert(format!("step0.\x1b[31mlogits{OSC52}"), t);
+    });
 }
 
 /// Names and strings that came from a file (metadata keys, tensor names,
