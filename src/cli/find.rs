@@ -186,10 +186,12 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
 }
 
 /// A run that could not happen (exit 2): errors about the model are
-/// prefixed with it; a policy names its own file.
+/// prefixed with it (one that could not read it names it already); a
+/// policy names its own file.
 pub fn run_failure(e: RunError, model: &str) -> Failure {
     match e {
         RunError::Policy(_) => anyhow::Error::from(e).into(),
+        e @ RunError::Gguf(divergence::gguf::GgufError::Io { .. }) => anyhow::Error::from(e).into(),
         e => anyhow::Error::from(e)
             .context(format!("model {model}"))
             .into(),
