@@ -36,6 +36,7 @@ pub mod compare;
 pub mod dump;
 #[doc(hidden)]
 pub mod engine;
+pub mod external;
 pub mod gguf;
 #[doc(hidden)]
 pub mod input;

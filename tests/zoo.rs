@@ -487,6 +487,7 @@ fn through_dumps(model: &Path, faults: &[Fault]) -> Outcome {
         policy: Policy::default_policy(),
         keep_going: false,
         model: Some(model.to_path_buf()),
+        worker_exe: None,
     };
     let cand = CandidateDump {
         stages: Ok(&stages),

@@ -8,11 +8,12 @@ use divergence::compare::Policy;
 use divergence::dump::capture::{capture_candidate, capture_reference, CaptureConfig};
 use divergence::dump::map::{map_dump, DumpMap};
 use divergence::dump::Dump;
-use divergence::lockstep::offline::{compare_dumps, CandidateDump, OfflineOptions};
+use divergence::dump::Manifest;
+use divergence::lockstep::offline::{compare_dumps, CandidateDump, Compared, OfflineOptions};
 use divergence::lockstep::{Mode, Prompt};
 use divergence::receipt::{OfflineRecord, Receipt, RunRecord};
 use divergence::KvType;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Which engine a capture runs.
@@ -193,12 +194,52 @@ pub fn compare(args: CompareArgs) -> CliResult {
         policy: policy.clone(),
         keep_going: args.keep_going,
         model: args.model.clone(),
+        worker_exe: divergence::reference::worker::default_exe().ok(),
     };
     let compared = compare_dumps(&reference, &candidate, &opts)?;
     let m = reference
         .manifest
         .as_ref()
         .expect("compare_dumps checked the manifest");
+    let offline = OfflineRecord {
+        reference_dump: args.reference.display().to_string(),
+        candidate_dump: args.candidate.display().to_string(),
+        map: args.map.as_ref().map(|p| p.display().to_string()),
+        model_given: compared.model.is_some(),
+        note: String::new(),
+        candidate_cmd: None,
+    };
+    let receipt = offline_receipt(
+        m,
+        compared,
+        policy,
+        args.policy.as_deref(),
+        args.keep_going,
+        offline,
+    );
+    receipt.write(&args.receipt).map_err(|e| Failure {
+        code: 2,
+        error: e.into(),
+    })?;
+    if args.json {
+        json_out!(&receipt.to_json());
+    } else {
+        super::find::print_summary(&receipt, &args.receipt);
+    }
+    Ok(super::find::exit_code(&receipt))
+}
+
+/// The receipt of a comparison of dumps (`compare`, and `find` or `sweep`
+/// with `--candidate-cmd`): the run as the reference dump's manifest `m`
+/// records it, the model the oracle read.
+pub fn offline_receipt(
+    m: &Manifest,
+    compared: Compared,
+    policy: Policy,
+    policy_path: Option<&Path>,
+    keep_going: bool,
+    mut offline: OfflineRecord,
+) -> Receipt {
     let (model_path, sha256) = match &compared.model {
         Some((p, sha)) => (p.display().to_string(), sha.clone()),
         None => (m.model_path.clone(), m.model_sha256.clone()),
@@ -218,35 +259,19 @@ pub fn compare(args: CompareArgs) -> CliResult {
         mode: Mode::Free,
         threads: m.threads,
         kv_type: m.kv_type,
-        keep_going: args.keep_going,
+        keep_going,
         faults: vec![],
         token_faults: vec![],
-        policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
+        policy_path: policy_path.map(|p| p.display().to_string()),
         chat: false,
         // `divergence capture` dumps the reference as the model defines it.
         reference_ffn_act: Default::default(),
     };
-    let offline = OfflineRecord {
-        reference_dump: args.reference.display().to_string(),
-        candidate_dump: args.candidate.display().to_string(),
-        map: args.map.as_ref().map(|p| p.display().to_string()),
-        model_given: compared.model.is_some(),
-        note: if compared.model.is_some() {
-            "offline comparison of two dumps: each engine fed itself; the f64 oracle recomputed every stage of each dump from that dump's own inputs and judged each side's local error; side against side is the drift".to_string()
-        } else {
-            "offline comparison of two dumps without the model: only side against side could be measured, so the verdict cannot vouch for either side (give --model)".to_string()
-        },
-    };
-    let outcome = compared.outcome;
-    let receipt = Receipt::offline(record, sha256, policy, outcome, offline);
-    receipt.write(&args.receipt).map_err(|e| Failure {
-        code: 2,
-        error: e.into(),
-    })?;
-    if args.json {
-        json_out!(&receipt.to_json());
+    offline.model_given = compared.model.is_some();
+    offline.note = if offline.model_given {
+        "offline comparison of two dumps: each engine fed itself; the f64 oracle recomputed every stage of each dump from that dump's own inputs and judged each side's local error; side against side is the drift".to_string()
     } else {
-        super::find::print_summary(&receipt, &args.receipt);
-    }
-    Ok(super::find::exit_code(&receipt))
+        "offline comparison of two dumps without the model: only side against side could be measured, so the verdict cannot vouch for either side (give --model)".to_string()
+    };
+    Receipt::offline(record, sha256, policy, compared.outcome, offline)
 }

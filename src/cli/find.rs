@@ -3,15 +3,21 @@
 
 use super::{interrupt, threads, CliResult, Failure};
 use anyhow::{anyhow, Context as _};
+use divergence::compare::Policy;
+use divergence::dump::capture::CaptureError;
+use divergence::dump::map::DumpMap;
 use divergence::engine::Fault;
+use divergence::external::{CandidateCommand, ExternalError, ExternalRun};
+use divergence::lockstep::offline::OfflineOptions;
 use divergence::lockstep::{Measured, Mode, Prompt, RunError, TokenFault, TokenSource, Verdict};
-use divergence::receipt::{self, Receipt, RunRecord};
+use divergence::receipt::{self, OfflineRecord, Receipt, RunRecord};
 use divergence::reference::FfnAct;
 use divergence::KvType;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The most decode steps a run may ask for.
 pub const MAX_STEPS: usize = 4096;
@@ -63,6 +69,22 @@ pub struct Args {
     /// Print the receipt JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Run the candidate as this command instead of our engine: it must
+    /// write a dump of its run to {out} (any subset of the stages). Other
+    /// placeholders: {model} {tokens} {steps} {kv} {threads} {prompt}. The
+    /// run is free (each engine feeds itself), judged as `compare` judges.
+    #[arg(long, conflicts_with_all = ["inject", "chat"])]
+    candidate_cmd: Option<String>,
+    /// Seconds the --candidate-cmd may run before it is killed.
+    #[arg(long, default_value_t = divergence::external::DEFAULT_TIMEOUT.as_secs(), requires = "candidate_cmd")]
+    candidate_timeout: u64,
+    /// How the --candidate-cmd's dump names map onto canonical stages.
+    #[arg(long, requires = "candidate_cmd")]
+    map: Option<PathBuf>,
+    /// Where --candidate-cmd keeps both dumps (default: beside the receipt,
+    /// `<receipt>.dumps/`).
+    #[arg(long, requires = "candidate_cmd")]
+    dumps: Option<PathBuf>,
     /// Test-only: inject a candidate fault (the bug zoo).
     #[arg(long = "inject", hide = true, value_parser = parse_fault)]
     inject: Vec<Fault>,
@@ -138,7 +160,23 @@ pub fn run(args: Args) -> CliResult {
         reference_ffn_act: args.reference_ffn_act,
     };
     let show_progress = !super::quiet() && !args.json && std::io::stderr().is_terminal();
-    let receipt = execute(&record, show_progress)?;
+    let receipt = match &args.candidate_cmd {
+        Some(template) => {
+            let dir = args.dumps.clone().unwrap_or_else(|| {
+                let mut d = args.receipt.clone().into_os_string();
+                d.push(".dumps");
+                PathBuf::from(d)
+            });
+            external(
+                template,
+                Duration::from_secs(args.candidate_timeout),
+                args.map.as_deref(),
+                &record,
+                dir,
+            )?
+        }
+        None => execute(&record, show_progress)?,
+    };
     receipt.write(&args.receipt).map_err(|e| Failure {
         code: 2,
         error: e.into(),
@@ -196,6 +234,81 @@ pub fn run_failure(e: RunError, model: &str) -> Failure {
             .context(format!("model {model}"))
             .into(),
     }
+}
+
+/// Runs the reference and `template` on what `record` asks for, and judges
+/// the command's dump as `compare` would (find and sweep).
+pub fn external(
+    template: &str,
+    timeout: Duration,
+    map: Option<&Path>,
+    record: &RunRecord,
+    dir: PathBuf,
+) -> Result<Receipt, Failure> {
+    let cmd = CandidateCommand::parse(template, timeout).map_err(|e| anyhow!(e))?;
+    let map_path = map;
+    let map = match map_path {
+        Some(p) => Some(DumpMap::load(p)?),
+        None => None,
+    };
+    let policy = match &record.policy_path {
+        Some(p) => Policy::load(Path::new(p))?,
+        None => Policy::default_policy(),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let run = ExternalRun {
+        model: PathBuf::from(&record.model_path),
+        prompt: record.prompt.clone(),
+        steps: record.steps,
+        threads: record.threads,
+        kv_type: record.kv_type,
+        map,
+        options: OfflineOptions {
+            policy: policy.clone(),
+            keep_going: record.keep_going,
+            model: None,
+            worker_exe: None,
+        },
+        dir,
+    };
+    let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
+    let judged = divergence::external::judge(&cmd, &run, &worker, Some(&interrupt::flag()))
+        .map_err(|e| {
+            let code = match &e {
+                ExternalError::Capture(CaptureError::Reference(_)) => 3,
+                _ => 2,
+            };
+            Failure {
+                code,
+                error: anyhow::Error::from(e).context(format!("model {}", record.model_path)),
+            }
+        })?;
+    let reference = divergence::dump::Dump::open(&judged.reference_dump)
+        .with_context(|| format!("reading {}", judged.reference_dump.display()))?;
+    let m = reference
+        .manifest
+        .as_ref()
+        .ok_or_else(|| anyhow!("the reference dump lost its manifest"))?;
+    let offline = OfflineRecord {
+        reference_dump: judged.reference_dump.display().to_string(),
+        candidate_dump: judged.candidate_dump.display().to_string(),
+        map: map_path.map(|p| p.display().to_string()),
+        model_given: true,
+        note: String::new(),
+        candidate_cmd: Some(template.to_string()),
+    };
+    let mut receipt = super::capture::offline_receipt(
+        m,
+        judged.compared,
+        policy,
+        record.policy_path.as_deref().map(Path::new),
+        record.keep_going,
+        offline,
+    );
+    // The prompt as asked (text stays text).
+    receipt.run.prompt = record.prompt.clone();
+    receipt.candidate.engine = format!("command: {template}");
+    Ok(receipt)
 }
 
 /// 0 no divergence, 1 divergence, 3 the reference failed, 4 incomplete
@@ -386,6 +499,7 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                     Measured::AcrossGap => "local error across the stages it does not emit",
                     Measured::SideVsSide => "side against side: the oracle could not judge",
                     Measured::Tokens => "tokens",
+                    Measured::Choice => "a chosen token under the reference's logits",
                 }
             );
             if let Some(shape) = d.metrics.as_ref().and_then(|m| m.candidate_shape.as_ref()) {

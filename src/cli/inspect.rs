@@ -46,6 +46,15 @@ pub fn run(args: Args) -> CliResult {
     } else {
         print_text(&file, &stats);
     }
+    if let Some(w) = divergence::oracle::OracleModel::read(&file)
+        .ok()
+        .and_then(|m| {
+            m.facts
+                .relu2_trained_as_bitnet(file.get_str("general.name").ok())
+        })
+    {
+        errln!("warning: {w}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

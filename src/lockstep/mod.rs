@@ -48,7 +48,7 @@ use crate::trace::{Stage, StageKey, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Instant;
@@ -275,6 +275,12 @@ impl<'c> Session<'c> {
             base.coverage
                 .notes
                 .push(format!("{e}: blame will be undetermined"));
+        }
+        if let Some(w) = facts
+            .as_ref()
+            .and_then(|f| f.relu2_trained_as_bitnet(file.get_str("general.name").ok()))
+        {
+            base.remarks.push(w);
         }
         let mut session = Session {
             cfg,

@@ -276,6 +276,9 @@ pub enum Measured {
     SideVsSide,
     /// The prompt's token ids differ.
     Tokens,
+    /// A token an engine chose (it showed no tensors), under the
+    /// reference's logits on the engine's own history.
+    Choice,
 }
 
 /// The local bound a divergence failed.

@@ -103,6 +103,10 @@ pub struct OfflineRecord {
     pub model_given: bool,
     /// What an offline comparison can and cannot tell.
     pub note: String,
+    /// The command that ran the candidate and wrote its dump
+    /// (`--candidate-cmd`), when the harness ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_cmd: Option<String>,
 }
 
 /// The run request a receipt records, and `divergence verify` repeats.

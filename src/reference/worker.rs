@@ -1,7 +1,12 @@
 //! bitnet.cpp in a child process, so that its `abort()` is a report, not our
 //! death.
 //!
-//! The child is our own binary started as `divergence __reference-worker`. The
+//! The child is the running executable started again with
+//! [`WORKER_ENV`] set: in the `divergence` binary, in a user's binary that
+//! links this library, and in a libtest harness alike, a constructor that
+//! runs before `main` (`reference_worker_hook`) sees the variable and
+//! serves instead of running the program. `DIVERGENCE_EXE` overrides the
+//! executable (it must link this library: `divergence` does). The
 //! parent writes one JSON request per line to its stdin; the child answers on
 //! stdout with frames `[kind u8][json_len u32 LE][json][blob_len u64 LE][blob]`:
 //! `N` a captured node (json [`Node`], blob its f32 data) streamed while the
@@ -22,6 +27,7 @@ use super::session::{Context, ContextOptions, Model, VocabSpecials};
 use super::{set_ffn_act, CaptureFilter, FfnAct, GraphNode, Node, RefError};
 use crate::engine::tokenizer::chat::ChatMessage;
 use serde::{Deserialize, Serialize};
+use std::ffi::{c_char, c_int};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -30,14 +36,76 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The hidden subcommand that runs [`serve`].
+/// The hidden subcommand that runs [`serve`] in the `divergence` binary.
 pub const WORKER_ARG: &str = "__reference-worker";
+/// Set to `1` in a worker's environment: the executable serves the worker
+/// protocol instead of running its `main`.
+pub const WORKER_ENV: &str = "DIVERGENCE_REFERENCE_WORKER";
 const STDERR_TAIL: usize = 8 * 1024;
 /// How long the worker may be stopped with a request pending.
 pub const STOPPED_LIMIT: Duration = Duration::from_secs(5);
 /// How long it may go with a request pending and no frame, no CPU time
 /// used and no disk wait: a deadlock, not a slow graph.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// An entry of the ELF `.init_array`: glibc calls each with the program's
+/// `argc`, `argv` and `envp` before `main`.
+type InitFn = extern "C" fn(c_int, *const *const c_char, *const *const c_char);
+
+extern "C" {
+    // The bounds of the executable's `.init_array`, which the linker
+    // defines (GNU ld, gold, lld and mold all do).
+    static __init_array_start: [InitFn; 0];
+    static __init_array_end: [InitFn; 0];
+}
+
+/// The hook's entry in `.init_array`. A constructor crate cannot be used
+/// here: the hook must know its own entry (below).
+#[used]
+#[link_section = ".init_array"]
+static REFERENCE_WORKER_HOOK: InitFn = reference_worker_hook;
+
+/// Before `main` of any executable that links this library: when started as
+/// a reference worker ([`WORKER_ENV`]), serve and exit, so that a user's
+/// binary or libtest harness is its own worker with nothing to install or
+/// set.
+///
+/// bitnet.cpp's C++ globals (its architecture and tensor name tables) are
+/// built by constructors of their own, which may come after this one in
+/// `.init_array` (GNU ld places them after every prioritised entry, lld in
+/// link order): the hook first runs every entry after its own, exactly as
+/// glibc would have, then serves, and exits without returning, so none of
+/// them runs twice.
+extern "C" fn reference_worker_hook(
+    argc: c_int,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) {
+    if std::env::var_os(WORKER_ENV).is_none_or(|v| v != "1") {
+        return;
+    }
+    // SAFETY: the linker defines both bounds around the executable's
+    // `.init_array`, an array of valid constructor pointers (this hook's
+    // among them), which is only read here; each later entry is called once,
+    // with the arguments glibc passes, as glibc would have called it after
+    // this one returned; this function never returns, so glibc calls none
+    // of them again. Setting SIGPIPE's disposition to SIG_IGN, as Rust's
+    // runtime does before `main`, has no preconditions.
+    unsafe {
+        let start = std::ptr::addr_of!(__init_array_start).cast::<InitFn>();
+        let end = std::ptr::addr_of!(__init_array_end).cast::<InitFn>();
+        let n = (end as usize).saturating_sub(start as usize) / std::mem::size_of::<InitFn>();
+        let entries = std::slice::from_raw_parts(start, n);
+        let me = reference_worker_hook as InitFn as usize;
+        if let Some(i) = entries.iter().position(|&f| f as usize == me) {
+            for &later in &entries[i + 1..] {
+                later(argc, argv, envp);
+            }
+        }
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    std::process::exit(serve());
+}
 
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
@@ -352,26 +420,18 @@ fn watchdog(pid: u32, watch: Arc<Watch>) {
     }
 }
 
-/// Where our own binary is, to start it as the worker: `DIVERGENCE_EXE`, this
-/// executable when it is `divergence`, or `divergence` beside (or one folder
-/// above) a test binary in `target/*/deps`.
+/// The executable to start as the worker: `DIVERGENCE_EXE` when set, else
+/// the running executable, which links this library and so serves when
+/// started with [`WORKER_ENV`]: a constructor serves the worker protocol.
 pub fn default_exe() -> Result<PathBuf, RefError> {
     if let Some(p) = std::env::var_os("DIVERGENCE_EXE") {
         return Ok(PathBuf::from(p));
     }
-    let me = std::env::current_exe().map_err(|e| RefError::Worker(format!("current_exe: {e}")))?;
-    if me.file_stem().is_some_and(|s| s == "divergence") {
-        return Ok(me);
-    }
-    let dir = me.parent().unwrap_or(Path::new("."));
-    for cand in [dir.join("divergence"), dir.join("../divergence")] {
-        if cand.is_file() {
-            return Ok(cand);
-        }
-    }
-    Err(RefError::Worker(
-        "cannot find the divergence binary to run the reference worker; set DIVERGENCE_EXE".into(),
-    ))
+    std::env::current_exe().map_err(|e| {
+        RefError::Worker(format!(
+            "cannot locate the running executable to start the reference worker ({e}); set DIVERGENCE_EXE to the divergence binary"
+        ))
+    })
 }
 
 impl Worker {
@@ -443,11 +503,15 @@ impl Worker {
     }
 
     fn spawn(exe: &Path) -> Result<Worker, RefError> {
+        // The hook must be linked into whichever executable this is: a
+        // use of it keeps its object file in the link.
+        std::hint::black_box(&REFERENCE_WORKER_HOOK);
         // Its own process group: a terminal's Ctrl-C reaches only us, and we
         // decide how to stop (the worker exits when its stdin closes).
         let mut command = Command::new(exe);
         command
             .process_group(0)
+            .env(WORKER_ENV, "1")
             .arg(WORKER_ARG)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

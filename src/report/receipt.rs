@@ -206,6 +206,7 @@ fn divergence_size(d: &Divergence) -> String {
     };
     match (d.measured, blamed) {
         (Measured::Tokens, _) => "the prompt's token ids differ".into(),
+        (Measured::Choice, _) => "a generated token the reference ranks below its top-1".into(),
         (Measured::AcrossGap, Some(e)) => format!(
             "NMSE {} against the oracle across {} recomputed stage(s)",
             sci(e.nmse),
@@ -472,6 +473,9 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
                 "side against side (the oracle could not recompute the stage)".to_string()
             }
             Measured::Tokens => "the prompt's token ids".to_string(),
+            Measured::Choice => {
+                "the tokens it chose, under the reference's logits on its own history".to_string()
+            }
         }),
     );
     if let Some(b) = &d.bound {

@@ -28,7 +28,11 @@ pub use stats::{Distribution, KldSummary, StageDistribution};
 
 use crate::candidate::BuiltinCandidate;
 use crate::compare::{Blame, Policy};
+use crate::dump::capture::CaptureError;
+use crate::dump::map::DumpMap;
 use crate::engine::Fault;
+use crate::external::{self, CandidateCommand, ExternalError, ExternalRun};
+use crate::lockstep::offline::OfflineOptions;
 use crate::lockstep::{
     self, Measured, Mode, PositionLogits, Prompt, RunConfig, RunError, Session, StepRecord, Verdict,
 };
@@ -104,6 +108,10 @@ pub struct SweepConfig {
     pub faults: Vec<Fault>,
     /// Where per-prompt receipts were written (none: not written).
     pub receipts_dir: Option<String>,
+    /// The external engine's command (`--candidate-cmd`), when the
+    /// candidate was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_cmd: Option<String>,
 }
 
 /// Both sides' builds.
@@ -259,6 +267,19 @@ pub struct SweepRequest {
     /// Set (by Ctrl-C): the prompt running stops after its current step
     /// and is dropped, and the sweep ends with the prompts done.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// An external engine instead of ours (`--candidate-cmd`).
+    pub external: Option<SweepExternal>,
+}
+
+/// An external engine run for every prompt of a sweep.
+#[derive(Clone, Debug)]
+pub struct SweepExternal {
+    /// The command.
+    pub command: CandidateCommand,
+    /// Its dump read through this map.
+    pub map: Option<DumpMap>,
+    /// Both dumps of prompt i go to `prompt-NNNN/` in here.
+    pub dumps_dir: PathBuf,
 }
 
 /// Why a sweep or a merge could not happen: bad input (exit 2).
@@ -374,6 +395,7 @@ pub fn run(
         .max()
         .unwrap_or(0);
     let mut session = match &session_cfg {
+        Some(_) if req.external.is_some() => None,
         Some(cfg) => match Session::open(cfg, &candidate, bound) {
             Ok(Ok(session)) => Some(session),
             Ok(Err(_)) | Err(_) => None,
@@ -387,9 +409,10 @@ pub fn run(
         }
         let t = Instant::now();
         let record = record_of(p);
-        let result = match session.as_mut() {
-            Some(session) => session.run_prompt(&p.prompt, t),
-            None => lockstep::run(&config_of(&p.prompt), &candidate),
+        let result = match (&req.external, session.as_mut()) {
+            (Some(ext), _) => external_prompt(req, ext, &policy, p, &worker_exe),
+            (None, Some(session)) => session.run_prompt(&p.prompt, t),
+            (None, None) => lockstep::run(&config_of(&p.prompt), &candidate),
         };
         let result = match result {
             // Stopped part way: what it measured covers fewer positions.
@@ -458,6 +481,7 @@ pub fn run(
         policy,
         faults: req.faults.clone(),
         receipts_dir: req.receipts_dir.as_ref().map(|d| d.display().to_string()),
+        candidate_cmd: req.external.as_ref().map(|e| e.command.template.clone()),
     };
     Ok(Sweep {
         format: FORMAT.into(),
@@ -475,6 +499,41 @@ pub fn run(
         interrupted,
         volatile,
     })
+}
+
+/// One prompt through the external engine: the reference captured, the
+/// command run, its dump judged as `compare` judges.
+fn external_prompt(
+    req: &SweepRequest,
+    ext: &SweepExternal,
+    policy: &Policy,
+    p: &CorpusPrompt,
+    worker_exe: &Path,
+) -> Result<crate::lockstep::Outcome, RunError> {
+    let dir = ext.dumps_dir.join(format!("prompt-{:04}", p.index));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| RunError::Io(format!("creating {}: {e}", dir.display())))?;
+    let run = ExternalRun {
+        model: req.model.clone(),
+        prompt: p.prompt.clone(),
+        steps: req.steps,
+        threads: req.threads,
+        kv_type: req.kv_type,
+        map: ext.map.clone(),
+        options: OfflineOptions {
+            policy: policy.clone(),
+            keep_going: true,
+            model: None,
+            worker_exe: Some(worker_exe.to_path_buf()),
+        },
+        dir,
+    };
+    match external::judge(&ext.command, &run, worker_exe, None) {
+        Ok(judged) => Ok(judged.compared.outcome),
+        Err(ExternalError::Run(e)) => Err(e),
+        Err(ExternalError::Capture(CaptureError::Input(why))) => Err(RunError::Input(why)),
+        Err(ExternalError::Capture(e)) => Err(RunError::Io(format!("the reference: {e}"))),
+    }
 }
 
 fn now_unix() -> u64 {
