@@ -353,6 +353,8 @@ pub fn judge(
             threads: run.threads,
             kv_type: run.kv_type,
             out: reference_dump.clone(),
+            // `interrupt` stops the command; the reference capture runs whole.
+            cancel: None,
         },
         worker_exe,
     )?;

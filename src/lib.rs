@@ -44,7 +44,8 @@ pub mod lockstep;
 pub mod model;
 #[doc(hidden)]
 pub mod oracle;
-mod outfile;
+#[doc(hidden)]
+pub mod outfile;
 #[doc(hidden)]
 pub mod quant;
 pub mod receipt;

@@ -471,6 +471,7 @@ fn through_dumps(model: &Path, faults: &[Fault]) -> Outcome {
         threads: 1,
         kv_type: divergence::KvType::F16,
         out: dir.path().join(out),
+        cancel: None,
     };
     let (r, c) = (cfg("reference.safetensors"), cfg("candidate.safetensors"));
     capture_reference(&r, Path::new(env!("CARGO_BIN_EXE_divergence"))).unwrap();

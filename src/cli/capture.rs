@@ -1,7 +1,7 @@
 //! `divergence capture`: one engine's run into a safetensors dump, and
 //! `divergence compare`: two dumps judged offline.
 
-use super::{CliResult, Failure};
+use super::{interrupt, threads, CliResult, Failure};
 use anyhow::anyhow;
 use divergence::candidate::BuiltinCandidate;
 use divergence::compare::Policy;
@@ -56,12 +56,16 @@ pub struct CaptureArgs {
 }
 
 pub fn capture(args: CaptureArgs) -> CliResult {
-    if args.steps > 4096 {
-        return Err(anyhow!("--steps {} is absurd: at most 4096", args.steps).into());
+    if args.steps > super::find::MAX_STEPS {
+        return Err(anyhow!(
+            "--steps {} is absurd: at most {}",
+            args.steps,
+            super::find::MAX_STEPS
+        )
+        .into());
     }
-    if args.threads == 0 || args.threads > 256 {
-        return Err(anyhow!("--threads must be between 1 and 256").into());
-    }
+    let threads = threads::bounded(args.threads, "--threads")?;
+    divergence::outfile::refuse_overwriting(&args.out, &[&args.model]).map_err(|e| anyhow!(e))?;
     if !args.inject.is_empty() && args.engine == EngineChoice::Reference {
         return Err(anyhow!("--inject applies to --engine candidate only").into());
     }
@@ -76,9 +80,10 @@ pub fn capture(args: CaptureArgs) -> CliResult {
         model: args.model.clone(),
         prompt,
         steps: args.steps,
-        threads: args.threads,
+        threads,
         kv_type: args.kv,
         out: args.out.clone(),
+        cancel: Some(interrupt::flag()),
     };
     let result = match args.engine {
         EngineChoice::Reference => {
@@ -105,15 +110,27 @@ pub fn capture(args: CaptureArgs) -> CliResult {
             error: anyhow::Error::from(e).context(format!("capturing {}", args.model.display())),
         }
     })?;
-    let n_tensors = Dump::open(&args.out)
-        .map(|d| d.names().count())
-        .unwrap_or(0);
+    // Counted from the file when it is one: a FIFO or `/dev/null` output
+    // cannot be read back.
+    let tensors = std::fs::metadata(&args.out)
+        .is_ok_and(|m| m.is_file())
+        .then(|| Dump::open(&args.out).map(|d| d.names().count()).ok())
+        .flatten()
+        .map(|n| format!(", {n} tensors"))
+        .unwrap_or_default();
     outln!(
-        "dump    {} ({} engine, {} step(s), {n_tensors} tensors)",
+        "dump    {} ({} engine, {} step(s){tensors})",
         args.out.display(),
         manifest.engine,
         manifest.steps.len()
     );
+    if manifest.interrupted {
+        outln!(
+            "INTERRUPTED after {} step(s): the dump holds those (its manifest says \"interrupted\")",
+            manifest.steps.len()
+        );
+        return Ok(ExitCode::from(130));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -146,6 +163,11 @@ pub struct CompareArgs {
 }
 
 pub fn compare(args: CompareArgs) -> CliResult {
+    let mut inputs = vec![args.reference.as_path(), args.candidate.as_path()];
+    inputs.extend(args.model.as_deref());
+    inputs.extend(args.map.as_deref());
+    inputs.extend(args.policy.as_deref());
+    divergence::outfile::refuse_overwriting(&args.receipt, &inputs).map_err(|e| anyhow!(e))?;
     let policy = match &args.policy {
         Some(p) => Policy::load(p)?,
         None => Policy::default_policy(),
@@ -200,7 +222,7 @@ pub fn compare(args: CompareArgs) -> CliResult {
         error: e.into(),
     })?;
     if args.json {
-        out!("{}", receipt.to_json());
+        json_out!(&receipt.to_json());
     } else {
         super::find::print_summary(&receipt, &args.receipt);
     }

@@ -2,8 +2,8 @@
 //! over all of them) and `divergence merge` (shards into the one file an
 //! unsharded sweep writes).
 
-use super::find::{parse_fault, parse_kv};
-use super::{CliResult, Failure};
+use super::find::{parse_fault, parse_kv, MAX_STEPS};
+use super::{interrupt, threads, CliResult, Failure};
 use anyhow::anyhow;
 use divergence::dump::map::DumpMap;
 use divergence::engine::Fault;
@@ -13,11 +13,8 @@ use divergence::report::html::{layer_name, pct, sci};
 use divergence::sweep::{self, Shard, Sweep, SweepError, SweepExternal, SweepRequest};
 use divergence::KvType;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-/// The most decode steps a prompt may ask for (as `find`).
-const MAX_STEPS: usize = 4096;
 
 #[derive(clap::Args)]
 pub struct SweepArgs {
@@ -51,9 +48,6 @@ pub struct SweepArgs {
     /// Also write one receipt per prompt into this folder (prompt-NNNN.json).
     #[arg(long)]
     receipts: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long, short)]
-    quiet: bool,
     /// Run the candidate as this command for every prompt (see `find
     /// --candidate-cmd`): it writes a dump to {out}; placeholders {model}
     /// {tokens} {steps} {kv} {threads} {prompt}. Runs are free.
@@ -95,9 +89,10 @@ pub fn sweep(args: SweepArgs) -> CliResult {
     if args.steps > MAX_STEPS {
         return Err(anyhow!("--steps {} is absurd: at most {MAX_STEPS}", args.steps).into());
     }
-    if args.threads == 0 || args.threads > 256 {
-        return Err(anyhow!("--threads must be between 1 and 256").into());
-    }
+    let threads = threads::bounded(args.threads, "--threads")?;
+    let mut inputs = vec![args.model.as_path(), args.prompts.as_path()];
+    inputs.extend(args.policy.as_deref());
+    divergence::outfile::refuse_overwriting(&args.out, &inputs).map_err(|e| anyhow!(e))?;
     let external = match &args.candidate_cmd {
         Some(template) => Some(SweepExternal {
             command: CandidateCommand::parse(
@@ -127,15 +122,16 @@ pub fn sweep(args: SweepArgs) -> CliResult {
         } else {
             args.mode
         },
-        threads: args.threads,
+        threads,
         kv_type: args.kv,
         policy_path: args.policy,
         faults: args.inject,
         shard: args.shard,
         receipts_dir: args.receipts,
+        cancel: Some(interrupt::flag()),
         external,
     };
-    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
+    let bar = (!super::quiet() && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -160,10 +156,19 @@ pub fn sweep(args: SweepArgs) -> CliResult {
     sw.write(&args.out).map_err(failure)?;
     print_summary(&sw);
     outln!("sweep {}", args.out.display());
+    if sw.interrupted {
+        outln!(
+            "INTERRUPTED after {} prompt(s): the file holds those (marked \"interrupted\")",
+            sw.prompts.len()
+        );
+        return Ok(ExitCode::from(130));
+    }
     Ok(ExitCode::from(sw.exit_code()))
 }
 
 pub fn merge(args: MergeArgs) -> CliResult {
+    let inputs: Vec<&Path> = args.shards.iter().map(PathBuf::as_path).collect();
+    divergence::outfile::refuse_overwriting(&args.out, &inputs).map_err(|e| anyhow!(e))?;
     let mut shards = Vec::new();
     for path in &args.shards {
         let s = Sweep::read(path).map_err(failure)?;
@@ -171,7 +176,7 @@ pub fn merge(args: MergeArgs) -> CliResult {
     }
     let merged = sweep::merge(shards).map_err(failure)?;
     if merged.builds.len() > 1 {
-        eprintln!(
+        errln!(
             "warning: the shards ran {} different builds (see \"builds\"): the merge is not what one machine would have written",
             merged.builds.len()
         );

@@ -32,6 +32,9 @@ pub enum Verdict {
 pub enum TokenSource {
     /// `--tokens`: both engines got the given ids; no tokenizer ran.
     IdsGiven,
+    /// A text prompt the run stopped before tokenizing (the reference
+    /// failed first): there are no ids to compare.
+    NotTokenized,
     /// Each side tokenized the text with its own tokenizer.
     EachSideTokenized,
     /// The candidate has no tokenizer for this vocabulary: it was fed the

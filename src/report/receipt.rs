@@ -286,6 +286,8 @@ fn run_facts(r: &Receipt) -> String {
             r.tokens.reference.len(),
             match (r.tokens.source, r.tokens.equal) {
                 (TokenSource::IdsGiven, _) => "given: both sides were fed these ids",
+                (TokenSource::NotTokenized, _) =>
+                    "none: the run stopped before the prompt was tokenized",
                 (TokenSource::CandidateHasNoTokenizer, _) =>
                     "not compared: the candidate has no tokenizer and was fed the reference's ids",
                 (_, true) => "each side tokenized the text; they agree",
