@@ -161,6 +161,12 @@ pub fn main() -> ExitCode {
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     if !matches!(cli.command, Command::ReferenceWorker) {
         interrupt::install();
+        // A forced kernel path this CPU cannot run is a usage error, named
+        // before any engine loads (the reference worker has no engine of ours).
+        if let Err(e) = divergence::engine::Kernel::detect() {
+            write_stderr(&format!("error: {e}"));
+            return ExitCode::from(2);
+        }
     }
     let result = match cli.command {
         Command::Find(a) => find::run(a),
