@@ -181,10 +181,9 @@ struct KernelReport {
     outputs_equal: bool,
 }
 
-pub fn run(args: Args) -> CliResult {
-    if args.threads == 0 || args.threads > 256 {
-        return Err(anyhow!("--threads must be between 1 and 256").into());
-    }
+pub fn run(mut args: Args) -> CliResult {
+    // More threads than CPUs measure the scheduler, not the engines.
+    args.threads = super::threads::bounded(args.threads, "--threads")?;
     if args.kernel {
         return kernel_bench(&args);
     }
