@@ -47,6 +47,7 @@ mod outfile;
 #[doc(hidden)]
 pub mod quant;
 pub mod receipt;
+pub mod reduce;
 #[doc(hidden)]
 pub mod reference;
 pub mod report;
