@@ -7,10 +7,10 @@
 //!    from the machine, else from pinned PyPI wheels (`build/tools.rs`);
 //! 1. source: `BITNET_CPP_DIR`, or the crates.io package in
 //!    `vendor/bitnet-cpp.pin` fetched with cargo and checked against the
-//!    pinned `.crate` sha256, copied to `vendor/bitnet-src/` (git-ignored);
+//!    pinned `.crate` sha256, copied to `$OUT_DIR/bitnet-src/`;
 //! 2. our patches from `vendor/patches/`, applied to that copy;
 //! 3. CMake (Release, static, I2_S path: TL1/TL2 off, no OpenMP);
-//! 4. the shim with `cc`, bindings with `bindgen` from `ffi/wrapper.h`;
+//! 4. the shim and the exception guard (`ffi/guard.cpp`) with `cc`, bindings with `bindgen` from `ffi/wrapper.h`;
 //! 5. build facts for receipts as `DIVERGENCE_REF_*` compile-time variables.
 
 #[path = "build/tools.rs"]
@@ -88,7 +88,9 @@ fn run() -> Result<(), String> {
             )
         }
         None => {
-            let dest = manifest_dir.join("vendor/bitnet-src");
+            // In OUT_DIR: a build script writes nothing else (`cargo package`
+            // verifies that the source folder is left as it was).
+            let dest = out_dir.join("bitnet-src");
             let stamp_text = format!(
                 "{} {} {} {}",
                 pin.package,
@@ -145,6 +147,16 @@ fn run() -> Result<(), String> {
         .opt_level(2)
         .warnings(false)
         .compile("divergence_shim");
+    // The guard: llama.cpp calls that can throw, caught in C++ (see ffi/guard.h).
+    cc::Build::new()
+        .cpp(true)
+        .file(manifest_dir.join("ffi/guard.cpp"))
+        .include(manifest_dir.join("ffi"))
+        .includes(&includes)
+        .flag("-std=c++17")
+        .opt_level(2)
+        .warnings(false)
+        .compile("divergence_guard");
 
     for lib_dir in ["3rdparty/llama.cpp/src", "3rdparty/llama.cpp/ggml/src"] {
         println!(

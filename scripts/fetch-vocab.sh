@@ -40,9 +40,13 @@ trap 'rm -rf "$work"' EXIT
 # extraction does not download 77 MB again.
 cached="$dest/$archive"
 if [ ! -f "$cached" ] || [ "$(sha256_of "$cached")" != "$archive_sha256" ]; then
+  # Only this package as a source download: pip still prepares the sdist's
+  # metadata, which installs its build backend (scikit-build-core, CMake,
+  # ninja); with --no-binary :all: those were built from source too
+  # (minutes on 2 cores) on a machine without cmake. As wheels: seconds.
   echo "fetch-vocab: downloading $archive from PyPI"
-  python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$work" \
-    "llama-cpp-python==$version"
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
+    --dest "$work" "llama-cpp-python==$version"
   mv "$work/$archive" "$cached"
 fi
 got=$(sha256_of "$cached")

@@ -185,9 +185,14 @@ impl Candidate for Engine {
 
     fn build(&self) -> String {
         format!(
-            "divergence {}, kernel {}, I2_S {:?}, {} thread(s){}",
+            "divergence {}, kernel {}{}, I2_S {:?}, {} thread(s){}",
             env!("CARGO_PKG_VERSION"),
             self.kernel_name(),
+            if self.kernel_forced() {
+                " (forced by DIVERGENCE_KERNEL)"
+            } else {
+                ""
+            },
             self.options().i2s_mode,
             self.options().threads,
             if self.options().faults.is_empty() {

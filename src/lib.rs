@@ -36,6 +36,7 @@ pub mod compare;
 pub mod dump;
 #[doc(hidden)]
 pub mod engine;
+pub mod external;
 pub mod gguf;
 #[doc(hidden)]
 pub mod input;
@@ -43,7 +44,8 @@ pub mod lockstep;
 pub mod model;
 #[doc(hidden)]
 pub mod oracle;
-mod outfile;
+#[doc(hidden)]
+pub mod outfile;
 #[doc(hidden)]
 pub mod quant;
 pub mod receipt;

@@ -8,6 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most layers a model (and a receipt's description of one) may have:
+/// the deepest real BitNet has 30, the deepest published LLMs about 128.
+pub const MAX_LAYERS: usize = 1024;
+
 /// The model families the engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Arch {

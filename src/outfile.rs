@@ -9,11 +9,109 @@
 //! it writes into a file instead (and reads that back as its stdin). So a
 //! destination that exists and is not a regular file (a device, a FIFO, a
 //! terminal) is written in place, and a symbolic link is followed, so the
-//! file it names is replaced and the link stays.
+//! file it names is replaced and the link stays. A replaced file keeps its
+//! mode and owner.
+//!
+//! Temporary and side files never outlive their process when it can run
+//! code: every one is registered while it exists, and
+//! [`remove_unfinished`] (called by the command line's signal handler
+//! before it exits) removes them. Those of a process that could not run any
+//! (SIGKILL, a power cut) carry its pid in their name, `.{name}.{pid}.{tag}`
+//! beside the output, and the next run writing that output removes them.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Temporary and side files being written now.
+static UNFINISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn unfinished() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    UNFINISHED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a temporary file so that [`remove_unfinished`] removes it.
+pub(crate) fn register(path: &Path) {
+    unfinished().push(path.to_path_buf());
+}
+
+/// The file was renamed into place or removed: nothing to clean up.
+pub(crate) fn forget(path: &Path) {
+    unfinished().retain(|p| p != path);
+}
+
+/// Removes every temporary and side file of outputs not yet complete (the
+/// process is about to exit on a signal). Finished outputs are untouched.
+pub fn remove_unfinished() {
+    for p in unfinished().drain(..) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Whether a process with this pid exists.
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks the pid.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The path of this process's temporary (or side) file `tag` for `out`,
+/// `.{name}.{pid}.{tag}` beside it; those of processes that are gone are
+/// removed first.
+pub(crate) fn temporary_beside(out: &Path, tag: &str) -> io::Result<PathBuf> {
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: not a file path", out.display()),
+        )
+    })?;
+    let name = name.to_string_lossy();
+    let prefix = format!(".{name}.");
+    let suffix = format!(".{tag}");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let file = e.file_name();
+            let file = file.to_string_lossy();
+            let pid = file
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(&suffix))
+                .and_then(|p| p.parse::<i32>().ok());
+            if let Some(pid) = pid.filter(|&p| p > 0 && p as u32 != std::process::id()) {
+                if !alive(pid) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(dir.join(format!("{prefix}{}{suffix}", std::process::id())))
+}
+
+/// Refuses an output that is one of the inputs (the same file, by device
+/// and inode, or the same path): writing it would destroy what is read.
+pub fn refuse_overwriting(output: &Path, inputs: &[&Path]) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let out_id = id(output);
+    for input in inputs {
+        let same = match (out_id, id(input)) {
+            (Some(a), Some(b)) => a == b,
+            _ => output == *input,
+        };
+        if same && std::fs::metadata(output).map_or(true, |m| m.is_file()) {
+            return Err(format!(
+                "the output {} is also an input ({}): writing it would destroy what is read",
+                output.display(),
+                input.display()
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Where an output's bytes go until [`Destination::commit`].
 #[derive(Debug)]
@@ -41,28 +139,17 @@ impl Destination {
             Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)?,
             _ => path.to_path_buf(),
         };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path.file_name().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{}: not a file path", path.display()),
-            )
-        })?;
-        let tmp = dir.join(format!(
-            ".{}.{}.{tag}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let tmp = temporary_beside(&path, tag)?;
         Ok(Destination::Replace { path, tmp })
     }
 
     /// The file to write into.
     pub(crate) fn create(&self) -> io::Result<File> {
         match self {
-            Destination::Replace { tmp, .. } => File::create(tmp),
+            Destination::Replace { tmp, .. } => {
+                register(tmp);
+                File::create(tmp)
+            }
             Destination::InPlace(path) => OpenOptions::new().write(true).open(path),
         }
     }
@@ -80,9 +167,11 @@ impl Destination {
     pub(crate) fn commit(&self, file: File) -> io::Result<()> {
         match self {
             Destination::Replace { path, tmp } => {
+                keep_mode_and_owner(path, &file);
                 file.sync_all()?;
                 drop(file);
                 std::fs::rename(tmp, path)?;
+                forget(tmp);
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     if let Ok(d) = File::open(dir) {
                         let _ = d.sync_all();
@@ -99,6 +188,7 @@ impl Destination {
     pub(crate) fn abandon(&self) {
         if let Destination::Replace { tmp, .. } = self {
             let _ = std::fs::remove_file(tmp);
+            forget(tmp);
         }
     }
 
@@ -113,6 +203,17 @@ impl Destination {
             self.abandon();
         }
         result
+    }
+}
+
+/// The file being replaced keeps its mode and, where we may set it, its
+/// owner (a 0444 receipt stays read-only). Best effort: a new file keeps
+/// the umask's mode, and a refused chown (not root) changes nothing.
+fn keep_mode_and_owner(path: &Path, new: &File) {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(old) = std::fs::metadata(path).ok().filter(|m| m.is_file()) {
+        let _ = new.set_permissions(old.permissions());
+        let _ = std::os::unix::fs::fchown(new, Some(old.uid()), Some(old.gid()));
     }
 }
 

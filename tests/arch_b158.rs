@@ -1094,3 +1094,59 @@ fn the_full_3b_preset_differs_from_the_reference_only_by_the_row_layout() {
         mirrored.timings.reference_peak_rss_bytes
     );
 }
+
+/// A `bitnet` file with the 2B-4T shape (GQA, theta 500000, tied output):
+/// `inspect` and `find` warn that the arch runs SiLU while such a model was
+/// trained with squared ReLU; the arch's own shape (theta 10000) does not.
+#[test]
+fn a_bitnet_file_shaped_like_2b4t_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let shaped = dir.path().join("shaped.gguf");
+    let cfg = divergence::synth::SynthConfig {
+        arch: "bitnet".into(),
+        rope_theta: 500_000.0,
+        untied_output: false,
+        seed: 1,
+        ..divergence::synth::SynthConfig::preset(divergence::synth::Preset::Tiny)
+    };
+    assert!(cfg.n_head_kv < cfg.n_head, "the tiny preset is GQA");
+    divergence::synth::write_model(&cfg, &shaped).unwrap();
+    let plain = dir.path().join("plain.gguf");
+    divergence::synth::write_model(
+        &divergence::synth::SynthConfig {
+            arch: "bitnet".into(),
+            seed: 1,
+            ..divergence::synth::SynthConfig::preset(divergence::synth::Preset::Tiny)
+        },
+        &plain,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_divergence"))
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let receipt = dir.path().join("r.json");
+    for (model, warned) in [(&shaped, true), (&plain, false)] {
+        let m = model.to_str().unwrap();
+        let log = run(&["inspect", m, "--no-stats"]);
+        assert_eq!(log.contains("trained with squared ReLU"), warned, "{log}");
+        let log = run(&[
+            "find",
+            "-q",
+            "--model",
+            m,
+            "--steps",
+            "1",
+            "--receipt",
+            receipt.to_str().unwrap(),
+        ]);
+        assert_eq!(log.contains("trained with squared ReLU"), warned, "{log}");
+    }
+}

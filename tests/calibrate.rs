@@ -124,6 +124,7 @@ fn through_dumps(dir: &Path, path: &Path, tokens: &[u32], kv: KvType, worst: &mu
         threads: 2,
         kv_type: kv,
         out: dir.join(out),
+        cancel: None,
     };
     let (r, c) = (cfg("ref.safetensors"), cfg("cand.safetensors"));
     capture_reference(&r, Path::new(EXE)).unwrap();
@@ -134,6 +135,7 @@ fn through_dumps(dir: &Path, path: &Path, tokens: &[u32], kv: KvType, worst: &mu
         policy: Policy::default_policy(),
         keep_going: true,
         model: Some(path.to_path_buf()),
+        worker_exe: None,
     };
     let full = map_dump(&cand, None).unwrap();
     for layer_only in [false, true] {

@@ -734,3 +734,136 @@ fn an_f32_cache_candidate_against_an_f16_reference_drifts_but_is_clean() {
         r.remarks
     );
 }
+
+/// A dump of the tokens only (a black-box engine): `from`'s manifest, its
+/// steps' tokens edited by `edit`, no tensors.
+fn tokens_only(from: &Path, to: &Path, edit: impl FnOnce(&mut Manifest)) {
+    let d = Dump::open(from).unwrap();
+    let mut m = d.manifest.clone().unwrap();
+    m.engine = "black box".into();
+    edit(&mut m);
+    DumpWriter::create(to).unwrap().finish(Some(&m)).unwrap();
+}
+
+/// The reference's logits at the last position of `step`, from its dump.
+fn reference_logits(step: usize) -> Vec<f32> {
+    let d = Dump::open(&fixture().reference).unwrap();
+    let t = d
+        .tensor(&divergence::dump::tensor_name(
+            step,
+            divergence::trace::StageKey::new(None, Stage::Logits),
+        ))
+        .unwrap()
+        .unwrap();
+    let n = *t.shape.last().unwrap();
+    t.data[t.data.len() - n..].to_vec()
+}
+
+#[test]
+fn a_tokens_only_dump_of_our_engines_greedy_tokens_is_clean() {
+    let f = fixture();
+    let dump = f.dir.path().join("tokens-ours.safetensors");
+    tokens_only(&f.candidate, &dump, |_| {});
+    let model = f.model.to_str().unwrap();
+    let (code, r, log) = compare(&dump, &["--model", model]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(r.verdict, Verdict::NoDivergence);
+    let scope = r.coverage.scope.as_ref().expect("the depth is said");
+    assert_eq!(scope.granularity, "tokens", "{log}");
+    assert!(log.contains("tokens only"), "{log}");
+}
+
+#[test]
+fn a_wrong_token_is_a_divergence_with_its_rank_gap_and_probability_and_a_near_tie_is_a_tie() {
+    let f = fixture();
+    let model = f.model.to_str().unwrap();
+    // At step 1 the black box picks the reference's second choice.
+    let row = reference_logits(1);
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    let (top, second) = (order[0], order[1]);
+    let gap = row[top] - row[second];
+    let dump = f.dir.path().join("tokens-second.safetensors");
+    tokens_only(&f.reference, &dump, |m| {
+        m.steps[2].tokens = vec![second as u32];
+        m.steps.truncate(3);
+    });
+    // With a tie gap below the real gap: a divergence at step 1, blamed on
+    // the candidate, with the figures.
+    let policy = |max_tie_gap: f64, name: &str| {
+        let mut p: serde_json::Value =
+            serde_json::from_str(divergence::compare::policy::DEFAULT_POLICY).unwrap();
+        p["local"]["choices"]["max_tie_gap"] = serde_json::json!(max_tie_gap);
+        let path = f.dir.path().join(name);
+        std::fs::write(&path, p.to_string()).unwrap();
+        path
+    };
+    let strict = policy(f64::from(gap) / 2.0, "strict.json");
+    let (code, r, log) = compare(
+        &dump,
+        &["--model", model, "--policy", strict.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{log}");
+    let d = r.first_divergence.as_ref().unwrap();
+    assert_eq!(d.step, 1);
+    assert_eq!(d.stage, Stage::Logits);
+    assert_eq!(d.measured, divergence::lockstep::Measured::Choice);
+    assert_eq!(d.blame.blame, divergence::compare::Blame::Candidate);
+    assert!(
+        d.blame.reason.contains("ranks it 1") && d.blame.reason.contains("probability"),
+        "{}",
+        d.blame.reason
+    );
+    assert!(
+        d.blame
+            .reason
+            .contains("the first wrong token is at step 1"),
+        "{}",
+        d.blame.reason
+    );
+    // With a tie gap above it: a recorded near-tie flip, not a divergence;
+    // the step after it is judged on the black box's own history (bitnet.cpp
+    // fed its tokens).
+    let lenient = policy(f64::from(gap) * 2.0, "lenient.json");
+    let (code, r, log) = compare(
+        &dump,
+        &["--model", model, "--policy", lenient.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        r.remarks.iter().any(|x| x.contains("near-tie flip")),
+        "{:?}",
+        r.remarks
+    );
+
+    // The step after the flip is judged on the black box's own history:
+    // bitnet.cpp fed its tokens (teacher forcing). Its top-1 there, read
+    // from a first run, is then a clean choice.
+    let forced = |token: u32, name: &str| {
+        let path = f.dir.path().join(name);
+        tokens_only(&f.reference, &path, |m| {
+            m.steps[2].tokens = vec![second as u32];
+            m.steps[3].tokens = vec![token];
+            m.steps.truncate(4);
+        });
+        path
+    };
+    let probe = forced(0, "tokens-probe.safetensors");
+    let (_, r, log) = compare(
+        &probe,
+        &["--model", model, "--policy", lenient.to_str().unwrap()],
+    );
+    let top1 = *r
+        .generated
+        .reference
+        .get(2)
+        .unwrap_or_else(|| panic!("{log}"));
+    let followed = forced(top1, "tokens-followed.safetensors");
+    let (code, r, log) = compare(
+        &followed,
+        &["--model", model, "--policy", lenient.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{log}");
+    let first = Dump::open(&f.reference).unwrap().manifest.unwrap().steps[1].tokens[0];
+    assert_eq!(r.generated.candidate, [first, second as u32, top1], "{log}");
+}

@@ -438,6 +438,39 @@ fn kernel_speed_report() {
     }
 }
 
+/// Not a test: single-threaded GB/s and GFLOP/s of every kernel's F16
+/// logits product over 2048 vocabulary rows of 2560 values, one token and
+/// a 128-token prefill (`cargo test --release --test kernels -- --ignored
+/// --nocapture`).
+#[test]
+#[ignore]
+fn f16_rows_speed_report() {
+    let (n, rows) = (2560, 2048);
+    let mut next = xorshift(7);
+    let data: Vec<u8> = (0..n * rows)
+        .flat_map(|_| half::f16::from_f32((next() % 2001) as f32 / 1000.0 - 1.0).to_le_bytes())
+        .collect();
+    for t in [1, 128] {
+        let xs: Vec<f32> = (0..n * t).map(|i| (i % 97) as f32 / 97.0 - 0.5).collect();
+        for k in Kernel::available() {
+            let mut out = vec![0f32; rows * t];
+            let reps = if t == 1 { 50 } else { 2 };
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                k.dot_f16_rows(n, &data, &xs, &mut out);
+            }
+            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            eprintln!(
+                "{:12} {t:3} token(s): {:.2} GB/s, {:.1} GFLOP/s ({:.1} ms)",
+                k.name(),
+                data.len() as f64 / s / 1e9,
+                2.0 * (n * rows * t) as f64 / s / 1e9,
+                s * 1e3
+            );
+        }
+    }
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }

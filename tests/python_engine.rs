@@ -289,3 +289,250 @@ fn a_dump_of_layer_outputs_places_a_bug_in_its_layer() {
         }
     }
 }
+
+/// The numpy engine as a `--candidate-cmd` (placeholders filled by the
+/// harness), with `extra` arguments.
+fn numpy_cmd(extra: &str) -> String {
+    format!(
+        "python3 {SCRIPT} --model {{model}} --tokens {{tokens}} --steps {{steps}} --kv {{kv}} --out {{out}} {extra}"
+    )
+}
+
+/// `find` with `--candidate-cmd`: (exit code, receipt, stdout+stderr).
+fn find_cmd(model: &Path, dir: &Path, cmd: &str, extra: &[&str]) -> (i32, Receipt, String) {
+    let receipt = dir.join("cmd.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_divergence"))
+        .args(["find", "-q", "--model", model.to_str().unwrap()])
+        .args(["--tokens", TOKENS, "--steps", "3", "--candidate-cmd", cmd])
+        .args(extra)
+        .arg("--receipt")
+        .arg(&receipt)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = Receipt::read(&receipt).unwrap_or_else(|e| panic!("no receipt ({e}): {log}"));
+    (out.status.code().unwrap_or(-1), r, log)
+}
+
+#[test]
+fn find_runs_an_external_engine_as_a_command() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    let cfg = SynthConfig {
+        arch: "bitnet".into(),
+        seed: 1,
+        ..SynthConfig::preset(Preset::Tiny)
+    };
+    write_model(&cfg, &model).unwrap();
+
+    let (code, r, log) = find_cmd(&model, dir.path(), &numpy_cmd("--bug none"), &[]);
+    assert_eq!(code, 0, "clean: {log}");
+    assert_eq!(r.verdict, Verdict::NoDivergence);
+    let off = r.offline.as_ref().expect("judged as dumps are");
+    assert_eq!(
+        off.candidate_cmd.as_deref(),
+        Some(numpy_cmd("--bug none").as_str())
+    );
+    assert!(
+        Path::new(&off.candidate_dump).is_file(),
+        "the evidence is kept"
+    );
+
+    // A bug below 1e-2 NMSE, in layer 1 only: found at its stage and layer.
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        &numpy_cmd("--bug eps-hardcoded --bug-layer 1"),
+        &[],
+    );
+    assert_eq!(code, 1, "{log}");
+    let d = r
+        .first_divergence
+        .as_ref()
+        .expect("the planted bug is found");
+    assert_eq!(
+        (d.step, d.layer, d.stage, d.blame.blame),
+        (0, Some(1), Stage::AttnNorm, Blame::Candidate),
+        "{log}"
+    );
+
+    // A command that fails: candidate_failed (exit 5), its status and the
+    // end of its stderr in the receipt, escape codes escaped.
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        "sh -c 'echo loading {model} >&2; printf \"\\033[2Jout of memory\\n\" >&2; exit 7' {out}",
+        &[],
+    );
+    assert_eq!(code, 5, "{log}");
+    assert_eq!(r.verdict, Verdict::CandidateFailed);
+    let why = serde_json::to_string(&r.candidate_failure).unwrap();
+    assert!(
+        why.contains("status 7") && why.contains("out of memory"),
+        "{why}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no raw escape code on the terminal: {log}"
+    );
+
+    // Too slow: killed at --candidate-timeout, candidate_failed.
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        "sh -c 'sleep 60' {out}",
+        &["--candidate-timeout", "1"],
+    );
+    assert_eq!((code, r.verdict), (5, Verdict::CandidateFailed), "{log}");
+    assert!(log.contains("timed out"), "{log}");
+
+    // Exits 0 without writing its dump, or writing garbage.
+    let (code, _, log) = find_cmd(&model, dir.path(), "true {out}", &[]);
+    assert_eq!(code, 5, "{log}");
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        "sh -c 'head -c 5000 /dev/urandom > \"$0\"' {out}",
+        &[],
+    );
+    assert_eq!((code, r.verdict), (5, Verdict::CandidateFailed), "{log}");
+
+    // A template that cannot be a command is bad input, before anything runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_divergence"))
+        .args(["find", "-q", "--model", model.to_str().unwrap()])
+        .args(["--candidate-cmd", "engine --model {model} {oops}"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("{oops}"));
+}
+
+#[test]
+fn a_sweep_runs_an_external_engine_on_every_prompt_and_merges() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    let cfg = SynthConfig {
+        arch: "bitnet".into(),
+        seed: 1,
+        ..SynthConfig::preset(Preset::Tiny)
+    };
+    write_model(&cfg, &model).unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"tokens\": [1, 407, 259]}\n{\"tokens\": [1, 300, 301, 302]}\n{\"prompt\": \"fn main\"}\n",
+    )
+    .unwrap();
+    let sweep = |extra: &[&str], out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_divergence"))
+            .args(["sweep", "-q", "--model", model.to_str().unwrap()])
+            .args(["--prompts", prompts.to_str().unwrap(), "--steps", "2"])
+            .args(["--candidate-cmd", &numpy_cmd("--bug act-scale128")])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), log)
+    };
+    let whole = dir.path().join("whole.json");
+    let (code, log) = sweep(&[], &whole);
+    assert_eq!(code, Some(1), "{log}");
+    let sw = divergence::sweep::Sweep::read(&whole).unwrap();
+    assert_eq!(sw.prompts.len(), 3);
+    for p in &sw.prompts {
+        let d = p
+            .first_divergence
+            .as_ref()
+            .unwrap_or_else(|| panic!("{log}"));
+        assert_eq!(
+            (d.stage, d.blame),
+            (Stage::QProj, Blame::Candidate),
+            "{log}"
+        );
+    }
+    // Two shards merge into the same file as the whole run.
+    let shards: Vec<_> = (1..=2)
+        .map(|i| {
+            let out = dir.path().join(format!("s{i}.json"));
+            let (code, log) = sweep(&["--shard", &format!("{i}/2")], &out);
+            assert_eq!(code, Some(1), "{log}");
+            out
+        })
+        .collect();
+    let merged = dir.path().join("merged.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_divergence"))
+        .arg("merge")
+        .args(&shards)
+        .arg("-o")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    // The merged sweep's exit code is the whole run's: 1, a divergence.
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let m = divergence::sweep::Sweep::read(&merged).unwrap();
+    assert_eq!(m.identity(), sw.identity());
+}
+
+#[test]
+fn a_black_box_running_bitnet_with_squared_relu_is_caught_at_its_first_wrong_token() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    let cfg = SynthConfig {
+        arch: "bitnet".into(),
+        seed: 1,
+        ..SynthConfig::preset(Preset::Tiny)
+    };
+    write_model(&cfg, &model).unwrap();
+    // Tokens only, the model's own activation: clean.
+    let (code, r, log) = find_cmd(&model, dir.path(), &numpy_cmd("--stages none"), &[]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(r.coverage.scope.as_ref().unwrap().granularity, "tokens");
+    // Squared ReLU where arch bitnet is SiLU-gated: the first token it gets
+    // wrong is the divergence, with the reference's rank, gap and probability.
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        &numpy_cmd("--stages none --ffn-act relu2"),
+        &[],
+    );
+    assert_eq!(code, 1, "{log}");
+    let d = r.first_divergence.as_ref().unwrap();
+    assert_eq!(d.measured, Measured::Choice);
+    assert_eq!(d.blame.blame, Blame::Candidate);
+    let first_wrong = r
+        .generated
+        .reference
+        .iter()
+        .zip(&r.generated.candidate)
+        .position(|(a, b)| a != b)
+        .expect("a wrong token");
+    assert_eq!(d.step, first_wrong, "{log}");
+    for figure in ["ranks it", "below the top-1 logit", "probability"] {
+        assert!(d.blame.reason.contains(figure), "{}", d.blame.reason);
+    }
+    assert!(log.contains("tokens only"), "{log}");
+}

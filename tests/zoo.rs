@@ -471,6 +471,7 @@ fn through_dumps(model: &Path, faults: &[Fault]) -> Outcome {
         threads: 1,
         kv_type: divergence::KvType::F16,
         out: dir.path().join(out),
+        cancel: None,
     };
     let (r, c) = (cfg("reference.safetensors"), cfg("candidate.safetensors"));
     capture_reference(&r, Path::new(env!("CARGO_BIN_EXE_divergence"))).unwrap();
@@ -486,6 +487,7 @@ fn through_dumps(model: &Path, faults: &[Fault]) -> Outcome {
         policy: Policy::default_policy(),
         keep_going: false,
         model: Some(model.to_path_buf()),
+        worker_exe: None,
     };
     let cand = CandidateDump {
         stages: Ok(&stages),

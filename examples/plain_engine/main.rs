@@ -63,7 +63,8 @@ fn main() -> ExitCode {
     let loader = |opts: &LoadOptions| -> Result<Box<dyn Candidate>, CandidateError> {
         Ok(Box::new(PlainEngine::load(opts, bug)?))
     };
-    // The reference runs in a worker process: our `divergence` binary.
+    // The reference runs in a worker process: this executable, started
+    // again (DIVERGENCE_EXE overrides it).
     let worker = match divergence::reference::worker::default_exe() {
         Ok(w) => w,
         Err(e) => {

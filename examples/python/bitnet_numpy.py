@@ -204,14 +204,14 @@ def f16(x):
 
 
 class Engine:
-    def __init__(self, path, kv_f16, bug, bug_layer=None, rope_style="ggml"):
+    def __init__(self, path, kv_f16, bug, bug_layer=None, rope_style="ggml", ffn_act="auto"):
         g = Gguf(path)
         arch = g.meta["general.architecture"]
         if arch not in ("bitnet", "bitnet-b1.58", "llama"):
             raise SystemExit(f"arch {arch} is not supported")
         k = lambda s: g.meta[f"{arch}.{s}"]
         self.arch, self.kv_f16, self.bug = arch, kv_f16, bug
-        self.bug_layer, self.rope_style = bug_layer, rope_style
+        self.bug_layer, self.rope_style, self.ffn_act = bug_layer, rope_style, ffn_act
         self.n_embd, self.n_layer = k("embedding_length"), k("block_count")
         self.n_head = k("attention.head_count")
         self.n_head_kv = g.meta.get(f"{arch}.attention.head_count_kv", self.n_head)
@@ -302,7 +302,7 @@ class Engine:
             emit(l, "ffn_norm", cur)
             gate = linear(*w["gate"][:2], cur, w["gate"][2], num)
             emit(l, "ffn_gate", gate)
-            if self.arch == "bitnet-b1.58":
+            if self.ffn_act == "relu2" or (self.ffn_act == "auto" and self.arch == "bitnet-b1.58"):
                 act = (np.maximum(gate, 0) ** 2).astype(np.float32)
             else:
                 act = (gate / (np.float32(1) + np.exp(-gate))).astype(np.float32)
@@ -341,6 +341,8 @@ def main():
     ap.add_argument("--bug", choices=["none", "rope-pairs", "eps-hardcoded", "act-scale128"], default="none")
     ap.add_argument("--bug-layer", type=int, default=None, help="plant the bug in this layer only")
     ap.add_argument("--rope-style", choices=["ggml", "hf"], default="ggml")
+    ap.add_argument("--ffn-act", choices=["auto", "relu2", "silu"], default="auto",
+                    help="the FFN activation: auto as the arch defines it (bitnet-b1.58: squared ReLU; bitnet, llama: SiLU)")
     ap.add_argument("--stages", default="all",
                     help="comma-separated stages to write (default all; none: tokens only)")
     ap.add_argument("--last-logits", action="store_true", help="write only the last position's logits")
@@ -359,7 +361,7 @@ def main():
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise SystemExit(f"unknown stages {unknown}")
-    eng = Engine(a.model, a.kv == "f16", a.bug, a.bug_layer, a.rope_style)
+    eng = Engine(a.model, a.kv == "f16", a.bug, a.bug_layer, a.rope_style, a.ffn_act)
     tensors, steps, pos = {}, [], 0
     batch = tokens
     for step in range(a.steps + 1):

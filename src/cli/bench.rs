@@ -93,6 +93,12 @@ struct ModelReport {
     weight_bytes_per_decode_token: u64,
     kv_cache_bytes: u64,
     candidate_kernel: String,
+    /// Whether `DIVERGENCE_KERNEL` forced that path (else: the fastest
+    /// this CPU has).
+    candidate_kernel_forced: bool,
+    /// The CPU's model name and the SIMD flags that choose kernel paths.
+    cpu: String,
+    cpu_simd_flags: Vec<String>,
     candidate: EngineNumbers,
     reference: EngineNumbers,
     /// Medians over this many rounds (each round times both engines).
@@ -105,6 +111,9 @@ struct ModelReport {
     /// (which last seconds here) mostly cancel within a pair.
     decode_ratio: f64,
     prefill_ratio: f64,
+    /// The lowest and highest per-round ratios.
+    decode_ratio_range: [f64; 2],
+    prefill_ratio_range: [f64; 2],
     /// The machine's streaming read bandwidth (GB/s) at `threads` threads:
     /// the median over rounds of `bandwidth_rounds`.
     bandwidth_gbs: f64,
@@ -172,10 +181,9 @@ struct KernelReport {
     outputs_equal: bool,
 }
 
-pub fn run(args: Args) -> CliResult {
-    if args.threads == 0 || args.threads > 256 {
-        return Err(anyhow!("--threads must be between 1 and 256").into());
-    }
+pub fn run(mut args: Args) -> CliResult {
+    // More threads than CPUs measure the scheduler, not the engines.
+    args.threads = super::threads::bounded(args.threads, "--threads")?;
     if args.kernel {
         return kernel_bench(&args);
     }
@@ -202,6 +210,8 @@ pub fn run(args: Args) -> CliResult {
     };
     let mut engine = Engine::from_gguf(file.clone(), opts)?;
     let c = engine.config().clone();
+    let kernel = Kernel::named(engine.kernel_name())?;
+    let engine_forced = engine.kernel_forced();
     let prompt: Vec<u32> = (0..args.prefill)
         .map(|i| 3 + (i as u32 * 7919) % (c.n_vocab as u32 - 3))
         .collect();
@@ -239,7 +249,7 @@ pub fn run(args: Args) -> CliResult {
     reference.prefill(&prompt[..8.min(prompt.len())])?; // its page cache
     candidate.clock = args.stages.then(StageClock::default);
     // Allocated after the candidate's RSS was read, which it would inflate.
-    let read_probe = bandwidth::ReadProbe::new(args.threads);
+    let read_probe = bandwidth::ReadProbe::new(args.threads, kernel);
     let (mut cand, mut refr, mut read_rounds) = (Vec::new(), Vec::new(), Vec::new());
     let mut lockstep_rounds = Vec::new();
     for round in 0..args.rounds {
@@ -293,6 +303,7 @@ pub fn run(args: Args) -> CliResult {
         .map(|(c, r)| [c[0] / r[0], c[1] / r[1]])
         .collect();
     let (prefill_ratio, decode_ratio) = medians(&paired);
+    let ratio_range = |k: usize| range(paired.iter().map(|r| r[k]));
 
     let kv_bytes = (2 * c.n_layer * n_ctx * c.n_embd_kv() * 2) as u64;
     let gb = |tok_s: f64| weight_bytes as f64 * tok_s / 1e9;
@@ -303,13 +314,7 @@ pub fn run(args: Args) -> CliResult {
         .map(|((c, r), &read)| [gb(c[1]) / read, gb(r[1]) / read])
         .collect();
     let (cand_fraction, ref_fraction) = medians(&fractions);
-    let fraction_range = |k: usize| {
-        let side = fractions.iter().map(|f| f[k]);
-        [
-            side.clone().fold(f64::INFINITY, f64::min),
-            side.fold(f64::NEG_INFINITY, f64::max),
-        ]
-    };
+    let fraction_range = |k: usize| range(fractions.iter().map(|f| f[k]));
     let report = ModelReport {
         model: model.display().to_string(),
         file_bytes: file.file_size(),
@@ -318,7 +323,10 @@ pub fn run(args: Args) -> CliResult {
         decode_tokens: args.decode,
         weight_bytes_per_decode_token: weight_bytes,
         kv_cache_bytes: kv_bytes,
-        candidate_kernel: Kernel::detect().name().into(),
+        candidate_kernel: kernel.name().into(),
+        candidate_kernel_forced: engine_forced,
+        cpu: cpu_model(),
+        cpu_simd_flags: simd_flags(),
         candidate: EngineNumbers {
             prefill_tok_s: cand_prefill,
             decode_tok_s: cand_decode,
@@ -340,6 +348,8 @@ pub fn run(args: Args) -> CliResult {
         reference_rounds: refr,
         decode_ratio,
         prefill_ratio,
+        decode_ratio_range: ratio_range(1),
+        prefill_ratio_range: ratio_range(0),
         bandwidth_gbs: median(read_rounds.clone()),
         bandwidth_rounds: read_rounds,
         bandwidth_read_bytes: bandwidth::READ_BYTES as u64,
@@ -363,12 +373,15 @@ pub fn run(args: Args) -> CliResult {
                 .unwrap_or("?".into())
         };
         outln!(
-            "model {} ({:.0} MiB), {} threads, candidate kernel {}; medians of {} rounds",
+            "model {} ({:.0} MiB), {} threads, candidate kernel {}{}; medians of {} rounds; CPU {} ({})",
             report.model,
             report.file_bytes as f64 / 1048576.0,
             args.threads,
             report.candidate_kernel,
-            args.rounds
+            if report.candidate_kernel_forced { " (forced)" } else { "" },
+            args.rounds,
+            report.cpu,
+            report.cpu_simd_flags.join(" ")
         );
         outln!(
             "{:<12} {:>14} {:>14} {:>12} {:>12}",
@@ -390,8 +403,9 @@ pub fn run(args: Args) -> CliResult {
                 mb(n.peak_rss_bytes)
             );
         }
+        let [[p_lo, p_hi], [d_lo, d_hi]] = [report.prefill_ratio_range, report.decode_ratio_range];
         outln!(
-            "ratio (candidate / bitnet.cpp, median of per-round ratios): prefill {:.2}x, decode {:.2}x",
+            "ratio (candidate / bitnet.cpp, median of per-round ratios, lowest-highest): prefill {:.2}x ({p_lo:.2}-{p_hi:.2}), decode {:.2}x ({d_lo:.2}-{d_hi:.2})",
             report.prefill_ratio, report.decode_ratio
         );
         let [bw_lo, bw_hi] = [f64::min, f64::max].map(|pick| {
@@ -635,6 +649,48 @@ fn medians(rounds: &[[f64; 2]]) -> (f64, f64) {
     (column(0), column(1))
 }
 
+/// The lowest and highest of `values`.
+fn range(values: impl Iterator<Item = f64> + Clone) -> [f64; 2] {
+    [
+        values.clone().fold(f64::INFINITY, f64::min),
+        values.fold(f64::NEG_INFINITY, f64::max),
+    ]
+}
+
+/// The CPU's model name as /proc/cpuinfo gives it ("?" elsewhere).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The SIMD features this CPU reports among those the kernels choose by.
+fn simd_flags() -> Vec<String> {
+    #[allow(unused_mut)]
+    let mut flags = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let known = [
+            ("avx2", is_x86_feature_detected!("avx2")),
+            ("fma", is_x86_feature_detected!("fma")),
+            ("f16c", is_x86_feature_detected!("f16c")),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+            ("avx512bw", is_x86_feature_detected!("avx512bw")),
+            ("avx512vl", is_x86_feature_detected!("avx512vl")),
+            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+            ("avxvnni", is_x86_feature_detected!("avxvnni")),
+        ];
+        flags.extend(known.iter().filter(|f| f.1).map(|f| f.0.to_string()));
+    }
+    flags
+}
+
 /// The median (the mean of the middle two for an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -673,7 +729,7 @@ fn kernel_bench(args: &Args) -> CliResult {
     let x: Vec<f32> = (0..n_in)
         .map(|_| ((next() % 2001) as f32 - 1000.0) / 250.0)
         .collect();
-    let kernel = Kernel::detect();
+    let kernel = Kernel::detect()?;
     let codes = &packed[..n_in * n_out / 4];
     let w_scale = 0.25f32;
 

@@ -1,18 +1,19 @@
 //! `divergence capture`: one engine's run into a safetensors dump, and
 //! `divergence compare`: two dumps judged offline.
 
-use super::{CliResult, Failure};
+use super::{interrupt, threads, CliResult, Failure};
 use anyhow::anyhow;
 use divergence::candidate::BuiltinCandidate;
 use divergence::compare::Policy;
 use divergence::dump::capture::{capture_candidate, capture_reference, CaptureConfig};
 use divergence::dump::map::{map_dump, DumpMap};
 use divergence::dump::Dump;
-use divergence::lockstep::offline::{compare_dumps, CandidateDump, OfflineOptions};
+use divergence::dump::Manifest;
+use divergence::lockstep::offline::{compare_dumps, CandidateDump, Compared, OfflineOptions};
 use divergence::lockstep::{Mode, Prompt};
 use divergence::receipt::{OfflineRecord, Receipt, RunRecord};
 use divergence::KvType;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Which engine a capture runs.
@@ -55,12 +56,16 @@ pub struct CaptureArgs {
 }
 
 pub fn capture(args: CaptureArgs) -> CliResult {
-    if args.steps > 4096 {
-        return Err(anyhow!("--steps {} is absurd: at most 4096", args.steps).into());
+    if args.steps > super::find::MAX_STEPS {
+        return Err(anyhow!(
+            "--steps {} is absurd: at most {}",
+            args.steps,
+            super::find::MAX_STEPS
+        )
+        .into());
     }
-    if args.threads == 0 || args.threads > 256 {
-        return Err(anyhow!("--threads must be between 1 and 256").into());
-    }
+    let threads = threads::bounded(args.threads, "--threads")?;
+    divergence::outfile::refuse_overwriting(&args.out, &[&args.model]).map_err(|e| anyhow!(e))?;
     if !args.inject.is_empty() && args.engine == EngineChoice::Reference {
         return Err(anyhow!("--inject applies to --engine candidate only").into());
     }
@@ -75,9 +80,10 @@ pub fn capture(args: CaptureArgs) -> CliResult {
         model: args.model.clone(),
         prompt,
         steps: args.steps,
-        threads: args.threads,
+        threads,
         kv_type: args.kv,
         out: args.out.clone(),
+        cancel: Some(interrupt::flag()),
     };
     let result = match args.engine {
         EngineChoice::Reference => {
@@ -104,15 +110,27 @@ pub fn capture(args: CaptureArgs) -> CliResult {
             error: anyhow::Error::from(e).context(format!("capturing {}", args.model.display())),
         }
     })?;
-    let n_tensors = Dump::open(&args.out)
-        .map(|d| d.names().count())
-        .unwrap_or(0);
+    // Counted from the file when it is one: a FIFO or `/dev/null` output
+    // cannot be read back.
+    let tensors = std::fs::metadata(&args.out)
+        .is_ok_and(|m| m.is_file())
+        .then(|| Dump::open(&args.out).map(|d| d.names().count()).ok())
+        .flatten()
+        .map(|n| format!(", {n} tensors"))
+        .unwrap_or_default();
     outln!(
-        "dump    {} ({} engine, {} step(s), {n_tensors} tensors)",
+        "dump    {} ({} engine, {} step(s){tensors})",
         args.out.display(),
         manifest.engine,
         manifest.steps.len()
     );
+    if manifest.interrupted {
+        outln!(
+            "INTERRUPTED after {} step(s): the dump holds those (its manifest says \"interrupted\")",
+            manifest.steps.len()
+        );
+        return Ok(ExitCode::from(130));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -145,6 +163,11 @@ pub struct CompareArgs {
 }
 
 pub fn compare(args: CompareArgs) -> CliResult {
+    let mut inputs = vec![args.reference.as_path(), args.candidate.as_path()];
+    inputs.extend(args.model.as_deref());
+    inputs.extend(args.map.as_deref());
+    inputs.extend(args.policy.as_deref());
+    divergence::outfile::refuse_overwriting(&args.receipt, &inputs).map_err(|e| anyhow!(e))?;
     let policy = match &args.policy {
         Some(p) => Policy::load(p)?,
         None => Policy::default_policy(),
@@ -171,12 +194,52 @@ pub fn compare(args: CompareArgs) -> CliResult {
         policy: policy.clone(),
         keep_going: args.keep_going,
         model: args.model.clone(),
+        worker_exe: divergence::reference::worker::default_exe().ok(),
     };
     let compared = compare_dumps(&reference, &candidate, &opts)?;
     let m = reference
         .manifest
         .as_ref()
         .expect("compare_dumps checked the manifest");
+    let offline = OfflineRecord {
+        reference_dump: args.reference.display().to_string(),
+        candidate_dump: args.candidate.display().to_string(),
+        map: args.map.as_ref().map(|p| p.display().to_string()),
+        model_given: compared.model.is_some(),
+        note: String::new(),
+        candidate_cmd: None,
+    };
+    let receipt = offline_receipt(
+        m,
+        compared,
+        policy,
+        args.policy.as_deref(),
+        args.keep_going,
+        offline,
+    );
+    receipt.write(&args.receipt).map_err(|e| Failure {
+        code: 2,
+        error: e.into(),
+    })?;
+    if args.json {
+        json_out!(&receipt.to_json());
+    } else {
+        super::find::print_summary(&receipt, &args.receipt);
+    }
+    Ok(super::find::exit_code(&receipt))
+}
+
+/// The receipt of a comparison of dumps (`compare`, and `find` or `sweep`
+/// with `--candidate-cmd`): the run as the reference dump's manifest `m`
+/// records it, the model the oracle read.
+pub fn offline_receipt(
+    m: &Manifest,
+    compared: Compared,
+    policy: Policy,
+    policy_path: Option<&Path>,
+    keep_going: bool,
+    mut offline: OfflineRecord,
+) -> Receipt {
     let (model_path, sha256) = match &compared.model {
         Some((p, sha)) => (p.display().to_string(), sha.clone()),
         None => (m.model_path.clone(), m.model_sha256.clone()),
@@ -196,35 +259,19 @@ pub fn compare(args: CompareArgs) -> CliResult {
         mode: Mode::Free,
         threads: m.threads,
         kv_type: m.kv_type,
-        keep_going: args.keep_going,
+        keep_going,
         faults: vec![],
         token_faults: vec![],
-        policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
+        policy_path: policy_path.map(|p| p.display().to_string()),
         chat: false,
         // `divergence capture` dumps the reference as the model defines it.
         reference_ffn_act: Default::default(),
     };
-    let offline = OfflineRecord {
-        reference_dump: args.reference.display().to_string(),
-        candidate_dump: args.candidate.display().to_string(),
-        map: args.map.as_ref().map(|p| p.display().to_string()),
-        model_given: compared.model.is_some(),
-        note: if compared.model.is_some() {
-            "offline comparison of two dumps: each engine fed itself; the f64 oracle recomputed every stage of each dump from that dump's own inputs and judged each side's local error; side against side is the drift".to_string()
-        } else {
-            "offline comparison of two dumps without the model: only side against side could be measured, so the verdict cannot vouch for either side (give --model)".to_string()
-        },
-    };
-    let outcome = compared.outcome;
-    let receipt = Receipt::offline(record, sha256, policy, outcome, offline);
-    receipt.write(&args.receipt).map_err(|e| Failure {
-        code: 2,
-        error: e.into(),
-    })?;
-    if args.json {
-        out!("{}", receipt.to_json());
+    offline.model_given = compared.model.is_some();
+    offline.note = if offline.model_given {
+        "offline comparison of two dumps: each engine fed itself; the f64 oracle recomputed every stage of each dump from that dump's own inputs and judged each side's local error; side against side is the drift".to_string()
     } else {
-        super::find::print_summary(&receipt, &args.receipt);
-    }
-    Ok(super::find::exit_code(&receipt))
+        "offline comparison of two dumps without the model: only side against side could be measured, so the verdict cannot vouch for either side (give --model)".to_string()
+    };
+    Receipt::offline(record, sha256, policy, compared.outcome, offline)
 }

@@ -20,19 +20,23 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> CliResult {
+    divergence::outfile::refuse_overwriting(&args.output, &[&args.model])
+        .map_err(|e| anyhow::anyhow!(e))?;
     let file = GgufFile::open(&args.model)?;
     let json = hf::tokenizer_json(&file)?;
     let text = serde_json::to_string(&json)?;
-    std::fs::write(&args.output, &text)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.output.display()))?;
-    let loaded = tokenizers::Tokenizer::from_file(&args.output).map_err(|e| {
+    // Loaded back before it is written: a file the tokenizers crate
+    // refuses is never left behind.
+    let loaded: tokenizers::Tokenizer = text.parse().map_err(|e| {
         anyhow::anyhow!(
-            "wrote {}, but the tokenizers crate cannot load it: {e}",
-            args.output.display()
+            "{}: the tokenizers crate cannot load the tokenizer.json made from it ({e}); nothing written",
+            args.model.display()
         )
     })?;
+    divergence::receipt::write_atomic(&args.output, text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.output.display()))?;
     let tok = Tokenizer::from_gguf(&file)?;
-    println!(
+    outln!(
         "wrote {} ({} bytes): {}; the tokenizers crate loads it ({} tokens)",
         args.output.display(),
         text.len(),

@@ -1,21 +1,26 @@
 //! `divergence find` and `divergence verify`: run the lockstep comparison,
 //! write the receipt, print a human summary.
 
-use super::{CliResult, Failure};
+use super::{interrupt, threads, CliResult, Failure};
 use anyhow::{anyhow, Context as _};
+use divergence::compare::Policy;
+use divergence::dump::capture::CaptureError;
+use divergence::dump::map::DumpMap;
 use divergence::engine::Fault;
-use divergence::lockstep::{Measured, Mode, Prompt, TokenFault, TokenSource, Verdict};
-use divergence::receipt::{self, Receipt, RunRecord};
+use divergence::external::{CandidateCommand, ExternalError, ExternalRun};
+use divergence::lockstep::offline::OfflineOptions;
+use divergence::lockstep::{Measured, Mode, Prompt, RunError, TokenFault, TokenSource, Verdict};
+use divergence::receipt::{self, OfflineRecord, Receipt, RunRecord};
 use divergence::reference::FfnAct;
 use divergence::KvType;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// The most decode steps a run may ask for.
-const MAX_STEPS: usize = 4096;
+pub const MAX_STEPS: usize = 4096;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -64,9 +69,22 @@ pub struct Args {
     /// Print the receipt JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
-    /// No progress bar.
-    #[arg(long, short)]
-    quiet: bool,
+    /// Run the candidate as this command instead of our engine: it must
+    /// write a dump of its run to {out} (any subset of the stages). Other
+    /// placeholders: {model} {tokens} {steps} {kv} {threads} {prompt}. The
+    /// run is free (each engine feeds itself), judged as `compare` judges.
+    #[arg(long, conflicts_with_all = ["inject", "chat"])]
+    candidate_cmd: Option<String>,
+    /// Seconds the --candidate-cmd may run before it is killed.
+    #[arg(long, default_value_t = divergence::external::DEFAULT_TIMEOUT.as_secs(), requires = "candidate_cmd")]
+    candidate_timeout: u64,
+    /// How the --candidate-cmd's dump names map onto canonical stages.
+    #[arg(long, requires = "candidate_cmd")]
+    map: Option<PathBuf>,
+    /// Where --candidate-cmd keeps both dumps (default: beside the receipt,
+    /// `<receipt>.dumps/`).
+    #[arg(long, requires = "candidate_cmd")]
+    dumps: Option<PathBuf>,
     /// Test-only: inject a candidate fault (the bug zoo).
     #[arg(long = "inject", hide = true, value_parser = parse_fault)]
     inject: Vec<Fault>,
@@ -93,29 +111,6 @@ fn parse_token_fault(s: &str) -> Result<TokenFault, String> {
         .map_err(|_| format!("unknown token fault `{s}`"))
 }
 
-/// Ctrl-C once: finish the current step, write a receipt marked
-/// `interrupted`. Twice: exit at once (receipts are written atomically, so
-/// the previous file stays whole). Installed once per process.
-fn interrupt_flag() -> Arc<AtomicBool> {
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    FLAG.get_or_init(|| {
-        let flag = Arc::new(AtomicBool::new(false));
-        let seen = Arc::clone(&flag);
-        let installed = ctrlc::set_handler(move || {
-            if seen.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted again: exiting now; the previous receipt is untouched");
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupted: finishing the current step, then writing the receipt (Ctrl-C again to quit now)");
-        });
-        if let Err(e) = installed {
-            eprintln!("warning: no Ctrl-C handler ({e}); an interrupted run writes no receipt");
-        }
-        flag
-    })
-    .clone()
-}
-
 /// The embedded default model: generated once, deterministically, into the
 /// temp folder, so `divergence find` works on a fresh machine.
 fn default_model() -> anyhow::Result<PathBuf> {
@@ -133,8 +128,11 @@ pub fn run(args: Args) -> CliResult {
     if args.steps > MAX_STEPS {
         return Err(anyhow!("--steps {} is absurd: at most {MAX_STEPS}", args.steps).into());
     }
-    if args.threads == 0 || args.threads > 256 {
-        return Err(anyhow!("--threads must be between 1 and 256").into());
+    let threads = threads::bounded(args.threads, "--threads")?;
+    let mut inputs: Vec<&Path> = args.policy.iter().map(PathBuf::as_path).collect();
+    inputs.extend(args.model.as_deref());
+    for out in std::iter::once(&args.receipt).chain(&args.html) {
+        divergence::outfile::refuse_overwriting(out, &inputs).map_err(|e| anyhow!(e))?;
     }
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -152,7 +150,7 @@ pub fn run(args: Args) -> CliResult {
         prompt,
         steps: args.steps,
         mode: args.mode,
-        threads: args.threads,
+        threads,
         kv_type: args.kv,
         keep_going: args.keep_going,
         faults: args.inject.clone(),
@@ -161,8 +159,24 @@ pub fn run(args: Args) -> CliResult {
         chat: args.chat,
         reference_ffn_act: args.reference_ffn_act,
     };
-    let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
-    let receipt = execute(&record, show_progress)?;
+    let show_progress = !super::quiet() && !args.json && std::io::stderr().is_terminal();
+    let receipt = match &args.candidate_cmd {
+        Some(template) => {
+            let dir = args.dumps.clone().unwrap_or_else(|| {
+                let mut d = args.receipt.clone().into_os_string();
+                d.push(".dumps");
+                PathBuf::from(d)
+            });
+            external(
+                template,
+                Duration::from_secs(args.candidate_timeout),
+                args.map.as_deref(),
+                &record,
+                dir,
+            )?
+        }
+        None => execute(&record, show_progress)?,
+    };
     receipt.write(&args.receipt).map_err(|e| Failure {
         code: 2,
         error: e.into(),
@@ -172,7 +186,7 @@ pub fn run(args: Args) -> CliResult {
         super::report::write_receipts_page(&[(label, receipt.clone())], html)?;
     }
     if args.json {
-        out!("{}", receipt.to_json());
+        json_out!(&receipt.to_json());
     } else {
         print_summary(&receipt, &args.receipt);
         if let Some(html) = &args.html {
@@ -198,14 +212,102 @@ pub fn execute(record: &RunRecord, show_progress: bool) -> Result<Receipt, Failu
         .clone()
         .map(|b| Arc::new(move |done: usize, _| b.set_position(done as u64)) as _);
     let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
-    let receipt = Receipt::run(record, worker, progress, Some(interrupt_flag()))
-        .with_context(|| format!("model {}", record.model_path))?;
+    let receipt = Receipt::run(record, worker, progress, Some(interrupt::flag()))
+        .map_err(|e| run_failure(e, &record.model_path))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     for w in &receipt.weight_warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
+    Ok(receipt)
+}
+
+/// A run that could not happen (exit 2): errors about the model are
+/// prefixed with it (one that could not read it names it already); a
+/// policy names its own file.
+pub fn run_failure(e: RunError, model: &str) -> Failure {
+    match e {
+        RunError::Policy(_) => anyhow::Error::from(e).into(),
+        e @ RunError::Gguf(divergence::gguf::GgufError::Io { .. }) => anyhow::Error::from(e).into(),
+        e => anyhow::Error::from(e)
+            .context(format!("model {model}"))
+            .into(),
+    }
+}
+
+/// Runs the reference and `template` on what `record` asks for, and judges
+/// the command's dump as `compare` would (find and sweep).
+pub fn external(
+    template: &str,
+    timeout: Duration,
+    map: Option<&Path>,
+    record: &RunRecord,
+    dir: PathBuf,
+) -> Result<Receipt, Failure> {
+    let cmd = CandidateCommand::parse(template, timeout).map_err(|e| anyhow!(e))?;
+    let map_path = map;
+    let map = match map_path {
+        Some(p) => Some(DumpMap::load(p)?),
+        None => None,
+    };
+    let policy = match &record.policy_path {
+        Some(p) => Policy::load(Path::new(p))?,
+        None => Policy::default_policy(),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let run = ExternalRun {
+        model: PathBuf::from(&record.model_path),
+        prompt: record.prompt.clone(),
+        steps: record.steps,
+        threads: record.threads,
+        kv_type: record.kv_type,
+        map,
+        options: OfflineOptions {
+            policy: policy.clone(),
+            keep_going: record.keep_going,
+            model: None,
+            worker_exe: None,
+        },
+        dir,
+    };
+    let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
+    let judged = divergence::external::judge(&cmd, &run, &worker, Some(&interrupt::flag()))
+        .map_err(|e| {
+            let code = match &e {
+                ExternalError::Capture(CaptureError::Reference(_)) => 3,
+                _ => 2,
+            };
+            Failure {
+                code,
+                error: anyhow::Error::from(e).context(format!("model {}", record.model_path)),
+            }
+        })?;
+    let reference = divergence::dump::Dump::open(&judged.reference_dump)
+        .with_context(|| format!("reading {}", judged.reference_dump.display()))?;
+    let m = reference
+        .manifest
+        .as_ref()
+        .ok_or_else(|| anyhow!("the reference dump lost its manifest"))?;
+    let offline = OfflineRecord {
+        reference_dump: judged.reference_dump.display().to_string(),
+        candidate_dump: judged.candidate_dump.display().to_string(),
+        map: map_path.map(|p| p.display().to_string()),
+        model_given: true,
+        note: String::new(),
+        candidate_cmd: Some(template.to_string()),
+    };
+    let mut receipt = super::capture::offline_receipt(
+        m,
+        judged.compared,
+        policy,
+        record.policy_path.as_deref().map(Path::new),
+        record.keep_going,
+        offline,
+    );
+    // The prompt as asked (text stays text).
+    receipt.run.prompt = record.prompt.clone();
+    receipt.candidate.engine = format!("command: {template}");
     Ok(receipt)
 }
 
@@ -251,7 +353,7 @@ pub fn print_summary(r: &Receipt, path: &Path) {
         r.policy.name
     );
     if r.run.reference_ffn_act != FfnAct::default() {
-        println!(
+        outln!(
             "        reference FFN activation {} (--reference-ffn-act: upstream bitnet.cpp's bitnet-b1.58 bug, on demand)",
             r.run.reference_ffn_act.name()
         );
@@ -261,6 +363,9 @@ pub fn print_summary(r: &Receipt, path: &Path) {
         "tokens  reference {:?}{}",
         t.reference,
         match (t.source, t.equal) {
+            (TokenSource::NotTokenized, _) => {
+                " (none: the run stopped before the prompt was tokenized)".to_string()
+            }
             (TokenSource::IdsGiven, _) => " (given: both sides were fed these ids)".to_string(),
             (TokenSource::CandidateHasNoTokenizer, _) => {
                 " (NOT compared: the candidate has no tokenizer for this vocabulary and was fed these ids)".to_string()
@@ -394,6 +499,7 @@ pub fn print_summary(r: &Receipt, path: &Path) {
                     Measured::AcrossGap => "local error across the stages it does not emit",
                     Measured::SideVsSide => "side against side: the oracle could not judge",
                     Measured::Tokens => "tokens",
+                    Measured::Choice => "a chosen token under the reference's logits",
                 }
             );
             if let Some(shape) = d.metrics.as_ref().and_then(|m| m.candidate_shape.as_ref()) {
@@ -520,108 +626,177 @@ pub struct VerifyArgs {
     receipts: Vec<PathBuf>,
 }
 
-/// Re-runs what each receipt recorded; exit 0 when every result is the same.
+/// What checking one receipt found.
+enum Checked {
+    Same,
+    Different,
+    Interrupted,
+}
+
+/// Re-runs what each receipt recorded. Every receipt is checked and
+/// reported: exit 0 when every result is the same, 1 when one changed, 2
+/// when one could not be checked (bad or unreadable receipt, model gone),
+/// 130 when interrupted.
 pub fn verify(args: VerifyArgs) -> CliResult {
-    let mut all_same = true;
+    let cancel = interrupt::flag();
+    let mut worst = 0u8;
+    let mut unchecked = 0;
     for path in &args.receipts {
-        let old = Receipt::read(path)?;
-        if let Some(off) = &old.offline {
-            return Err(anyhow!(
-                "{}: an offline comparison of {} and {}: run `divergence compare` on those dumps again",
-                path.display(),
-                off.reference_dump,
-                off.candidate_dump
-            )
-            .into());
-        }
-        let model = Path::new(&old.run.model_path);
-        if !model.exists() {
-            // A synthetic model records its recipe: make the same bytes again.
-            let recipe = old.model.recipe.as_ref().ok_or_else(|| {
-                anyhow!(
-                    "{}: model {} is missing, and the receipt has no recipe to make it again",
+        match verify_one(path, &cancel) {
+            Ok(Checked::Same) => {}
+            Ok(Checked::Different) => worst = worst.max(1),
+            Ok(Checked::Interrupted) => {
+                errln!(
+                    "{}: interrupted: not verified (nor the receipts after it)",
+                    path.display()
+                );
+                return Ok(ExitCode::from(130));
+            }
+            Err(f) => {
+                errln!(
+                    "error: {}: {}",
                     path.display(),
-                    model.display()
-                )
-            })?;
-            if let Some(dir) = model.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let mut recipe = recipe.clone();
-            if let Some(src) = &recipe.vocab_source {
-                // The copied tokenizer comes from its file again, checked by hash.
-                let p = Path::new(&src.path);
-                let sha = receipt::sha256_file(p).with_context(|| {
-                    format!(
-                        "{}: the recipe's vocabulary {}",
-                        path.display(),
-                        p.display()
-                    )
-                })?;
-                if sha != src.sha256 {
-                    return Err(anyhow!(
-                        "{}: vocabulary {} has sha256 {sha}, the recipe recorded {}",
-                        path.display(),
-                        p.display(),
-                        src.sha256
-                    )
-                    .into());
-                }
-                recipe.vocab = Some(divergence::synth::CopiedVocab::from_gguf(p)?);
-            }
-            divergence::synth::write_model(&recipe, model)
-                .with_context(|| format!("{}: regenerating {}", path.display(), model.display()))?;
-            outln!(
-                "{}: made {} again from the recipe it records",
-                path.display(),
-                model.display()
-            );
-        }
-        let sha = receipt::sha256_file(model)
-            .with_context(|| format!("{}: model {}", path.display(), model.display()))?;
-        if sha != old.model.sha256 {
-            return Err(anyhow!(
-                "{}: model {} has sha256 {sha}, the receipt recorded {}",
-                path.display(),
-                model.display(),
-                old.model.sha256
-            )
-            .into());
-        }
-        let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
-        let new = old
-            .rerun(worker, None, Some(interrupt_flag()))
-            .with_context(|| format!("{}: model {}", path.display(), old.run.model_path))?;
-        let diffs = old.differences(&new);
-        let elsewhere = (!old.same_machine(&new)).then(|| {
-            format!(
-                " on another CPU (made with {}, run with {}: compared as results, floats to 1e-3)",
-                old.reference.cpu_features.join(" "),
-                new.reference.cpu_features.join(" ")
-            )
-        });
-        if diffs.is_empty() {
-            outln!(
-                "{}: same result ({:?}){}",
-                path.display(),
-                new.verdict,
-                elsewhere.unwrap_or_default()
-            );
-        } else {
-            if let Some(e) = elsewhere {
-                outln!("{}: compared{e}", path.display());
-            }
-            all_same = false;
-            outln!("{}: DIFFERENT", path.display());
-            for d in diffs {
-                outln!("  {d}");
+                    super::terminal::error_chain(&f.error)
+                );
+                unchecked += 1;
+                worst = worst.max(f.code);
             }
         }
     }
-    Ok(if all_same {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if unchecked > 0 && args.receipts.len() > 1 {
+        errln!(
+            "{unchecked} of {} receipts could not be verified",
+            args.receipts.len()
+        );
+    }
+    Ok(ExitCode::from(worst))
+}
+
+/// Checks what a receipt records before anything runs: a version this
+/// tool reads, and run values `find` itself would accept.
+fn check_recorded(r: &Receipt) -> anyhow::Result<RunRecord> {
+    if r.schema_version != receipt::SCHEMA_VERSION {
+        return Err(anyhow!(
+            "schema_version {}: this divergence reads receipts of version {}",
+            r.schema_version,
+            receipt::SCHEMA_VERSION
+        ));
+    }
+    if let Some(off) = &r.offline {
+        return Err(anyhow!(
+            "an offline comparison of {} and {}: run `divergence compare` on those dumps again",
+            off.reference_dump,
+            off.candidate_dump
+        ));
+    }
+    let mut run = r.run.clone();
+    if run.steps > MAX_STEPS {
+        return Err(anyhow!(
+            "its recorded steps {}: at most {MAX_STEPS}",
+            run.steps
+        ));
+    }
+    match &run.prompt {
+        Prompt::Text(t) if t.is_empty() => return Err(anyhow!("its recorded prompt is empty")),
+        Prompt::Tokens(ids) if ids.is_empty() => {
+            return Err(anyhow!("its recorded token ids are empty"))
+        }
+        _ => {}
+    }
+    run.threads = threads::bounded(run.threads, "its recorded threads")?;
+    Ok(run)
+}
+
+fn verify_one(
+    path: &Path,
+    cancel: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Checked, Failure> {
+    let old = Receipt::read(path).map_err(|e| match e {
+        receipt::ReceiptError::Io(_, e) => anyhow::Error::from(e),
+        receipt::ReceiptError::Parse(_, e) => anyhow!("not a valid receipt: {e}"),
+    })?;
+    let record = check_recorded(&old)?;
+    let model = Path::new(&old.run.model_path);
+    if !model.exists() {
+        // A synthetic model records its recipe: make the same bytes again,
+        // kept only when they hash to what the receipt recorded.
+        let recipe = old.model.recipe.as_ref().ok_or_else(|| {
+            anyhow!(
+                "model {} is missing, and the receipt has no recipe to make it again",
+                model.display()
+            )
+        })?;
+        if let Some(dir) = model.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut recipe = recipe.clone();
+        if let Some(src) = &recipe.vocab_source {
+            // The copied tokenizer comes from its file again, checked by hash.
+            let p = Path::new(&src.path);
+            let sha = receipt::sha256_file(p)
+                .with_context(|| format!("the recipe's vocabulary {}", p.display()))?;
+            if sha != src.sha256 {
+                return Err(anyhow!(
+                    "vocabulary {} has sha256 {sha}, the recipe recorded {}",
+                    p.display(),
+                    src.sha256
+                )
+                .into());
+            }
+            recipe.vocab = Some(divergence::synth::CopiedVocab::from_gguf(p)?);
+        }
+        divergence::synth::remake(&recipe, model, &old.model.sha256)
+            .with_context(|| format!("making model {} again from its recipe", model.display()))?;
+        outln!(
+            "{}: made {} again from the recipe it records",
+            path.display(),
+            model.display()
+        );
+    }
+    let sha = receipt::sha256_file(model).with_context(|| format!("model {}", model.display()))?;
+    if sha != old.model.sha256 {
+        return Err(anyhow!(
+            "model {} has sha256 {sha}, the receipt recorded {}",
+            model.display(),
+            old.model.sha256
+        )
+        .into());
+    }
+    let worker = divergence::reference::worker::default_exe().map_err(anyhow::Error::from)?;
+    // The record as checked (its threads bounded by this machine).
+    let mut rerun = old.clone();
+    rerun.run = record;
+    let mut new = rerun
+        .rerun(worker, None, Some(Arc::clone(cancel)))
+        .map_err(|e| run_failure(e, &old.run.model_path))?;
+    if new.interrupted {
+        return Ok(Checked::Interrupted);
+    }
+    // Compared as recorded: a clamped thread count was said on stderr.
+    new.run.threads = old.run.threads;
+    let diffs = old.differences(&new);
+    let elsewhere = (!old.same_machine(&new)).then(|| {
+        format!(
+            " on another CPU (made with {}, run with {}: compared as results, floats to 1e-3)",
+            old.reference.cpu_features.join(" "),
+            new.reference.cpu_features.join(" ")
+        )
+    });
+    if diffs.is_empty() {
+        outln!(
+            "{}: same result ({:?}){}",
+            path.display(),
+            new.verdict,
+            elsewhere.unwrap_or_default()
+        );
+        return Ok(Checked::Same);
+    }
+    if let Some(e) = elsewhere {
+        outln!("{}: compared{e}", path.display());
+    }
+    outln!("{}: DIFFERENT", path.display());
+    for d in diffs {
+        outln!("  {d}");
+    }
+    Ok(Checked::Different)
 }

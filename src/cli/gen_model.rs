@@ -124,6 +124,10 @@ impl Args {
 }
 
 pub fn run(args: Args) -> CliResult {
+    if let Some(vocab) = &args.vocab {
+        divergence::outfile::refuse_overwriting(&args.output, &[vocab])
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
     let cfg = args.config()?;
     let started = Instant::now();
     synth::write_model(&cfg, &args.output)?;
@@ -145,7 +149,7 @@ pub fn run(args: Args) -> CliResult {
         cfg.n_vocab,
         elapsed.as_secs_f64()
     );
-    println!(
+    outln!(
         "vocab   {}",
         match &cfg.vocab {
             Some(v) => format!("copied from {}", v.source),

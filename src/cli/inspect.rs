@@ -7,6 +7,7 @@
 //! weights corrupt?". A tokenizer summary says what the vocab is and how
 //! bitnet.cpp will read it (which pre-tokenizer it splits text with).
 
+use super::terminal::escape;
 use super::CliResult;
 use divergence::gguf::{tensor_stats, GgufFile, MetaArray, MetaValue, TensorStats};
 use divergence::reference::vocab::{self, VocabReading};
@@ -40,9 +41,19 @@ pub fn run(args: Args) -> CliResult {
             .collect()
     };
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&to_json(&file, &stats))?);
+        json_out!(&serde_json::to_string_pretty(&to_json(&file, &stats))?);
+        outln!();
     } else {
         print_text(&file, &stats);
+    }
+    if let Some(w) = divergence::oracle::OracleModel::read(&file)
+        .ok()
+        .and_then(|m| {
+            m.facts
+                .relu2_trained_as_bitnet(file.get_str("general.name").ok())
+        })
+    {
+        errln!("warning: {w}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -60,6 +71,8 @@ fn print_text(file: &GgufFile, stats: &[Option<TensorStats>]) {
 
     outln!("\nmetadata:");
     for (key, value) in file.metadata() {
+        // A name from the file: every control character shown, newlines too.
+        let key = escape(key);
         match value {
             // An array summary starts with its own type and length.
             MetaValue::Array(_) => outln!("  {key:<48} {value}"),
@@ -127,7 +140,7 @@ fn print_text(file: &GgufFile, stats: &[Option<TensorStats>]) {
         let s = s.as_ref().map(stats_text).unwrap_or_default();
         outln!(
             "  {:<32} {:<5} {:<20} {:>12} {:>12}  {s}",
-            t.name,
+            escape(&t.name),
             t.ty.name(),
             dims,
             t.n_bytes,

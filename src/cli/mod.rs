@@ -1,19 +1,32 @@
 //! Command-line front end: argument parsing, exit codes, human output.
 //!
 //! Exit codes: 0 no divergence / success, 1 divergence found, 2 bad input or
-//! usage, 3 the reference failed (crashed or refused the model). A sweep (and
-//! a merge) exits with the worst of its prompts' codes (`Sweep::exit_code`).
+//! usage, 3 the reference failed (crashed or refused the model), 130
+//! interrupted. A sweep (and a merge) exits with the worst of its prompts'
+//! codes (`Sweep::exit_code`).
+//!
+//! Everything printed goes through [`outln!`], [`json_out!`] or [`errln!`]: control characters from files are escaped
+//! ([`terminal`]), and a closed stdout ends the process quietly.
 
-/// `println!` that ends the process quietly when stdout is a closed pipe
+/// `println!` that escapes control characters ([`terminal::escape_lines`])
+/// and ends the process quietly when stdout is a closed pipe
 /// (`divergence inspect M | head`): std's `println!` panics there.
 macro_rules! outln {
-    () => { $crate::cli::write_stdout(format_args!(""), true) };
-    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*), true) };
+    () => { $crate::cli::write_stdout("") };
+    ($($arg:tt)*) => { $crate::cli::write_stdout(&format!($($arg)*)) };
 }
 
-/// `print!` with [`outln!`]'s handling of a closed pipe.
-macro_rules! out {
-    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*), false) };
+/// JSON text on stdout, made safe for a terminal without breaking it as
+/// JSON ([`terminal::escape_json`]).
+macro_rules! json_out {
+    ($json:expr) => {
+        $crate::cli::write_stdout_raw(&$crate::cli::terminal::escape_json($json))
+    };
+}
+
+/// `eprintln!` with [`outln!`]'s escaping (and no panic on a closed stderr).
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::cli::write_stderr(&format!($($arg)*)) };
 }
 
 mod bench;
@@ -22,9 +35,12 @@ mod export_tokenizer;
 mod find;
 mod gen_model;
 mod inspect;
+mod interrupt;
 mod reduce;
 mod report;
 mod sweep;
+pub mod terminal;
+mod threads;
 mod tokens;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +72,16 @@ pub type CliResult = Result<ExitCode, Failure>;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// No progress output (progress bars, notes while waiting) on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `-q/--quiet` was given.
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Subcommand)]
@@ -91,40 +117,60 @@ enum Command {
     ReferenceWorker,
 }
 
-/// Writes to stdout; a closed pipe ends the process with exit 0 and no
-/// message (the reader has what it wanted), any other error with exit 2.
-pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+/// Writes a line to stdout, escaped ([`terminal::escape_lines`]).
+pub fn write_stdout(text: &str) {
+    write_stdout_raw(&format!("{}\n", terminal::escape_lines(text)));
+}
+
+/// Writes to stdout as is; a closed pipe ends the process with exit 0 and
+/// no message (the reader has what it wanted), any other error with exit 2.
+pub fn write_stdout_raw(text: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let written = stdout
-        .write_fmt(args)
-        .and_then(|_| {
-            if newline {
-                stdout.write_all(b"\n")
-            } else {
-                Ok(())
-            }
-        })
+        .write_all(text.as_bytes())
         .and_then(|_| stdout.flush());
     match written {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => {
-            eprintln!("error: writing to stdout: {e}");
+            write_stderr(&format!("error: writing to stdout: {e}"));
             std::process::exit(2);
         }
     }
 }
 
+/// Writes one line to stderr, escaped; a closed stderr is ignored.
+pub fn write_stderr(text: &str) {
+    use std::io::Write;
+    let line = format!("{}\n", terminal::escape_lines(text));
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // Plain text (no colours), escaped: a bad value is echoed back.
+            let text = e.render().to_string();
+            write_stderr(text.trim_end_matches('\n'));
+            return ExitCode::from(2);
+        }
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(0);
         }
     };
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    if !matches!(cli.command, Command::ReferenceWorker) {
+        interrupt::install();
+        // A forced kernel path this CPU cannot run is a usage error, named
+        // before any engine loads (the reference worker has no engine of ours).
+        if let Err(e) = divergence::engine::Kernel::detect() {
+            write_stderr(&format!("error: {e}"));
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Find(a) => find::run(a),
         Command::Verify(a) => find::verify(a),
@@ -146,7 +192,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            errln!("error: {}", terminal::error_chain(&f.error));
             ExitCode::from(f.code)
         }
     }

@@ -8,8 +8,6 @@ use divergence::reduce::{Attempt, Judgement, Options, ReduceError, Reducer};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,17 +34,9 @@ pub fn run(args: Args) -> CliResult {
     }
     let original =
         Receipt::read(&args.receipt).map_err(|e| anyhow!("{}: {e}", args.receipt.display()))?;
-    // Ctrl-C: stop after the current attempt; what is written stays usable.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    if let Err(e) = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupted: stopping after the current attempt (Ctrl-C again to quit now)");
-    }) {
-        eprintln!("warning: no Ctrl-C handler ({e})");
-    }
+    // Ctrl-C (the shared handler): stop after the current attempt; what is
+    // written stays usable.
+    let stop = super::interrupt::flag();
     let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(

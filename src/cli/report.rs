@@ -25,7 +25,12 @@ enum Input {
 }
 
 fn read_input(path: &Path) -> Result<Input, Failure> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let text = divergence::input::read_text(
+        path,
+        divergence::receipt::MAX_RECEIPT_BYTES.max(divergence::sweep::MAX_SWEEP_BYTES),
+        "receipt or sweep file",
+    )
+    .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{} is not JSON: {e}", path.display()))?;
     if sweep::is_sweep(&value) {
@@ -38,6 +43,16 @@ fn read_input(path: &Path) -> Result<Input, Failure> {
             path.display()
         )
     })?;
+    // The page draws a row per layer: a receipt's claim is checked first.
+    let layers = report::receipt::n_layer(&r);
+    if layers > divergence::model::MAX_LAYERS {
+        return Err(anyhow!(
+            "{}: its model has n_layer {layers}: at most {}",
+            path.display(),
+            divergence::model::MAX_LAYERS
+        )
+        .into());
+    }
     Ok(Input::Receipt(Box::new(r)))
 }
 
@@ -54,6 +69,8 @@ pub fn write_receipts_page(receipts: &[(String, Receipt)], out: &Path) -> Result
 }
 
 pub fn run(args: Args) -> CliResult {
+    let inputs: Vec<&Path> = args.inputs.iter().map(PathBuf::as_path).collect();
+    divergence::outfile::refuse_overwriting(&args.out, &inputs).map_err(|e| anyhow!(e))?;
     let mut receipts = Vec::new();
     let mut sweeps = Vec::new();
     for path in &args.inputs {

@@ -2,20 +2,19 @@
 //! over all of them) and `divergence merge` (shards into the one file an
 //! unsharded sweep writes).
 
-use super::find::{parse_fault, parse_kv};
-use super::{CliResult, Failure};
+use super::find::{parse_fault, parse_kv, MAX_STEPS};
+use super::{interrupt, threads, CliResult, Failure};
 use anyhow::anyhow;
+use divergence::dump::map::DumpMap;
 use divergence::engine::Fault;
+use divergence::external::CandidateCommand;
 use divergence::lockstep::Mode;
 use divergence::report::html::{layer_name, pct, sci};
-use divergence::sweep::{self, Shard, Sweep, SweepError, SweepRequest};
+use divergence::sweep::{self, Shard, Sweep, SweepError, SweepExternal, SweepRequest};
 use divergence::KvType;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-/// The most decode steps a prompt may ask for (as `find`).
-const MAX_STEPS: usize = 4096;
 
 #[derive(clap::Args)]
 pub struct SweepArgs {
@@ -49,9 +48,21 @@ pub struct SweepArgs {
     /// Also write one receipt per prompt into this folder (prompt-NNNN.json).
     #[arg(long)]
     receipts: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long, short)]
-    quiet: bool,
+    /// Run the candidate as this command for every prompt (see `find
+    /// --candidate-cmd`): it writes a dump to {out}; placeholders {model}
+    /// {tokens} {steps} {kv} {threads} {prompt}. Runs are free.
+    #[arg(long, conflicts_with = "inject")]
+    candidate_cmd: Option<String>,
+    /// Seconds each --candidate-cmd run may take before it is killed.
+    #[arg(long, default_value_t = divergence::external::DEFAULT_TIMEOUT.as_secs(), requires = "candidate_cmd")]
+    candidate_timeout: u64,
+    /// How the --candidate-cmd's dump names map onto canonical stages.
+    #[arg(long, requires = "candidate_cmd")]
+    map: Option<PathBuf>,
+    /// Where --candidate-cmd keeps each prompt's dumps (default:
+    /// `<out>.dumps/`).
+    #[arg(long, requires = "candidate_cmd")]
+    dumps: Option<PathBuf>,
     /// Test-only: inject a candidate fault (the bug zoo).
     #[arg(long = "inject", hide = true, value_parser = parse_fault)]
     inject: Vec<Fault>,
@@ -78,22 +89,49 @@ pub fn sweep(args: SweepArgs) -> CliResult {
     if args.steps > MAX_STEPS {
         return Err(anyhow!("--steps {} is absurd: at most {MAX_STEPS}", args.steps).into());
     }
-    if args.threads == 0 || args.threads > 256 {
-        return Err(anyhow!("--threads must be between 1 and 256").into());
-    }
+    let threads = threads::bounded(args.threads, "--threads")?;
+    let mut inputs = vec![args.model.as_path(), args.prompts.as_path()];
+    inputs.extend(args.policy.as_deref());
+    divergence::outfile::refuse_overwriting(&args.out, &inputs).map_err(|e| anyhow!(e))?;
+    let external = match &args.candidate_cmd {
+        Some(template) => Some(SweepExternal {
+            command: CandidateCommand::parse(
+                template,
+                std::time::Duration::from_secs(args.candidate_timeout),
+            )
+            .map_err(|e| anyhow!(e))?,
+            map: match &args.map {
+                Some(p) => Some(DumpMap::load(p)?),
+                None => None,
+            },
+            dumps_dir: args.dumps.clone().unwrap_or_else(|| {
+                let mut d = args.out.clone().into_os_string();
+                d.push(".dumps");
+                PathBuf::from(d)
+            }),
+        }),
+        None => None,
+    };
     let req = SweepRequest {
         model: args.model,
         prompts: args.prompts,
         steps: args.steps,
-        mode: args.mode,
-        threads: args.threads,
+        // An external engine's dumps are free runs.
+        mode: if external.is_some() {
+            Mode::Free
+        } else {
+            args.mode
+        },
+        threads,
         kv_type: args.kv,
         policy_path: args.policy,
         faults: args.inject,
         shard: args.shard,
         receipts_dir: args.receipts,
+        cancel: Some(interrupt::flag()),
+        external,
     };
-    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
+    let bar = (!super::quiet() && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -118,10 +156,19 @@ pub fn sweep(args: SweepArgs) -> CliResult {
     sw.write(&args.out).map_err(failure)?;
     print_summary(&sw);
     outln!("sweep {}", args.out.display());
+    if sw.interrupted {
+        outln!(
+            "INTERRUPTED after {} prompt(s): the file holds those (marked \"interrupted\")",
+            sw.prompts.len()
+        );
+        return Ok(ExitCode::from(130));
+    }
     Ok(ExitCode::from(sw.exit_code()))
 }
 
 pub fn merge(args: MergeArgs) -> CliResult {
+    let inputs: Vec<&Path> = args.shards.iter().map(PathBuf::as_path).collect();
+    divergence::outfile::refuse_overwriting(&args.out, &inputs).map_err(|e| anyhow!(e))?;
     let mut shards = Vec::new();
     for path in &args.shards {
         let s = Sweep::read(path).map_err(failure)?;
@@ -129,7 +176,7 @@ pub fn merge(args: MergeArgs) -> CliResult {
     }
     let merged = sweep::merge(shards).map_err(failure)?;
     if merged.builds.len() > 1 {
-        eprintln!(
+        errln!(
             "warning: the shards ran {} different builds (see \"builds\"): the merge is not what one machine would have written",
             merged.builds.len()
         );

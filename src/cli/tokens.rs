@@ -21,11 +21,19 @@ use divergence::compare::tokens::{first_difference, TokenDifference};
 use divergence::engine::tokenizer::chat::{render_chat, ChatMessage};
 use divergence::engine::tokenizer::Tokenizer;
 use divergence::gguf::GgufFile;
+use divergence::input::read_text;
 use divergence::reference::worker::{default_exe, Worker};
 use divergence::reference::RefError;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// The largest `--inputs` file read.
+const MAX_INPUTS_BYTES: u64 = 64 << 20;
+/// The largest `--chat-template` file read (real ones are a few KB).
+const MAX_CHAT_TEMPLATE_BYTES: u64 = 1 << 20;
+/// The largest `--tokenizer-json` read (llama3's is 9 MB).
+const MAX_TOKENIZER_JSON_BYTES: u64 = 256 << 20;
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["text", "inputs"])))]
@@ -46,9 +54,9 @@ pub struct Args {
     /// Format each input as one user message with the chat template.
     #[arg(long)]
     chat: bool,
-    /// The chat template (Jinja text) to use instead of the file's
-    /// `tokenizer.chat_template`; with --chat.
-    #[arg(long, requires = "chat")]
+    /// A file holding the chat template (Jinja) to use instead of the
+    /// model's `tokenizer.chat_template`; with --chat.
+    #[arg(long, requires = "chat", value_name = "FILE")]
     chat_template: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -75,8 +83,8 @@ pub fn run(args: Args) -> CliResult {
     let template = if args.chat {
         Some(match &args.chat_template {
             Some(path) => Template {
-                text: std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
+                text: read_text(path, MAX_CHAT_TEMPLATE_BYTES, "chat template")
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
                 from_file: false,
             },
             None => Template {
@@ -93,9 +101,14 @@ pub fn run(args: Args) -> CliResult {
         None
     };
     let hf = match &args.tokenizer_json {
-        Some(path) => Some(tokenizers::Tokenizer::from_file(path).map_err(|e| {
-            anyhow::anyhow!("the tokenizers crate cannot load {}: {e}", path.display())
-        })?),
+        Some(path) => {
+            let text = read_text(path, MAX_TOKENIZER_JSON_BYTES, "tokenizer.json")
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let tok: tokenizers::Tokenizer = text.parse().map_err(|e| {
+                anyhow::anyhow!("the tokenizers crate cannot load {}: {e}", path.display())
+            })?;
+            Some((tok, path.as_path()))
+        }
         None => None,
     };
     let exe = default_exe().map_err(ref_failure)?;
@@ -107,7 +120,7 @@ pub fn run(args: Args) -> CliResult {
             text,
             &candidate,
             &mut reference,
-            hf.as_ref(),
+            hf.as_ref().map(|(t, p)| (t, *p)),
             template.as_ref(),
         )?);
     }
@@ -130,17 +143,18 @@ pub fn run(args: Args) -> CliResult {
             "cases": cases.iter().map(Case::to_json).collect::<Vec<_>>(),
             "summary": { "inputs": cases.len(), "agree": cases.len() - differ, "differ": differ, "text": summary },
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        json_out!(&serde_json::to_string_pretty(&out)?);
+        outln!();
     } else {
-        println!("reference:      bitnet.cpp ({})", reference.description);
-        println!("candidate:      {}", candidate.describe());
+        outln!("reference:      bitnet.cpp ({})", reference.description);
+        outln!("candidate:      {}", candidate.describe());
         if let Some(p) = &args.tokenizer_json {
-            println!("tokenizer.json: {}", p.display());
+            outln!("tokenizer.json: {}", p.display());
         }
         for (i, c) in cases.iter().enumerate() {
             c.print(i);
         }
-        println!("{summary}");
+        outln!("{summary}");
     }
     Ok(if differ == 0 {
         ExitCode::SUCCESS
@@ -169,7 +183,7 @@ fn tokenize_case(
     text: &str,
     candidate: &Tokenizer,
     reference: &mut Worker,
-    hf: Option<&tokenizers::Tokenizer>,
+    hf: Option<(&tokenizers::Tokenizer, &Path)>,
     template: Option<&Template>,
 ) -> Result<Case, Failure> {
     let (ref_text, cand_text, formatted) = match template {
@@ -205,12 +219,7 @@ fn tokenize_case(
         .map_err(ref_failure)?;
     let cand_ids = candidate.encode(&cand_text, ADD_SPECIAL, PARSE_SPECIAL);
     let hf_ids = match hf {
-        Some(hf) => Some(
-            hf.encode(cand_text.as_str(), ADD_SPECIAL)
-                .map_err(|e| anyhow::anyhow!("tokenizers: {e}"))?
-                .get_ids()
-                .to_vec(),
-        ),
+        Some((hf, path)) => Some(hf_encode(hf, path, &cand_text)?),
         None => None,
     };
 
@@ -270,37 +279,66 @@ impl Case {
     }
 
     fn print(&self, index: usize) {
-        println!();
-        println!("input {}: {:?}", index + 1, self.text);
+        outln!();
+        outln!("input {}: {:?}", index + 1, self.text);
         if let Some((r, c)) = &self.formatted {
-            println!("  formatted (reference): {r:?}");
+            outln!("  formatted (reference): {r:?}");
             if c != r {
-                println!("  formatted (candidate): {c:?}");
+                outln!("  formatted (candidate): {c:?}");
             }
         }
-        println!("  reference:      {:?}", self.reference);
-        println!("  candidate:      {:?}", self.candidate);
+        outln!("  reference:      {:?}", self.reference);
+        outln!("  candidate:      {:?}", self.candidate);
         if let Some(h) = &self.tokenizer_json {
-            println!("  tokenizer.json: {h:?}");
+            outln!("  tokenizer.json: {h:?}");
         }
         match &self.difference {
-            None => println!("  equal"),
+            None => outln!("  equal"),
             Some(d) => {
                 let before: Vec<String> =
                     d.before.iter().map(|t| format!("{:?}", t.piece)).collect();
-                println!("  DIFFER {}", d.explanation);
+                outln!("  DIFFER {}", d.explanation);
                 if !before.is_empty() {
-                    println!("  (after {})", before.join(" "));
+                    outln!("  (after {})", before.join(" "));
                 }
             }
         }
     }
 }
 
+/// The ids the Hugging Face tokenizer gives `text`. Its regex engine
+/// (onig) panics when a pattern backtracks past its retry limit
+/// (`(a+)+$`): that panic is the tokenizer.json's fault, so it is caught
+/// and reported as an error naming the file, not printed as a crash.
+fn hf_encode(hf: &tokenizers::Tokenizer, path: &Path, text: &str) -> Result<Vec<u32>, Failure> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hf.encode(text, ADD_SPECIAL)
+    }));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(Ok(encoding)) => Ok(encoding.get_ids().to_vec()),
+        Ok(Err(e)) => Err(anyhow::anyhow!("{}: tokenizers: {e}", path.display()).into()),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(anyhow::anyhow!(
+                "{}: the tokenizers crate gave up on this input ({why}): one of its regexes backtracks past onig's limit",
+                path.display()
+            )
+            .into())
+        }
+    }
+}
+
 /// A JSON array of strings, or a llama.cpp `.inp` file.
 fn read_inputs(path: &Path) -> Result<Vec<String>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let text = read_text(path, MAX_INPUTS_BYTES, "tokens input file")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     const SEP: &str = "\n__ggml_vocab_test__\n";
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Array(items)) => items

@@ -568,6 +568,25 @@ impl<'a> StepJudge<'a> {
         } else {
             Bound::Nmse(self.policy.local.across_gap.max_nmse)
         };
+        // The oracle's logits are the step's last position only.
+        if key.stage == Stage::Logits && o.values.len() < data.len() && !o.values.is_empty() {
+            let n = o.values.len();
+            let skipped_rows = (data.len() - n) / n;
+            let mut row_shape = shape.to_vec();
+            if let Some(t) = row_shape.first_mut() {
+                *t = 1;
+            }
+            let mut e = local::measure(
+                key.stage,
+                &row_shape,
+                &data[data.len() - n..],
+                o,
+                bound,
+                span,
+            );
+            e.first_row_beyond = e.first_row_beyond.map(|r| r + skipped_rows);
+            return e;
+        }
         local::measure(key.stage, shape, data, o, bound, span)
     }
 

@@ -88,6 +88,28 @@ pub struct LocalPolicy {
     pub stages: Vec<(Stage, LocalRule)>,
     /// Stages judged across a gap of recomputed ones.
     pub across_gap: GapRule,
+    /// Tokens chosen by an engine that shows no tensors (a tokens-only
+    /// dump): judged by their place under the reference's logits.
+    #[serde(default = "ChoiceRule::built_in")]
+    pub choices: ChoiceRule,
+}
+
+/// How far below the reference's top-1 logit a token an engine chose may
+/// be and still count as a near-tie flip, not a divergence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChoiceRule {
+    /// The largest logit gap to the reference's top-1 that is a tie.
+    pub max_tie_gap: f64,
+    /// Where the number comes from.
+    pub notes: String,
+}
+
+impl ChoiceRule {
+    /// The built-in rule, for policy files written before it existed.
+    pub fn built_in() -> ChoiceRule {
+        Policy::default_policy().local.choices
+    }
 }
 
 /// A tolerance policy: the local rules that decide (each side against the
@@ -263,6 +285,12 @@ impl Policy {
             "across_gap".into(),
             "max_nmse",
             self.local.across_gap.max_nmse,
+        )?;
+        bound(
+            "local",
+            "choices".into(),
+            "max_tie_gap",
+            self.local.choices.max_tie_gap,
         )?;
         for stage in Stage::ALL {
             if !self.resync.iter().any(|(s, _)| *s == stage) {

@@ -29,6 +29,17 @@ pub struct CaptureConfig {
     pub kv_type: KvType,
     /// Where to write the dump.
     pub out: PathBuf,
+    /// Set (by Ctrl-C): stop after the current step and write the steps
+    /// done, marked `interrupted`.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl CaptureConfig {
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 /// Why a capture failed.
@@ -82,6 +93,7 @@ fn manifest(cfg: &CaptureConfig, file: &GgufFile, engine: &str, build: String) -
         threads: cfg.threads,
         kv_type: cfg.kv_type,
         reference_build: None,
+        interrupted: false,
     }
 }
 
@@ -132,6 +144,10 @@ pub fn capture_reference(
     let mut writer = DumpWriter::create(&cfg.out)?;
     let mut pos = 0;
     for step in 0..=cfg.steps {
+        if cfg.cancelled() {
+            m.interrupted = true;
+            break;
+        }
         let (logits, nodes, _) = worker.decode(&batch, pos)?;
         let mut stages = map_nodes(nodes, pos).stages;
         stages.sort_by_key(|(k, _)| k.order());
@@ -187,6 +203,10 @@ pub fn capture_candidate(
     let mut writer = DumpWriter::create(&cfg.out)?;
     let mut pos = 0;
     for step in 0..=cfg.steps {
+        if cfg.cancelled() {
+            m.interrupted = true;
+            break;
+        }
         let mut sink = DumpSink::new(&mut writer, step);
         let logits = cand
             .forward(&batch, pos, &mut sink)

@@ -156,7 +156,13 @@ impl DumpMap {
                 path: p.clone(),
                 message: e.to_string(),
             })?;
-        let map: DumpMap = serde_json::from_str(&text).map_err(|e| MapError::Map {
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and checks a map's JSON text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<DumpMap, MapError> {
+        let p = path.to_string();
+        let map: DumpMap = serde_json::from_str(text).map_err(|e| MapError::Map {
             path: p.clone(),
             message: e.to_string(),
         })?;
@@ -326,13 +332,19 @@ fn reshape(t: Tensor, dims: &[i64]) -> Result<Tensor, String> {
             d
         });
     }
-    let known: i64 = kept.iter().filter(|&&d| d != -1).product();
-    if known <= 0 {
+    if kept.contains(&0) {
         return Err(format!(
             "reshape {dims:?} of shape {:?} has an empty axis",
             t.shape
         ));
     }
+    // Checked: a map file can state any sizes.
+    let known = kept
+        .iter()
+        .filter(|&&d| d != -1)
+        .try_fold(1i64, |a, &d| a.checked_mul(d))
+        .filter(|&k| k as u64 <= n as u64)
+        .ok_or_else(|| format!("reshape {dims:?} holds more than the tensor's {n} values"))?;
     let shape: Vec<usize> = kept
         .iter()
         .map(|&d| {
@@ -343,7 +355,7 @@ fn reshape(t: Tensor, dims: &[i64]) -> Result<Tensor, String> {
             }
         })
         .collect();
-    if shape.iter().product::<usize>() != n {
+    if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(n) {
         return Err(format!(
             "reshape {dims:?} does not hold the {n} values of shape {:?}",
             t.shape

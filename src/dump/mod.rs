@@ -89,6 +89,10 @@ pub struct Manifest {
     /// bitnet.cpp's build, for reference dumps.
     #[serde(default)]
     pub reference_build: Option<BuildInfo>,
+    /// Stopped by Ctrl-C: `steps` are the steps that finished, not all
+    /// that were asked for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 fn free() -> Mode {
@@ -229,7 +233,15 @@ impl DumpWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "dump".into());
-        let side = dir.join(format!(".{name}.{}.stages", std::process::id()));
+        // `.{name}.{pid}.stages`: a killed run's is removed by the next one.
+        let side =
+            crate::outfile::temporary_beside(&dir.join(&name), "stages").map_err(|source| {
+                DumpError::Io {
+                    path: out.to_path_buf(),
+                    source,
+                }
+            })?;
+        crate::outfile::register(&side);
         let file = std::fs::File::create(&side).map_err(|source| DumpError::Io {
             path: side.clone(),
             source,
@@ -341,6 +353,7 @@ impl DumpWriter {
             dest.commit(f).map_err(io(&self.out))
         })();
         let _ = std::fs::remove_file(&self.side);
+        crate::outfile::forget(&self.side);
         if result.is_err() {
             dest.abandon();
         }
@@ -352,6 +365,7 @@ impl Drop for DumpWriter {
     fn drop(&mut self) {
         // finish() removed it already; an abandoned dump leaves nothing.
         let _ = std::fs::remove_file(&self.side);
+        crate::outfile::forget(&self.side);
     }
 }
 
@@ -403,12 +417,18 @@ impl Dump {
     /// `safetensors` crate checks every offset and size).
     pub fn open(path: &Path) -> Result<Dump, DumpError> {
         let mut bytes = Vec::new();
-        std::fs::File::open(path)
+        // A regular file only: a FIFO or `/dev/zero` would block or never end.
+        crate::input::open_regular(path, u64::MAX, "dump")
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(|source| DumpError::Io {
                 path: path.to_path_buf(),
                 source,
             })?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// [`Dump::open`] on bytes already read; `path` names them in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Dump, DumpError> {
         let format = |message: String| DumpError::Format {
             path: path.to_path_buf(),
             message,

@@ -60,6 +60,12 @@ impl ModelConfig {
                 "zero size: n_embd {n_embd}, n_layer {n_layer}, n_ff {n_ff}, n_vocab {n_vocab}"
             ));
         }
+        if n_layer > crate::model::MAX_LAYERS {
+            return bad(format!(
+                "{p}.block_count {n_layer}: at most {}",
+                crate::model::MAX_LAYERS
+            ));
+        }
         if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 {
             return bad(format!(
                 "{p}.attention.head_count {n_head} does not divide n_embd {n_embd}"

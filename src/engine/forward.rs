@@ -278,7 +278,8 @@ impl<'a> Compute<'a, '_> {
         let parts: [(&'a [u8], usize, Dequant); N] =
             ms.map(|m| (m.kernel_codes(self.file), m.n_out, self.dequant_of(m)));
         let total: usize = parts.iter().map(|p| p.1).sum();
-        // [row, token] over all matrices' rows end to end.
+        // Per range of the matrices' rows end to end: [T, range] (each
+        // member transposes its own sums, in parallel).
         let parts = self
             .team
             .map_parts(total, ROW_ALIGN, CHUNKS_PER_MEMBER, move |rows| {
@@ -295,17 +296,31 @@ impl<'a> Compute<'a, '_> {
                     }
                     base += n_out;
                 }
-                y
+                if t == 1 {
+                    return y;
+                }
+                let n = rows.len();
+                let mut by_token = vec![0f32; n * t];
+                for (r, row) in y.chunks_exact(t).enumerate() {
+                    for (ti, &v) in row.iter().enumerate() {
+                        by_token[ti * n + r] = v;
+                    }
+                }
+                by_token
             });
-        // Scatter each range into [T, n_out] per matrix, freeing it as it goes.
+        // Copy each range's token rows into [T, n_out] per matrix, in
+        // pieces, one per matrix the range covers.
         let mut ys: [Vec<f32>; N] = std::array::from_fn(|i| vec![0f32; t * ms[i].n_out]);
         let starts: [usize; N] = std::array::from_fn(|i| ms[..i].iter().map(|m| m.n_out).sum());
         for (rows, y) in parts {
-            for (k, row) in rows.zip(y.chunks_exact(t)) {
-                let i = starts.iter().rposition(|&s0| s0 <= k).unwrap_or(0);
-                let (r, n_out) = (k - starts[i], ms[i].n_out);
-                for (ti, &v) in row.iter().enumerate() {
-                    ys[i][ti * n_out + r] = v;
+            for (ti, mut y) in y.chunks_exact(rows.len()).enumerate() {
+                let mut k = rows.start;
+                while !y.is_empty() {
+                    let i = starts.iter().rposition(|&s0| s0 <= k).unwrap_or(0);
+                    let (r, n_out) = (k - starts[i], ms[i].n_out);
+                    let n = y.len().min(n_out - r);
+                    ys[i][ti * n_out + r..][..n].copy_from_slice(&y[..n]);
+                    (k, y) = (k + n, &y[n..]);
                 }
             }
         }

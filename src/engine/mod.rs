@@ -25,6 +25,7 @@ pub mod weights;
 
 pub use crate::model::{Arch, KvType, ModelConfig};
 pub use faults::{Fault, FaultSet};
+
 pub use kernels::Kernel;
 
 use crate::gguf::{GgufError, GgufFile};
@@ -117,6 +118,8 @@ pub enum EngineError {
     EmptyBatch,
     #[error("bad engine options: {0}")]
     Options(String),
+    #[error(transparent)]
+    Kernel(#[from] kernels::KernelChoiceError),
 }
 
 /// Checks that `file` is a model bitnet.cpp's loader would accept: the
@@ -142,6 +145,8 @@ pub struct Engine {
     kv: KvCache,
     n_past: usize,
     kernel: Kernel,
+    /// Whether `DIVERGENCE_KERNEL` chose `kernel` (see [`kernels::KERNEL_ENV`]).
+    kernel_forced: bool,
     faults: FaultSet,
     /// The vocabulary's tokenizer, when the engine has one for it.
     tokenizer: Option<tokenizer::Tokenizer>,
@@ -155,6 +160,7 @@ impl Engine {
 
     pub fn from_gguf(file: Arc<GgufFile>, opts: EngineOptions) -> Result<Engine, EngineError> {
         let faults = FaultSet::new(&opts.faults);
+        let kernel = Kernel::detect()?;
         let config = ModelConfig::from_gguf_with(&file, faults)?;
         let weights = Weights::from_gguf_with(&file, &config, faults, opts.i2s_mode)?;
         if opts.threads == 0 {
@@ -175,7 +181,8 @@ impl Engine {
         Ok(Engine {
             tokenizer: tokenizer::Tokenizer::from_gguf(&file).ok(),
             faults,
-            kernel: Kernel::detect(),
+            kernel,
+            kernel_forced: Kernel::forced(),
             file,
             config,
             opts,
@@ -209,6 +216,12 @@ impl Engine {
     /// The I2_S kernel in use: "scalar", "avx2" or "avx512-vnni".
     pub fn kernel_name(&self) -> &'static str {
         self.kernel.name()
+    }
+
+    /// Whether the kernel path was forced through `DIVERGENCE_KERNEL`
+    /// rather than detected as the fastest this CPU has.
+    pub fn kernel_forced(&self) -> bool {
+        self.kernel_forced
     }
 
     /// Force a kernel (tests and benchmarks); a [`Kernel`] only exists for

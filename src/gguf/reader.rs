@@ -66,12 +66,9 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if meta.is_dir() {
-            return Err(io(std::io::Error::other("is a directory, not a GGUF file")));
-        }
-        let len = meta.len();
+        // A FIFO would block in open(2), a device has nothing to map.
+        let file = crate::input::open_regular(path, u64::MAX, "GGUF file").map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
         let storage = if len == 0 {
             // Mapping an empty file fails on some platforms; there is nothing to map.
             Storage::Owned(Vec::new())

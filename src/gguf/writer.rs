@@ -155,6 +155,57 @@ impl GgufWriter {
         out
     }
 
+    /// [`GgufWriter::write_to`], keeping the file only when its bytes hash
+    /// to `sha256` (hex): a mismatch leaves `path` as it was and no
+    /// temporary file.
+    pub fn write_to_verified(&self, path: &Path, sha256: &str) -> io::Result<()> {
+        use sha2::{Digest, Sha256};
+        /// Hashes what passes through it.
+        struct Hashing<W> {
+            inner: W,
+            hash: Sha256,
+        }
+        impl<W: Write> Write for Hashing<W> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let n = self.inner.write(buf)?;
+                self.hash.update(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                self.inner.flush()
+            }
+        }
+        let dest = crate::outfile::Destination::of(path, "tmp")?;
+        let result = (|| {
+            let mut w = Hashing {
+                inner: io::BufWriter::with_capacity(1 << 22, dest.create()?),
+                hash: Sha256::new(),
+            };
+            self.write_into(&mut w)?;
+            let got: String = w
+                .hash
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if got != sha256 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the bytes made have sha256 {got}, not the {sha256} expected"),
+                ));
+            }
+            dest.commit(
+                w.inner
+                    .into_inner()
+                    .map_err(io::IntoInnerError::into_error)?,
+            )
+        })();
+        if result.is_err() {
+            dest.abandon();
+        }
+        result
+    }
+
     /// Writes the file atomically: a temporary file in the same directory,
     /// fsync, then rename over `path`. A reader never sees half a model.
     /// (`/dev/null` or a FIFO is written in place, see `crate::outfile`.)

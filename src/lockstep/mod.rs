@@ -48,7 +48,7 @@ use crate::trace::{Stage, StageKey, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Instant;
@@ -276,6 +276,12 @@ impl<'c> Session<'c> {
                 .notes
                 .push(format!("{e}: blame will be undetermined"));
         }
+        if let Some(w) = facts
+            .as_ref()
+            .and_then(|f| f.relu2_trained_as_bitnet(file.get_str("general.name").ok()))
+        {
+            base.remarks.push(w);
+        }
         let mut session = Session {
             cfg,
             loader,
@@ -293,7 +299,7 @@ impl<'c> Session<'c> {
         match session.load_engines() {
             Ok(()) => Ok(Ok(session)),
             Err(e) => {
-                let mut run = session.new_run(t_total);
+                let mut run = session.new_run(&cfg.prompt, t_total);
                 Ok(Err(run_ended(&mut run, e)?))
             }
         }
@@ -361,11 +367,19 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
-    /// An outcome under construction with what the session knows.
-    fn new_run(&mut self, t_total: Instant) -> Run {
-        let mut run = Run::new(TokenCheck::ids_given(vec![]), t_total);
+    /// An outcome under construction with what the session knows, for
+    /// `prompt`: a text prompt has no ids until both sides tokenized it.
+    fn new_run(&mut self, prompt: &Prompt, t_total: Instant) -> Run {
+        let tokens = TokenCheck {
+            source: match prompt {
+                Prompt::Text(_) => TokenSource::NotTokenized,
+                Prompt::Tokens(_) => TokenSource::IdsGiven,
+            },
+            ..TokenCheck::ids_given(vec![])
+        };
+        let mut run = Run::new(tokens.clone(), t_total);
         run.outcome = Outcome {
-            tokens: TokenCheck::ids_given(vec![]),
+            tokens,
             ..self.base.clone()
         };
         if self.weight_warnings.is_none() {
@@ -383,7 +397,7 @@ impl<'c> Session<'c> {
     /// Runs one prompt from position 0 through every step: tokenize, check
     /// the tokens, prefill, decode, finish.
     pub fn run_prompt(&mut self, prompt: &Prompt, t_total: Instant) -> Result<Outcome, RunError> {
-        let mut run = self.new_run(t_total);
+        let mut run = self.new_run(prompt, t_total);
         let result = self.load_engines().and_then(|()| {
             // A fresh start: nothing cached on either side.
             if let Some(c) = self.candidate.as_mut() {
@@ -430,10 +444,14 @@ impl<'c> Session<'c> {
                         .map_err(Ended::Reference)?;
                     let c = match guarded(|| Ok(candidate.chat_prompt(&messages))) {
                         Ok(Some(Ok(c))) => Some(c),
+                        // The reference formatted it: the candidate's failure, with a receipt.
                         Ok(Some(Err(e))) => {
-                            return Err(Ended::Bad(RunError::Input(format!(
-                                "--chat: the candidate cannot format the chat prompt: {e}"
-                            ))))
+                            return Err(Ended::Candidate {
+                                during: "chat_prompt",
+                                failed: Failed::Error(e),
+                                step: None,
+                                last: None,
+                            })
                         }
                         Ok(None) => None,
                         Err(failed) => {

@@ -24,6 +24,12 @@ pub struct OfflineOptions {
     /// The model file: the oracle judges each side's local error. Without
     /// it only side against side can be measured.
     pub model: Option<PathBuf>,
+    /// The executable to start bitnet.cpp in (see
+    /// [`crate::reference::worker::default_exe`]): a dump of tokens only is
+    /// judged by feeding the reference the candidate's own tokens. Without
+    /// it, its choices are judged only while they match the reference
+    /// dump's.
+    pub worker_exe: Option<PathBuf>,
 }
 
 /// The candidate side of an offline comparison.
@@ -360,6 +366,7 @@ pub fn compare_dumps(
         &facts,
         &oracle,
         file.as_ref().map(|(f, _)| f.as_ref()),
+        model.as_deref(),
         opts,
     );
     let outcome = match result {
@@ -382,6 +389,7 @@ fn judge_dumps(
     facts: &FileFacts,
     oracle: &Result<Oracle, String>,
     file: Option<&GgufFile>,
+    model: Option<&Path>,
     opts: &OfflineOptions,
 ) -> Result<(), Ended> {
     let stages = candidate
@@ -496,6 +504,15 @@ fn judge_dumps(
     };
     let bos = file.and_then(bos_id);
     run.check_tokens(ref_tokens, cand_tokens, bos, &mut pieces);
+
+    // An engine that shows no tensors, only the tokens it chose.
+    if cand_manifest.is_some() && stages.stages.is_empty() && stages.unmapped.is_empty() {
+        let worker = match (model, &opts.worker_exe) {
+            (Some(m), Some(exe)) => Some((m, exe.as_path())),
+            _ => None,
+        };
+        return judge_choices(run, manifest, ref_steps, cand_steps, facts, worker, opts);
+    }
 
     let oracle_ref = oracle.as_ref().map_err(String::as_str);
     let cand_oracle = oracle
@@ -614,5 +631,167 @@ fn mask_future(data: &mut [f32], shape: &[usize], pos0: usize) {
                 *v = 0.0;
             }
         }
+    }
+}
+
+/// bitnet.cpp fed the candidate's own tokens, one step at a time, as it
+/// would have generated them (teacher forcing): started when first needed.
+struct TeacherForced {
+    worker: Worker,
+    /// Steps of the candidate fed so far, and the next position.
+    fed: usize,
+    pos: usize,
+    /// The logits of the last position fed.
+    last: Vec<f32>,
+}
+
+/// A dump with tokens and no tensors: each token the candidate chose is
+/// judged by the reference's logits on the candidate's own history. A token
+/// the reference ranks first agrees; one within the policy's tie gap of the
+/// top-1 is a near-tie flip, recorded; one beyond it is the divergence.
+#[allow(clippy::too_many_arguments)]
+fn judge_choices(
+    run: &mut Run,
+    manifest: &Manifest,
+    ref_steps: &[BTreeMap<StageKey, Tensor>],
+    cand_steps: &[crate::dump::DumpStep],
+    facts: &FileFacts,
+    worker: Option<(&Path, &Path)>,
+    opts: &OfflineOptions,
+) -> Result<(), Ended> {
+    let margin = opts.policy.local.choices.max_tie_gap;
+    run.outcome.coverage.scope = Some(Scope {
+        stages: vec![],
+        granularity: "tokens".into(),
+        note: "tokens only: each token the candidate chose is judged by bitnet.cpp's logits on the candidate's own history (teacher forcing); there are no intermediate tensors to localise further".into(),
+    });
+    let n_vocab = facts.n_vocab;
+    let logits_key = StageKey::new(None, Stage::Logits);
+    let mut same_history = true;
+    let mut forced: Option<TeacherForced> = None;
+    for i in 1..cand_steps.len() {
+        let step = i - 1;
+        let chosen = cand_steps[i].tokens[0];
+        let dumped = ref_steps
+            .get(step)
+            .and_then(|m| m.get(&logits_key))
+            .filter(|t| t.data.len() >= n_vocab && n_vocab > 0);
+        let row: Vec<f32> = match dumped {
+            Some(t) if same_history => t.data[t.data.len() - n_vocab..].to_vec(),
+            _ => {
+                let Some((model, exe)) = worker else {
+                    run.outcome.coverage.notes.push(format!(
+                        "the candidate's tokens leave the reference dump's path after step {}: its later choices need bitnet.cpp run on them, which this comparison could not start (no model or worker)",
+                        step.saturating_sub(1)
+                    ));
+                    return Ok(());
+                };
+                if forced.is_none() {
+                    let n_ctx = cand_steps.iter().map(|s| s.tokens.len()).sum::<usize>() + 1;
+                    let ctx = ContextOptions {
+                        threads: manifest.threads.max(1),
+                        kv_type: manifest.kv_type,
+                        n_ctx,
+                        n_batch: n_ctx,
+                    };
+                    let filter = CaptureFilter {
+                        off: true,
+                        ..CaptureFilter::default()
+                    };
+                    let w = Worker::start(exe, model, &ctx, filter).map_err(Ended::Reference)?;
+                    forced = Some(TeacherForced {
+                        worker: w,
+                        fed: 0,
+                        pos: 0,
+                        last: vec![],
+                    });
+                }
+                let f = forced.as_mut().expect("started above");
+                while f.fed <= step {
+                    let batch = &cand_steps[f.fed].tokens;
+                    let (logits, _, _) = f.worker.decode(batch, f.pos).map_err(Ended::Reference)?;
+                    f.pos += batch.len();
+                    f.fed += 1;
+                    f.last = logits[logits.len().saturating_sub(n_vocab)..].to_vec();
+                }
+                f.last.clone()
+            }
+        };
+        if (chosen as usize) >= row.len() {
+            return Err(dump_failed(
+                format!("its manifest says it chose token {chosen} at step {step}, outside the vocabulary of {n_vocab}"),
+                Some(i),
+            ));
+        }
+        let top1 = metrics::argmax(&row) as u32;
+        run.record_choices(step, top1, chosen, true);
+        let figures = choice_figures(&row, chosen);
+        same_history &= manifest.steps.get(i).is_some_and(|s| s.tokens[0] == chosen);
+        if figures.rank == 0 {
+            continue;
+        }
+        let pieces = format!(
+            "token {chosen} where the reference's top-1 is {top1}: the reference ranks it {} (0 = top), {:.4} below the top-1 logit, probability {:.3e}",
+            figures.rank, figures.gap, figures.probability
+        );
+        if f64::from(figures.gap) <= margin {
+            run.outcome.remarks.push(format!(
+                "step {step}: a near-tie flip, not a divergence: the candidate chose {pieces} (within the policy's tie gap {margin})"
+            ));
+            continue;
+        }
+        let s = &cand_steps[step];
+        let div = Divergence {
+            step,
+            positions: (s.pos0..s.pos0 + s.tokens.len()).collect(),
+            position: s.pos0 + s.tokens.len() - 1,
+            layer: None,
+            stage: Stage::Logits,
+            shape: vec![n_vocab],
+            measured: Measured::Choice,
+            bound: None,
+            candidate_local: None,
+            reference_local: None,
+            rule: opts.policy.rule(Stage::Logits, false).clone(),
+            metrics: None,
+            worst: vec![],
+            blame: BlameReport {
+                blame: Blame::Candidate,
+                reference_nmse_vs_oracle: None,
+                candidate_nmse_vs_oracle: None,
+                reference_error_over_rounding: None,
+                candidate_error_over_rounding: None,
+                reason: format!(
+                    "tokens only: the first wrong token is at step {step}: the candidate chose {pieces}, beyond the policy's tie gap {margin}; no intermediate tensors to localise further"
+                ),
+                cause: None,
+            },
+        };
+        run.outcome.record_divergence(step, div);
+        if !opts.keep_going {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Where a chosen token stands under a row of logits.
+struct ChoiceFigures {
+    /// Tokens with a strictly larger logit (0: the top-1, ties included).
+    rank: usize,
+    /// The top-1 logit minus the chosen token's.
+    gap: f32,
+    /// The chosen token's softmax probability.
+    probability: f64,
+}
+
+fn choice_figures(row: &[f32], chosen: u32) -> ChoiceFigures {
+    let mine = row[chosen as usize];
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+    ChoiceFigures {
+        rank: row.iter().filter(|&&v| v > mine).count(),
+        gap: max - mine,
+        probability: f64::from(mine - max).exp() / sum,
     }
 }

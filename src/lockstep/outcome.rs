@@ -32,6 +32,9 @@ pub enum Verdict {
 pub enum TokenSource {
     /// `--tokens`: both engines got the given ids; no tokenizer ran.
     IdsGiven,
+    /// A text prompt the run stopped before tokenizing (the reference
+    /// failed first): there are no ids to compare.
+    NotTokenized,
     /// Each side tokenized the text with its own tokenizer.
     EachSideTokenized,
     /// The candidate has no tokenizer for this vocabulary: it was fed the
@@ -273,6 +276,9 @@ pub enum Measured {
     SideVsSide,
     /// The prompt's token ids differ.
     Tokens,
+    /// A token an engine chose (it showed no tensors), under the
+    /// reference's logits on the engine's own history.
+    Choice,
 }
 
 /// The local bound a divergence failed.

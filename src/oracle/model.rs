@@ -43,6 +43,29 @@ pub struct FileFacts {
 }
 
 impl FileFacts {
+    /// A warning for a file whose arch says `bitnet` (SiLU-gated in
+    /// bitnet.cpp, llama.cpp and both our engines) but whose shape is
+    /// microsoft/BitNet-b1.58-2B-4T's (GQA, RoPE theta 500000, tied output),
+    /// a model trained with squared ReLU: upstream llama.cpp's converter
+    /// writes such files.
+    pub fn relu2_trained_as_bitnet(&self, general_name: Option<&str>) -> Option<String> {
+        let named = general_name.is_some_and(|n| {
+            let n = n.to_ascii_lowercase();
+            n.contains("2b-4t") || n.contains("bitnetforcausallm")
+        });
+        let shaped =
+            self.n_head_kv < self.n_head && self.rope_theta == 500_000.0 && self.tied_output;
+        (self.arch == "bitnet" && (named || shaped)).then(|| {
+            format!(
+                "arch `bitnet` with the shape of BitNet-b1.58-2B-4T ({}GQA {}/{} heads, RoPE theta {}, tied output): bitnet.cpp and llama.cpp run arch `bitnet` with a SiLU-gated FFN, but that model was trained with squared ReLU; its outputs will be wrong in every engine that trusts the arch. Convert it as arch `bitnet-b1.58`, or judge it as the model it is",
+                general_name.map(|n| format!("`{n}`, ")).unwrap_or_default(),
+                self.n_head,
+                self.n_head_kv,
+                self.rope_theta
+            )
+        })
+    }
+
     /// Every (layer, stage) one forward pass of this arch produces, in
     /// execution order: what a step's coverage is checked against.
     pub fn expected_stages(&self) -> Vec<crate::trace::StageKey> {
@@ -135,8 +158,19 @@ impl Dense<'_> {
         let width = if self.f16 { 2 } else { 4 };
         let bytes = &self.data[r * self.n_in * width..(r + 1) * self.n_in * width];
         if self.f16 {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f64::from(half::f16::from_le_bytes([b[0], b[1]]));
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            // The slice conversion uses F16C where the CPU has it: the
+            // logits matrix is 328 M values on the 2B-4T shape, read once
+            // per step and side.
+            match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+                Ok(bits) => bits
+                    .reinterpret_cast::<half::f16>()
+                    .convert_to_f64_slice(&mut out[..self.n_in]),
+                Err(_) => {
+                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = f64::from(half::f16::from_le_bytes([b[0], b[1]]));
+                    }
+                }
             }
         } else {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {

@@ -139,7 +139,8 @@ pub(super) fn linear(
         dst[..m.n_in].copy_from_slice(&c.q);
     }
     // Σ code·q for every (output row, token), rows split across threads.
-    let kernel = Kernel::detect();
+    // Exact integer sums on every path: the fastest, whatever is forced.
+    let kernel = Kernel::fastest();
     let mut sums = vec![0i32; m.n_out * t];
     let rows_per_task = (m.n_out / (4 * rayon::current_num_threads()).max(1)).max(16);
     sums.par_chunks_mut(rows_per_task * t)

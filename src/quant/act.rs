@@ -55,6 +55,12 @@ pub fn act_scale(x: &[f32], numerator: u32) -> f32 {
     (numerator as f64 / max) as f32
 }
 
+/// [`act_scale`] given the row's largest `|x|` (NaNs skipped), as a SIMD
+/// maximum finds it: the same f64 floor and division.
+pub fn act_scale_of_max(abs_max: f32, numerator: u32) -> f32 {
+    (numerator as f64 / 1e-5f64.max(abs_max as f64)) as f32
+}
+
 /// Quantize one row into `out` (same length as `x`).
 pub fn quantize_row_i8_s(x: &[f32], out: &mut [i8], variant: ActQuantVariant) -> ActRow {
     quantize_row_with_scale(x, out, act_scale(x, variant.scale_numerator), variant)

@@ -103,6 +103,10 @@ pub struct OfflineRecord {
     pub model_given: bool,
     /// What an offline comparison can and cannot tell.
     pub note: String,
+    /// The command that ran the candidate and wrote its dump
+    /// (`--candidate-cmd`), when the harness ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_cmd: Option<String>,
 }
 
 /// The run request a receipt records, and `divergence verify` repeats.
@@ -194,6 +198,10 @@ pub struct Volatile {
     /// Wall times of the run's phases and peak memory.
     pub timings: crate::lockstep::Timings,
 }
+
+/// The largest receipt read: the largest checked in is 120 KB, and
+/// `--keep-going` over thousands of steps stays well below this.
+pub const MAX_RECEIPT_BYTES: u64 = 64 << 20;
 
 impl Receipt {
     /// Runs what `record` describes (the lockstep comparison) and builds the
@@ -379,10 +387,10 @@ impl Receipt {
         s
     }
 
-    /// Reads and parses a receipt file.
+    /// Reads and parses a receipt file (at most [`MAX_RECEIPT_BYTES`]).
     pub fn read(path: &Path) -> Result<Receipt, ReceiptError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
+        let text = crate::input::read_text(path, MAX_RECEIPT_BYTES, "receipt")
+            .map_err(|e| ReceiptError::Io(path.to_path_buf(), e))?;
         Self::parse(&text).map_err(|e| ReceiptError::Parse(path.to_path_buf(), e))
     }
 
@@ -606,7 +614,9 @@ fn hash_cache_dir() -> Option<PathBuf> {
 /// repeated `find` on a 1.2 GB model then skips most of a second of hashing.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
+    // A FIFO or a device (`/dev/zero`) would be read forever.
+    let file = crate::input::open_regular(path, u64::MAX, "model")?;
+    let meta = file.metadata()?;
     let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
     let key = CachedHash {
         dev: meta.dev(),
@@ -632,7 +642,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
             return Ok(hit.sha256);
         }
     }
-    let sha256 = sha256_of_contents(path)?;
+    let sha256 = sha256_of_contents(file)?;
     if let Some(slot) = slot {
         // A cache that cannot be written only costs the next run the hashing.
         let entry = CachedHash {
@@ -651,9 +661,8 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// sha256 of a file's bytes, hex, read in 1 MiB blocks.
-fn sha256_of_contents(path: &Path) -> std::io::Result<String> {
+fn sha256_of_contents(mut f: std::fs::File) -> std::io::Result<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

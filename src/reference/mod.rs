@@ -153,6 +153,10 @@ pub enum RefError {
     },
     #[error("reference worker: {0}")]
     Worker(String),
+    /// A C++ exception, caught at the shim (`ffi/guard.h`): its type, what()
+    /// and the call, and a cause where one is recognised.
+    #[error("{0}")]
+    Threw(String),
 }
 
 /// How the reference was built and how it runs: goes into every receipt.

@@ -51,6 +51,15 @@ pub fn set_ffn_act(act: super::FfnAct) {
     unsafe { ffi::divergence_set_ffn_act_silu(i32::from(act == super::FfnAct::Silu)) }
 }
 
+/// What a guarded call (`ffi/guard.h`) threw: `bitnet.cpp threw
+/// std::out_of_range: _Map_base::at in llama_tokenize`.
+fn threw(call: &str) -> String {
+    // SAFETY: the guard returns a NUL-terminated string it owns (per
+    // thread) and keeps until its next failing call on this thread.
+    let what = unsafe { CStr::from_ptr(ffi::divergence_last_exception()) }.to_string_lossy();
+    format!("bitnet.cpp threw {what} in {call}")
+}
+
 /// A loaded model. Dropping it frees the model.
 pub struct Model {
     ptr: NonNull<ffi::llama_model>,
@@ -82,12 +91,16 @@ impl Model {
             .map_err(|_| RefError::Load(format!("{}: path contains a NUL byte", path.display())))?;
         // SAFETY: default params are plain data; the path is NUL-terminated
         // and outlives the call; a null return means failure.
-        let ptr = unsafe {
+        let mut ptr = std::ptr::null_mut();
+        let ok = unsafe {
             let mut params = ffi::llama_model_default_params();
             params.use_mmap = true;
             params.vocab_only = vocab_only;
-            ffi::llama_load_model_from_file(c_path.as_ptr(), params)
+            ffi::divergence_load_model_from_file(c_path.as_ptr(), params, &mut ptr)
         };
+        if !ok {
+            return Err(RefError::Load(threw("llama_load_model_from_file")));
+        }
         NonNull::new(ptr)
             .map(|ptr| Model { ptr })
             .ok_or_else(|| RefError::Load(format!("bitnet.cpp could not load {}", path.display())))
@@ -121,9 +134,10 @@ impl Model {
         let mut cap = text.len() + 8;
         loop {
             let mut out = vec![0i32; cap];
+            let mut n = 0;
             // SAFETY: text is valid for text.len() bytes; out holds cap tokens.
-            let n = unsafe {
-                ffi::llama_tokenize(
+            let ok = unsafe {
+                ffi::divergence_tokenize(
                     self.ptr.as_ptr(),
                     text.as_ptr().cast(),
                     len,
@@ -131,14 +145,57 @@ impl Model {
                     i32::try_from(cap).unwrap_or(i32::MAX),
                     add_special,
                     parse_special,
+                    &mut n,
                 )
             };
+            if !ok {
+                let mut why = threw("llama_tokenize");
+                if let Some(cause) = self.missing_byte_token(text) {
+                    why = format!("{why}: {cause}");
+                }
+                return Err(RefError::Threw(why));
+            }
             if n >= 0 {
                 out.truncate(n as usize);
                 return Ok(out.into_iter().map(|t| t as u32).collect());
             }
             cap = n.unsigned_abs() as usize;
         }
+    }
+
+    /// Why SentencePiece's byte fallback throws on `text`, if a byte
+    /// token is missing: the first character that is no token of its own
+    /// and has a byte with neither a `<0xXX>` token nor a token of the
+    /// byte itself (`llama_byte_to_token_impl` looks up both, the second
+    /// with `.at()`).
+    fn missing_byte_token(&self, text: &str) -> Option<String> {
+        let n_vocab = i32::try_from(self.n_vocab()).ok()?;
+        let tokens: std::collections::HashSet<Vec<u8>> = (0..n_vocab)
+            .map(|id| {
+                // SAFETY: id < n_vocab indexes the model's token table; the
+                // text is NUL-terminated and owned by the model.
+                let p = unsafe { ffi::llama_token_get_text(self.ptr.as_ptr(), id) };
+                if p.is_null() {
+                    Vec::new()
+                } else {
+                    // SAFETY: as above.
+                    unsafe { CStr::from_ptr(p) }.to_bytes().to_vec()
+                }
+            })
+            .collect();
+        text.chars().find_map(|c| {
+            let mut buf = [0u8; 4];
+            let s = c.encode_utf8(&mut buf);
+            if c == ' ' || tokens.contains(s.as_bytes()) {
+                return None;
+            }
+            s.bytes().find_map(|b| {
+                let hex = format!("<0x{b:02X}>");
+                (!tokens.contains(hex.as_bytes()) && !tokens.contains(&[b][..])).then(|| {
+                    format!("the vocabulary has no byte token for {hex} (byte fallback for {c:?})")
+                })
+            })
+        })
     }
 
     /// Text of token ids as `llama_detokenize(ids, remove_special = false,
@@ -161,8 +218,9 @@ impl Model {
         for _ in 0..2 {
             // SAFETY: ids holds n_ids valid token ids (< n_vocab); buf is
             // writable for its length.
-            let n = unsafe {
-                ffi::llama_detokenize(
+            let mut n = 0;
+            let ok = unsafe {
+                ffi::divergence_detokenize(
                     self.ptr.as_ptr(),
                     ids.as_ptr(),
                     n_ids,
@@ -170,8 +228,12 @@ impl Model {
                     i32::try_from(buf.len()).unwrap_or(i32::MAX),
                     false,
                     false,
+                    &mut n,
                 )
             };
+            if !ok {
+                return String::new();
+            }
             match usize::try_from(n) {
                 Ok(len) => return String::from_utf8_lossy(&buf[..len.min(buf.len())]).into_owned(),
                 Err(_) => buf.resize(n.unsigned_abs() as usize, 0),
@@ -191,16 +253,21 @@ impl Model {
         for _ in 0..2 {
             // SAFETY: buf is writable for its length; id < n_vocab <= i32::MAX,
             // so it is a valid index into the model's token table.
-            let n = unsafe {
-                ffi::llama_token_to_piece(
+            let mut n = 0;
+            let ok = unsafe {
+                ffi::divergence_token_to_piece(
                     self.ptr.as_ptr(),
                     id as i32,
                     buf.as_mut_ptr().cast(),
                     i32::try_from(buf.len()).unwrap_or(i32::MAX),
                     0,
                     true,
+                    &mut n,
                 )
             };
+            if !ok {
+                return None;
+            }
             match usize::try_from(n) {
                 Ok(len) => {
                     buf.truncate(len);
@@ -262,8 +329,9 @@ impl Model {
             // SAFETY: every pointer in chat points into a CString of
             // `strings`, alive for the call; template is NUL-terminated or
             // null; buf is writable for its length.
-            let n = unsafe {
-                ffi::llama_chat_apply_template(
+            let mut n = 0;
+            let ok = unsafe {
+                ffi::divergence_chat_apply_template(
                     self.ptr.as_ptr(),
                     template.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
                     chat.as_ptr(),
@@ -271,8 +339,12 @@ impl Model {
                     add_assistant,
                     buf.as_mut_ptr().cast(),
                     i32::try_from(buf.len()).unwrap_or(i32::MAX),
+                    &mut n,
                 )
             };
+            if !ok {
+                return Err(RefError::Threw(threw("llama_chat_apply_template")));
+            }
             let Ok(len) = usize::try_from(n) else {
                 return Err(RefError::Input(
                     "llama_chat_apply_template does not recognise this chat template".into(),
@@ -420,7 +492,11 @@ impl Context {
             p.no_perf = true;
             p.cb_eval = Some(eval_callback);
             p.cb_eval_user_data = (&mut *capture as *mut CaptureState).cast();
-            ffi::llama_new_context_with_model(model.ptr.as_ptr(), p)
+            let mut ptr = std::ptr::null_mut();
+            if !ffi::divergence_new_context_with_model(model.ptr.as_ptr(), p, &mut ptr) {
+                return Err(RefError::Load(threw("llama_new_context_with_model")));
+            }
+            ptr
         };
         let ptr = NonNull::new(ptr)
             .ok_or_else(|| RefError::Load("bitnet.cpp could not create a context".into()))?;
@@ -479,9 +555,13 @@ impl Context {
             }
             let mut b = batch;
             b.n_tokens = n_i32;
-            let rc = ffi::llama_decode(self.ptr.as_ptr(), b);
+            let mut rc = 0;
+            let ok = ffi::divergence_decode(self.ptr.as_ptr(), b, &mut rc);
             ffi::llama_batch_free(batch);
-            rc
+            ok.then_some(rc)
+        };
+        let Some(rc) = rc else {
+            return Err(RefError::Threw(threw("llama_decode")));
         };
         if self.capture.panicked {
             return Err(RefError::Capture("the capture callback panicked".into()));

@@ -1,7 +1,12 @@
 //! bitnet.cpp in a child process, so that its `abort()` is a report, not our
 //! death.
 //!
-//! The child is our own binary started as `divergence __reference-worker`. The
+//! The child is the running executable started again with
+//! [`WORKER_ENV`] set: in the `divergence` binary, in a user's binary that
+//! links this library, and in a libtest harness alike, a constructor that
+//! runs before `main` (`reference_worker_hook`) sees the variable and
+//! serves instead of running the program. `DIVERGENCE_EXE` overrides the
+//! executable (it must link this library: `divergence` does). The
 //! parent writes one JSON request per line to its stdin; the child answers on
 //! stdout with frames `[kind u8][json_len u32 LE][json][blob_len u64 LE][blob]`:
 //! `N` a captured node (json [`Node`], blob its f32 data) streamed while the
@@ -9,20 +14,98 @@
 //! error. Streaming nodes means that when the child dies, the parent knows the
 //! last node it reached. The child's stderr is kept (last 8 KiB) for the
 //! crash report.
+//!
+//! The child never outlives us, and never hangs us: it is started with
+//! `PR_SET_PDEATHSIG` (the kernel kills it when the thread that started it
+//! dies, even if it is stopped or busy in a graph), and while a request is
+//! pending a watchdog looks at it in `/proc`: stopped (SIGSTOP, a
+//! debugger's stop) for [`STOPPED_LIMIT`], or without a frame and without
+//! using any CPU time for [`IDLE_LIMIT`], it is killed, and the request
+//! fails as a crash that says why.
 
 use super::session::{Context, ContextOptions, Model, VocabSpecials};
 use super::{set_ffn_act, CaptureFilter, FfnAct, GraphNode, Node, RefError};
 use crate::engine::tokenizer::chat::ChatMessage;
 use serde::{Deserialize, Serialize};
+use std::ffi::{c_char, c_int};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// The hidden subcommand that runs [`serve`].
+/// The hidden subcommand that runs [`serve`] in the `divergence` binary.
 pub const WORKER_ARG: &str = "__reference-worker";
+/// Set to `1` in a worker's environment: the executable serves the worker
+/// protocol instead of running its `main`.
+pub const WORKER_ENV: &str = "DIVERGENCE_REFERENCE_WORKER";
 const STDERR_TAIL: usize = 8 * 1024;
+/// How long the worker may be stopped with a request pending.
+pub const STOPPED_LIMIT: Duration = Duration::from_secs(5);
+/// How long it may go with a request pending and no frame, no CPU time
+/// used and no disk wait: a deadlock, not a slow graph.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// An entry of the ELF `.init_array`: glibc calls each with the program's
+/// `argc`, `argv` and `envp` before `main`.
+type InitFn = extern "C" fn(c_int, *const *const c_char, *const *const c_char);
+
+extern "C" {
+    // The bounds of the executable's `.init_array`, which the linker
+    // defines (GNU ld, gold, lld and mold all do).
+    static __init_array_start: [InitFn; 0];
+    static __init_array_end: [InitFn; 0];
+}
+
+/// The hook's entry in `.init_array`. A constructor crate cannot be used
+/// here: the hook must know its own entry (below).
+#[used]
+#[link_section = ".init_array"]
+static REFERENCE_WORKER_HOOK: InitFn = reference_worker_hook;
+
+/// Before `main` of any executable that links this library: when started as
+/// a reference worker ([`WORKER_ENV`]), serve and exit, so that a user's
+/// binary or libtest harness is its own worker with nothing to install or
+/// set.
+///
+/// bitnet.cpp's C++ globals (its architecture and tensor name tables) are
+/// built by constructors of their own, which may come after this one in
+/// `.init_array` (GNU ld places them after every prioritised entry, lld in
+/// link order): the hook first runs every entry after its own, exactly as
+/// glibc would have, then serves, and exits without returning, so none of
+/// them runs twice.
+extern "C" fn reference_worker_hook(
+    argc: c_int,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) {
+    if std::env::var_os(WORKER_ENV).is_none_or(|v| v != "1") {
+        return;
+    }
+    // SAFETY: the linker defines both bounds around the executable's
+    // `.init_array`, an array of valid constructor pointers (this hook's
+    // among them), which is only read here; each later entry is called once,
+    // with the arguments glibc passes, as glibc would have called it after
+    // this one returned; this function never returns, so glibc calls none
+    // of them again. Setting SIGPIPE's disposition to SIG_IGN, as Rust's
+    // runtime does before `main`, has no preconditions.
+    unsafe {
+        let start = std::ptr::addr_of!(__init_array_start).cast::<InitFn>();
+        let end = std::ptr::addr_of!(__init_array_end).cast::<InitFn>();
+        let n = (end as usize).saturating_sub(start as usize) / std::mem::size_of::<InitFn>();
+        let entries = std::slice::from_raw_parts(start, n);
+        let me = reference_worker_hook as InitFn as usize;
+        if let Some(i) = entries.iter().position(|&f| f as usize == me) {
+            for &later in &entries[i + 1..] {
+                later(argc, argv, envp);
+            }
+        }
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    std::process::exit(serve());
+}
 
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
@@ -261,30 +344,94 @@ pub struct Worker {
     stdout: BufReader<ChildStdout>,
     stderr_tail: Arc<Mutex<Vec<u8>>>,
     last_node: String,
+    watch: Arc<Watch>,
     pub n_vocab: usize,
     pub description: String,
 }
 
-/// Where our own binary is, to start it as the worker: `DIVERGENCE_EXE`, this
-/// executable when it is `divergence`, or `divergence` beside (or one folder
-/// above) a test binary in `target/*/deps`.
+/// What the watchdog knows of the worker, shared with it.
+#[derive(Default)]
+struct Watch {
+    /// A request is pending.
+    busy: AtomicBool,
+    /// Frames received so far.
+    frames: AtomicU64,
+    /// The `Worker` was dropped: the watchdog ends.
+    gone: AtomicBool,
+    /// Why the watchdog killed the worker.
+    killed: Mutex<Option<String>>,
+}
+
+/// A process's state letter and CPU ticks (user + system), from `/proc`.
+fn proc_state(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ppid ...": comm may hold anything, so split after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((state, ticks))
+}
+
+/// Watches `pid` while `watch.busy` (see the module docs); kills it and
+/// records why when it is stopped or idle too long.
+fn watchdog(pid: u32, watch: Arc<Watch>) {
+    let tick = Duration::from_millis(200);
+    let mut seen = (0u64, 0u64); // (frames, CPU ticks) at the last progress
+    let mut progress_at = Instant::now();
+    let mut stopped_since: Option<Instant> = None;
+    while !watch.gone.load(Ordering::SeqCst) {
+        std::thread::sleep(tick);
+        let Some((state, ticks)) = proc_state(pid) else {
+            return; // reaped
+        };
+        if !watch.busy.load(Ordering::SeqCst) || state == 'Z' {
+            progress_at = Instant::now();
+            stopped_since = None;
+            continue;
+        }
+        let now = (watch.frames.load(Ordering::SeqCst), ticks);
+        if now != seen || state == 'D' {
+            seen = now;
+            progress_at = Instant::now();
+        }
+        if matches!(state, 'T' | 't') {
+            stopped_since.get_or_insert_with(Instant::now);
+        } else {
+            stopped_since = None;
+        }
+        let why = if stopped_since.is_some_and(|t| t.elapsed() >= STOPPED_LIMIT) {
+            format!(
+                "it was stopped (process state {state}) for {} s with a request pending",
+                STOPPED_LIMIT.as_secs()
+            )
+        } else if progress_at.elapsed() >= IDLE_LIMIT {
+            format!(
+                "it answered nothing and used no CPU time for {} s with a request pending (state {state})",
+                IDLE_LIMIT.as_secs()
+            )
+        } else {
+            continue;
+        };
+        *watch.killed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        // SAFETY: kill(2) on our child, not yet reaped (the Worker reaps it
+        // after the request fails; `gone` is set before it is dropped).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        return;
+    }
+}
+
+/// The executable to start as the worker: `DIVERGENCE_EXE` when set, else
+/// the running executable, which links this library and so serves when
+/// started with [`WORKER_ENV`]: a constructor serves the worker protocol.
 pub fn default_exe() -> Result<PathBuf, RefError> {
     if let Some(p) = std::env::var_os("DIVERGENCE_EXE") {
         return Ok(PathBuf::from(p));
     }
-    let me = std::env::current_exe().map_err(|e| RefError::Worker(format!("current_exe: {e}")))?;
-    if me.file_stem().is_some_and(|s| s == "divergence") {
-        return Ok(me);
-    }
-    let dir = me.parent().unwrap_or(Path::new("."));
-    for cand in [dir.join("divergence"), dir.join("../divergence")] {
-        if cand.is_file() {
-            return Ok(cand);
-        }
-    }
-    Err(RefError::Worker(
-        "cannot find the divergence binary to run the reference worker; set DIVERGENCE_EXE".into(),
-    ))
+    std::env::current_exe().map_err(|e| {
+        RefError::Worker(format!(
+            "cannot locate the running executable to start the reference worker ({e}); set DIVERGENCE_EXE to the divergence binary"
+        ))
+    })
 }
 
 impl Worker {
@@ -356,14 +503,37 @@ impl Worker {
     }
 
     fn spawn(exe: &Path) -> Result<Worker, RefError> {
+        // The hook must be linked into whichever executable this is: a
+        // use of it keeps its object file in the link.
+        std::hint::black_box(&REFERENCE_WORKER_HOOK);
         // Its own process group: a terminal's Ctrl-C reaches only us, and we
         // decide how to stop (the worker exits when its stdin closes).
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .process_group(0)
+            .env(WORKER_ENV, "1")
             .arg(WORKER_ARG)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        let parent = std::process::id();
+        // SAFETY: runs in the child between fork and exec, and calls only
+        // async-signal-safe functions (prctl, getppid, _exit) on no memory
+        // of ours. The death signal follows the thread that spawns the
+        // worker: every caller keeps the Worker on its own thread.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the line above: nobody to serve.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| RefError::Worker(format!("starting {}: {e}", exe.display())))?;
         let (Some(stdin), Some(stdout), Some(mut stderr)) =
@@ -386,12 +556,18 @@ impl Worker {
                 t.drain(..excess);
             }
         });
+        let watch = Arc::new(Watch::default());
+        {
+            let (pid, watch) = (child.id(), Arc::clone(&watch));
+            std::thread::spawn(move || watchdog(pid, watch));
+        }
         Ok(Worker {
             child,
             stdin,
             stdout: BufReader::new(stdout),
             stderr_tail: tail,
             last_node: "(none: it died before the first graph node)".into(),
+            watch,
             n_vocab: 0,
             description: String::new(),
         })
@@ -493,6 +669,17 @@ impl Worker {
         req: &Request,
         nodes: &mut Vec<Node>,
     ) -> Result<(Reply, Vec<f32>), RefError> {
+        self.watch.busy.store(true, Ordering::SeqCst);
+        let result = self.exchange(req, nodes);
+        self.watch.busy.store(false, Ordering::SeqCst);
+        result
+    }
+
+    fn exchange(
+        &mut self,
+        req: &Request,
+        nodes: &mut Vec<Node>,
+    ) -> Result<(Reply, Vec<f32>), RefError> {
         let mut line = serde_json::to_vec(req).map_err(|e| RefError::Worker(e.to_string()))?;
         line.push(b'\n');
         if self
@@ -507,6 +694,7 @@ impl Worker {
             let Some((kind, json, blob)) = self.read_frame() else {
                 return Err(self.crashed());
             };
+            self.watch.frames.fetch_add(1, Ordering::SeqCst);
             match kind {
                 b'N' => {
                     let mut node: Node = serde_json::from_slice(&json)
@@ -553,6 +741,8 @@ impl Worker {
 
     /// The child is gone: collect how it died.
     fn crashed(&mut self) -> RefError {
+        self.watch.busy.store(false, Ordering::SeqCst);
+        self.watch.gone.store(true, Ordering::SeqCst);
         let status = self.child.wait();
         // Give the stderr thread a moment to drain the last bytes.
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -573,6 +763,16 @@ impl Worker {
             .map(|t| String::from_utf8_lossy(&t).into_owned())
             .unwrap_or_default();
         let tail: Vec<&str> = tail.lines().rev().take(6).collect();
+        let killed = self
+            .watch
+            .killed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let signal = match killed {
+            Some(why) => format!("{signal}, sent by divergence's watchdog: {why}"),
+            None => signal,
+        };
         RefError::Crashed {
             signal,
             last_node: self.last_node.clone(),
@@ -616,6 +816,7 @@ fn signal_name(sig: i32) -> &'static str {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        self.watch.gone.store(true, Ordering::SeqCst);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

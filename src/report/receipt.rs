@@ -206,6 +206,7 @@ fn divergence_size(d: &Divergence) -> String {
     };
     match (d.measured, blamed) {
         (Measured::Tokens, _) => "the prompt's token ids differ".into(),
+        (Measured::Choice, _) => "a generated token the reference ranks below its top-1".into(),
         (Measured::AcrossGap, Some(e)) => format!(
             "NMSE {} against the oracle across {} recomputed stage(s)",
             sci(e.nmse),
@@ -285,6 +286,8 @@ fn run_facts(r: &Receipt) -> String {
             r.tokens.reference.len(),
             match (r.tokens.source, r.tokens.equal) {
                 (TokenSource::IdsGiven, _) => "given: both sides were fed these ids",
+                (TokenSource::NotTokenized, _) =>
+                    "none: the run stopped before the prompt was tokenized",
                 (TokenSource::CandidateHasNoTokenizer, _) =>
                     "not compared: the candidate has no tokenizer and was fed the reference's ids",
                 (_, true) => "each side tokenized the text; they agree",
@@ -470,6 +473,9 @@ fn first_divergence(r: &Receipt, d: &Divergence) -> String {
                 "side against side (the oracle could not recompute the stage)".to_string()
             }
             Measured::Tokens => "the prompt's token ids".to_string(),
+            Measured::Choice => {
+                "the tokens it chose, under the reference's logits on its own history".to_string()
+            }
         }),
     );
     if let Some(b) = &d.bound {

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+/// The largest prompt corpus read (`sweep --prompts`).
+pub const MAX_CORPUS_BYTES: u64 = 64 << 20;
+
 /// One prompt of a corpus.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CorpusPrompt {
@@ -63,7 +66,8 @@ struct JsonLine {
 impl Corpus {
     /// Reads `path` (see the module docs for the two forms).
     pub fn read(path: &Path) -> Result<Corpus, CorpusError> {
-        let bytes = std::fs::read(path).map_err(|e| CorpusError::Io(path.to_path_buf(), e))?;
+        let bytes = crate::input::read_bytes(path, MAX_CORPUS_BYTES, "prompt corpus")
+            .map_err(|e| CorpusError::Io(path.to_path_buf(), e))?;
         let text = String::from_utf8(bytes.clone()).map_err(|e| {
             let line = bytes[..e.utf8_error().valid_up_to()]
                 .iter()

@@ -28,7 +28,11 @@ pub use stats::{Distribution, KldSummary, StageDistribution};
 
 use crate::candidate::BuiltinCandidate;
 use crate::compare::{Blame, Policy};
+use crate::dump::capture::CaptureError;
+use crate::dump::map::DumpMap;
 use crate::engine::Fault;
+use crate::external::{self, CandidateCommand, ExternalError, ExternalRun};
+use crate::lockstep::offline::OfflineOptions;
 use crate::lockstep::{
     self, Measured, Mode, PositionLogits, Prompt, RunConfig, RunError, Session, StepRecord, Verdict,
 };
@@ -45,6 +49,8 @@ use std::time::Instant;
 pub const FORMAT: &str = "divergence-sweep";
 /// The version of the sweep file's layout.
 pub const SCHEMA_VERSION: u32 = 1;
+/// The largest sweep file (or shard) read.
+pub const MAX_SWEEP_BYTES: u64 = 256 << 20;
 
 /// A sweep file: what ran, the statistics, every prompt's raw results.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -65,6 +71,10 @@ pub struct Sweep {
     pub summary: SweepSummary,
     /// Per prompt, in corpus order.
     pub prompts: Vec<PromptResult>,
+    /// Stopped by Ctrl-C: `prompts` holds the prompts that finished (the
+    /// one running was dropped), not the whole corpus or shard.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
     /// Never part of the sweep's identity.
     pub volatile: SweepVolatile,
 }
@@ -98,6 +108,10 @@ pub struct SweepConfig {
     pub faults: Vec<Fault>,
     /// Where per-prompt receipts were written (none: not written).
     pub receipts_dir: Option<String>,
+    /// The external engine's command (`--candidate-cmd`), when the
+    /// candidate was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_cmd: Option<String>,
 }
 
 /// Both sides' builds.
@@ -250,6 +264,22 @@ pub struct SweepRequest {
     pub shard: Option<Shard>,
     /// Write one receipt per prompt here (`prompt-NNNN.json`).
     pub receipts_dir: Option<PathBuf>,
+    /// Set (by Ctrl-C): the prompt running stops after its current step
+    /// and is dropped, and the sweep ends with the prompts done.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// An external engine instead of ours (`--candidate-cmd`).
+    pub external: Option<SweepExternal>,
+}
+
+/// An external engine run for every prompt of a sweep.
+#[derive(Clone, Debug)]
+pub struct SweepExternal {
+    /// The command.
+    pub command: CandidateCommand,
+    /// Its dump read through this map.
+    pub map: Option<DumpMap>,
+    /// Both dumps of prompt i go to `prompt-NNNN/` in here.
+    pub dumps_dir: PathBuf,
 }
 
 /// Why a sweep or a merge could not happen: bad input (exit 2).
@@ -319,6 +349,12 @@ pub fn run(
     let mut volatile = SweepVolatile::default();
     let mut candidate_build = None;
     on_prompt(0, selected.len());
+    let cancelled = || {
+        req.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+    };
+    let mut interrupted = false;
     let record_of = |p: &CorpusPrompt| RunRecord {
         model_path: req.model.display().to_string(),
         prompt: p.prompt.clone(),
@@ -339,6 +375,7 @@ pub fn run(
         threads: req.threads,
         kv_type: req.kv_type,
         keep_going: true,
+        cancel: req.cancel.clone(),
         ..RunConfig::new(
             req.model.clone(),
             prompt.clone(),
@@ -358,6 +395,7 @@ pub fn run(
         .max()
         .unwrap_or(0);
     let mut session = match &session_cfg {
+        Some(_) if req.external.is_some() => None,
         Some(cfg) => match Session::open(cfg, &candidate, bound) {
             Ok(Ok(session)) => Some(session),
             Ok(Err(_)) | Err(_) => None,
@@ -365,13 +403,23 @@ pub fn run(
         None => None,
     };
     for (done, p) in selected.iter().enumerate() {
+        if cancelled() {
+            interrupted = true;
+            break;
+        }
         let t = Instant::now();
         let record = record_of(p);
-        let result = match session.as_mut() {
-            Some(session) => session.run_prompt(&p.prompt, t),
-            None => lockstep::run(&config_of(&p.prompt), &candidate),
+        let result = match (&req.external, session.as_mut()) {
+            (Some(ext), _) => external_prompt(req, ext, &policy, p, &worker_exe),
+            (None, Some(session)) => session.run_prompt(&p.prompt, t),
+            (None, None) => lockstep::run(&config_of(&p.prompt), &candidate),
         };
         let result = match result {
+            // Stopped part way: what it measured covers fewer positions.
+            Ok(outcome) if outcome.interrupted => {
+                interrupted = true;
+                break;
+            }
             Ok(mut outcome) => {
                 let positions = std::mem::take(&mut outcome.logit_positions);
                 if candidate_build.is_none() && !outcome.candidate.name.is_empty() {
@@ -433,6 +481,7 @@ pub fn run(
         policy,
         faults: req.faults.clone(),
         receipts_dir: req.receipts_dir.as_ref().map(|d| d.display().to_string()),
+        candidate_cmd: req.external.as_ref().map(|e| e.command.template.clone()),
     };
     Ok(Sweep {
         format: FORMAT.into(),
@@ -447,8 +496,44 @@ pub fn run(
         shard: req.shard,
         summary: SweepSummary::of(&prompts),
         prompts,
+        interrupted,
         volatile,
     })
+}
+
+/// One prompt through the external engine: the reference captured, the
+/// command run, its dump judged as `compare` judges.
+fn external_prompt(
+    req: &SweepRequest,
+    ext: &SweepExternal,
+    policy: &Policy,
+    p: &CorpusPrompt,
+    worker_exe: &Path,
+) -> Result<crate::lockstep::Outcome, RunError> {
+    let dir = ext.dumps_dir.join(format!("prompt-{:04}", p.index));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| RunError::Io(format!("creating {}: {e}", dir.display())))?;
+    let run = ExternalRun {
+        model: req.model.clone(),
+        prompt: p.prompt.clone(),
+        steps: req.steps,
+        threads: req.threads,
+        kv_type: req.kv_type,
+        map: ext.map.clone(),
+        options: OfflineOptions {
+            policy: policy.clone(),
+            keep_going: true,
+            model: None,
+            worker_exe: Some(worker_exe.to_path_buf()),
+        },
+        dir,
+    };
+    match external::judge(&ext.command, &run, worker_exe, None) {
+        Ok(judged) => Ok(judged.compared.outcome),
+        Err(ExternalError::Run(e)) => Err(e),
+        Err(ExternalError::Capture(CaptureError::Input(why))) => Err(RunError::Input(why)),
+        Err(ExternalError::Capture(e)) => Err(RunError::Io(format!("the reference: {e}"))),
+    }
 }
 
 fn now_unix() -> u64 {
@@ -591,6 +676,9 @@ impl Sweep {
         field("config", pretty(&self.config));
         field("builds", pretty(&self.builds));
         field("shard", pretty(&self.shard));
+        if self.interrupted {
+            field("interrupted", "true".into());
+        }
         field("summary", pretty(&self.summary));
         let prompts: Vec<String> = self
             .prompts
@@ -617,7 +705,7 @@ impl Sweep {
 
     /// Reads a sweep file, refusing anything else (a receipt, say).
     pub fn read(path: &Path) -> Result<Sweep, SweepError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::input::read_text(path, MAX_SWEEP_BYTES, "sweep file")
             .map_err(|e| SweepError::Io(format!("{}: {e}", path.display())))?;
         Self::parse(&text).map_err(|e| SweepError::Io(format!("{}: {e}", path.display())))
     }
@@ -696,7 +784,8 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
             ))
         }
     };
-    let mut seen = vec![None::<&str>; count];
+    // Keyed by the shards given, never sized by the count a file states.
+    let mut seen: BTreeMap<usize, &str> = BTreeMap::new();
     for (label, s) in &shards {
         let Some(shard) = s.shard else {
             return bad(format!("{label} is not a shard (it ran the whole corpus)"));
@@ -713,13 +802,19 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
                 "{label} is shard {shard}, {first_label} one of {count}: they split the corpus differently"
             ));
         }
+        if s.interrupted {
+            return bad(format!(
+                "{label} was interrupted (it holds {} prompts of its shard): run shard {shard} again",
+                s.prompts.len()
+            ));
+        }
         if s.config != first.config {
             return bad(format!(
                 "{label} and {first_label} are shards of different sweeps: {}",
                 config_difference(&first.config, &s.config)
             ));
         }
-        if let Some(other) = seen[shard.index - 1].replace(label) {
+        if let Some(other) = seen.insert(shard.index, label) {
             return bad(format!("shard {shard} is given twice: {other} and {label}"));
         }
         if let Some(p) = s.prompts.iter().find(|p| !shard.contains(p.index)) {
@@ -729,12 +824,22 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
             ));
         }
     }
-    let missing: Vec<String> = (1..=count)
-        .filter(|i| seen[i - 1].is_none())
-        .map(|i| format!("{i}/{count}"))
-        .collect();
-    if !missing.is_empty() {
-        return bad(format!("missing shard(s) {}", missing.join(", ")));
+    if seen.len() < count {
+        let shown: Vec<String> = (1..=count)
+            .filter(|i| !seen.contains_key(i))
+            .take(8)
+            .map(|i| format!("{i}/{count}"))
+            .collect();
+        let more = count - seen.len() - shown.len();
+        return bad(format!(
+            "{first_label} is one of {count} shards: missing shard(s) {}{}",
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
     }
     let mut prompts: Vec<PromptResult> = shards
         .iter()
@@ -742,13 +847,8 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
         .collect();
     prompts.sort_by_key(|p| p.index);
     let expected = first.config.corpus_prompts;
-    let complete =
-        prompts.len() == expected && prompts.iter().enumerate().all(|(i, p)| p.index == i);
-    if !complete {
-        return bad(format!(
-            "the shards hold {} prompts, the corpus has {expected}: a shard file is incomplete",
-            prompts.len()
-        ));
+    if let Some(problem) = incomplete(&prompts, expected) {
+        return bad(format!("{problem}: a shard file is incomplete or edited"));
     }
     let mut builds: Vec<SweepBuild> = Vec::new();
     let mut volatile = SweepVolatile {
@@ -781,8 +881,28 @@ pub fn merge(shards: Vec<(String, Sweep)>) -> Result<Sweep, SweepError> {
         shard: None,
         summary: SweepSummary::of(&prompts),
         prompts,
+        interrupted: false,
         volatile,
     })
+}
+
+/// What is wrong with merged prompts (sorted by index) that should be
+/// exactly prompts `0..expected`, in words: the first repeated, extra and
+/// missing prompt.
+fn incomplete(prompts: &[PromptResult], expected: usize) -> Option<String> {
+    let repeated = prompts
+        .windows(2)
+        .find(|w| w[0].index == w[1].index)
+        .map(|w| format!("prompt {} appears twice", w[0].index));
+    let extra = prompts
+        .iter()
+        .find(|p| p.index >= expected)
+        .map(|p| format!("prompt {} is past the corpus's {expected} prompts", p.index));
+    let missing = (0..expected)
+        .find(|i| prompts.binary_search_by_key(i, |p| p.index).is_err())
+        .map(|i| format!("prompt {i} is missing (no shard holds it)"));
+    let problems: Vec<String> = [repeated, extra, missing].into_iter().flatten().collect();
+    (!problems.is_empty()).then(|| problems.join(", "))
 }
 
 /// The first config field two shards disagree on, in words.

@@ -37,6 +37,22 @@ use std::str::FromStr;
 /// Chunks have their own PRNG streams, so bytes do not depend on threads.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// Limits on a synthetic model's shape: far above every real BitNet shape
+/// (2B-4T: n_embd 2560, n_ff 6912, 30 layers, 128256 tokens), far below
+/// what exhausts a machine.
+pub mod limits {
+    /// Widest `n_embd` (and most heads).
+    pub const N_EMBD: usize = 1 << 16;
+    /// Widest `n_ff`.
+    pub const N_FF: usize = 1 << 18;
+    /// Largest vocabulary.
+    pub const N_VOCAB: usize = 1 << 22;
+    /// Longest context.
+    pub const N_CTX: usize = 1 << 20;
+    /// The most tensor bytes one model may hold (the 2B-4T holds 1.2 GB).
+    pub const MODEL_BYTES: u64 = 16 << 30;
+}
+
 /// Named model shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Preset {
@@ -183,7 +199,11 @@ impl CopiedVocab {
             path: source.clone(),
             reason,
         };
-        let file = GgufFile::open(path).map_err(|e| bad(e.to_string()))?;
+        let file = GgufFile::open(path).map_err(|e| {
+            // The reader's message and its cause (`cannot read X: a FIFO, ...`).
+            let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+            bad(format!("{e}{}", cause.unwrap_or_default()))
+        })?;
         let keys: Vec<(String, MetaValue)> = file
             .metadata()
             .iter()
@@ -358,11 +378,60 @@ impl SynthConfig {
         self.n_embd / self.n_head.max(1)
     }
 
-    /// Checks that the shapes make a model both engines can run.
+    /// The bytes of the tensors this config makes (the file adds its
+    /// metadata): what [`generate`] holds in memory. Saturating, so a
+    /// hostile config cannot overflow it.
+    pub fn tensor_bytes(&self) -> u64 {
+        let n = |v: usize| v as u64;
+        let i2s = |a: usize, b: usize| n(a).saturating_mul(n(b)) / 4 + 32;
+        let kv = n(self.head_dim()).saturating_mul(n(self.n_head_kv)) as usize;
+        let embd = if self.embd_type == GgmlType::F32 {
+            4
+        } else {
+            2
+        };
+        let per_layer = i2s(self.n_embd, self.n_embd)
+            .saturating_mul(2)
+            .saturating_add(i2s(self.n_embd, kv).saturating_mul(2))
+            .saturating_add(i2s(self.n_embd, self.n_ff).saturating_mul(3))
+            .saturating_add(n(self.n_embd).saturating_mul(12))
+            .saturating_add(n(self.n_ff).saturating_mul(4));
+        let tables = if self.untied_output { 2 } else { 1 };
+        n(self.n_vocab)
+            .saturating_mul(n(self.n_embd))
+            .saturating_mul(embd)
+            .saturating_mul(tables)
+            .saturating_add(per_layer.saturating_mul(n(self.n_layer)))
+    }
+
+    /// Checks that the shapes make a model both engines can run, within
+    /// limits that every real BitNet shape is far below (checked before
+    /// anything is allocated: the model is built in memory).
     pub fn validate(&self) -> Result<(), SynthError> {
         let bad = |msg: String| Err(SynthError::InvalidConfig(msg));
         if !ARCHES.contains(&self.arch.as_str()) {
             return bad(format!("arch {:?} is not one of {ARCHES:?}", self.arch));
+        }
+        for (name, v, max) in [
+            ("n_embd", self.n_embd, limits::N_EMBD),
+            ("n_layer", self.n_layer, crate::model::MAX_LAYERS),
+            ("n_head", self.n_head, limits::N_EMBD),
+            ("n_head_kv", self.n_head_kv, limits::N_EMBD),
+            ("n_ff", self.n_ff, limits::N_FF),
+            ("n_vocab", self.n_vocab, limits::N_VOCAB),
+            ("n_ctx", self.n_ctx, limits::N_CTX),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is too large: at most {max}"));
+            }
+        }
+        let bytes = self.tensor_bytes();
+        if bytes > limits::MODEL_BYTES {
+            return bad(format!(
+                "the model would hold {:.1} GiB of tensors: at most {} GiB (it is built in memory)",
+                bytes as f64 / (1u64 << 30) as f64,
+                limits::MODEL_BYTES >> 30
+            ));
         }
         for (name, v) in [
             ("n_embd", self.n_embd),
@@ -568,6 +637,18 @@ pub fn generate(cfg: &SynthConfig) -> Result<GgufWriter, SynthError> {
 pub fn write_model(cfg: &SynthConfig, path: &Path) -> Result<(), SynthError> {
     generate(cfg)?
         .write_to(path)
+        .map_err(|source| SynthError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Makes a recorded model again (`verify`, from a receipt's recipe): written
+/// to `path` only when its bytes hash to `sha256`; on a mismatch nothing is
+/// left there.
+pub fn remake(cfg: &SynthConfig, path: &Path, sha256: &str) -> Result<(), SynthError> {
+    generate(cfg)?
+        .write_to_verified(path, sha256)
         .map_err(|source| SynthError::Io {
             path: path.to_path_buf(),
             source,

@@ -47,14 +47,14 @@ impl std::ops::Add for Reads {
 impl ReadProbe {
     /// Allocates and writes the buffer (untouched pages would all map to the
     /// kernel's one zero page, and the read would come from cache).
-    pub fn new(threads: usize) -> ReadProbe {
+    pub fn new(threads: usize, kernel: Kernel) -> ReadProbe {
         let words = (0..(READ_BYTES / 8) as u64)
             .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .collect();
         ReadProbe {
             words,
             threads: threads.max(1),
-            kernel: Kernel::detect(),
+            kernel,
         }
     }
 

@@ -2,7 +2,7 @@
 //! every other file is one instruction set, tested bit for bit against it.
 
 use crate::engine::kv_cache::{KvHead, KvRow};
-use crate::quant::act::{act_scale, quantize_row_i8_s, ActQuantVariant, ActRow};
+use crate::quant::act::{act_scale, act_scale_of_max, quantize_row_i8_s, ActQuantVariant, ActRow};
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
@@ -22,18 +22,62 @@ pub enum Isa {
 
 /// The instruction-set path an engine uses for its products: only ever one
 /// this CPU supports. The field is private, so safe code can only get a
-/// `Kernel` from [`Kernel::detect`], [`Kernel::available`], [`Kernel::get`]
-/// or [`Kernel::SCALAR`], all of which check the CPU; the SIMD calls inside
-/// rely on that.
+/// `Kernel` from [`Kernel::detect`], [`Kernel::fastest`], [`Kernel::named`],
+/// [`Kernel::available`], [`Kernel::get`] or [`Kernel::SCALAR`], all of
+/// which check the CPU; the SIMD calls inside rely on that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernel(Isa);
+
+/// The environment variable that forces a kernel path: `scalar`, `avx2` or
+/// `avx512` (also `avx512-vnni`). Unset or empty: the fastest this CPU has.
+/// A path the CPU cannot run is refused, never silently replaced.
+pub const KERNEL_ENV: &str = "DIVERGENCE_KERNEL";
+
+/// Why [`Kernel::detect`] refused the path [`KERNEL_ENV`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelChoiceError {
+    #[error("{KERNEL_ENV}={0:?} names no kernel path (known: scalar, avx2, avx512)")]
+    Unknown(String),
+    #[error("{KERNEL_ENV}={asked} asks for a kernel path this CPU cannot run: it lacks {lacks}")]
+    Unavailable { asked: String, lacks: String },
+}
 
 impl Kernel {
     /// The scalar specification: runs anywhere.
     pub const SCALAR: Kernel = Kernel(Isa::Scalar);
 
+    /// The kernel path to use: the one [`KERNEL_ENV`] names if it is set
+    /// (refused if unknown or if this CPU lacks its instructions), else
+    /// [`Kernel::fastest`].
+    pub fn detect() -> Result<Kernel, KernelChoiceError> {
+        match std::env::var(KERNEL_ENV) {
+            Ok(name) if !name.trim().is_empty() => Self::named(name.trim()),
+            _ => Ok(Self::fastest()),
+        }
+    }
+
+    /// Whether [`KERNEL_ENV`] chose the path [`Kernel::detect`] returns.
+    pub fn forced() -> bool {
+        std::env::var(KERNEL_ENV).is_ok_and(|v| !v.trim().is_empty())
+    }
+
+    /// The kernel path called `name` (`scalar`, `avx2`, `avx512` or
+    /// `avx512-vnni`), if this CPU can run it.
+    pub fn named(name: &str) -> Result<Kernel, KernelChoiceError> {
+        let isa = match name.to_ascii_lowercase().as_str() {
+            "scalar" => Isa::Scalar,
+            "avx2" => Isa::Avx2,
+            "avx512" | "avx512-vnni" => Isa::Avx512Vnni,
+            _ => return Err(KernelChoiceError::Unknown(name.to_string())),
+        };
+        Self::get(isa).ok_or_else(|| KernelChoiceError::Unavailable {
+            asked: name.to_string(),
+            lacks: missing_features(isa).join(", "),
+        })
+    }
+
     /// The fastest kernel this CPU supports.
-    pub fn detect() -> Kernel {
+    pub fn fastest() -> Kernel {
         *Self::available().last().unwrap_or(&Kernel::SCALAR)
     }
 
@@ -63,6 +107,7 @@ impl Kernel {
         self.0
     }
 
+    /// Its name as [`KERNEL_ENV`] and the receipts spell it.
     pub fn name(self) -> &'static str {
         match self.0 {
             Isa::Scalar => "scalar",
@@ -152,6 +197,20 @@ impl Kernel {
                 }
                 r += 4;
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.0 == Isa::Avx2 && n_tok > 1 && n & (scalar::DENSE_LANES - 1) == 0 {
+            // SAFETY: Avx2 is only selected when avx2::available() (AVX2 and
+            // F16C); rows are 2n bytes and tokens n values (checked above),
+            // n a multiple of 64.
+            unsafe { avx2::dot_f16_rows_tiled(n, rows, xs, out) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.0 == Isa::Avx2 && n_tok == 1 {
+            // SAFETY: as above; one token of n values.
+            unsafe { avx2::dot_f16_rows_one_token(rows, xs, out) };
+            return;
         }
         #[cfg(target_arch = "x86_64")]
         if self.0 == Isa::Avx512Vnni && n_tok == 1 {
@@ -247,19 +306,34 @@ impl Kernel {
     }
 
     /// [`quantize_row_i8_s`] on the fastest path this kernel's CPU has
-    /// (AVX-512 for the reference variant; the bug-zoo variants run the
+    /// (SIMD for the reference variant; the bug-zoo variants run the
     /// scalar function); always the same codes, scale and sum.
     pub fn quantize_row(self, x: &[f32], out: &mut [i8], variant: ActQuantVariant) -> ActRow {
         assert_eq!(x.len(), out.len());
-        #[cfg(target_arch = "x86_64")]
-        if self.0 == Isa::Avx512Vnni && variant == ActQuantVariant::REFERENCE {
-            let scale = act_scale(x, variant.scale_numerator);
-            // SAFETY: Avx512Vnni is only selected when avx512::available()
-            // (F/BW/VL included); lengths checked above.
-            let sum = unsafe { avx512::quantize_codes(x, scale, out) };
-            return ActRow { scale, sum };
+        if variant != ActQuantVariant::REFERENCE {
+            return quantize_row_i8_s(x, out, variant);
         }
-        quantize_row_i8_s(x, out, variant)
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                let scale = act_scale(x, variant.scale_numerator);
+                // SAFETY: Avx512Vnni is only selected when avx512::available()
+                // (F/BW/VL included); lengths checked above.
+                let sum = unsafe { avx512::quantize_codes(x, scale, out) };
+                ActRow { scale, sum }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 is only selected when avx2::available();
+                // lengths checked above.
+                let max = unsafe { avx2::abs_max(x) };
+                let scale = act_scale_of_max(max, variant.scale_numerator);
+                // SAFETY: as above.
+                let sum = unsafe { avx2::quantize_codes(x, scale, out) };
+                ActRow { scale, sum }
+            }
+            _ => quantize_row_i8_s(x, out, variant),
+        }
     }
 
     /// `out[(r - rows.start) * n_tok + t] = Σ code·q` for the packed rows
@@ -289,6 +363,34 @@ impl Kernel {
             _ => unreachable!("no SIMD kernels on this target"),
         }
     }
+}
+
+/// The CPU features `isa` needs that this CPU does not report.
+fn missing_features(isa: Isa) -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut lacks = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let needs: &[(&str, bool)] = &[
+            ("avx2", is_x86_feature_detected!("avx2")),
+            ("f16c", is_x86_feature_detected!("f16c")),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+            ("avx512bw", is_x86_feature_detected!("avx512bw")),
+            ("avx512vl", is_x86_feature_detected!("avx512vl")),
+            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+        ];
+        let wanted = match isa {
+            Isa::Scalar => 0,
+            Isa::Avx2 => 2,
+            Isa::Avx512Vnni => needs.len(),
+        };
+        lacks.extend(needs[..wanted].iter().filter(|n| !n.1).map(|n| n.0));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    if isa != Isa::Scalar {
+        lacks.push("x86-64");
+    }
+    lacks
 }
 
 #[cfg(test)]

@@ -30,9 +30,43 @@ impl ChatMessage {
     }
 }
 
+/// The work a template may do: minijinja charges one fuel per instruction
+/// and one per 64 bytes of data it makes, so this bounds its time (well
+/// under a second) and its memory (about 128 MB). A real template
+/// formatting one message uses a few thousand.
+pub const FUEL: u64 = 2_000_000;
+/// How deep macros and blocks may nest.
+pub const RECURSION_LIMIT: usize = 100;
+/// What a rendered prompt may add to its messages' text.
+pub const MAX_ADDED_BYTES: usize = 1 << 20;
+
+/// Why a chat template could not be rendered.
 #[derive(Debug, thiserror::Error)]
-#[error("chat template: {0:#}")]
-pub struct ChatError(#[from] minijinja::Error);
+pub enum ChatError {
+    /// The template is not valid Jinja, raised an exception, or broke a limit.
+    #[error("chat template: {}", describe(.0))]
+    Render(#[from] minijinja::Error),
+    /// The rendered prompt is larger than its messages allow.
+    #[error("chat template: the rendered prompt has {bytes} bytes: the limit is {limit} (the messages' {content} bytes plus {MAX_ADDED_BYTES})")]
+    TooLong {
+        /// The rendered prompt's size.
+        bytes: usize,
+        /// The messages' text.
+        content: usize,
+        /// The most it may have.
+        limit: usize,
+    },
+}
+
+/// A render error in words; running out of fuel names the limit.
+fn describe(e: &minijinja::Error) -> String {
+    match e.kind() {
+        ErrorKind::OutOfFuel => {
+            format!("stopped at its work limit ({FUEL} fuel: instructions and bytes made): {e:#}")
+        }
+        _ => format!("{e:#}"),
+    }
+}
 
 /// Renders `template` for `messages` as Hugging Face does.
 pub fn render_chat(
@@ -43,6 +77,8 @@ pub fn render_chat(
     eos_token: &str,
 ) -> Result<String, ChatError> {
     let mut env = Environment::new();
+    env.set_fuel(Some(FUEL));
+    env.set_recursion_limit(RECURSION_LIMIT);
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -65,6 +101,15 @@ pub fn render_chat(
             eos_token => eos_token,
         },
     )?;
+    let content: usize = messages.iter().map(|m| m.content.len()).sum();
+    let limit = content + MAX_ADDED_BYTES;
+    if rendered.len() > limit {
+        return Err(ChatError::TooLong {
+            bytes: rendered.len(),
+            content,
+            limit,
+        });
+    }
     Ok(rendered)
 }
 
@@ -94,5 +139,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("no system role"), "{err}");
+    }
+
+    #[test]
+    fn runaway_templates_stop_at_a_limit() {
+        for template in [
+            "{% set s = namespace(v='x') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "{% for i in range(20000) %}{{ 'abcdefghij' * 10 }}{% endfor %}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        ] {
+            let e = render_chat(template, &[ChatMessage::user("hi")], true, "", "").unwrap_err();
+            assert!(e.to_string().contains("limit"), "{template}: {e}");
+        }
     }
 }
