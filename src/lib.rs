@@ -49,6 +49,7 @@ pub mod outfile;
 #[doc(hidden)]
 pub mod quant;
 pub mod receipt;
+pub mod reduce;
 #[doc(hidden)]
 pub mod reference;
 pub mod report;

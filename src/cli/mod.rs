@@ -36,6 +36,7 @@ mod find;
 mod gen_model;
 mod inspect;
 mod interrupt;
+mod reduce;
 mod report;
 mod sweep;
 pub mod terminal;
@@ -105,6 +106,8 @@ enum Command {
     ExportTokenizer(export_tokenizer::Args),
     /// Render receipts (or a sweep) as one self-contained HTML file.
     Report(report::Args),
+    /// Shrink a receipt's divergence to the smallest model, prompt and run that still show it.
+    Reduce(reduce::Args),
     /// Run every prompt of a corpus in lockstep; KL and error statistics over them.
     Sweep(sweep::SweepArgs),
     /// Merge the shard files of one sweep into what the unsharded sweep writes.
@@ -179,6 +182,7 @@ pub fn main() -> ExitCode {
         Command::Tokens(a) => tokens::run(a),
         Command::ExportTokenizer(a) => export_tokenizer::run(a),
         Command::Report(a) => report::run(a),
+        Command::Reduce(a) => reduce::run(a),
         Command::Sweep(a) => sweep::sweep(a),
         Command::Merge(a) => sweep::merge(a),
         Command::ReferenceWorker => {
