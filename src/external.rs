@@ -28,7 +28,7 @@ use crate::dump::Dump;
 use crate::lockstep::offline::{compare_dumps, CandidateDump, Compared, OfflineOptions};
 use crate::lockstep::{Prompt, RunError};
 use crate::model::KvType;
-use std::io::Read;
+use crate::reference::worker::keep_tail;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -156,22 +156,13 @@ impl CandidateCommand {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| fail(format!("cannot start `{}`: {e}", argv[0]), None, &none))?;
-        let tail = Arc::new(Mutex::new(Vec::new()));
-        let reader = child.stderr.take().map(|mut stderr| {
-            let sink = Arc::clone(&tail);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stderr.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let mut t = sink.lock().unwrap_or_else(|p| p.into_inner());
-                    t.extend_from_slice(&buf[..n]);
-                    let excess = t.len().saturating_sub(STDERR_TAIL);
-                    t.drain(..excess);
-                }
-            })
-        });
+        let (tail, reader) = match child.stderr.take() {
+            Some(stderr) => {
+                let (tail, reader) = keep_tail(stderr, STDERR_TAIL);
+                (tail, Some(reader))
+            }
+            None => (Arc::new(Mutex::new(Vec::new())), None),
+        };
         let t0 = Instant::now();
         let status = loop {
             match child.try_wait() {

@@ -434,6 +434,29 @@ pub fn default_exe() -> Result<PathBuf, RefError> {
     })
 }
 
+/// Reads `stream` to its end on a thread of its own, keeping its last
+/// `limit` bytes (a child's stderr, for the report when it fails).
+pub(crate) fn keep_tail(
+    mut stream: impl Read + Send + 'static,
+    limit: usize,
+) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+    let tail = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&tail);
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut t = sink.lock().unwrap_or_else(|p| p.into_inner());
+            t.extend_from_slice(&buf[..n]);
+            let excess = t.len().saturating_sub(limit);
+            t.drain(..excess);
+        }
+    });
+    (tail, reader)
+}
+
 impl Worker {
     /// Starts the worker and loads the model into it (the `bitnet-b1.58`
     /// FFN as the model defines it: squared ReLU).
@@ -536,26 +559,13 @@ impl Worker {
         let mut child = command
             .spawn()
             .map_err(|e| RefError::Worker(format!("starting {}: {e}", exe.display())))?;
-        let (Some(stdin), Some(stdout), Some(mut stderr)) =
+        let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(RefError::Worker("child pipes missing".into()));
         };
         widen_pipe(&stdout);
-        let tail = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&tail);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut t = sink.lock().unwrap_or_else(|p| p.into_inner());
-                t.extend_from_slice(&buf[..n]);
-                let excess = t.len().saturating_sub(STDERR_TAIL);
-                t.drain(..excess);
-            }
-        });
+        let (tail, _reader) = keep_tail(stderr, STDERR_TAIL);
         let watch = Arc::new(Watch::default());
         {
             let (pid, watch) = (child.id(), Arc::clone(&watch));
