@@ -157,6 +157,8 @@ where
 pub struct BuiltinCandidate {
     /// Faults to inject (the bug zoo); empty in normal use.
     pub faults: Vec<Fault>,
+    /// The one layer the faults act in (`None`: everywhere).
+    pub fault_layer: Option<usize>,
     /// How I2_S dot products accumulate.
     pub i2s_mode: I2sMode,
 }
@@ -169,6 +171,7 @@ impl CandidateLoader for BuiltinCandidate {
             i2s_mode: self.i2s_mode,
             faults: self.faults.clone(),
             n_ctx: opts.n_ctx,
+            fault_layer: self.fault_layer,
         };
         let engine = match &opts.file {
             Some(file) => Engine::from_gguf(file.clone(), engine_opts)?,
@@ -199,13 +202,17 @@ impl Candidate for Engine {
                 String::new()
             } else {
                 format!(
-                    ", faults {}",
+                    ", faults {}{}",
                     self.options()
                         .faults
                         .iter()
                         .map(|f| f.name())
                         .collect::<Vec<_>>()
-                        .join(",")
+                        .join(","),
+                    self.options()
+                        .fault_layer
+                        .map(|l| format!(" in layer {l}"))
+                        .unwrap_or_default()
                 )
             }
         )

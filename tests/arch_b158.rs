@@ -111,6 +111,7 @@ fn record(model: &Path, tokens: Vec<u32>, mode: Mode, threads: usize, kv: KvType
         keep_going: false,
         faults: vec![],
         token_faults: vec![],
+        fault_layer: None,
         policy_path: None,
         chat: false,
         reference_ffn_act: FfnAct::Relu2,

@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         keep_going: false,
         faults: vec![],
         token_faults: vec![],
+        fault_layer: None,
         policy_path: None,
         chat: false,
         reference_ffn_act: Default::default(),

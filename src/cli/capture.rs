@@ -262,6 +262,7 @@ pub fn offline_receipt(
         keep_going,
         faults: vec![],
         token_faults: vec![],
+        fault_layer: None,
         policy_path: policy_path.map(|p| p.display().to_string()),
         chat: false,
         // `divergence capture` dumps the reference as the model defines it.

@@ -88,6 +88,10 @@ pub struct Args {
     /// Test-only: inject a candidate fault (the bug zoo).
     #[arg(long = "inject", hide = true, value_parser = parse_fault)]
     inject: Vec<Fault>,
+    /// Test-only: the one layer the --inject faults act in (default: every
+    /// layer, and the embeddings, final norm and logits).
+    #[arg(long = "inject-layer", hide = true, requires = "inject")]
+    inject_layer: Option<usize>,
     /// Test-only: inject a tokenizer fault (duplicate-bos).
     #[arg(long = "inject-token", hide = true, value_parser = parse_token_fault)]
     inject_token: Vec<TokenFault>,
@@ -145,6 +149,21 @@ pub fn run(args: Args) -> CliResult {
         (Some(p), None) => Prompt::Text(p.clone()),
         (None, None) => Prompt::Text("The quick brown fox".into()),
     };
+    if let Some(l) = args.inject_layer {
+        // A layer the model does not have would leave the faults acting
+        // nowhere: a clean run that looks like a result.
+        let n_layer = divergence::gguf::GgufFile::open(&model).ok().and_then(|f| {
+            let arch = f.get_str("general.architecture").ok()?.to_string();
+            f.get_u32(&format!("{arch}.block_count")).ok()
+        });
+        if let Some(n) = n_layer.filter(|&n| l >= n as usize) {
+            return Err(anyhow!(
+                "--inject-layer {l}: the model has {n} layer(s) (0 to {})",
+                n.saturating_sub(1)
+            )
+            .into());
+        }
+    }
     let record = RunRecord {
         model_path: model.display().to_string(),
         prompt,
@@ -154,6 +173,7 @@ pub fn run(args: Args) -> CliResult {
         kv_type: args.kv,
         keep_going: args.keep_going,
         faults: args.inject.clone(),
+        fault_layer: args.inject_layer,
         token_faults: args.inject_token.clone(),
         policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
         chat: args.chat,

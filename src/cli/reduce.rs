@@ -23,6 +23,11 @@ pub struct Args {
     /// Repeat every pass until a whole round takes nothing.
     #[arg(long)]
     keep_going: bool,
+    /// Run every attempt (the original's two checking runs included) at
+    /// this many threads instead of the receipt's; the threads are then
+    /// not reduced.
+    #[arg(long)]
+    threads: Option<usize>,
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
@@ -32,6 +37,10 @@ pub fn run(args: Args) -> CliResult {
     if args.budget_s.is_some_and(|b| !(b > 0.0 && b.is_finite())) {
         return Err(anyhow!("--budget-s must be a positive number of seconds").into());
     }
+    let threads = match args.threads {
+        Some(t) => Some(super::threads::bounded(t, "--threads")?),
+        None => None,
+    };
     let original =
         Receipt::read(&args.receipt).map_err(|e| anyhow!("{}: {e}", args.receipt.display()))?;
     // Ctrl-C (the shared handler): stop after the current attempt; what is
@@ -51,10 +60,10 @@ pub fn run(args: Args) -> CliResult {
             b.inc(1);
             b.set_message(format!(
                 "{} {}",
-                if a.judgement == Judgement::Fails {
-                    "taken"
-                } else {
-                    "not taken"
+                match a.judgement {
+                    Judgement::Fails => "taken",
+                    Judgement::Unresolved => "not taken",
+                    Judgement::Skipped => "skipped",
                 },
                 a.what
             ));
@@ -74,6 +83,7 @@ pub fn run(args: Args) -> CliResult {
         keep_going: args.keep_going,
         stop,
         on_attempt,
+        threads,
     };
     let summary = Reducer::new(original, opts, &mut runner)
         .and_then(Reducer::reduce)

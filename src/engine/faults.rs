@@ -141,18 +141,50 @@ impl FromStr for Fault {
     }
 }
 
-/// The set of active faults, as flags the forward pass can test cheaply.
+/// The set of active faults, as flags the forward pass can test cheaply,
+/// and the one layer they act in when a layer was chosen
+/// (`find --inject-layer`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FaultSet(u32);
+pub struct FaultSet {
+    bits: u32,
+    /// `Some(l)`: the faults act only in layer l (its forward pass and its
+    /// weights); everything outside the layers (config, embeddings, final
+    /// norm, logits) runs clean.
+    layer: Option<usize>,
+}
 
 impl FaultSet {
     pub fn new(faults: &[Fault]) -> Self {
-        FaultSet(faults.iter().fold(0, |acc, f| acc | (1 << *f as u32)))
+        FaultSet {
+            bits: faults.iter().fold(0, |acc, f| acc | (1 << *f as u32)),
+            layer: None,
+        }
+    }
+
+    /// The same faults, acting only in layer `layer` (`None`: everywhere).
+    pub fn only_in_layer(self, layer: Option<usize>) -> Self {
+        FaultSet { layer, ..self }
+    }
+
+    /// The faults that act in layer `l`.
+    pub fn in_layer(self, l: usize) -> Self {
+        match self.layer {
+            Some(only) if only != l => FaultSet::default(),
+            _ => self,
+        }
+    }
+
+    /// The faults that act outside the layers.
+    pub fn outside_layers(self) -> Self {
+        match self.layer {
+            Some(_) => FaultSet::default(),
+            None => self,
+        }
     }
 
     #[inline(always)]
     pub fn has(self, fault: Fault) -> bool {
-        self.0 & (1 << fault as u32) != 0
+        self.bits & (1 << fault as u32) != 0
     }
 }
 
@@ -167,5 +199,16 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", f.name()));
             assert_eq!(f.name().parse::<Fault>().unwrap(), f);
         }
+    }
+
+    #[test]
+    fn a_chosen_layer_confines_the_faults() {
+        let all = FaultSet::new(&[Fault::MissingRowSum]);
+        assert!(all.in_layer(5).has(Fault::MissingRowSum));
+        assert!(all.outside_layers().has(Fault::MissingRowSum));
+        let at3 = all.only_in_layer(Some(3));
+        assert!(at3.in_layer(3).has(Fault::MissingRowSum));
+        assert!(!at3.in_layer(2).has(Fault::MissingRowSum));
+        assert!(!at3.outside_layers().has(Fault::MissingRowSum));
     }
 }

@@ -62,26 +62,28 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
     let (file, config, weights, kv): (&GgufFile, &ModelConfig, &_, &KvCache) =
         (file, config, weights, kv);
     with_team(opts.threads, |team| {
-        let cx = Compute {
+        let with_faults = |faults: FaultSet| Compute {
             file,
             config,
             team,
             kernel: *kernel,
             wrap: opts.i2s_mode == I2sMode::ReferenceWrap,
-            faults: *faults,
+            faults,
             heads: Heads {
                 config,
-                faults: *faults,
+                faults,
                 kv_f16: opts.kv_type == KvType::F16,
                 kernel: *kernel,
             },
         };
+        // The faults of a chosen layer (`--inject-layer`) act only there.
+        let cx = with_faults(faults.outside_layers());
         let (t, e) = (tokens.len(), config.n_embd);
 
         let mut x = cx.embedding(&weights.token_embd, tokens);
         sink.stage(None, Stage::TokEmbd, &[t, e], &mut x);
         for (l, w) in weights.layers.iter().enumerate() {
-            x = cx.layer(l, w, kv, *n_past, x, sink);
+            x = with_faults(faults.in_layer(l)).layer(l, w, kv, *n_past, x, sink);
         }
         let mut out = cx.rms_norm(&x, e, cx.eps(), &weights.output_norm);
         sink.stage(None, Stage::ResultNorm, &[t, e], &mut out);

@@ -60,6 +60,9 @@ pub struct EngineOptions {
     pub faults: Vec<Fault>,
     /// KV capacity in positions; 0 means min(model context, 4096).
     pub n_ctx: usize,
+    /// The one layer the faults act in (`None`: everywhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_layer: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -70,6 +73,7 @@ impl Default for EngineOptions {
             i2s_mode: I2sMode::Exact,
             faults: Vec::new(),
             n_ctx: 0,
+            fault_layer: None,
         }
     }
 }
@@ -159,9 +163,9 @@ impl Engine {
     }
 
     pub fn from_gguf(file: Arc<GgufFile>, opts: EngineOptions) -> Result<Engine, EngineError> {
-        let faults = FaultSet::new(&opts.faults);
+        let faults = FaultSet::new(&opts.faults).only_in_layer(opts.fault_layer);
         let kernel = Kernel::detect()?;
-        let config = ModelConfig::from_gguf_with(&file, faults)?;
+        let config = ModelConfig::from_gguf_with(&file, faults.outside_layers())?;
         let weights = Weights::from_gguf_with(&file, &config, faults, opts.i2s_mode)?;
         if opts.threads == 0 {
             return Err(EngineError::Options("threads must be at least 1".into()));

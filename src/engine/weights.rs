@@ -191,6 +191,8 @@ impl Weights {
         mode: I2sMode,
     ) -> Result<Weights, EngineError> {
         let token_embd = dense(file, TOKEN_EMBD, c.n_embd, c.n_vocab)?;
+        let all_faults = faults;
+        let faults = all_faults.outside_layers();
         let output = if c.tied_output || faults.has(Fault::LogitsWrongMatrix) {
             token_embd.clone()
         } else {
@@ -204,6 +206,7 @@ impl Weights {
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for l in 0..c.n_layer {
+            let faults = all_faults.in_layer(l);
             let norm = |n: Norm| f32_vec(file, &n.name(l), n.len(c));
             let sub = |n: Norm| -> Result<Option<Vec<f32>>, EngineError> {
                 if c.arch.has_sub_norms() {

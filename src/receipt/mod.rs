@@ -128,6 +128,10 @@ pub struct RunRecord {
     pub keep_going: bool,
     /// Faults injected into the built-in candidate (the bug zoo).
     pub faults: Vec<Fault>,
+    /// The one layer the injected faults act in (`find --inject-layer`;
+    /// absent: every layer, and outside them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_layer: Option<usize>,
     /// Tokenizer-path faults (the bug zoo).
     pub token_faults: Vec<TokenFault>,
     /// A policy file given with --policy, else the built-in one.
@@ -215,6 +219,7 @@ impl Receipt {
     ) -> Result<Receipt, RunError> {
         let builtin = BuiltinCandidate {
             faults: record.faults.clone(),
+            fault_layer: record.fault_layer,
             ..BuiltinCandidate::default()
         };
         Self::run_with(record, &builtin, worker_exe, progress, cancel)
@@ -246,6 +251,7 @@ impl Receipt {
     ) -> Result<Receipt, RunError> {
         let builtin = BuiltinCandidate {
             faults: self.run.faults.clone(),
+            fault_layer: self.run.fault_layer,
             ..BuiltinCandidate::default()
         };
         Self::run_with_policy(

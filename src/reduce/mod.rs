@@ -105,6 +105,8 @@ pub enum Judgement {
     Fails,
     /// Anything else: not taken.
     Unresolved,
+    /// Not tried, for the reason logged (the reduction does not apply).
+    Skipped,
 }
 
 /// Judges one run against the signature to keep.
@@ -125,12 +127,16 @@ pub fn judge(want: &Signature, run: &Result<Receipt, String>) -> (Judgement, Str
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelSpec {
-    /// The original file; with `keep_layers`, rewritten without the layers from there on.
+    /// The original file; with `keep_layers` or `drop_first`, rewritten
+    /// with only the layers `drop_first..keep_layers` (renumbered from 0).
     File {
         /// The original file.
         path: String,
-        /// Layers kept (all: `None`).
+        /// The end of the layers kept, in the original's numbering (all: `None`).
         keep_layers: Option<usize>,
+        /// Layers removed before the divergence's layer.
+        #[serde(default)]
+        drop_first: usize,
     },
     /// A synthetic model made from this recipe.
     Recipe(SynthConfig),
@@ -157,9 +163,13 @@ impl Candidate {
     fn n_layer(&self, original: &Receipt) -> Option<usize> {
         match &self.model {
             ModelSpec::Recipe(cfg) => Some(cfg.n_layer),
-            ModelSpec::File { keep_layers, .. } => {
-                keep_layers.or(original.model.file.as_ref().map(|f| f.n_layer))
-            }
+            ModelSpec::File {
+                keep_layers,
+                drop_first,
+                ..
+            } => keep_layers
+                .or(original.model.file.as_ref().map(|f| f.n_layer))
+                .map(|end| end.saturating_sub(*drop_first)),
         }
     }
 
@@ -227,6 +237,9 @@ pub struct Options {
     pub stop: Arc<AtomicBool>,
     /// Called after each attempt (the progress bar).
     pub on_attempt: Option<OnAttempt>,
+    /// Every run (the original's two included) at this many threads,
+    /// instead of the receipt's; the threads are then not reduced.
+    pub threads: Option<usize>,
 }
 
 /// Called after each attempt.
@@ -280,6 +293,8 @@ pub struct Reducer<'a> {
     started: Instant,
     stopped: Option<String>,
     min_good: Option<PathBuf>,
+    /// Reductions logged as skipped (each once).
+    skipped: Vec<String>,
 }
 
 const LOG: &str = "attempts.jsonl";
@@ -305,6 +320,17 @@ impl<'a> Reducer<'a> {
                 original.verdict
             ))
         })?;
+        if let Some(cmd) = original
+            .offline
+            .as_ref()
+            .and_then(|o| o.candidate_cmd.as_ref())
+        {
+            return Err(ReduceError::BadInput(format!(
+                "a receipt of `find --candidate-cmd` ({cmd}): reduce reruns only the built-in \
+                 candidate, not an external command; reduce by hand with `find --candidate-cmd` \
+                 on a smaller model or prompt, or reduce a receipt of the built-in engine"
+            )));
+        }
         if original.offline.is_some() {
             return Err(ReduceError::BadInput(
                 "an offline comparison of two dumps: reduce the lockstep receipt of `find` instead"
@@ -313,10 +339,13 @@ impl<'a> Reducer<'a> {
         }
         std::fs::create_dir_all(&opts.dir).map_err(|e| io_err("creating", &opts.dir, e))?;
         let model = ModelSpec::from_receipt(&original)?;
-        let best = Candidate {
+        let mut best = Candidate {
             model,
             record: original.run.clone(),
         };
+        if let Some(t) = opts.threads {
+            best.record.threads = t;
+        }
         let log_path = opts.dir.join(LOG);
         let done = read_log(&log_path);
         let log = std::fs::OpenOptions::new()
@@ -338,6 +367,7 @@ impl<'a> Reducer<'a> {
             started: Instant::now(),
             stopped: None,
             min_good: None,
+            skipped: Vec::new(),
         };
         r.check_deterministic()?;
         Ok(r)
@@ -409,6 +439,7 @@ impl<'a> Reducer<'a> {
             let before = self.taken;
             self.pass_steps()?;
             self.pass_layers()?;
+            self.pass_layers_before()?;
             self.pass_prompt_as_ids()?;
             self.pass_vocab()?;
             self.pass_prompt()?;
@@ -453,6 +484,40 @@ impl<'a> Reducer<'a> {
         Ok(())
     }
 
+    /// A divergence at layer L > 0: the layers before it removed, so the
+    /// failing layer becomes layer 0. It then reads the prompt's embeddings
+    /// instead of what the layers before it made, so whether the failure
+    /// survives is the test's to say (in resync each stage is judged on its
+    /// own inputs, so a bug born in that layer usually does). A fault
+    /// injected into one layer (`--inject-layer`) moves with it; first all
+    /// L layers, else all but the one just before.
+    fn pass_layers_before(&mut self) -> Result<(), ReduceError> {
+        let (Some(layer), Some(n)) = (self.div().layer, self.best.n_layer(&self.original)) else {
+            return Ok(());
+        };
+        if layer == 0 || layer >= n {
+            return Ok(());
+        }
+        for drop in [layer, layer - 1] {
+            if drop == 0 {
+                break;
+            }
+            let Some(c) = self.best.without_first_layers(drop) else {
+                continue;
+            };
+            if self.attempt(
+                &format!(
+                    "layers {n} -> {}: the {drop} before layer {layer} removed",
+                    n - drop
+                ),
+                c,
+            )? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn pass_prompt_as_ids(&mut self) -> Result<(), ReduceError> {
         if self.best.prompt_ids().is_some() || self.best.record.chat {
             return Ok(());
@@ -467,32 +532,85 @@ impl<'a> Reducer<'a> {
         Ok(())
     }
 
+    /// The vocabulary down to the synthetic one's base, or the largest id
+    /// the prompt uses. A real vocabulary (`gen-model --vocab`) is replaced
+    /// by a synthetic one only when the prompt is ids (the real tokenizer
+    /// is then no longer needed to run the case, and the synthetic one
+    /// still tokenizes); a file without a recipe keeps its vocabulary, with
+    /// the reason logged.
     fn pass_vocab(&mut self) -> Result<(), ReduceError> {
         let d = self.div();
         if matches!(d.stage, Stage::TokEmbd | Stage::Logits) || d.measured == Measured::Tokens {
             return Ok(());
         }
-        let ModelSpec::Recipe(cfg) = &self.best.model else {
-            return Ok(());
+        let cfg = match &self.best.model {
+            ModelSpec::Recipe(cfg) => cfg.clone(),
+            ModelSpec::File { .. } => {
+                return self.skip(
+                    "vocabulary",
+                    "a file without a recipe keeps its vocabulary: keeping only the rows the \
+                     prompt uses would mean remapping ids and rewriting the tokenizer's tokens, \
+                     scores, types, merges and special ids consistently (not implemented)",
+                );
+            }
         };
-        if cfg.vocab_source.is_some() {
-            return Ok(());
-        }
         let Some(ids) = self.best.prompt_ids() else {
-            return Ok(());
+            return self.skip(
+                "vocabulary",
+                "the prompt is text (a chat prompt): its ids depend on the vocabulary",
+            );
         };
         let min = synth::VocabKind::of_arch(&cfg.arch).min_vocab();
         let used = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
         let target = min.max(used);
-        if target < cfg.n_vocab {
+        let from = cfg.n_vocab;
+        if let Some(src) = &cfg.vocab_source {
+            if target >= from {
+                return Ok(());
+            }
             let mut c = self.best.clone();
-            let from = cfg.n_vocab;
+            if let ModelSpec::Recipe(cfg) = &mut c.model {
+                cfg.vocab_source = None;
+                cfg.vocab = None;
+                cfg.n_vocab = target;
+            }
+            let what = format!(
+                "vocabulary: the real one of {} ({from} tokens) -> a synthetic one of {target} \
+                 (the prompt is ids; the synthetic tokenizer still works, but spells them differently)",
+                src.path
+            );
+            self.attempt(&what, c)?;
+            return Ok(());
+        }
+        if target < from {
+            let mut c = self.best.clone();
             if let ModelSpec::Recipe(cfg) = &mut c.model {
                 cfg.n_vocab = target;
             }
             self.attempt(&format!("vocabulary {from} -> {target} tokens"), c)?;
         }
         Ok(())
+    }
+
+    /// Logs a reduction that does not apply, and why (once per reduction).
+    fn skip(&mut self, what: &str, reason: &str) -> Result<(), ReduceError> {
+        let key = format!("skip:{what}:{reason}");
+        if self.skipped.contains(&key) {
+            return Ok(());
+        }
+        self.skipped.push(key);
+        self.append(Attempt {
+            n: self.n,
+            what: what.to_string(),
+            key: String::new(),
+            judgement: Judgement::Skipped,
+            reason: reason.to_string(),
+            verdict: None,
+            step: None,
+            layer: None,
+            seconds: 0.0,
+            resumed: false,
+        })
     }
 
     /// ddmin over the prompt's ids, then each id replaced by one fixed id.
@@ -552,7 +670,7 @@ impl<'a> Reducer<'a> {
     }
 
     fn pass_run_settings(&mut self) -> Result<(), ReduceError> {
-        if self.best.record.threads != 1 {
+        if self.best.record.threads != 1 && self.opts.threads.is_none() {
             let mut c = self.best.clone();
             c.record.threads = 1;
             self.attempt(&format!("threads {} -> 1", self.best.record.threads), c)?;
@@ -773,12 +891,15 @@ impl<'a> Reducer<'a> {
             ModelSpec::File {
                 path,
                 keep_layers: None,
+                drop_first: 0,
             } => Ok(PathBuf::from(path)),
             ModelSpec::File {
                 path,
-                keep_layers: Some(n),
+                keep_layers,
+                drop_first,
             } => {
-                without_layers(Path::new(path), &out, *n)?;
+                let end = keep_layers.unwrap_or(usize::MAX);
+                layer_range(Path::new(path), &out, *drop_first, end)?;
                 Ok(out)
             }
             ModelSpec::Recipe(cfg) => {
@@ -889,18 +1010,55 @@ impl ModelSpec {
         Ok(ModelSpec::File {
             path: abs(path).display().to_string(),
             keep_layers: None,
+            drop_first: 0,
         })
     }
 }
 
 impl Candidate {
+    /// The first `n` layers (of what is kept now).
     fn with_layers(&self, n: usize) -> Candidate {
         let mut c = self.clone();
         match &mut c.model {
             ModelSpec::Recipe(cfg) => cfg.n_layer = n,
-            ModelSpec::File { keep_layers, .. } => *keep_layers = Some(n),
+            ModelSpec::File {
+                keep_layers,
+                drop_first,
+                ..
+            } => *keep_layers = Some(*drop_first + n),
         }
         c
+    }
+
+    /// Without the first `drop` layers (of what is kept now); an injected
+    /// fault's layer moves with them. `None` when that would remove the
+    /// fault's layer or every layer.
+    fn without_first_layers(&self, drop: usize) -> Option<Candidate> {
+        let mut c = self.clone();
+        if let Some(fl) = c.record.fault_layer {
+            c.record.fault_layer = Some(fl.checked_sub(drop)?);
+        }
+        match &mut c.model {
+            ModelSpec::Recipe(cfg) => {
+                if cfg.n_layer <= drop {
+                    return None;
+                }
+                // Made again: the layers left are new random weights of
+                // the same shape (the test decides whether that matters).
+                cfg.n_layer -= drop;
+            }
+            ModelSpec::File {
+                keep_layers,
+                drop_first,
+                ..
+            } => {
+                if keep_layers.is_some_and(|end| end <= *drop_first + drop) {
+                    return None;
+                }
+                *drop_first += drop;
+            }
+        }
+        Some(c)
     }
 }
 
@@ -987,6 +1145,10 @@ fn write_repro(dir: &Path, record: &RunRecord, model: &Path) -> Result<(), Reduc
         cmd.push("--inject".into());
         cmd.push(f.to_string());
     }
+    if let Some(l) = record.fault_layer {
+        cmd.push("--inject-layer".into());
+        cmd.push(l.to_string());
+    }
     for f in &record.token_faults {
         cmd.push("--inject-token".into());
         cmd.push(
@@ -1020,15 +1182,35 @@ fn shell(s: &str) -> String {
 /// updated, every `blk.N.*` tensor with N ≥ keep dropped, everything else
 /// (the tokenizer, a recipe aside) copied as is.
 pub fn without_layers(src: &Path, dst: &Path, keep: usize) -> Result<(), ReduceError> {
+    layer_range(src, dst, 0, keep)
+}
+
+/// Writes `src` with only its layers `from..to` (`to` past the last: up
+/// to the last), renumbered from 0: `<arch>.block_count` updated,
+/// `blk.N.*` renamed to `blk.(N - from).*`, the other tensors and the
+/// metadata (the tokenizer; a recipe aside) copied as is.
+pub fn layer_range(src: &Path, dst: &Path, from: usize, to: usize) -> Result<(), ReduceError> {
     let f = GgufFile::open(src)
         .map_err(|e| ReduceError::BadInput(format!("{}: {e}", src.display())))?;
     let arch = f
         .get_str("general.architecture")
         .map_err(|e| ReduceError::BadInput(format!("{}: {e}", src.display())))?
         .to_string();
+    let count_key = format!("{arch}.block_count");
+    let n_layer = f
+        .get_u32(&count_key)
+        .map_err(|e| ReduceError::BadInput(format!("{}: {e}", src.display())))?
+        as usize;
+    let to = to.min(n_layer);
+    if from >= to {
+        return Err(ReduceError::BadInput(format!(
+            "{}: layers {from}..{to} of {n_layer}: none left",
+            src.display()
+        )));
+    }
+    let keep = to - from;
     let mut w = GgufWriter::new();
     w.set_alignment(f.alignment());
-    let count_key = format!("{arch}.block_count");
     for (k, v) in f.metadata() {
         if k == synth::RECIPE_KEY {
             continue; // no longer what the recipe makes
@@ -1045,10 +1227,15 @@ pub fn without_layers(src: &Path, dst: &Path, keep: usize) -> Result<(), ReduceE
             .strip_prefix("blk.")
             .and_then(|r| r.split('.').next())
             .and_then(|n| n.parse::<usize>().ok());
-        if layer.is_some_and(|l| l >= keep) {
-            continue;
-        }
-        w.add_tensor(&t.name, &t.dims, t.ty, f.tensor_data(t).to_vec());
+        let name = match layer {
+            Some(l) if l < from || l >= to => continue,
+            Some(l) => match t.name["blk.".len()..].split_once('.') {
+                Some((_, rest)) => format!("blk.{}.{rest}", l - from),
+                None => format!("blk.{}", l - from),
+            },
+            None => t.name.clone(),
+        };
+        w.add_tensor(&name, &t.dims, t.ty, f.tensor_data(t).to_vec());
     }
     w.write_to(dst).map_err(|e| io_err("writing", dst, e))
 }

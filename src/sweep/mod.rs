@@ -365,6 +365,7 @@ pub fn run(
         keep_going: true,
         faults: req.faults.clone(),
         token_faults: vec![],
+        fault_layer: None,
         policy_path: req.policy_path.as_ref().map(|p| p.display().to_string()),
         chat: false,
         reference_ffn_act: Default::default(),
