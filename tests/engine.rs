@@ -786,6 +786,7 @@ fn engine_and_options_are_thread_safe_plain_data() {
         i2s_mode: I2sMode::ReferenceWrap,
         faults: vec![Fault::GqaModulo, Fault::I2sCodeOffByOne],
         n_ctx: 64,
+        ffn_act: Some(divergence::FfnAct::Silu),
     };
     let json = serde_json::to_string(&o).unwrap();
     assert!(

@@ -40,6 +40,7 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
         faults: vec![],
         token_faults: vec![],
         reference_ffn_act: Default::default(),
+        ffn_act: None,
         policy_path: None,
         chat: false,
     };
@@ -194,6 +195,7 @@ fn free_run_32_steps_top1_agrees_at_every_position() {
         faults: vec![],
         token_faults: vec![],
         reference_ffn_act: Default::default(),
+        ffn_act: None,
         policy_path: Some(policy_path.display().to_string()),
         chat: false,
     };

@@ -23,7 +23,7 @@ pub(crate) mod team;
 pub mod tokenizer;
 pub mod weights;
 
-pub use crate::model::{Arch, KvType, ModelConfig};
+pub use crate::model::{Arch, FfnAct, KvType, ModelConfig};
 pub use faults::{Fault, FaultSet};
 
 pub use kernels::Kernel;
@@ -60,6 +60,9 @@ pub struct EngineOptions {
     pub faults: Vec<Fault>,
     /// KV capacity in positions; 0 means min(model context, 4096).
     pub n_ctx: usize,
+    /// The FFN activation to run instead of the arch's own (`--ffn-act`);
+    /// `None` in normal use.
+    pub ffn_act: Option<FfnAct>,
 }
 
 impl Default for EngineOptions {
@@ -70,6 +73,7 @@ impl Default for EngineOptions {
             i2s_mode: I2sMode::Exact,
             faults: Vec::new(),
             n_ctx: 0,
+            ffn_act: None,
         }
     }
 }
@@ -78,7 +82,7 @@ impl Default for EngineOptions {
 pub enum EngineError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("unknown architecture `{0}` (known: bitnet, bitnet-b1.58, llama)")]
+    #[error("unknown architecture `{0}` (known: bitnet, bitnet-b1.58, bitnet-25, llama)")]
     UnknownArch(String),
     #[error("missing metadata key `{0}`")]
     MissingKey(String),
