@@ -32,11 +32,13 @@ void divergence_i2s_matvec(const uint8_t * w, int64_t n_in, int64_t n_out, const
 // and no scalar fallback).
 int divergence_kernel_available(void);
 
-// Defined in llama.cpp by vendor/patches/04-arch-bitnet-b1.58.patch, not in
-// shim.c: nonzero makes arch bitnet-b1.58's FFN SiLU instead of squared ReLU
-// (upstream bitnet.cpp's current bug, BitNet issues #588/#602). Read when a
-// graph is built: set it before creating contexts.
-void divergence_set_ffn_act_silu(int silu);
+// Defined in llama.cpp by vendor/patches/06-arch-bitnet-25-and-ffn-act.patch,
+// not in shim.c: the FFN activation of arches bitnet, bitnet-b1.58 and
+// bitnet-25. 0: each arch's own (bitnet SiLU, the others squared ReLU);
+// 1: SiLU (upstream bitnet.cpp's bitnet-b1.58 bug, BitNet issues #588/#602);
+// 2: squared ReLU. Read when a graph is built: set it before creating
+// contexts.
+void divergence_set_ffn_act(int act);
 
 // Defined in llama.cpp by vendor/patches/05-keep-captured-tensors.patch: the
 // graphs built from now on keep the tensors with these base names (every

@@ -16,7 +16,7 @@
 
 use crate::engine::tokenizer::chat::{render_chat, ChatMessage};
 use crate::engine::{Engine, EngineOptions, Fault, I2sMode};
-use crate::model::{KvType, ModelConfig};
+use crate::model::{FfnAct, KvType, ModelConfig};
 use crate::trace::TraceSink;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -76,6 +76,10 @@ pub struct LoadOptions {
     /// file in the process instead of one per engine (resident memory counts
     /// every mapping's pages).
     pub file: Option<std::sync::Arc<crate::gguf::GgufFile>>,
+    /// The FFN activation the run forces instead of the arch's own
+    /// (`--ffn-act`; `None`: as the arch defines it). The reference and the
+    /// oracle run it too, so an engine that ignores it is judged against it.
+    pub ffn_act: Option<FfnAct>,
 }
 
 /// An engine under test.
@@ -172,6 +176,7 @@ impl CandidateLoader for BuiltinCandidate {
             faults: self.faults.clone(),
             n_ctx: opts.n_ctx,
             fault_layer: self.fault_layer,
+            ffn_act: opts.ffn_act,
         };
         let engine = match &opts.file {
             Some(file) => Engine::from_gguf(file.clone(), engine_opts)?,
@@ -188,7 +193,7 @@ impl Candidate for Engine {
 
     fn build(&self) -> String {
         format!(
-            "divergence {}, kernel {}{}, I2_S {:?}, {} thread(s){}",
+            "divergence {}, kernel {}{}, I2_S {:?}, {} thread(s){}{}",
             env!("CARGO_PKG_VERSION"),
             self.kernel_name(),
             if self.kernel_forced() {
@@ -198,6 +203,10 @@ impl Candidate for Engine {
             },
             self.options().i2s_mode,
             self.options().threads,
+            match self.options().ffn_act {
+                Some(act) => format!(", FFN {} (forced)", act.name()),
+                None => String::new(),
+            },
             if self.options().faults.is_empty() {
                 String::new()
             } else {

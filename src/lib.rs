@@ -58,4 +58,4 @@ pub mod sweep;
 pub mod synth;
 pub mod trace;
 
-pub use model::{Arch, KvType, ModelConfig};
+pub use model::{Arch, FfnAct, KvType, ModelConfig};

@@ -21,6 +21,11 @@ pub enum Arch {
     /// `bitnet-b1.58` (BitNet-b1.58-2B-4T): squared-ReLU gated FFN, GQA, sub norms, NEOX RoPE.
     #[serde(rename = "bitnet-b1.58")]
     Bitnet158,
+    /// `bitnet-25`: BitNet-b1.58-2B-4T under the name ik_llama.cpp and
+    /// other engines give it; computes as `bitnet-b1.58`, its metadata keys
+    /// are `bitnet-25.*`.
+    #[serde(rename = "bitnet-25")]
+    Bitnet25,
     /// `llama` with I2_S projections: SiLU gated FFN, no sub norms, NORM RoPE.
     #[serde(rename = "llama")]
     Llama,
@@ -32,6 +37,7 @@ impl Arch {
         match name {
             "bitnet" => Some(Arch::Bitnet),
             "bitnet-b1.58" => Some(Arch::Bitnet158),
+            "bitnet-25" => Some(Arch::Bitnet25),
             "llama" => Some(Arch::Llama),
             _ => None,
         }
@@ -42,6 +48,7 @@ impl Arch {
         match self {
             Arch::Bitnet => "bitnet",
             Arch::Bitnet158 => "bitnet-b1.58",
+            Arch::Bitnet25 => "bitnet-25",
             Arch::Llama => "llama",
         }
     }
@@ -58,7 +65,49 @@ impl Arch {
 
     /// The gated FFN's activation: squared ReLU for 2B-4T, SiLU otherwise.
     pub fn ffn_relu2(self) -> bool {
-        matches!(self, Arch::Bitnet158)
+        self.ffn_act() == FfnAct::Relu2
+    }
+
+    /// The gated FFN's activation as the arch defines it: squared ReLU for
+    /// 2B-4T (`bitnet-b1.58`, `bitnet-25`), SiLU otherwise.
+    pub fn ffn_act(self) -> FfnAct {
+        match self {
+            Arch::Bitnet158 | Arch::Bitnet25 => FfnAct::Relu2,
+            Arch::Bitnet | Arch::Llama => FfnAct::Silu,
+        }
+    }
+
+    /// Whether a run may force another FFN activation on the arch
+    /// (`--ffn-act`): the bitnet arches, whose reference graphs take the
+    /// switch (our patch 06); `llama` is a control and keeps SiLU.
+    pub fn ffn_act_overridable(self) -> bool {
+        !matches!(self, Arch::Llama)
+    }
+}
+
+/// The gated FFN's activation, `act(gate) · up`. A run can force one on
+/// both engines and the oracle (`--ffn-act`), or on the reference alone
+/// (`--reference-ffn-act silu`, upstream bitnet.cpp's bug for
+/// `bitnet-b1.58`, BitNet issues #588, #602).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnAct {
+    /// relu(gate)²: BitNet-b1.58-2B-4T's activation.
+    #[default]
+    Relu2,
+    /// silu(gate): bitnet_b1_58-large's and -3B's, and llama's.
+    Silu,
+}
+
+impl FfnAct {
+    /// `relu2` or `silu`, as the command line and receipts spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnAct::Relu2 => "relu2",
+            FfnAct::Silu => "silu",
+        }
     }
 }
 

@@ -15,7 +15,11 @@
 //!   with the cause;
 //! - `gen-model` writes the published 2B-4T layout, bitnet.cpp loads and
 //!   tokenizes its synthetic gpt2 vocab, `--vocab` copies a tokenizer, and
-//!   `inspect` says which pre-tokenizer bitnet.cpp will use.
+//!   `inspect` says which pre-tokenizer bitnet.cpp will use;
+//! - the arch names in the wild (our patch `06-arch-bitnet-25-and-ffn-act.patch`):
+//!   a `bitnet-25` copy of a 2B-4T-layout model is clean in both modes, and a
+//!   `bitnet` file with the 2B-4T shape is warned about and runs clean with
+//!   `--ffn-act relu2` in both engines and the oracle.
 //!
 //! Receipts: `scripts/regen-receipts.sh` writes the ones compared here.
 
@@ -115,6 +119,7 @@ fn record(model: &Path, tokens: Vec<u32>, mode: Mode, threads: usize, kv: KvType
         policy_path: None,
         chat: false,
         reference_ffn_act: FfnAct::Relu2,
+        ffn_act: None,
     }
 }
 
@@ -340,7 +345,8 @@ fn the_silu_switch_changes_only_the_activation_node() {
         n_batch: 32,
     };
     let names = |act: FfnAct| -> Vec<String> {
-        let mut w = Worker::start_with(&exe(), &path, &opts, CaptureFilter::all(), act).unwrap();
+        let mut w =
+            Worker::start_with(&exe(), &path, &opts, CaptureFilter::all(), Some(act)).unwrap();
         let (_, nodes, _) = w.decode(&prompt_ids(cfg.n_vocab), 0).unwrap();
         nodes
             .into_iter()
@@ -1150,4 +1156,347 @@ fn a_bitnet_file_shaped_like_2b4t_is_warned_about() {
         ]);
         assert_eq!(log.contains("trained with squared ReLU"), warned, "{log}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Arch names in the wild: `bitnet-25`, and 2B-4T converted as `bitnet`
+
+/// `gqa4()` under the arch name ik_llama.cpp gives 2B-4T: the same tensors
+/// and metadata values, keys `bitnet-25.*`.
+fn gqa4_bitnet25() -> SynthConfig {
+    SynthConfig {
+        arch: "bitnet-25".into(),
+        ..gqa4()
+    }
+}
+
+/// A `bitnet` file with the 2B-4T shape (GQA, theta 500000, tied output),
+/// as upstream llama.cpp's converter writes BitNet-b1.58-2B-4T (`gen-model
+/// --preset tiny --rope-theta 500000 --seed 1`).
+fn tiny_bitnet_shaped_like_2b4t() -> SynthConfig {
+    SynthConfig {
+        rope_theta: 500_000.0,
+        seed: 1,
+        ..SynthConfig::preset(Preset::Tiny)
+    }
+}
+
+fn find_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(exe())
+        .arg("find")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn log_of(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn gen_model_writes_a_bitnet_25_copy_of_the_2b4t_layout_with_its_own_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b25.gguf");
+    let out = std::process::Command::new(exe())
+        .args([
+            "gen-model",
+            "--preset",
+            "tiny",
+            "--arch",
+            "bitnet-25",
+            "--n-embd",
+            "384",
+            "--n-layer",
+            "3",
+            "--n-head",
+            "12",
+            "--n-head-kv",
+            "3",
+            "--n-ff",
+            "512",
+            "--n-vocab",
+            "1024",
+            "--rope-theta",
+            "500000",
+            "--embd-type",
+            "f32",
+            "--seed",
+            "1",
+            "-o",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", log_of(&out));
+    // The same bytes as the library writes for the recipe.
+    let lib = write(dir.path(), "lib", &gqa4_bitnet25());
+    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&lib).unwrap());
+
+    let b25 = GgufFile::open(&path).unwrap();
+    let b158 = GgufFile::open(&write(dir.path(), "b158", &gqa4())).unwrap();
+    assert_eq!(b25.get_str("general.architecture").unwrap(), "bitnet-25");
+    // Every `bitnet-b1.58.*` key of the published layout, renamed, with its value.
+    let arch_keys: Vec<&String> = b158
+        .metadata()
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("bitnet-b1.58."))
+        .collect();
+    assert_eq!(arch_keys.len(), 10, "{arch_keys:?}");
+    for k in arch_keys {
+        let renamed = k.replace("bitnet-b1.58.", "bitnet-25.");
+        assert_eq!(b25.get(&renamed), b158.get(k), "{renamed}");
+    }
+    assert!(b25
+        .metadata()
+        .iter()
+        .all(|(k, _)| !k.starts_with("bitnet-b1.58.")));
+    // The same tensors, byte for byte.
+    assert_eq!(b25.tensors().len(), b158.tensors().len());
+    for t in b158.tensors() {
+        let u = b25.tensor(&t.name).expect("same tensor names");
+        assert_eq!(b25.tensor_data(u), b158.tensor_data(t), "{}", t.name);
+    }
+}
+
+#[test]
+fn a_bitnet_25_copy_of_a_2b4t_layout_model_is_clean_in_both_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = gqa4_bitnet25();
+    let m = write(dir.path(), "b25", &cfg);
+    for mode in [Mode::Resync, Mode::Free] {
+        let r = run(&record(&m, prompt_ids(cfg.n_vocab), mode, 1, KvType::F16));
+        let what = format!("bitnet-25 {mode:?}");
+        common::assert_clean(&r, &what);
+        // Each of the three read it as bitnet-25: our engine, the oracle,
+        // bitnet.cpp (its model description starts with the arch name).
+        assert_eq!(
+            r.model.config.as_ref().map(|c| c.arch),
+            Some(divergence::Arch::Bitnet25),
+            "{what}"
+        );
+        assert_eq!(
+            r.model.file.as_ref().map(|f| f.arch.as_str()),
+            Some("bitnet-25")
+        );
+        assert!(
+            r.model.reference_description.starts_with("bitnet-25"),
+            "{}",
+            r.model.reference_description
+        );
+        assert!(r.config_check.is_empty(), "{:?}", r.config_check);
+        assert!(r.to_json().contains("\"arch\": \"bitnet-25\""));
+    }
+}
+
+/// The activation switch reaches arch `bitnet`'s graph: with relu2 forced
+/// its FFN is the RELU then the `ffn_relu_sqr` SQR of the 2B-4T graph, and
+/// nothing else changes.
+#[test]
+fn the_relu2_switch_on_arch_bitnet_changes_only_the_activation_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_bitnet_shaped_like_2b4t();
+    let path = write(dir.path(), "shaped", &cfg);
+    let opts = ContextOptions {
+        threads: 1,
+        kv_type: KvType::F16,
+        n_ctx: 32,
+        n_batch: 32,
+    };
+    let names = |act: Option<FfnAct>| -> Vec<String> {
+        let mut w = Worker::start_with(&exe(), &path, &opts, CaptureFilter::all(), act).unwrap();
+        let (_, nodes, _) = w.decode(&[1, 300, 301, 302], 0).unwrap();
+        nodes
+            .into_iter()
+            .map(|n| format!("{} [{}]", n.name, n.op))
+            .filter(|n| !n.starts_with("node_"))
+            .collect()
+    };
+    let (own, silu, relu2) = (
+        names(None),
+        names(Some(FfnAct::Silu)),
+        names(Some(FfnAct::Relu2)),
+    );
+    assert!(own.contains(&"ffn_silu-0 [UNARY]".to_string()), "{own:?}");
+    assert_eq!(own, silu, "SiLU is arch bitnet's own");
+    assert!(
+        relu2.contains(&"ffn_relu_sqr-1 [SQR]".to_string()),
+        "{relu2:?}"
+    );
+    let swapped: Vec<String> = relu2
+        .iter()
+        .map(|n| {
+            n.replace("ffn_relu_sqr", "ffn_silu")
+                .replace("[SQR]", "[UNARY]")
+        })
+        .collect();
+    assert_eq!(swapped, own);
+}
+
+/// 2B-4T converted as arch `bitnet`: warned about without `--ffn-act`;
+/// with `--ffn-act relu2` both engines and the oracle run squared ReLU and
+/// the run is clean in both modes (a side that kept SiLU would be blamed at
+/// ffn_act); with the reference alone kept at SiLU, as upstream runs the
+/// arch, the reference is blamed there.
+#[test]
+fn a_bitnet_file_shaped_like_2b4t_runs_clean_with_ffn_act_relu2() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(dir.path(), "shaped", &tiny_bitnet_shaped_like_2b4t());
+    let receipt = dir.path().join("r.json");
+    let base = [
+        "--model",
+        m.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--receipt",
+        receipt.to_str().unwrap(),
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        find_cli(&args)
+    };
+
+    let out = with(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", log_of(&out));
+    assert!(log_of(&out).contains("trained with squared ReLU"));
+    let r = Receipt::read(&receipt).unwrap();
+    assert_eq!(r.run.ffn_act, None);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&receipt).unwrap()).unwrap();
+    assert!(json["run"].get("ffn_act").is_none(), "{}", json["run"]);
+
+    for mode in ["resync", "free"] {
+        let out = with(&["--ffn-act", "relu2", "--mode", mode]);
+        let log = log_of(&out);
+        assert_eq!(out.status.code(), Some(0), "{mode}: {log}");
+        assert!(
+            log.contains("FFN activation relu2 in both engines"),
+            "{log}"
+        );
+        assert!(log.contains("This run forces --ffn-act relu2"), "{log}");
+        let r = Receipt::read(&receipt).unwrap();
+        common::assert_clean(&r, &format!("shaped bitnet --ffn-act relu2 {mode}"));
+        assert_eq!(r.run.ffn_act, Some(FfnAct::Relu2));
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["run"]["ffn_act"], "relu2");
+        assert!(
+            r.candidate.build.contains("FFN relu2 (forced)"),
+            "{}",
+            r.candidate.build
+        );
+        assert!(r.coverage.unmapped_reference_nodes.is_empty());
+    }
+
+    let out = with(&["--ffn-act", "relu2", "--reference-ffn-act", "silu"]);
+    assert_eq!(out.status.code(), Some(1), "{}", log_of(&out));
+    let r = Receipt::read(&receipt).unwrap();
+    let d = r.first_divergence.expect("a divergence");
+    assert_eq!(
+        (d.stage, d.layer, d.step, d.blame.blame),
+        (Stage::FfnAct, Some(0), 0, Blame::Reference)
+    );
+}
+
+#[test]
+fn ffn_act_silu_judges_bitnet_b158_with_silu_on_every_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_b158();
+    let m = write(dir.path(), "tiny", &cfg);
+    let mut rec = record(&m, prompt_ids(cfg.n_vocab), Mode::Resync, 1, KvType::F16);
+    rec.steps = 2;
+    rec.ffn_act = Some(FfnAct::Silu);
+    let r = run(&rec);
+    assert_clean(&r, "tiny b1.58 --ffn-act silu");
+    // The same run through the zoo's fault (squared ReLU in the candidate)
+    // is the candidate's divergence: the oracle follows --ffn-act.
+    let faulty = Receipt::run(
+        &RunRecord {
+            faults: vec![divergence::engine::Fault::WrongFfnAct],
+            ..rec
+        },
+        exe(),
+        None,
+        None,
+    )
+    .unwrap();
+    let d = faulty.first_divergence.expect("a divergence");
+    assert_eq!(
+        (d.stage, d.layer, d.step, d.blame.blame),
+        (Stage::FfnAct, Some(0), 0, Blame::Candidate)
+    );
+}
+
+#[test]
+fn ffn_act_usage_errors_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = write(
+        dir.path(),
+        "llama",
+        &SynthConfig {
+            arch: "llama".into(),
+            seed: 1,
+            ..SynthConfig::preset(Preset::Tiny)
+        },
+    );
+    let shaped = write(dir.path(), "shaped", &tiny_bitnet_shaped_like_2b4t());
+    let receipt = dir.path().join("r.json");
+    let receipt = receipt.to_str().unwrap();
+    for (model, extra, says) in [
+        (
+            &llama,
+            vec!["--ffn-act", "relu2"],
+            "arch llama keeps its SiLU",
+        ),
+        (
+            &shaped,
+            vec!["--ffn-act", "silu", "--reference-ffn-act", "silu"],
+            "this run forces SiLU",
+        ),
+        (
+            &shaped,
+            vec!["--ffn-act", "relu2", "--candidate-cmd", "true {out}"],
+            "cannot be used with",
+        ),
+        (&shaped, vec!["--ffn-act", "gelu"], "gelu"),
+    ] {
+        let mut args = vec!["--model", model.to_str().unwrap(), "--receipt", receipt];
+        args.extend(extra.iter().copied());
+        let out = find_cli(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", log_of(&out));
+        assert!(log_of(&out).contains(says), "{extra:?}: {}", log_of(&out));
+    }
+}
+
+#[test]
+fn sweep_takes_ffn_act_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(dir.path(), "shaped", &tiny_bitnet_shaped_like_2b4t());
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "The quick brown fox\nWhat is 2+2?\n").unwrap();
+    let out_path = dir.path().join("sweep.json");
+    let out = std::process::Command::new(exe())
+        .args([
+            "sweep",
+            "-q",
+            "--steps",
+            "1",
+            "--ffn-act",
+            "relu2",
+            "--model",
+        ])
+        .arg(&m)
+        .arg("--prompts")
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", log_of(&out));
+    let sweep = divergence::sweep::Sweep::read(&out_path).unwrap();
+    assert_eq!(sweep.config.ffn_act, Some(FfnAct::Relu2));
 }

@@ -111,6 +111,7 @@ fn find(path: &Path, prompt: &Prompt, mode: Mode, kv: KvType, threads: usize) ->
         policy_path: None,
         chat: false,
         reference_ffn_act: Default::default(),
+        ffn_act: None,
     };
     Receipt::run(&record, PathBuf::from(EXE), None, None).unwrap()
 }
@@ -174,6 +175,7 @@ fn through_dumps(dir: &Path, path: &Path, tokens: &[u32], kv: KvType, worst: &mu
                 policy_path: None,
                 chat: false,
                 reference_ffn_act: Default::default(),
+                ffn_act: None,
             },
             String::new(),
             Policy::default_policy(),

@@ -31,7 +31,7 @@ fn the_documented_stage_table_is_the_codes() {
         assert_eq!(row[0], format!("`{}`", stage.name()), "order and names");
         assert_eq!(row[1], stage.layout(), "{stage}: layout");
         let arches: Vec<&str> = row[2].split(", ").collect();
-        for arch in [Arch::Bitnet, Arch::Bitnet158, Arch::Llama] {
+        for arch in [Arch::Bitnet, Arch::Bitnet158, Arch::Bitnet25, Arch::Llama] {
             assert_eq!(
                 arches.contains(&arch.name()),
                 stage.in_arch(arch),

@@ -787,6 +787,7 @@ fn engine_and_options_are_thread_safe_plain_data() {
         faults: vec![Fault::GqaModulo, Fault::I2sCodeOffByOne],
         n_ctx: 64,
         fault_layer: Some(1),
+        ffn_act: Some(divergence::FfnAct::Silu),
     };
     let json = serde_json::to_string(&o).unwrap();
     assert!(

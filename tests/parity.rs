@@ -41,6 +41,7 @@ fn run(model: &Path, mode: Mode, threads: usize, kv: KvType, steps: usize) -> Re
         token_faults: vec![],
         fault_layer: None,
         reference_ffn_act: Default::default(),
+        ffn_act: None,
         policy_path: None,
         chat: false,
     };
@@ -196,6 +197,7 @@ fn free_run_32_steps_top1_agrees_at_every_position() {
         token_faults: vec![],
         fault_layer: None,
         reference_ffn_act: Default::default(),
+        ffn_act: None,
         policy_path: Some(policy_path.display().to_string()),
         chat: false,
     };

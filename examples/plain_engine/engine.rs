@@ -10,7 +10,7 @@
 use divergence::candidate::{Candidate, CandidateError, KvSemantics, LoadOptions};
 use divergence::gguf::{GgmlType, GgufFile};
 use divergence::trace::{Stage, TraceSink};
-use divergence::{Arch, KvType, ModelConfig};
+use divergence::{Arch, FfnAct, KvType, ModelConfig};
 use half::f16;
 
 /// Bugs the broken variant can carry (a test proves each is localised).
@@ -62,6 +62,8 @@ pub struct PlainEngine {
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
     kv_f16: bool,
+    /// relu(gate)² rather than silu(gate): the arch's, or the run's `--ffn-act`.
+    ffn_relu2: bool,
     bug: Bug,
 }
 
@@ -125,12 +127,8 @@ impl PlainEngine {
             .get_str("general.architecture")
             .map_err(err)?
             .to_string();
-        let arch = match arch_name.as_str() {
-            "bitnet" => Arch::Bitnet,
-            "bitnet-b1.58" => Arch::Bitnet158,
-            "llama" => Arch::Llama,
-            other => return Err(err(format!("unknown arch {other}"))),
-        };
+        let arch =
+            Arch::from_name(&arch_name).ok_or_else(|| err(format!("unknown arch {arch_name}")))?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let int = |k: &str| file.get_u32(&key(k)).map(|v| v as usize).map_err(err);
         let n_embd = int("embedding_length")?;
@@ -199,6 +197,7 @@ impl PlainEngine {
             k_cache: vec![Vec::new(); config.n_layer],
             v_cache: vec![Vec::new(); config.n_layer],
             kv_f16: opts.kv_type == KvType::F16,
+            ffn_relu2: opts.ffn_act.unwrap_or(config.arch.ffn_act()) == FfnAct::Relu2,
             layers,
             config,
             bug,
@@ -401,7 +400,7 @@ impl PlainEngine {
         sink.stage(at, Stage::FfnNorm, &[t, e], &mut cur);
         let mut gate = linear(&w.gate, &cur);
         sink.stage(at, Stage::FfnGate, &[t, f], &mut gate);
-        let mut act: Vec<f32> = if c.arch == Arch::Bitnet158 {
+        let mut act: Vec<f32> = if self.ffn_relu2 {
             gate.iter().map(|&g| g.max(0.0) * g.max(0.0)).collect()
         } else {
             gate.iter().map(|&g| g / (1.0 + (-g).exp())).collect()

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         policy_path: None,
         chat: false,
         reference_ffn_act: Default::default(),
+        ffn_act: None,
     };
     let loader = |opts: &LoadOptions| -> Result<Box<dyn Candidate>, CandidateError> {
         Ok(Box::new(PlainEngine::load(opts, bug)?))

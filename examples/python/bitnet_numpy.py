@@ -207,7 +207,7 @@ class Engine:
     def __init__(self, path, kv_f16, bug, bug_layer=None, rope_style="ggml", ffn_act="auto"):
         g = Gguf(path)
         arch = g.meta["general.architecture"]
-        if arch not in ("bitnet", "bitnet-b1.58", "llama"):
+        if arch not in ("bitnet", "bitnet-b1.58", "bitnet-25", "llama"):
             raise SystemExit(f"arch {arch} is not supported")
         k = lambda s: g.meta[f"{arch}.{s}"]
         self.arch, self.kv_f16, self.bug = arch, kv_f16, bug
@@ -302,7 +302,7 @@ class Engine:
             emit(l, "ffn_norm", cur)
             gate = linear(*w["gate"][:2], cur, w["gate"][2], num)
             emit(l, "ffn_gate", gate)
-            if self.ffn_act == "relu2" or (self.ffn_act == "auto" and self.arch == "bitnet-b1.58"):
+            if self.ffn_act == "relu2" or (self.ffn_act == "auto" and self.arch in ("bitnet-b1.58", "bitnet-25")):
                 act = (np.maximum(gate, 0) ** 2).astype(np.float32)
             else:
                 act = (gate / (np.float32(1) + np.exp(-gate))).astype(np.float32)
@@ -342,7 +342,7 @@ def main():
     ap.add_argument("--bug-layer", type=int, default=None, help="plant the bug in this layer only")
     ap.add_argument("--rope-style", choices=["ggml", "hf"], default="ggml")
     ap.add_argument("--ffn-act", choices=["auto", "relu2", "silu"], default="auto",
-                    help="the FFN activation: auto as the arch defines it (bitnet-b1.58: squared ReLU; bitnet, llama: SiLU)")
+                    help="the FFN activation: auto as the arch defines it (bitnet-b1.58, bitnet-25: squared ReLU; bitnet, llama: SiLU)")
     ap.add_argument("--stages", default="all",
                     help="comma-separated stages to write (default all; none: tokens only)")
     ap.add_argument("--last-logits", action="store_true", help="write only the last position's logits")

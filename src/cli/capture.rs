@@ -267,6 +267,7 @@ pub fn offline_receipt(
         chat: false,
         // `divergence capture` dumps the reference as the model defines it.
         reference_ffn_act: Default::default(),
+        ffn_act: None,
     };
     offline.model_given = compared.model.is_some();
     offline.note = if offline.model_given {

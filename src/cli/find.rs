@@ -53,11 +53,23 @@ pub struct Args {
     /// Also write the receipt's HTML report here.
     #[arg(long)]
     html: Option<PathBuf>,
-    /// The reference's FFN activation on arch bitnet-b1.58: relu2 as the
-    /// model is defined, or silu, which upstream bitnet.cpp runs today
-    /// (BitNet issues #588, #602). A usage error on other arches.
-    #[arg(long, value_enum, default_value = "relu2")]
+    /// The reference's own FFN activation: silu runs upstream bitnet.cpp's
+    /// bug for arch bitnet-b1.58 (BitNet issues #588, #602) while the
+    /// candidate and the oracle keep squared ReLU; relu2 (the default)
+    /// leaves the reference as the run is. silu is a usage error where the
+    /// run is SiLU already.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "relu2",
+        conflicts_with = "candidate_cmd"
+    )]
     reference_ffn_act: FfnAct,
+    /// The FFN activation of both engines and the oracle instead of the
+    /// arch's own (arches bitnet, bitnet-b1.58, bitnet-25): relu2 judges a
+    /// BitNet-b1.58-2B-4T converted as arch bitnet as the model it is.
+    #[arg(long, value_enum, conflicts_with = "candidate_cmd")]
+    ffn_act: Option<FfnAct>,
     /// Record every divergence instead of stopping at the first.
     #[arg(long)]
     keep_going: bool,
@@ -178,6 +190,7 @@ pub fn run(args: Args) -> CliResult {
         policy_path: args.policy.as_ref().map(|p| p.display().to_string()),
         chat: args.chat,
         reference_ffn_act: args.reference_ffn_act,
+        ffn_act: args.ffn_act,
     };
     let show_progress = !super::quiet() && !args.json && std::io::stderr().is_terminal();
     let receipt = match &args.candidate_cmd {
@@ -372,9 +385,15 @@ pub fn print_summary(r: &Receipt, path: &Path) {
         r.run.kv_type,
         r.policy.name
     );
+    if let Some(act) = r.run.ffn_act {
+        outln!(
+            "        FFN activation {} in both engines and the oracle (--ffn-act, instead of the arch's own)",
+            act.name()
+        );
+    }
     if r.run.reference_ffn_act != FfnAct::default() {
         outln!(
-            "        reference FFN activation {} (--reference-ffn-act: upstream bitnet.cpp's bitnet-b1.58 bug, on demand)",
+            "        reference FFN activation {} (--reference-ffn-act: the reference alone, as upstream runs it; bitnet.cpp's bitnet-b1.58 bug)",
             r.run.reference_ffn_act.name()
         );
     }

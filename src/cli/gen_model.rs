@@ -25,7 +25,8 @@ pub struct Args {
     /// Model shape to start from; every other option overrides one field.
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     preset: Preset,
-    /// Architecture: bitnet, bitnet-b1.58 or llama.
+    /// Architecture: bitnet, bitnet-b1.58, bitnet-25 (2B-4T under the name
+    /// ik_llama.cpp gives it: the bitnet-b1.58 layout, keys `bitnet-25.*`) or llama.
     #[arg(long)]
     arch: Option<String>,
     #[arg(long)]
@@ -61,7 +62,7 @@ pub struct Args {
     untied_output: Option<bool>,
     /// Copy the tokenizer (every `tokenizer.*` key) of another GGUF file,
     /// e.g. llama.cpp's vocab-only ggml-vocab-llama-bpe.gguf; n_vocab becomes
-    /// its token count. Arch bitnet-b1.58 drops its `tokenizer.ggml.pre`, as
+    /// its token count. Arches bitnet-b1.58 and bitnet-25 drop its `tokenizer.ggml.pre`, as
     /// the published 2B-4T file has none.
     #[arg(long, value_name = "FILE.gguf")]
     vocab: Option<PathBuf>,

@@ -9,6 +9,7 @@ use divergence::dump::map::DumpMap;
 use divergence::engine::Fault;
 use divergence::external::CandidateCommand;
 use divergence::lockstep::Mode;
+use divergence::model::FfnAct;
 use divergence::report::html::{layer_name, pct, sci};
 use divergence::sweep::{self, Shard, Sweep, SweepError, SweepExternal, SweepRequest};
 use divergence::KvType;
@@ -48,6 +49,10 @@ pub struct SweepArgs {
     /// Also write one receipt per prompt into this folder (prompt-NNNN.json).
     #[arg(long)]
     receipts: Option<PathBuf>,
+    /// The FFN activation of both engines and the oracle instead of the
+    /// arch's own (see `find --ffn-act`).
+    #[arg(long, value_enum, conflicts_with = "candidate_cmd")]
+    ffn_act: Option<FfnAct>,
     /// Run the candidate as this command for every prompt (see `find
     /// --candidate-cmd`): it writes a dump to {out}; placeholders {model}
     /// {tokens} {steps} {kv} {threads} {prompt}. Runs are free.
@@ -128,6 +133,7 @@ pub fn sweep(args: SweepArgs) -> CliResult {
         faults: args.inject,
         shard: args.shard,
         receipts_dir: args.receipts,
+        ffn_act: args.ffn_act,
         cancel: Some(interrupt::flag()),
         external,
     };

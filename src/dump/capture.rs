@@ -181,6 +181,7 @@ pub fn capture_candidate(
             kv_type: cfg.kv_type,
             n_ctx,
             file: None,
+            ffn_act: None,
         })
         .map_err(|e| CaptureError::Candidate(e.to_string()))?;
     let mut batch = match &cfg.prompt {

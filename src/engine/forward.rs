@@ -9,7 +9,7 @@ use super::kv_cache::{KvCache, KvHead};
 use super::ops;
 use super::team::{with_team, Team, CHUNKS_PER_MEMBER};
 use super::weights::{DenseMatrix, I2sMatrix, LayerWeights};
-use super::{Engine, I2sMode, KvType, ModelConfig};
+use super::{Engine, FfnAct, I2sMode, KvType, ModelConfig};
 use crate::gguf::GgufFile;
 use crate::quant::act::{ActQuantVariant, ActRow};
 use crate::trace::{Stage, TraceSink};
@@ -25,6 +25,8 @@ pub(crate) struct Compute<'a, 't> {
     pub wrap: bool,
     pub faults: FaultSet,
     pub heads: Heads<'a>,
+    /// The FFN runs relu(gate)² rather than silu(gate).
+    pub ffn_relu2: bool,
 }
 
 /// Rows of activations quantized for an I2_S product ([T, n] codes and
@@ -75,6 +77,10 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
                 kv_f16: opts.kv_type == KvType::F16,
                 kernel: *kernel,
             },
+            // The arch's activation, or the one the run forces; the zoo's
+            // fault swaps whichever it is.
+            ffn_relu2: (opts.ffn_act.unwrap_or(config.arch.ffn_act()) == FfnAct::Relu2)
+                != faults.has(Fault::WrongFfnAct),
         };
         // The faults of a chosen layer (`--inject-layer`) act only there.
         let cx = with_faults(faults.outside_layers());
@@ -210,14 +216,10 @@ impl<'a> Compute<'a, '_> {
         }
     }
 
-    fn ffn_relu2(&self) -> bool {
-        self.config.arch.ffn_relu2() != self.faults.has(Fault::WrongFfnAct)
-    }
-
     /// The FFN activation (SiLU or squared ReLU) element-wise, split across
     /// the team (SiLU's exp is the costly part of the serial work).
     fn ffn_act(&self, gate: &[f32]) -> Vec<f32> {
-        let act: fn(&[f32]) -> Vec<f32> = if self.ffn_relu2() {
+        let act: fn(&[f32]) -> Vec<f32> = if self.ffn_relu2 {
             ops::relu2
         } else {
             ops::silu

@@ -23,7 +23,7 @@ pub(crate) mod team;
 pub mod tokenizer;
 pub mod weights;
 
-pub use crate::model::{Arch, KvType, ModelConfig};
+pub use crate::model::{Arch, FfnAct, KvType, ModelConfig};
 pub use faults::{Fault, FaultSet};
 
 pub use kernels::Kernel;
@@ -63,6 +63,9 @@ pub struct EngineOptions {
     /// The one layer the faults act in (`None`: everywhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault_layer: Option<usize>,
+    /// The FFN activation to run instead of the arch's own (`--ffn-act`);
+    /// `None` in normal use.
+    pub ffn_act: Option<FfnAct>,
 }
 
 impl Default for EngineOptions {
@@ -74,6 +77,7 @@ impl Default for EngineOptions {
             faults: Vec::new(),
             n_ctx: 0,
             fault_layer: None,
+            ffn_act: None,
         }
     }
 }
@@ -82,7 +86,7 @@ impl Default for EngineOptions {
 pub enum EngineError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("unknown architecture `{0}` (known: bitnet, bitnet-b1.58, llama)")]
+    #[error("unknown architecture `{0}` (known: bitnet, bitnet-b1.58, bitnet-25, llama)")]
     UnknownArch(String),
     #[error("missing metadata key `{0}`")]
     MissingKey(String),

@@ -102,8 +102,15 @@ pub struct RunConfig {
     pub keep_going: bool,
     /// Tokenizer-path faults (the bug zoo).
     pub token_faults: Vec<TokenFault>,
-    /// The reference's FFN activation for arch `bitnet-b1.58` (SiLU
-    /// reproduces upstream's current bug); other arches refuse SiLU here.
+    /// The FFN activation forced on both engines and the oracle instead of
+    /// the arch's own (`--ffn-act`): a 2B-4T model converted as arch
+    /// `bitnet` is judged as the squared-ReLU model it is. The bitnet arches
+    /// only (`llama` refuses it).
+    pub ffn_act: Option<FfnAct>,
+    /// The reference's FFN activation alone: `Silu` runs upstream
+    /// bitnet.cpp's bug for `bitnet-b1.58` (the oracle and the candidate
+    /// keep the run's squared ReLU); `Relu2`, the default, leaves the
+    /// reference as the run is. SiLU is refused where the run is SiLU already.
     pub reference_ffn_act: FfnAct,
     /// Our own binary, started as the reference worker.
     pub worker_exe: PathBuf,
@@ -157,6 +164,7 @@ impl RunConfig {
             policy,
             keep_going: false,
             token_faults: vec![],
+            ffn_act: None,
             reference_ffn_act: FfnAct::default(),
             worker_exe,
             progress: None,
@@ -165,6 +173,41 @@ impl RunConfig {
             rename_reference_nodes: vec![],
         }
     }
+}
+
+/// Refuses FFN activation choices the model's arch cannot take: `--ffn-act`
+/// on an arch without the reference's switch (`llama`), and
+/// `--reference-ffn-act silu` where the run is SiLU already.
+fn check_ffn_act(file: &GgufFile, cfg: &RunConfig) -> Result<(), RunError> {
+    if cfg.ffn_act.is_none() && cfg.reference_ffn_act == FfnAct::Relu2 {
+        return Ok(());
+    }
+    let name = file.get_str("general.architecture").unwrap_or("(none)");
+    // An unknown arch is engine::validate's to name.
+    let Some(arch) = crate::model::Arch::from_name(name) else {
+        return Ok(());
+    };
+    if let Some(act) = cfg.ffn_act {
+        if !arch.ffn_act_overridable() {
+            return Err(RunError::Input(format!(
+                "--ffn-act {} applies to arches bitnet, bitnet-b1.58 and bitnet-25: arch {name} keeps its SiLU",
+                act.name()
+            )));
+        }
+    }
+    let run_act = cfg.ffn_act.unwrap_or(arch.ffn_act());
+    if cfg.reference_ffn_act == FfnAct::Silu && run_act == FfnAct::Silu {
+        let why = match cfg.ffn_act {
+            Some(_) => "this run forces SiLU (--ffn-act silu)".to_string(),
+            None => format!(
+                "arch {name} is SiLU by design (--ffn-act relu2 judges it with squared ReLU)"
+            ),
+        };
+        return Err(RunError::Input(format!(
+            "--reference-ffn-act silu needs a squared-ReLU run: {why}"
+        )));
+    }
+    Ok(())
 }
 
 /// A warning per F32/F16 tensor that holds NaN or Inf values.
@@ -240,16 +283,10 @@ impl<'c> Session<'c> {
     ) -> Result<Result<Session<'c>, Outcome>, RunError> {
         let t_total = Instant::now();
         let file = Arc::new(GgufFile::open(&cfg.model)?);
-        if cfg.reference_ffn_act == FfnAct::Silu {
-            let arch = file.get_str("general.architecture").unwrap_or("(none)");
-            if arch != "bitnet-b1.58" {
-                return Err(RunError::Input(format!(
-                    "--reference-ffn-act silu applies to arch bitnet-b1.58 only: arch {arch} is SiLU by design"
-                )));
-            }
-        }
+        check_ffn_act(&file, cfg)?;
         crate::engine::validate(&file)?;
-        let oracle = Oracle::new(file.clone(), cfg.kv_type == KvType::F16);
+        let oracle = Oracle::new(file.clone(), cfg.kv_type == KvType::F16)
+            .map(|o| o.with_ffn_act(cfg.ffn_act));
         let facts = oracle.as_ref().ok().map(|o| o.facts().clone());
         let model_ctx = facts
             .as_ref()
@@ -280,7 +317,10 @@ impl<'c> Session<'c> {
             .as_ref()
             .and_then(|f| f.relu2_trained_as_bitnet(file.get_str("general.name").ok()))
         {
-            base.remarks.push(w);
+            base.remarks.push(match cfg.ffn_act {
+                Some(act) => format!("{w}. This run forces --ffn-act {}", act.name()),
+                None => w,
+            });
         }
         let mut session = Session {
             cfg,
@@ -316,6 +356,7 @@ impl<'c> Session<'c> {
                 kv_type: cfg.kv_type,
                 n_ctx: self.n_ctx,
                 file: Some(self.file.clone()),
+                ffn_act: cfg.ffn_act,
             };
             let t = Instant::now();
             let loader = self.loader;
@@ -352,14 +393,14 @@ impl<'c> Session<'c> {
                 name_patterns: vec![],
                 base_names: capture_base_names(),
             };
-            let w = Worker::start_with(
-                &cfg.worker_exe,
-                &cfg.model,
-                &ctx,
-                filter,
-                cfg.reference_ffn_act,
-            )
-            .map_err(Ended::Reference)?;
+            // `--reference-ffn-act silu` for the reference alone, else the
+            // run's activation.
+            let reference_act = match cfg.reference_ffn_act {
+                FfnAct::Silu => Some(FfnAct::Silu),
+                FfnAct::Relu2 => cfg.ffn_act,
+            };
+            let w = Worker::start_with(&cfg.worker_exe, &cfg.model, &ctx, filter, reference_act)
+                .map_err(Ended::Reference)?;
             self.base.timings.reference_load_s = t.elapsed().as_secs_f64();
             self.base.reference_description = w.description.clone();
             self.reference = Some(w);

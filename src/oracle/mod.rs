@@ -170,6 +170,15 @@ impl Oracle {
         }
     }
 
+    /// The same oracle with the FFN activation a run forces on both engines
+    /// (`--ffn-act`; `None`: the arch's own).
+    pub fn with_ffn_act(mut self, act: Option<crate::model::FfnAct>) -> Oracle {
+        if let Some(act) = act {
+            self.math.squared_relu = act == crate::model::FfnAct::Relu2;
+        }
+        self
+    }
+
     /// The same oracle for a side with another KV cache type (the decoded
     /// weights are shared).
     pub fn with_kv(&self, kv_f16: bool) -> Oracle {

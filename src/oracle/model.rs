@@ -57,7 +57,7 @@ impl FileFacts {
             self.n_head_kv < self.n_head && self.rope_theta == 500_000.0 && self.tied_output;
         (self.arch == "bitnet" && (named || shaped)).then(|| {
             format!(
-                "arch `bitnet` with the shape of BitNet-b1.58-2B-4T ({}GQA {}/{} heads, RoPE theta {}, tied output): bitnet.cpp and llama.cpp run arch `bitnet` with a SiLU-gated FFN, but that model was trained with squared ReLU; its outputs will be wrong in every engine that trusts the arch. Convert it as arch `bitnet-b1.58`, or judge it as the model it is",
+                "arch `bitnet` with the shape of BitNet-b1.58-2B-4T ({}GQA {}/{} heads, RoPE theta {}, tied output): bitnet.cpp and llama.cpp run arch `bitnet` with a SiLU-gated FFN, but that model was trained with squared ReLU; its outputs will be wrong in every engine that trusts the arch. Convert it as arch `bitnet-b1.58`, or judge it as the model it is with `--ffn-act relu2`",
                 general_name.map(|n| format!("`{n}`, ")).unwrap_or_default(),
                 self.n_head,
                 self.n_head_kv,
@@ -106,7 +106,8 @@ impl ArchMath {
                 squared_relu: false,
                 sub_norms: true,
             }),
-            "bitnet-b1.58" => Some(ArchMath {
+            // `bitnet-25` is the same model under another engines' name.
+            "bitnet-b1.58" | "bitnet-25" => Some(ArchMath {
                 neox: true,
                 squared_relu: true,
                 sub_norms: true,

@@ -139,10 +139,15 @@ pub struct RunRecord {
     /// The prompt was formatted with each side's chat template.
     #[serde(default)]
     pub chat: bool,
-    /// The reference's `bitnet-b1.58` FFN activation (`--reference-ffn-act`);
-    /// absent in receipts written before it existed.
+    /// The reference's own FFN activation (`--reference-ffn-act`): `silu`
+    /// is upstream bitnet.cpp's `bitnet-b1.58` bug, on demand; absent in
+    /// receipts written before it existed.
     #[serde(default)]
     pub reference_ffn_act: FfnAct,
+    /// The FFN activation forced on both engines and the oracle instead of
+    /// the arch's own (`--ffn-act`); absent when none was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_act: Option<FfnAct>,
 }
 
 /// The model file a run used.
@@ -281,6 +286,7 @@ impl Receipt {
             keep_going: record.keep_going,
             token_faults: record.token_faults.clone(),
             chat: record.chat,
+            ffn_act: record.ffn_act,
             reference_ffn_act: record.reference_ffn_act,
             progress,
             cancel,

@@ -1131,6 +1131,10 @@ fn write_repro(dir: &Path, record: &RunRecord, model: &Path) -> Result<(), Reduc
         "--reference-ffn-act".into(),
         record.reference_ffn_act.name().to_string(),
     ]);
+    if let Some(act) = record.ffn_act {
+        cmd.push("--ffn-act".into());
+        cmd.push(act.name().into());
+    }
     if record.chat {
         cmd.push("--chat".into());
     }

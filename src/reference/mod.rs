@@ -24,31 +24,9 @@ pub use session::{set_ffn_act, Context, ContextOptions, Decoded, Model, VocabSpe
 /// KV cache element type: one type for both engines.
 pub use crate::model::KvType;
 
-/// The FFN activation of the reference's `bitnet-b1.58` graph (our patch
-/// `04-arch-bitnet-b1.58.patch`): the model's squared ReLU, or SiLU, which is
-/// what upstream bitnet.cpp runs for this arch today (BitNet issues #588,
-/// #602). One build serves both; the choice is made at run time. Other
-/// arches are not affected (`bitnet` and `llama` are SiLU by design).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum FfnAct {
-    /// relu(gate)², as the model is defined (the reference done right).
-    #[default]
-    Relu2,
-    /// silu(gate): upstream's current bug, reproduced on demand.
-    Silu,
-}
-
-impl FfnAct {
-    pub fn name(self) -> &'static str {
-        match self {
-            FfnAct::Relu2 => "relu2",
-            FfnAct::Silu => "silu",
-        }
-    }
-}
+/// The FFN activation a run can force on the reference's bitnet graphs
+/// (our patches 04 and 06); one build serves every choice, made at run time.
+pub use crate::model::FfnAct;
 
 /// One graph node as `cb_eval` showed it, data converted to contiguous f32.
 #[derive(Clone, Debug, Serialize, Deserialize)]

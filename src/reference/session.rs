@@ -43,12 +43,20 @@ unsafe extern "C" fn log_callback(
     }
 }
 
-/// Chooses the FFN activation of arch `bitnet-b1.58` graphs for this whole
-/// process (bitnet.cpp reads it when it builds a graph, so set it before
-/// creating contexts). The worker calls it from its `Load` request.
-pub fn set_ffn_act(act: super::FfnAct) {
+/// Forces the FFN activation of the graphs of arches `bitnet`,
+/// `bitnet-b1.58` and `bitnet-25` for this whole process (`None`: each
+/// arch's own; other arches are not affected). bitnet.cpp reads it when it
+/// builds a graph, so set it before creating contexts. The worker calls it
+/// from its `Load` request.
+pub fn set_ffn_act(act: Option<super::FfnAct>) {
+    // The codes of our patch 06's divergence_set_ffn_act.
+    let code = match act {
+        None => 0,
+        Some(super::FfnAct::Silu) => 1,
+        Some(super::FfnAct::Relu2) => 2,
+    };
     // SAFETY: sets a plain global in our patched llama.cpp; no other state.
-    unsafe { ffi::divergence_set_ffn_act_silu(i32::from(act == super::FfnAct::Silu)) }
+    unsafe { ffi::divergence_set_ffn_act(code) }
 }
 
 /// What a guarded call (`ffi/guard.h`) threw: `bitnet.cpp threw

@@ -113,9 +113,10 @@ enum Request {
         model: PathBuf,
         ctx: ContextOptions,
         filter: CaptureFilter,
-        /// The `bitnet-b1.58` FFN activation, set before the model loads.
+        /// The FFN activation forced on the bitnet graphs (none: each
+        /// arch's own), set before the model loads.
         #[serde(default)]
-        ffn_act: FfnAct,
+        ffn_act: Option<FfnAct>,
     },
     /// Loads only a vocabulary (no context): for the tokenizer requests.
     LoadVocab {
@@ -458,24 +459,25 @@ pub(crate) fn keep_tail(
 }
 
 impl Worker {
-    /// Starts the worker and loads the model into it (the `bitnet-b1.58`
-    /// FFN as the model defines it: squared ReLU).
+    /// Starts the worker and loads the model into it (the FFN activation
+    /// as the model's arch defines it).
     pub fn start(
         exe: &Path,
         model: &Path,
         ctx: &ContextOptions,
         filter: CaptureFilter,
     ) -> Result<Worker, RefError> {
-        Self::start_with(exe, model, ctx, filter, FfnAct::default())
+        Self::start_with(exe, model, ctx, filter, None)
     }
 
-    /// [`Worker::start`] with the `bitnet-b1.58` FFN activation chosen.
+    /// [`Worker::start`] with an FFN activation forced on the bitnet arches'
+    /// graphs (`None`: each arch's own).
     pub fn start_with(
         exe: &Path,
         model: &Path,
         ctx: &ContextOptions,
         filter: CaptureFilter,
-        ffn_act: FfnAct,
+        ffn_act: Option<FfnAct>,
     ) -> Result<Worker, RefError> {
         let mut w = Worker::spawn(exe)?;
         let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());

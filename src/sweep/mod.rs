@@ -36,7 +36,7 @@ use crate::lockstep::offline::OfflineOptions;
 use crate::lockstep::{
     self, Measured, Mode, PositionLogits, Prompt, RunConfig, RunError, Session, StepRecord, Verdict,
 };
-use crate::model::KvType;
+use crate::model::{FfnAct, KvType};
 use crate::receipt::{self, Generated, Receipt, RunRecord};
 use crate::reference::BuildInfo;
 use crate::trace::Stage;
@@ -108,6 +108,10 @@ pub struct SweepConfig {
     pub faults: Vec<Fault>,
     /// Where per-prompt receipts were written (none: not written).
     pub receipts_dir: Option<String>,
+    /// The FFN activation forced on both engines and the oracle
+    /// (`--ffn-act`); absent when none was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_act: Option<FfnAct>,
     /// The external engine's command (`--candidate-cmd`), when the
     /// candidate was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,6 +268,9 @@ pub struct SweepRequest {
     pub shard: Option<Shard>,
     /// Write one receipt per prompt here (`prompt-NNNN.json`).
     pub receipts_dir: Option<PathBuf>,
+    /// The FFN activation forced on both engines and the oracle instead of
+    /// the arch's own (`--ffn-act`; not with an external engine).
+    pub ffn_act: Option<FfnAct>,
     /// Set (by Ctrl-C): the prompt running stops after its current step
     /// and is dropped, and the sweep ends with the prompts done.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -369,6 +376,7 @@ pub fn run(
         policy_path: req.policy_path.as_ref().map(|p| p.display().to_string()),
         chat: false,
         reference_ffn_act: Default::default(),
+        ffn_act: req.ffn_act,
     };
     let config_of = |prompt: &Prompt| RunConfig {
         steps: req.steps,
@@ -376,6 +384,7 @@ pub fn run(
         threads: req.threads,
         kv_type: req.kv_type,
         keep_going: true,
+        ffn_act: req.ffn_act,
         cancel: req.cancel.clone(),
         ..RunConfig::new(
             req.model.clone(),
@@ -482,6 +491,7 @@ pub fn run(
         policy,
         faults: req.faults.clone(),
         receipts_dir: req.receipts_dir.as_ref().map(|d| d.display().to_string()),
+        ffn_act: req.ffn_act,
         candidate_cmd: req.external.as_ref().map(|e| e.command.template.clone()),
     };
     Ok(Sweep {

@@ -12,8 +12,9 @@
 //! real 2B-4T), and embeddings whose rows have norm about 4. Activations then
 //! stay O(1) through every layer and every comparison is meaningful.
 //!
-//! Vocab and metadata per arch ([`VocabKind`]): `bitnet-b1.58` files follow
-//! the published BitNet-b1.58-2B-4T layout (its 24 keys in its order, a
+//! Vocab and metadata per arch ([`VocabKind`]): `bitnet-b1.58` files (and
+//! `bitnet-25` ones, the same model under another engines' arch name, keys
+//! `bitnet-25.*`) follow the published BitNet-b1.58-2B-4T layout (its 24 keys in its order, a
 //! byte-level BPE `gpt2` vocab from [`byte_bpe`] with llama3's special
 //! tokens and a llama3-style chat template, no `tokenizer.ggml.pre`); `bitnet`
 //! and `llama` files carry the SentencePiece `llama` vocab of [`vocab`] (their
@@ -137,7 +138,7 @@ pub enum SynthError {
 /// and `divergence verify` can make the same bytes again on a fresh clone.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SynthConfig {
-    /// `bitnet`, `bitnet-b1.58` or `llama` (the metadata key prefix too).
+    /// `bitnet`, `bitnet-b1.58`, `bitnet-25` or `llama` (the metadata key prefix too).
     pub arch: String,
     pub n_embd: usize,
     pub n_layer: usize,
@@ -243,7 +244,7 @@ const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 
 /// Which synthetic vocab an arch gets (when no `--vocab` is given):
-/// `bitnet-b1.58` the byte-level BPE one its published file has
+/// `bitnet-b1.58` and `bitnet-25` the byte-level BPE one its published file has
 /// ([`byte_bpe`]), the others SentencePiece `llama` ([`vocab`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VocabKind {
@@ -253,7 +254,7 @@ pub enum VocabKind {
 
 impl VocabKind {
     pub fn of_arch(arch: &str) -> VocabKind {
-        if arch == ARCH_B158 {
+        if published_2b4t_layout(arch) {
             VocabKind::ByteBpe
         } else {
             VocabKind::SentencePiece
@@ -269,10 +270,13 @@ impl VocabKind {
     }
 }
 
-/// The arch whose synthetic files follow the published 2B-4T layout.
-const ARCH_B158: &str = "bitnet-b1.58";
+/// The arches whose synthetic files follow the published 2B-4T layout:
+/// its own name, and the one ik_llama.cpp and others give it.
+fn published_2b4t_layout(arch: &str) -> bool {
+    matches!(arch, "bitnet-b1.58" | "bitnet-25")
+}
 
-pub const ARCHES: [&str; 3] = ["bitnet", "bitnet-b1.58", "llama"];
+pub const ARCHES: [&str; 4] = ["bitnet", "bitnet-b1.58", "bitnet-25", "llama"];
 
 /// The metadata key holding a synthetic model's [`SynthConfig`] as JSON.
 pub const RECIPE_KEY: &str = "divergence.synth.recipe";
@@ -656,7 +660,7 @@ pub fn remake(cfg: &SynthConfig, path: &Path, sha256: &str) -> Result<(), SynthE
 }
 
 fn write_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
-    if cfg.arch == ARCH_B158 {
+    if published_2b4t_layout(&cfg.arch) {
         return write_published_b158_metadata(w, cfg);
     }
     let arch = cfg.arch.as_str();
@@ -736,7 +740,7 @@ const KEY_PADDING: &str = "tokenizer.ggml.padding_token_id";
 /// `general.file_type` of an I2_S model (`LLAMA_FTYPE_MOSTLY_I2_S`).
 const FILE_TYPE_I2_S: u32 = 40;
 
-/// The metadata of arch `bitnet-b1.58` as the published
+/// The metadata of arch `bitnet-b1.58` (or `bitnet-25`) as the published
 /// `ggml-model-i2_s.gguf` has it: its 24 keys in its order (loader dump in
 /// BitNet issue #373; ik_llama.cpp issue #365 shows the tokenizer keys):
 /// no `general.alignment` (the default 32 applies) and no
@@ -747,12 +751,13 @@ const FILE_TYPE_I2_S: u32 = 40;
 /// them (llama.cpp's ggml-vocab-llama-bpe.gguf has no scores, padding id or
 /// chat template).
 fn write_published_b158_metadata(w: &mut GgufWriter, cfg: &SynthConfig) {
-    let key = |k: &str| format!("{ARCH_B158}.{k}");
+    let arch = cfg.arch.as_str();
+    let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |n: usize| MetaValue::U32(n as u32);
-    w.set("general.architecture", MetaValue::String(ARCH_B158.into()));
+    w.set("general.architecture", MetaValue::String(arch.into()));
     let name = cfg.name.clone().unwrap_or_else(|| {
         format!(
-            "divergence synthetic {ARCH_B158} {}x{} seed {}",
+            "divergence synthetic {arch} {}x{} seed {}",
             cfg.n_embd, cfg.n_layer, cfg.seed
         )
     });
