@@ -360,13 +360,7 @@ fn the_silu_switch_changes_only_the_activation_node() {
         "{relu2:?}"
     );
     assert!(silu.contains(&"ffn_silu-0 [UNARY]".to_string()), "{silu:?}");
-    let swapped: Vec<String> = relu2
-        .iter()
-        .map(|n| {
-            n.replace("ffn_relu_sqr", "ffn_silu")
-                .replace("[SQR]", "[UNARY]")
-        })
-        .collect();
+    let swapped = relu2_names_as_silu(&relu2);
     assert_eq!(swapped, silu);
 }
 
@@ -1327,13 +1321,7 @@ fn the_relu2_switch_on_arch_bitnet_changes_only_the_activation_node() {
         relu2.contains(&"ffn_relu_sqr-1 [SQR]".to_string()),
         "{relu2:?}"
     );
-    let swapped: Vec<String> = relu2
-        .iter()
-        .map(|n| {
-            n.replace("ffn_relu_sqr", "ffn_silu")
-                .replace("[SQR]", "[UNARY]")
-        })
-        .collect();
+    let swapped = relu2_names_as_silu(&relu2);
     assert_eq!(swapped, own);
 }
 
@@ -1499,4 +1487,15 @@ fn sweep_takes_ffn_act_and_records_it() {
     assert_eq!(out.status.code(), Some(0), "{}", log_of(&out));
     let sweep = divergence::sweep::Sweep::read(&out_path).unwrap();
     assert_eq!(sweep.config.ffn_act, Some(FfnAct::Relu2));
+}
+
+/// Graph node names of a squared-ReLU FFN as the SiLU graph names them.
+fn relu2_names_as_silu(relu2: &[String]) -> Vec<String> {
+    relu2
+        .iter()
+        .map(|n| {
+            n.replace("ffn_relu_sqr", "ffn_silu")
+                .replace("[SQR]", "[UNARY]")
+        })
+        .collect()
 }

@@ -103,11 +103,15 @@ pub fn measure(
     }
     let rows = token_rows(stage, shape);
     let per_row = side.len().checked_div(rows.max(1)).unwrap_or(0);
-    let row_of = |i: usize| -> usize {
-        if stage.is_attention_matrix() && shape.len() == 3 {
-            (i / shape[2].max(1)) % shape[1].max(1)
+    // Elements come in runs that share a token row: a row of [T, D], a key
+    // run of [H, T, K] (row = run index mod T).
+    let attention = stage.is_attention_matrix() && shape.len() == 3;
+    let run = if attention { shape[2] } else { per_row }.max(1);
+    let row_of_run = |k: usize| -> usize {
+        if attention {
+            k % shape[1].max(1)
         } else {
-            i / per_row.max(1)
+            k
         }
     };
     // Per token row: squared error, squared rounding, squared oracle.
@@ -115,27 +119,28 @@ pub fn measure(
     let mut max_abs = 0f64;
     let mut broken = side.len() != values.len();
     if !broken {
-        for (i, ((&x, &o), &r)) in side
-            .iter()
-            .zip(values.iter())
-            .zip(&oracle.rounding)
-            .enumerate()
-        {
-            let x = f64::from(x);
-            let row = row_of(i).min(acc.len() - 1);
+        let runs = side
+            .chunks(run)
+            .zip(values.chunks(run))
+            .zip(oracle.rounding.chunks(run));
+        for (k, ((xs, os), rs)) in runs.enumerate() {
+            let row = row_of_run(k).min(acc.len() - 1);
             let a = &mut acc[row];
-            let err = if x.is_nan() && o.is_nan() {
-                0.0
-            } else if !x.is_finite() || !o.is_finite() {
-                broken = true;
-                f64::INFINITY
-            } else {
-                (x - o).abs()
-            };
-            max_abs = max_abs.max(err);
-            a.0 += err * err;
-            a.1 += r * r;
-            a.2 += if o.is_finite() { o * o } else { 0.0 };
+            for ((&x, &o), &r) in xs.iter().zip(os).zip(rs) {
+                let x = f64::from(x);
+                let err = if x.is_nan() && o.is_nan() {
+                    0.0
+                } else if !x.is_finite() || !o.is_finite() {
+                    broken = true;
+                    f64::INFINITY
+                } else {
+                    (x - o).abs()
+                };
+                max_abs = max_abs.max(err);
+                a.0 += err * err;
+                a.1 += r * r;
+                a.2 += if o.is_finite() { o * o } else { 0.0 };
+            }
         }
     }
     let ratio = |err: f64, floor: f64| -> f64 {

@@ -297,15 +297,28 @@ pub fn logit_metrics(
         .min(candidate.len())
         .checked_div(vocab)
         .unwrap_or(0);
+    // Rows in parallel (a prefill's are many vocabularies long), summed in
+    // row order as a sequential loop would.
+    use rayon::prelude::*;
+    let per_row: Vec<(bool, f64, f64)> = (0..rows)
+        .into_par_iter()
+        .map(|r| {
+            let a = &reference[r * vocab..(r + 1) * vocab];
+            let b = &candidate[r * vocab..(r + 1) * vocab];
+            let ta = top_indices(a, top_k);
+            let tb = top_indices(b, top_k);
+            (
+                ta.first() == tb.first(),
+                ta.iter().filter(|i| tb.contains(i)).count() as f64 / top_k.max(1) as f64,
+                kl(a, b),
+            )
+        })
+        .collect();
     let (mut agree, mut overlap, mut max_kl) = (0usize, 0f64, 0f64);
-    for r in 0..rows {
-        let a = &reference[r * vocab..(r + 1) * vocab];
-        let b = &candidate[r * vocab..(r + 1) * vocab];
-        let ta = top_indices(a, top_k);
-        let tb = top_indices(b, top_k);
-        agree += (ta.first() == tb.first()) as usize;
-        overlap += ta.iter().filter(|i| tb.contains(i)).count() as f64 / top_k.max(1) as f64;
-        max_kl = max_kl.max(kl(a, b));
+    for (same_top1, o, k) in per_row {
+        agree += same_top1 as usize;
+        overlap += o;
+        max_kl = max_kl.max(k);
     }
     LogitMetrics {
         top1_agree: agree,

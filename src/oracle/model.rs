@@ -154,6 +154,12 @@ impl Dense<'_> {
         self.f16
     }
 
+    /// Row `r`'s bytes as the file stores them.
+    pub fn row_bytes(&self, r: usize) -> &[u8] {
+        let width = if self.f16 { 2 } else { 4 };
+        &self.data[r * self.n_in * width..(r + 1) * self.n_in * width]
+    }
+
     /// Row `r` widened to f64 into `out` (exact for both F16 and F32).
     pub fn row_into(&self, r: usize, out: &mut [f64]) {
         let width = if self.f16 { 2 } else { 4 };

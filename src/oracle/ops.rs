@@ -119,6 +119,11 @@ fn dot_with_scale(terms: impl Iterator<Item = f64>, half: bool) -> (f64, f64) {
         abs += v.abs();
         n += 1;
     }
+    with_scale(sum, sq, abs, n, half)
+}
+
+/// The rounding scale of [`dot_with_scale`] from its running sums.
+fn with_scale(sum: f64, sq: f64, abs: f64, n: usize, half: bool) -> (f64, f64) {
     let f32_scale = U * (sum.abs() + (n as f64).sqrt() * sq.sqrt());
     (sum, f32_scale + if half { U16 * abs } else { 0.0 })
 }
@@ -147,13 +152,22 @@ impl Attention {
         h / (self.n_head / self.n_head_kv)
     }
 
-    /// K, V and the query as the F16 cache and mul_mat store them.
-    fn stored(&self, v: f32) -> f64 {
+    /// K, V and the query as the F16 cache and mul_mat store them, widened
+    /// to f64 once per stage (the slice conversions use F16C where the CPU
+    /// has it).
+    fn stored(&self, x: &[f32]) -> Vec<f64> {
+        let mut out = vec![0f64; x.len()];
         if self.kv_f16 {
-            f64::from(half::f16::from_f32(v).to_f32())
+            use half::slice::HalfFloatSliceExt;
+            let mut h = vec![half::f16::ZERO; x.len()];
+            h.convert_from_f32_slice(x);
+            h.convert_to_f64_slice(&mut out);
         } else {
-            f64::from(v)
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = f64::from(v);
+            }
         }
+        out
     }
 
     /// Raw q·k, [H, T, K], future keys 0.
@@ -163,6 +177,7 @@ impl Attention {
         if q.len() != self.t * e || k.len() < n_keys * kw {
             return Err("the q or k rows do not match the model's shape".into());
         }
+        let (q, k) = (self.stored(q), self.stored(&k[..n_keys * kw]));
         let mut s = vec![(0f64, 0f64); self.n_head * self.t * n_keys];
         s.par_chunks_mut(self.t * n_keys)
             .enumerate()
@@ -170,14 +185,30 @@ impl Attention {
                 let kvh = self.kv_head(h);
                 for ti in 0..self.t {
                     let qh = &q[ti * e + h * hd..ti * e + (h + 1) * hd];
-                    for j in 0..=self.n_past + ti {
-                        let kj = &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-                        out[ti * n_keys + j] = dot_with_scale(
-                            qh.iter()
-                                .zip(kj)
-                                .map(|(&a, &b)| self.stored(a) * self.stored(b)),
-                            self.kv_f16,
-                        );
+                    let n = self.n_past + ti + 1;
+                    let key = |j: usize| &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+                    // Four keys at a time: four independent sums, each in
+                    // the order dot_with_scale takes.
+                    let mut j = 0;
+                    while j + 4 <= n {
+                        let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+                        let mut acc = [[0f64; 3]; 4];
+                        for (d, &a) in qh.iter().enumerate() {
+                            for (s, kj) in acc.iter_mut().zip(&ks) {
+                                let v = a * kj[d];
+                                s[0] += v;
+                                s[1] += v * v;
+                                s[2] += v.abs();
+                            }
+                        }
+                        for (o, [sum, sq, abs]) in out[ti * n_keys + j..].iter_mut().zip(acc) {
+                            *o = with_scale(sum, sq, abs, hd, self.kv_f16);
+                        }
+                        j += 4;
+                    }
+                    for j in j..n {
+                        out[ti * n_keys + j] =
+                            dot_with_scale(qh.iter().zip(key(j)).map(|(a, b)| a * b), self.kv_f16);
                     }
                 }
             });
@@ -192,22 +223,21 @@ impl Attention {
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut p = vec![(0f64, 0f64); scores.len()];
-        for (i, (row, out)) in scores
-            .chunks_exact(n_keys)
-            .zip(p.chunks_exact_mut(n_keys))
+        p.par_chunks_mut(n_keys)
+            .zip(scores.par_chunks(n_keys))
             .enumerate()
-        {
-            let n = self.n_past + i % self.t + 1;
-            let scaled: Vec<f64> = row[..n].iter().map(|&v| f64::from(v) * scale).collect();
-            let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = scaled.iter().map(|&v| (v - max).exp()).sum();
-            for (o, &v) in out[..n].iter_mut().zip(&scaled) {
-                let pv = (v - max).exp() / sum;
-                // The exponent's argument rounds twice (the scaling, the
-                // subtraction); exp, the sum and the normalisation a few times.
-                *o = (pv, U * pv * (8.0 + v.abs() + (v - max).abs()));
-            }
-        }
+            .for_each(|(i, (out, row))| {
+                let n = self.n_past + i % self.t + 1;
+                let scaled: Vec<f64> = row[..n].iter().map(|&v| f64::from(v) * scale).collect();
+                let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scaled.iter().map(|&v| (v - max).exp()).sum();
+                for (o, &v) in out[..n].iter_mut().zip(&scaled) {
+                    let pv = (v - max).exp() / sum;
+                    // The exponent's argument rounds twice (the scaling, the
+                    // subtraction); exp, the sum and the normalisation a few times.
+                    *o = (pv, U * pv * (8.0 + v.abs() + (v - max).abs()));
+                }
+            });
         Ok(OracleStage::from_pairs(p))
     }
 
@@ -220,23 +250,47 @@ impl Attention {
         }
         // Probabilities are converted to f16 only for a single token (ggml's
         // mul_mat converts src1 there; tinyBLAS reads f32 for several).
-        let store_p = |p: f32| {
-            if self.kv_f16 && self.t == 1 {
-                self.stored(p)
-            } else {
-                f64::from(p)
-            }
+        let p = if self.t == 1 {
+            self.stored(probs)
+        } else {
+            probs.iter().map(|&x| f64::from(x)).collect()
         };
+        let v = self.stored(&v[..n_keys * kw]);
+        // A zero probability adds nothing to the sums unless its v row holds
+        // a NaN or an infinity (0·∞): such keys (the causal mask's) are
+        // skipped, which leaves every sum bit for bit what it was.
+        let finite: Vec<bool> = (0..n_keys * self.n_head_kv)
+            .map(|i| v[i * hd..(i + 1) * hd].iter().all(|x| x.is_finite()))
+            .collect();
+        // Per head, [T, hd] of (sum, Σ term², Σ |term|): each output's terms
+        // summed in key order, the keys outermost so the lanes run along d.
+        let mut by_head = vec![[0f64; 3]; self.n_head * self.t * hd];
+        by_head
+            .par_chunks_mut(self.t * hd)
+            .enumerate()
+            .for_each(|(h, out)| {
+                let kvh = self.kv_head(h);
+                for (ti, acc) in out.chunks_exact_mut(hd).enumerate() {
+                    let ph = &p[(h * self.t + ti) * n_keys..(h * self.t + ti + 1) * n_keys];
+                    for (j, &pj) in ph.iter().enumerate() {
+                        if pj == 0.0 && finite[j * self.n_head_kv + kvh] {
+                            continue;
+                        }
+                        let vj = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+                        for (a, &vd) in acc.iter_mut().zip(vj) {
+                            let term = pj * vd;
+                            a[0] += term;
+                            a[1] += term * term;
+                            a[2] += term.abs();
+                        }
+                    }
+                }
+            });
         let mut out = vec![(0f64, 0f64); self.t * e];
-        for h in 0..self.n_head {
-            let kvh = self.kv_head(h);
-            for ti in 0..self.t {
-                let p = &probs[(h * self.t + ti) * n_keys..(h * self.t + ti + 1) * n_keys];
-                for d in 0..hd {
-                    out[ti * e + h * hd + d] = dot_with_scale(
-                        (0..n_keys).map(|j| store_p(p[j]) * self.stored(v[j * kw + kvh * hd + d])),
-                        self.kv_f16,
-                    );
+        for (h, head) in by_head.chunks_exact(self.t * hd).enumerate() {
+            for (ti, acc) in head.chunks_exact(hd).enumerate() {
+                for (d, &[sum, sq, abs]) in acc.iter().enumerate() {
+                    out[ti * e + h * hd + d] = with_scale(sum, sq, abs, n_keys, self.kv_f16);
                 }
             }
         }
@@ -284,13 +338,35 @@ pub(super) fn dense(m: &Dense<'_>, row_max: &[f32], x: &[f32], single_token: boo
         .enumerate()
         .for_each(|(b, out)| {
             let mut w = vec![0f64; e];
+            let n_rows = out.len() / t.max(1);
+            // Sums of four F16 rows at once where the CPU converts f16 in
+            // SIMD (each the same sum `dot4` gives), else row by row.
+            let mut sums = vec![0f64; n_rows * t];
+            for ti in 0..t {
+                let xt = &xs[ti * e..(ti + 1) * e];
+                let mut i = 0;
+                while i < n_rows {
+                    let r = b * ROWS + i;
+                    if i + 4 <= n_rows && m.is_f16() {
+                        let rows = [r, r + 1, r + 2, r + 3].map(|r| m.row_bytes(r));
+                        if let Some(s4) = simd::dot4_f16_rows(rows, xt) {
+                            for (k, s) in s4.into_iter().enumerate() {
+                                sums[(i + k) * t + ti] = s;
+                            }
+                            i += 4;
+                            continue;
+                        }
+                    }
+                    m.row_into(r, &mut w);
+                    sums[i * t + ti] = dot4(&w, xt);
+                    i += 1;
+                }
+            }
             for (i, cell) in out.chunks_exact_mut(t).enumerate() {
                 let r = b * ROWS + i;
-                m.row_into(r, &mut w);
                 let wmax = f64::from(row_max[r]);
                 for (ti, o) in cell.iter_mut().enumerate() {
-                    let xt = &xs[ti * e..(ti + 1) * e];
-                    let sum = dot4(&w, xt);
+                    let sum = sums[i * t + ti];
                     let (l2, l1) = norms[ti];
                     let mut scale = U * (sum.abs() + sqrt_n * wmax * l2);
                     if m.is_f16() && single_token {
@@ -311,7 +387,11 @@ pub(super) fn dense(m: &Dense<'_>, row_max: &[f32], x: &[f32], single_token: boo
 /// An f64 dot product with four accumulators (vectorizes; the order of an
 /// f64 sum of f32-sized terms does not matter at f32 rounding scale).
 fn dot4(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 4];
+    dot4_from([0f64; 4], a, b)
+}
+
+/// [`dot4`] continued from lane sums `acc` (where a SIMD kernel stopped).
+fn dot4_from(mut acc: [f64; 4], a: &[f64], b: &[f64]) -> f64 {
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
@@ -321,4 +401,112 @@ fn dot4(a: &[f64], b: &[f64]) -> f64 {
     }
     let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
     acc[0] + acc[1] + acc[2] + acc[3] + tail
+}
+
+/// The F16 logits product's inner loop in SIMD: f16 widened by F16C, f64
+/// products and sums in the lane order of [`dot4`], so every sum is bit for
+/// bit the one `dot4` gives on the widened row.
+mod simd {
+    /// `dot4` of each of four F16 rows (little-endian bytes, `x.len()`
+    /// values each) with `x`; `None` where the CPU lacks AVX2 or F16C.
+    pub fn dot4_f16_rows(rows: [&[u8]; 4], x: &[f64]) -> Option<[f64; 4]> {
+        if rows.iter().any(|r| r.len() != 2 * x.len()) {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2 and F16C (checked above), and every
+            // row holds 2·x.len() bytes (checked above), which is all the
+            // kernel reads.
+            return Some(unsafe { avx2::dot4_f16_rows(rows, x) });
+        }
+        None
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// AVX2 and F16C present; each row holds at least `2 * x.len()` bytes.
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn dot4_f16_rows(rows: [&[u8]; 4], x: &[f64]) -> [f64; 4] {
+            let n = x.len();
+            let blocks = n / 8;
+            let mut acc = [_mm256_setzero_pd(); 4];
+            for i in 0..blocks {
+                // SAFETY: 8·i + 8 <= n values of x, 16·i + 16 <= 2n bytes of
+                // each row (the caller's contract); unaligned loads.
+                let (x0, x1) = unsafe {
+                    (
+                        _mm256_loadu_pd(x.as_ptr().add(8 * i)),
+                        _mm256_loadu_pd(x.as_ptr().add(8 * i + 4)),
+                    )
+                };
+                for (a, row) in acc.iter_mut().zip(&rows) {
+                    // SAFETY: as above.
+                    let h = unsafe { _mm_loadu_si128(row.as_ptr().add(16 * i).cast()) };
+                    let w = _mm256_cvtph_ps(h);
+                    let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(w));
+                    let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w));
+                    // dot4's order: lane k sums elements 4j + k, one
+                    // product rounded, then added, chunk after chunk.
+                    *a = _mm256_add_pd(*a, _mm256_mul_pd(lo, x0));
+                    *a = _mm256_add_pd(*a, _mm256_mul_pd(hi, x1));
+                }
+            }
+            let mut out = [0f64; 4];
+            for ((o, a), row) in out.iter_mut().zip(acc).zip(&rows) {
+                let mut lanes = [0f64; 4];
+                // SAFETY: lanes holds 4 f64.
+                unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), a) };
+                // The values after the last block of 8: dot4's remaining
+                // chunks of 4 into the same lanes, then its tail.
+                let rest = 8 * blocks;
+                let w: Vec<f64> = row[2 * rest..2 * n]
+                    .chunks_exact(2)
+                    .map(|b| f64::from(half::f16::from_le_bytes([b[0], b[1]])))
+                    .collect();
+                *o = super::super::dot4_from(lanes, &w, &x[rest..]);
+            }
+            out
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::dot4;
+        use super::*;
+
+        #[test]
+        fn four_rows_sum_bit_for_bit_as_dot4() {
+            // Lengths with and without a block-of-8 remainder and a tail.
+            for n in [1usize, 3, 4, 7, 8, 12, 13, 64, 2563] {
+                let x: Vec<f64> = (0..n)
+                    .map(|i| ((i * 37 % 101) as f64 - 50.0) / 7.0)
+                    .collect();
+                let rows: Vec<Vec<u8>> = (0..4)
+                    .map(|r| {
+                        (0..n)
+                            .flat_map(|i| {
+                                let v = ((i * 13 + r * 7) % 29) as f32 / 3.0 - 4.0;
+                                half::f16::from_f32(v).to_le_bytes()
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let Some(got) = dot4_f16_rows([0, 1, 2, 3].map(|r| &rows[r][..]), &x) else {
+                    eprintln!("skipped: no AVX2/F16C on this CPU");
+                    return;
+                };
+                for (r, row) in rows.iter().enumerate() {
+                    let w: Vec<f64> = row
+                        .chunks_exact(2)
+                        .map(|b| f64::from(half::f16::from_le_bytes([b[0], b[1]])))
+                        .collect();
+                    assert_eq!(got[r].to_bits(), dot4(&w, &x).to_bits(), "n {n} row {r}");
+                }
+            }
+        }
+    }
 }

@@ -64,10 +64,8 @@ fn quantize(row: &[f32]) -> Codes {
     let mut sum = 0i64;
     for (j, &v) in row.iter().enumerate() {
         let exact = f64::from(v) * s; // an f32×f32 product is exact in f64
-        let fused = exact.round_ties_even().clamp(-128.0, 127.0);
-        let unfused = f64::from(exact as f32)
-            .round_ties_even()
-            .clamp(-128.0, 127.0);
+        let fused = rint(exact).clamp(-128.0, 127.0);
+        let unfused = rint(f64::from(exact as f32)).clamp(-128.0, 127.0);
         if fused != unfused {
             ties.push((j, (unfused - fused) as i8));
         }
@@ -79,6 +77,21 @@ fn quantize(row: &[f32]) -> Codes {
         scale,
         sum,
         ties,
+    }
+}
+
+/// `v.round_ties_even()` without the libm call it compiles to on baseline
+/// x86-64: adding and subtracting 1.5·2⁵² rounds to an integer in the
+/// current (nearest-even) mode, exact for |v| < 2⁵¹ (a negative value that
+/// rounds to zero gives +0, not −0: the same code); other values (and NaN)
+/// take the library path.
+fn rint(v: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
+    if v.abs() < 2_251_799_813_685_248.0 {
+        // 2^51
+        (v + MAGIC) - MAGIC
+    } else {
+        v.round_ties_even()
     }
 }
 
@@ -154,35 +167,52 @@ pub(super) fn linear(
     let extra = m.extra_scale.map_or(1.0, f64::from);
     let mut values = vec![0f64; t * m.n_out];
     let mut rounding = vec![0f64; t * m.n_out];
-    let mut alternatives = Vec::new();
+    let unit_of = |c: &Codes| tensor_scale * extra / f64::from(c.scale);
+    values
+        .par_chunks_mut(m.n_out)
+        .zip(rounding.par_chunks_mut(m.n_out))
+        .zip(codes.par_iter())
+        .enumerate()
+        .for_each(|(ti, ((values, rounding), c))| {
+            let unit = unit_of(c);
+            // The epilogue's roundings (the conversion, the division, the
+            // products) and, for an engine that subtracts the offset Σq after
+            // scaling, the cancellation of that term.
+            let offset = U * (c.sum as f64).abs() * unit.abs();
+            for (r, (v, rd)) in values.iter_mut().zip(rounding.iter_mut()).enumerate() {
+                let dot = i64::from(sums[r * t + ti]) - c.sum;
+                *v = dot as f64 * unit;
+                *rd = 4.0 * U * v.abs() + offset;
+            }
+        });
+    // Ties: the first MAX_ALTERNATIVES offered one by one (their deltas, a
+    // weight column each, computed in parallel), the rest folded into the
+    // rounding scale of their rows.
+    let mut offered = Vec::new();
     let mut ties = 0usize;
     for (ti, c) in codes.iter().enumerate() {
-        let unit = tensor_scale * extra / f64::from(c.scale);
-        // The epilogue's roundings (the conversion, the division, the
-        // products) and, for an engine that subtracts the offset Σq after
-        // scaling, the cancellation of that term.
-        let offset = U * (c.sum as f64).abs() * unit.abs();
-        for r in 0..m.n_out {
-            let dot = i64::from(sums[r * t + ti]) - c.sum;
-            let v = dot as f64 * unit;
-            values[ti * m.n_out + r] = v;
-            rounding[ti * m.n_out + r] = 4.0 * U * v.abs() + offset;
-        }
+        let unit = unit_of(c);
         for &(j, dq) in &c.ties {
             ties += 1;
-            if alternatives.len() < MAX_ALTERNATIVES {
-                let delta = (0..m.n_out)
-                    .map(|r| f64::from(dq) * m.weight(r, j) as f64 * unit)
-                    .collect();
-                alternatives.push(Alternative { row: ti, delta });
+            if offered.len() < MAX_ALTERNATIVES {
+                offered.push((ti, j, dq, unit));
             } else {
                 // Too many to offer one by one: the row may move by a step.
-                for r in 0..m.n_out {
-                    rounding[ti * m.n_out + r] += unit.abs();
+                for rd in &mut rounding[ti * m.n_out..(ti + 1) * m.n_out] {
+                    *rd += unit.abs();
                 }
             }
         }
     }
+    let alternatives = offered
+        .par_iter()
+        .map(|&(row, j, dq, unit)| Alternative {
+            row,
+            delta: (0..m.n_out)
+                .map(|r| f64::from(dq) * m.weight(r, j) as f64 * unit)
+                .collect(),
+        })
+        .collect();
     Ok(OracleStage {
         values,
         rounding,
@@ -222,6 +252,37 @@ mod tests {
         let (j, dq) = c.ties[0];
         assert_eq!(j, 1);
         assert_eq!(dq.abs(), 1);
+    }
+
+    #[test]
+    fn rint_is_round_ties_even() {
+        let mut v = -300.0f64;
+        while v < 300.0 {
+            for x in [
+                v,
+                v + 0.5,
+                v - 0.5,
+                v + 1e-9,
+                v - 1e-9,
+                -0.0,
+                0.49999999999999994,
+            ] {
+                // Equal as numbers (the sign of a zero code does not matter).
+                assert_eq!(rint(x), x.round_ties_even(), "{x}");
+            }
+            v += 0.25;
+        }
+        for x in [
+            f64::NAN,
+            f64::INFINITY,
+            -f64::INFINITY,
+            3e51,
+            -4.5e15,
+            4503599627370497.0,
+        ] {
+            let (a, b) = (rint(x), x.round_ties_even());
+            assert!(a == b || (a.is_nan() && b.is_nan()), "{x}");
+        }
     }
 
     #[test]
