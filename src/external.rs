@@ -17,6 +17,7 @@
 //! | `{threads}` | threads |
 //! | `{out}` | the dump to write (safetensors) |
 //! | `{prompt}` | the prompt's text (empty for a token-id prompt) |
+//! | `{ffn_act}` | the FFN activation to run, `relu2` or `silu` (`--ffn-act`, else the arch's own) |
 //!
 //! A command that cannot start, exits non-zero, is killed, outlives its
 //! timeout, or writes no readable dump is the candidate's failure: the
@@ -25,9 +26,10 @@
 use crate::dump::capture::{capture_reference, CaptureConfig, CaptureError};
 use crate::dump::map::{map_dump, DumpMap};
 use crate::dump::Dump;
+use crate::gguf::GgufFile;
 use crate::lockstep::offline::{compare_dumps, CandidateDump, Compared, OfflineOptions};
 use crate::lockstep::{Prompt, RunError};
-use crate::model::KvType;
+use crate::model::{Arch, FfnAct, KvType};
 use crate::reference::worker::keep_tail;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -37,7 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The placeholders a command may use.
-pub const PLACEHOLDERS: [&str; 7] = ["model", "tokens", "steps", "kv", "threads", "out", "prompt"];
+pub const PLACEHOLDERS: [&str; 8] = [
+    "model", "tokens", "steps", "kv", "threads", "out", "prompt", "ffn_act",
+];
 
 /// How much of the command's stderr a failure keeps.
 const STDERR_TAIL: usize = 4 * 1024;
@@ -73,6 +77,8 @@ pub struct CommandInputs<'a> {
     pub out: &'a Path,
     /// `{prompt}` (empty when `None`).
     pub prompt: Option<&'a str>,
+    /// `{ffn_act}`.
+    pub ffn_act: FfnAct,
 }
 
 impl CandidateCommand {
@@ -127,6 +133,7 @@ impl CandidateCommand {
                 "threads" => inputs.threads.to_string(),
                 "out" => inputs.out.display().to_string(),
                 "prompt" => inputs.prompt.unwrap_or_default().to_string(),
+                "ffn_act" => inputs.ffn_act.name().to_string(),
                 _ => unreachable!("checked in parse"),
             }
         };
@@ -343,6 +350,7 @@ pub fn judge(
             steps: run.steps,
             threads: run.threads,
             kv_type: run.kv_type,
+            ffn_act: run.options.ffn_act,
             out: reference_dump.clone(),
             // `interrupt` stops the command; the reference capture runs whole.
             cancel: None,
@@ -358,6 +366,15 @@ pub fn judge(
         Prompt::Text(t) => Some(t.as_str()),
         Prompt::Tokens(_) => None,
     };
+    // The activation the command is to run: forced, else the arch's own.
+    let arch_act = GgufFile::open(&run.model)
+        .ok()
+        .and_then(|f| {
+            f.get_str("general.architecture")
+                .ok()
+                .and_then(Arch::from_name)
+        })
+        .map_or(FfnAct::Silu, Arch::ffn_act);
     let inputs = CommandInputs {
         model: &run.model,
         tokens: &tokens,
@@ -366,6 +383,7 @@ pub fn judge(
         threads: run.threads,
         out: &candidate_dump,
         prompt: text,
+        ffn_act: run.options.ffn_act.unwrap_or(arch_act),
     };
     let reference = Dump::open(&reference_dump).map_err(CaptureError::from)?;
     let ran = cmd.run(&inputs, interrupt);
@@ -415,7 +433,7 @@ mod tests {
     #[test]
     fn placeholders_are_substituted_inside_words_and_braces_escape() {
         let cmd = CandidateCommand::parse(
-            "python3 eng.py --model={model} --tokens {tokens} --kv {kv} '{prompt}' {{x}} --out {out}",
+            "python3 eng.py --model={model} --tokens {tokens} --kv {kv} '{prompt}' {{x}} --act={ffn_act} --out {out}",
             Duration::from_secs(1),
         )
         .unwrap();
@@ -427,6 +445,7 @@ mod tests {
             threads: 2,
             out: Path::new("/d.safetensors"),
             prompt: Some("it's a \"prompt\"; rm -rf /"),
+            ffn_act: FfnAct::Relu2,
         });
         assert_eq!(
             argv,
@@ -440,6 +459,7 @@ mod tests {
                 "f32",
                 "it's a \"prompt\"; rm -rf /",
                 "{x}",
+                "--act=relu2",
                 "--out",
                 "/d.safetensors"
             ]
@@ -478,6 +498,7 @@ mod tests {
             threads: 1,
             out: Path::new("o"),
             prompt: None,
+            ffn_act: FfnAct::Silu,
         };
         let f = cmd.run(&inputs, None).unwrap_err();
         assert_eq!(f.status, Some(3));

@@ -1447,8 +1447,14 @@ fn ffn_act_usage_errors_are_named() {
         ),
         (
             &shaped,
-            vec!["--ffn-act", "relu2", "--candidate-cmd", "true {out}"],
+            vec!["--reference-ffn-act", "silu", "--candidate-cmd", "true {out}"],
             "cannot be used with",
+        ),
+        // --ffn-act reaches a command, but not on an arch without the switch.
+        (
+            &llama,
+            vec!["--ffn-act", "relu2", "--candidate-cmd", "true {out}"],
+            "arch llama keeps its SiLU",
         ),
         (&shaped, vec!["--ffn-act", "gelu"], "gelu"),
     ] {

@@ -125,6 +125,7 @@ fn through_dumps(dir: &Path, path: &Path, tokens: &[u32], kv: KvType, worst: &mu
         steps: 4,
         threads: 2,
         kv_type: kv,
+        ffn_act: None,
         out: dir.join(out),
         cancel: None,
     };
@@ -138,6 +139,7 @@ fn through_dumps(dir: &Path, path: &Path, tokens: &[u32], kv: KvType, worst: &mu
         keep_going: true,
         model: Some(path.to_path_buf()),
         worker_exe: None,
+        ffn_act: None,
     };
     let full = map_dump(&cand, None).unwrap();
     for layer_only in [false, true] {

@@ -536,3 +536,59 @@ fn a_black_box_running_bitnet_with_squared_relu_is_caught_at_its_first_wrong_tok
     }
     assert!(log.contains("tokens only"), "{log}");
 }
+
+/// `--ffn-act` reaches an external engine: bitnet.cpp and the oracle run
+/// it, and the command is given it as `{ffn_act}`; a command that keeps the
+/// arch's own SiLU is caught at `ffn_act`. Through dumps, `capture
+/// --ffn-act` records it in the manifest and `compare` gives the oracle the
+/// same one.
+#[test]
+fn ffn_act_reaches_an_external_engine_and_the_dumps() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    let cfg = SynthConfig {
+        arch: "bitnet".into(),
+        seed: 1,
+        ..SynthConfig::preset(Preset::Tiny)
+    };
+    write_model(&cfg, &model).unwrap();
+    let relu2 = ["--ffn-act", "relu2"];
+    let (code, r, log) = find_cmd(
+        &model,
+        dir.path(),
+        &numpy_cmd("--ffn-act {ffn_act}"),
+        &relu2,
+    );
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(r.run.ffn_act, Some(divergence::FfnAct::Relu2));
+    let (code, r, log) = find_cmd(&model, dir.path(), &numpy_cmd("--ffn-act silu"), &relu2);
+    assert_eq!(code, 1, "{log}");
+    let d = r.first_divergence.as_ref().expect("a divergence");
+    assert_eq!(
+        (d.step, d.layer, d.stage, d.blame.blame),
+        (0, Some(0), Stage::FfnAct, Blame::Candidate),
+        "{log}"
+    );
+
+    let reference = dir.path().join("ref.safetensors");
+    let log = run(Command::new(env!("CARGO_BIN_EXE_divergence"))
+        .args(["capture", "--model", model.to_str().unwrap()])
+        .args(["--tokens", TOKENS, "--steps", "3", "--ffn-act", "relu2"])
+        .arg("--out")
+        .arg(&reference));
+    assert!(reference.is_file(), "{log}");
+    let candidate = dir.path().join("cand.safetensors");
+    python_dump_with(&model, &candidate, &["--ffn-act", "relu2"]);
+    let (code, r) = compare(&reference, &candidate, &model, &dir.path().join("c.json"));
+    assert_eq!(code, 0, "{:?}", r.first_divergence);
+    assert_eq!(r.run.ffn_act, Some(divergence::FfnAct::Relu2));
+    // The arch's own SiLU in the candidate's dump: caught at ffn_act.
+    let silu = dir.path().join("silu.safetensors");
+    python_dump_with(&model, &silu, &["--ffn-act", "silu"]);
+    let (code, r) = compare(&reference, &silu, &model, &dir.path().join("s.json"));
+    assert_eq!(code, 1);
+    assert_eq!(r.first_divergence.unwrap().stage, Stage::FfnAct);
+}

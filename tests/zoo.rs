@@ -470,6 +470,7 @@ fn through_dumps(model: &Path, faults: &[Fault]) -> Outcome {
         steps: 2,
         threads: 1,
         kv_type: divergence::KvType::F16,
+        ffn_act: None,
         out: dir.path().join(out),
         cancel: None,
     };
@@ -488,6 +489,7 @@ fn through_dumps(model: &Path, faults: &[Fault]) -> Outcome {
         keep_going: false,
         model: Some(model.to_path_buf()),
         worker_exe: None,
+        ffn_act: None,
     };
     let cand = CandidateDump {
         stages: Ok(&stages),

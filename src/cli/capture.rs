@@ -47,6 +47,11 @@ pub struct CaptureArgs {
     /// KV cache type.
     #[arg(long, value_parser = super::find::parse_kv, default_value = "f16")]
     kv: KvType,
+    /// The FFN activation instead of the arch's own (arches bitnet,
+    /// bitnet-b1.58, bitnet-25), recorded in the manifest: `compare` then
+    /// gives the oracle the same one.
+    #[arg(long, value_enum)]
+    ffn_act: Option<divergence::FfnAct>,
     /// The dump to write (safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -82,6 +87,7 @@ pub fn capture(args: CaptureArgs) -> CliResult {
         steps: args.steps,
         threads,
         kv_type: args.kv,
+        ffn_act: args.ffn_act,
         out: args.out.clone(),
         cancel: Some(interrupt::flag()),
     };
@@ -160,6 +166,10 @@ pub struct CompareArgs {
     /// Print the receipt JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
+    /// The FFN activation the oracle runs instead of the arch's own
+    /// (default: the one the reference dump's manifest records).
+    #[arg(long, value_enum)]
+    ffn_act: Option<divergence::FfnAct>,
 }
 
 pub fn compare(args: CompareArgs) -> CliResult {
@@ -195,6 +205,7 @@ pub fn compare(args: CompareArgs) -> CliResult {
         keep_going: args.keep_going,
         model: args.model.clone(),
         worker_exe: divergence::reference::worker::default_exe().ok(),
+        ffn_act: args.ffn_act,
     };
     let compared = compare_dumps(&reference, &candidate, &opts)?;
     let m = reference
@@ -267,7 +278,7 @@ pub fn offline_receipt(
         chat: false,
         // `divergence capture` dumps the reference as the model defines it.
         reference_ffn_act: Default::default(),
-        ffn_act: None,
+        ffn_act: compared.ffn_act,
     };
     offline.model_given = compared.model.is_some();
     offline.note = if offline.model_given {

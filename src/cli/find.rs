@@ -68,7 +68,9 @@ pub struct Args {
     /// The FFN activation of both engines and the oracle instead of the
     /// arch's own (arches bitnet, bitnet-b1.58, bitnet-25): relu2 judges a
     /// BitNet-b1.58-2B-4T converted as arch bitnet as the model it is.
-    #[arg(long, value_enum, conflicts_with = "candidate_cmd")]
+    /// With --candidate-cmd: the reference and the oracle, and the command
+    /// through its {ffn_act} placeholder.
+    #[arg(long, value_enum)]
     ffn_act: Option<FfnAct>,
     /// Record every divergence instead of stopping at the first.
     #[arg(long)]
@@ -83,7 +85,7 @@ pub struct Args {
     json: bool,
     /// Run the candidate as this command instead of our engine: it must
     /// write a dump of its run to {out} (any subset of the stages). Other
-    /// placeholders: {model} {tokens} {steps} {kv} {threads} {prompt}. The
+    /// placeholders: {model} {tokens} {steps} {kv} {threads} {prompt} {ffn_act}. The
     /// run is free (each engine feeds itself), judged as `compare` judges.
     #[arg(long, conflicts_with_all = ["inject", "chat"])]
     candidate_cmd: Option<String>,
@@ -301,6 +303,7 @@ pub fn external(
             keep_going: record.keep_going,
             model: None,
             worker_exe: None,
+            ffn_act: record.ffn_act,
         },
         dir,
     };

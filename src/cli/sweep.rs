@@ -50,12 +50,13 @@ pub struct SweepArgs {
     #[arg(long)]
     receipts: Option<PathBuf>,
     /// The FFN activation of both engines and the oracle instead of the
-    /// arch's own (see `find --ffn-act`).
-    #[arg(long, value_enum, conflicts_with = "candidate_cmd")]
+    /// arch's own (see `find --ffn-act`); with --candidate-cmd, of the
+    /// reference, the oracle and the command's {ffn_act}.
+    #[arg(long, value_enum)]
     ffn_act: Option<FfnAct>,
     /// Run the candidate as this command for every prompt (see `find
     /// --candidate-cmd`): it writes a dump to {out}; placeholders {model}
-    /// {tokens} {steps} {kv} {threads} {prompt}. Runs are free.
+    /// {tokens} {steps} {kv} {threads} {prompt} {ffn_act}. Runs are free.
     #[arg(long, conflicts_with = "inject")]
     candidate_cmd: Option<String>,
     /// Seconds each --candidate-cmd run may take before it is killed.

@@ -27,6 +27,8 @@ pub struct CaptureConfig {
     pub threads: usize,
     /// KV cache type.
     pub kv_type: KvType,
+    /// The FFN activation instead of the arch's own (`--ffn-act`).
+    pub ffn_act: Option<crate::model::FfnAct>,
     /// Where to write the dump.
     pub out: PathBuf,
     /// Set (by Ctrl-C): stop after the current step and write the steps
@@ -92,6 +94,7 @@ fn manifest(cfg: &CaptureConfig, file: &GgufFile, engine: &str, build: String) -
         mode: Mode::Free,
         threads: cfg.threads,
         kv_type: cfg.kv_type,
+        ffn_act: cfg.ffn_act,
         reference_build: None,
         interrupted: false,
     }
@@ -128,7 +131,9 @@ pub fn capture_reference(
         base_names: capture_base_names(),
         ..CaptureFilter::default()
     };
-    let mut worker = Worker::start(worker_exe, &cfg.model, &ctx, filter)?;
+    crate::lockstep::ffn_act_applies(&file, cfg.ffn_act)
+        .map_err(|e| CaptureError::Input(e.to_string()))?;
+    let mut worker = Worker::start_with(worker_exe, &cfg.model, &ctx, filter, cfg.ffn_act)?;
     let mut batch = match &cfg.prompt {
         Prompt::Text(t) => worker.tokenize(t, true, true)?,
         Prompt::Tokens(ids) => ids.clone(),
@@ -174,6 +179,8 @@ pub fn capture_candidate(
 ) -> Result<Manifest, CaptureError> {
     let file = GgufFile::open(&cfg.model)?;
     let n_ctx = context_size(&file, &cfg.prompt, cfg.steps);
+    crate::lockstep::ffn_act_applies(&file, cfg.ffn_act)
+        .map_err(|e| CaptureError::Input(e.to_string()))?;
     let mut cand = loader
         .load(&LoadOptions {
             model: cfg.model.clone(),
@@ -181,7 +188,7 @@ pub fn capture_candidate(
             kv_type: cfg.kv_type,
             n_ctx,
             file: None,
-            ffn_act: None,
+            ffn_act: cfg.ffn_act,
         })
         .map_err(|e| CaptureError::Candidate(e.to_string()))?;
     let mut batch = match &cfg.prompt {

@@ -86,6 +86,11 @@ pub struct Manifest {
     /// The KV cache type.
     #[serde(default)]
     pub kv_type: KvType,
+    /// The FFN activation the engine was told to run instead of the arch's
+    /// own (`capture --ffn-act`); absent when it ran the arch's own.
+    /// `compare` gives the oracle the reference dump's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_act: Option<crate::model::FfnAct>,
     /// bitnet.cpp's build, for reference dumps.
     #[serde(default)]
     pub reference_build: Option<BuildInfo>,

@@ -175,6 +175,18 @@ impl RunConfig {
     }
 }
 
+/// Refuses `--ffn-act` on an arch without the reference's switch (`llama`).
+pub(crate) fn ffn_act_applies(file: &GgufFile, act: Option<FfnAct>) -> Result<(), RunError> {
+    let name = file.get_str("general.architecture").unwrap_or("(none)");
+    match (act, crate::model::Arch::from_name(name)) {
+        (Some(act), Some(arch)) if !arch.ffn_act_overridable() => Err(RunError::Input(format!(
+            "--ffn-act {} applies to arches bitnet, bitnet-b1.58 and bitnet-25: arch {name} keeps its SiLU",
+            act.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses FFN activation choices the model's arch cannot take: `--ffn-act`
 /// on an arch without the reference's switch (`llama`), and
 /// `--reference-ffn-act silu` where the run is SiLU already.
@@ -187,14 +199,7 @@ fn check_ffn_act(file: &GgufFile, cfg: &RunConfig) -> Result<(), RunError> {
     let Some(arch) = crate::model::Arch::from_name(name) else {
         return Ok(());
     };
-    if let Some(act) = cfg.ffn_act {
-        if !arch.ffn_act_overridable() {
-            return Err(RunError::Input(format!(
-                "--ffn-act {} applies to arches bitnet, bitnet-b1.58 and bitnet-25: arch {name} keeps its SiLU",
-                act.name()
-            )));
-        }
-    }
+    ffn_act_applies(file, cfg.ffn_act)?;
     let run_act = cfg.ffn_act.unwrap_or(arch.ffn_act());
     if cfg.reference_ffn_act == FfnAct::Silu && run_act == FfnAct::Silu {
         let why = match cfg.ffn_act {

@@ -30,6 +30,10 @@ pub struct OfflineOptions {
     /// it, its choices are judged only while they match the reference
     /// dump's.
     pub worker_exe: Option<PathBuf>,
+    /// The FFN activation the oracle (and a teacher-forced reference) runs
+    /// instead of the arch's own; `None`: the reference dump's (its
+    /// manifest's `ffn_act`), else the arch's.
+    pub ffn_act: Option<crate::model::FfnAct>,
 }
 
 /// The candidate side of an offline comparison.
@@ -258,6 +262,9 @@ pub struct Compared {
     /// The model file the oracle read (given, or the one the reference
     /// dump names) and its sha256, checked against both manifests.
     pub model: Option<(PathBuf, String)>,
+    /// The FFN activation the oracle ran instead of the arch's own (given,
+    /// or the reference dump's).
+    pub ffn_act: Option<crate::model::FfnAct>,
 }
 
 /// Judges `candidate` against the `reference` dump.
@@ -313,10 +320,15 @@ pub fn compare_dumps(
         }
         None => None,
     };
+    // The activation the run was told to use: given, or the reference's.
+    let ffn_act = opts.ffn_act.or(manifest.ffn_act);
+    if let Some((f, _)) = &file {
+        crate::lockstep::ffn_act_applies(f, ffn_act)?;
+    }
     let oracle = match &file {
-        Some((f, _)) => {
-            Oracle::new(f.clone(), manifest.kv_type == KvType::F16).map_err(|e| e.to_string())
-        }
+        Some((f, _)) => Oracle::new(f.clone(), manifest.kv_type == KvType::F16)
+            .map(|o| o.with_ffn_act(ffn_act))
+            .map_err(|e| e.to_string()),
         None => Err(format!(
             "compare was run without --model and the reference dump's model {:?} is not there",
             manifest.model_path
@@ -376,6 +388,7 @@ pub fn compare_dumps(
     Ok(Compared {
         outcome,
         model: model.zip(file.map(|(_, sha)| sha)),
+        ffn_act,
     })
 }
 
@@ -698,7 +711,9 @@ fn judge_choices(
                         off: true,
                         ..CaptureFilter::default()
                     };
-                    let w = Worker::start(exe, model, &ctx, filter).map_err(Ended::Reference)?;
+                    let act = opts.ffn_act.or(manifest.ffn_act);
+                    let w = Worker::start_with(exe, model, &ctx, filter, act)
+                        .map_err(Ended::Reference)?;
                     forced = Some(TeacherForced {
                         worker: w,
                         fed: 0,

@@ -536,6 +536,7 @@ fn external_prompt(
             keep_going: true,
             model: None,
             worker_exe: Some(worker_exe.to_path_buf()),
+            ffn_act: req.ffn_act,
         },
         dir,
     };
