@@ -1447,7 +1447,12 @@ fn ffn_act_usage_errors_are_named() {
         ),
         (
             &shaped,
-            vec!["--reference-ffn-act", "silu", "--candidate-cmd", "true {out}"],
+            vec![
+                "--reference-ffn-act",
+                "silu",
+                "--candidate-cmd",
+                "true {out}",
+            ],
             "cannot be used with",
         ),
         // --ffn-act reaches a command, but not on an arch without the switch.

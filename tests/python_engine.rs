@@ -290,6 +290,18 @@ fn a_dump_of_layer_outputs_places_a_bug_in_its_layer() {
     }
 }
 
+/// The tiny preset as arch `bitnet`, seed 1, written into `dir`.
+fn tiny_bitnet(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("tiny.gguf");
+    let cfg = SynthConfig {
+        arch: "bitnet".into(),
+        seed: 1,
+        ..SynthConfig::preset(Preset::Tiny)
+    };
+    write_model(&cfg, &model).unwrap();
+    model
+}
+
 /// The numpy engine as a `--candidate-cmd` (placeholders filled by the
 /// harness), with `extra` arguments.
 fn numpy_cmd(extra: &str) -> String {
@@ -324,13 +336,7 @@ fn find_runs_an_external_engine_as_a_command() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    let cfg = SynthConfig {
-        arch: "bitnet".into(),
-        seed: 1,
-        ..SynthConfig::preset(Preset::Tiny)
-    };
-    write_model(&cfg, &model).unwrap();
+    let model = tiny_bitnet(dir.path());
 
     let (code, r, log) = find_cmd(&model, dir.path(), &numpy_cmd("--bug none"), &[]);
     assert_eq!(code, 0, "clean: {log}");
@@ -420,13 +426,7 @@ fn a_sweep_runs_an_external_engine_on_every_prompt_and_merges() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    let cfg = SynthConfig {
-        arch: "bitnet".into(),
-        seed: 1,
-        ..SynthConfig::preset(Preset::Tiny)
-    };
-    write_model(&cfg, &model).unwrap();
+    let model = tiny_bitnet(dir.path());
     let prompts = dir.path().join("p.jsonl");
     std::fs::write(
         &prompts,
@@ -500,13 +500,7 @@ fn a_black_box_running_bitnet_with_squared_relu_is_caught_at_its_first_wrong_tok
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    let cfg = SynthConfig {
-        arch: "bitnet".into(),
-        seed: 1,
-        ..SynthConfig::preset(Preset::Tiny)
-    };
-    write_model(&cfg, &model).unwrap();
+    let model = tiny_bitnet(dir.path());
     // Tokens only, the model's own activation: clean.
     let (code, r, log) = find_cmd(&model, dir.path(), &numpy_cmd("--stages none"), &[]);
     assert_eq!(code, 0, "{log}");
@@ -548,13 +542,7 @@ fn ffn_act_reaches_an_external_engine_and_the_dumps() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    let cfg = SynthConfig {
-        arch: "bitnet".into(),
-        seed: 1,
-        ..SynthConfig::preset(Preset::Tiny)
-    };
-    write_model(&cfg, &model).unwrap();
+    let model = tiny_bitnet(dir.path());
     let relu2 = ["--ffn-act", "relu2"];
     let (code, r, log) = find_cmd(
         &model,
