@@ -157,15 +157,17 @@ proptest! {
     }
 
     /// Products over many rows and tokens (decode takes four rows per
-    /// pass, prefill tiles of four rows by four tokens) equal the
-    /// specification on raw bytes, from any start row, odd block counts
-    /// and remainders included.
+    /// pass; prefill unpacks blocks of 16 rows and takes tiles of two rows
+    /// by six tokens on AVX2, four by four on AVX-512) equal the
+    /// specification on raw bytes, in both modes, from any start row, odd
+    /// block counts, several row blocks and remainders included.
     #[test]
     fn row_and_token_tiles_equal_scalar(
         blocks in 1usize..=40,
-        rows in 1usize..=13,
-        t in 1usize..=9,
+        rows in 1usize..=37,
+        t in 1usize..=14,
         start in 0usize..4,
+        wrap in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let n_in = blocks * scalar::BLOCK;
@@ -173,8 +175,8 @@ proptest! {
         let mut next = xorshift(seed);
         let w: Vec<u8> = (0..n_in * rows / 4).map(|_| next() as u8).collect();
         let q: Vec<i8> = (0..n_in * t).map(|_| next() as i8).collect();
-        let bad = kernels_differing_from_scalar(false, &w, n_in, start..rows, &q);
-        prop_assert!(bad.is_empty(), "kernels {:?} differ from scalar", bad);
+        let bad = kernels_differing_from_scalar(wrap, &w, n_in, start..rows, &q);
+        prop_assert!(bad.is_empty(), "kernels {:?} differ from scalar (wrap {})", bad, wrap);
     }
 
     /// Every kernel's activation quantizer is quantize_row_i8_s: same
@@ -382,14 +384,16 @@ fn issue_629_example_in_every_kernel() {
 #[test]
 fn long_rows_and_odd_row_counts_in_every_kernel() {
     // Rows over 4096 values (a full wrap group plus a partial one), 7 rows,
-    // 3 tokens, extreme activations so that lanes do wrap.
+    // 9 tokens (a whole prefill tile and a partial one), extreme
+    // activations so that lanes do wrap.
     let n_in = 4096 + 3 * 128;
     let rows = 7;
+    let n_tok = 9;
     let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
     let w: Vec<i8> = (0..n_in * rows)
         .map(|_| if next().is_multiple_of(4) { 0 } else { 1 })
         .collect();
-    let q: Vec<i8> = (0..n_in * 3)
+    let q: Vec<i8> = (0..n_in * n_tok)
         .map(|i| if i % 11 == 0 { -128 } else { 127 })
         .collect();
     let packed = i2s::pack(&w, 1.0);
@@ -400,8 +404,8 @@ fn long_rows_and_odd_row_counts_in_every_kernel() {
             "kernels {bad:?} differ from scalar, wrap={wrap}"
         );
     }
-    let mut exact = vec![0i32; rows * 3];
-    let mut wrapped = vec![0i32; rows * 3];
+    let mut exact = vec![0i32; rows * n_tok];
+    let mut wrapped = vec![0i32; rows * n_tok];
     Kernel::SCALAR.matmul(false, &packed, n_in, 0..rows, &q, &mut exact);
     Kernel::SCALAR.matmul(true, &packed, n_in, 0..rows, &q, &mut wrapped);
     assert_ne!(exact, wrapped, "this input must provoke the wrap");

@@ -57,6 +57,10 @@ pub struct Args {
     /// Kernel mode: repetitions.
     #[arg(long, default_value_t = 200)]
     reps: usize,
+    /// Kernel mode: activation rows per product (1: the decode's mat-vec;
+    /// more: a prefill's mat-mat, against the reference's mat-vec per row).
+    #[arg(long, default_value_t = 1)]
+    tokens: usize,
     #[arg(long)]
     json: bool,
     /// Model mode: also time the candidate's decode stage by stage (the
@@ -172,11 +176,15 @@ struct StageTime {
 struct KernelReport {
     n_in: usize,
     n_out: usize,
+    tokens: usize,
     reps: usize,
     weight_bytes: usize,
     candidate_kernel: String,
     candidate_gb_s: f64,
     reference_gb_s: f64,
+    /// Ternary multiply-adds per second (n_in · n_out · tokens per product).
+    candidate_gmac_s: f64,
+    reference_gmac_s: f64,
     ratio: f64,
     outputs_equal: bool,
 }
@@ -703,10 +711,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn kernel_bench(args: &Args) -> CliResult {
-    let (n_in, n_out) = (args.n_in, args.n_out);
-    if n_in == 0 || n_in % 128 != 0 || n_out == 0 || args.reps == 0 {
+    let (n_in, n_out, n_tok) = (args.n_in, args.n_out, args.tokens);
+    if n_in == 0 || n_in % 128 != 0 || n_out == 0 || args.reps == 0 || n_tok == 0 || n_tok > 4096 {
         return Err(anyhow!(
-            "--n-in must be a positive multiple of 128; --n-out and --reps positive"
+            "--n-in must be a positive multiple of 128; --n-out and --reps positive; --tokens 1 to 4096"
         )
         .into());
     }
@@ -726,23 +734,42 @@ fn kernel_bench(args: &Args) -> CliResult {
     };
     let ternary: Vec<i8> = (0..n_in * n_out).map(|_| (next() % 3) as i8 - 1).collect();
     let packed = divergence::quant::i2s::pack(&ternary, 0.25);
-    let x: Vec<f32> = (0..n_in)
+    let xs: Vec<f32> = (0..n_in * n_tok)
         .map(|_| ((next() % 2001) as f32 - 1000.0) / 250.0)
         .collect();
     let kernel = Kernel::detect()?;
     let codes = &packed[..n_in * n_out / 4];
     let w_scale = 0.25f32;
 
+    // Per token row: quantized codes, then one product for every token;
+    // out[t * n_out + r] as the reference lays it out.
     let ours = |out: &mut Vec<f32>| {
-        let mut q = vec![0i8; n_in];
-        let row = kernel.quantize_row(&x, &mut q, ActQuantVariant::REFERENCE);
-        let mut acc = vec![0i32; n_out];
+        let mut q = vec![0i8; n_in * n_tok];
+        let rows: Vec<_> = xs
+            .chunks_exact(n_in)
+            .zip(q.chunks_exact_mut(n_in))
+            .map(|(x, q)| kernel.quantize_row(x, q, ActQuantVariant::REFERENCE))
+            .collect();
+        let mut acc = vec![0i32; n_out * n_tok];
         kernel.matmul(false, codes, n_in, 0..n_out, &q, &mut acc);
         out.clear();
-        out.extend(
-            acc.iter()
-                .map(|&d| (d as f32 - row.sum as f32) / row.scale * w_scale),
-        );
+        out.resize(n_out * n_tok, 0.0);
+        for (t, row) in rows.iter().enumerate() {
+            for r in 0..n_out {
+                let d = acc[r * n_tok + t];
+                out[t * n_out + r] = (d as f32 - row.sum as f32) / row.scale * w_scale;
+            }
+        }
+    };
+    let theirs = |out: &mut Vec<f32>| -> Result<(), anyhow::Error> {
+        out.clear();
+        for x in xs.chunks_exact(n_in) {
+            out.extend(
+                kernels::i2s_matvec(&packed, n_in, n_out, x)
+                    .ok_or_else(|| anyhow!("shim refused the shape"))?,
+            );
+        }
+        Ok(())
     };
     let mut out_ours = Vec::new();
     ours(&mut out_ours);
@@ -752,28 +779,32 @@ fn kernel_bench(args: &Args) -> CliResult {
     }
     let ours_s = t.elapsed().as_secs_f64() / args.reps as f64;
 
-    let mut out_ref = kernels::i2s_matvec(&packed, n_in, n_out, &x)
-        .ok_or_else(|| anyhow!("shim refused the shape"))?;
+    let mut out_ref = Vec::new();
+    theirs(&mut out_ref)?;
     let t = Instant::now();
     for _ in 0..args.reps {
-        out_ref = kernels::i2s_matvec(&packed, n_in, n_out, &x)
-            .ok_or_else(|| anyhow!("shim refused the shape"))?;
+        theirs(&mut out_ref)?;
     }
     let ref_s = t.elapsed().as_secs_f64() / args.reps as f64;
     let bytes = n_in * n_out / 4;
+    let macs = (n_in * n_out * n_tok) as f64;
     let report = KernelReport {
         n_in,
         n_out,
+        tokens: n_tok,
         reps: args.reps,
         weight_bytes: bytes,
         candidate_kernel: kernel.name().into(),
         candidate_gb_s: bytes as f64 / ours_s / 1e9,
         reference_gb_s: bytes as f64 / ref_s / 1e9,
+        candidate_gmac_s: macs / ours_s / 1e9,
+        reference_gmac_s: macs / ref_s / 1e9,
         ratio: ref_s / ours_s,
-        outputs_equal: out_ours
-            .iter()
-            .zip(&out_ref)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        outputs_equal: out_ours.len() == out_ref.len()
+            && out_ours
+                .iter()
+                .zip(&out_ref)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
     };
     if args.json {
         outln!(
@@ -781,19 +812,26 @@ fn kernel_bench(args: &Args) -> CliResult {
             serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
         );
     } else {
+        let what = if n_tok == 1 {
+            "mat-vec".to_string()
+        } else {
+            format!("mat-mat ({n_tok} tokens; bitnet.cpp: a mat-vec per token)")
+        };
         outln!(
-            "I2_S mat-vec {n_in} x {n_out} ({:.2} MiB of codes), 1 thread, {} reps",
+            "I2_S {what} {n_in} x {n_out} ({:.2} MiB of codes), 1 thread, {} reps",
             bytes as f64 / 1048576.0,
             args.reps
         );
         outln!(
-            "candidate ({:<11}) {:>8.2} GB/s",
+            "candidate ({:<11}) {:>8.2} GB/s {:>8.2} GMAC/s",
             report.candidate_kernel,
-            report.candidate_gb_s
+            report.candidate_gb_s,
+            report.candidate_gmac_s
         );
         outln!(
-            "bitnet.cpp (AVX2)       {:>8.2} GB/s",
-            report.reference_gb_s
+            "bitnet.cpp (AVX2)       {:>8.2} GB/s {:>8.2} GMAC/s",
+            report.reference_gb_s,
+            report.reference_gmac_s
         );
         outln!(
             "ratio {:.2}x; outputs bit-identical: {}",

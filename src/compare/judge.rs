@@ -452,26 +452,31 @@ impl<'a> StepJudge<'a> {
                 std::borrow::Cow::Borrowed(&r.data)
             }
         };
-        let sides = reference.map(|r| {
-            if r.shape == shape || last_row {
-                let rd = reference_row(r);
-                let mut m = metrics::compute(&rd, data, rule.atol, rule.rtol);
-                if key.stage == Stage::Logits {
-                    m.logits = Some(metrics::logit_metrics(&rd, data, self.n_vocab, TOP_K));
+        let n_vocab = self.n_vocab;
+        let sides_of = || {
+            reference.map(|r| {
+                if r.shape == shape || last_row {
+                    let rd = reference_row(r);
+                    let mut m = metrics::compute(&rd, data, rule.atol, rule.rtol);
+                    if key.stage == Stage::Logits {
+                        m.logits = Some(metrics::logit_metrics(&rd, data, n_vocab, TOP_K));
+                    }
+                    m
+                } else {
+                    metrics::shape_mismatch(&r.shape, shape)
                 }
-                m
-            } else {
-                metrics::shape_mismatch(&r.shape, shape)
-            }
-        });
-        let agree = sides.as_ref().is_none_or(|m| policy::passes(rule, m));
-        let (ref_local, ref_oracle) = match reference {
+            })
+        };
+        // The sides against each other (one thread) while the reference's
+        // oracle recomputes the stage (all of them).
+        let (sides, (ref_local, ref_oracle)) = rayon::join(sides_of, || match reference {
             Some(r) => {
                 self.judged_reference.insert(key);
                 self.local_of(Side::Reference, key, &r.shape, &r.data, false)
             }
             None => (None, None),
-        };
+        });
+        let agree = sides.as_ref().is_none_or(|m| policy::passes(rule, m));
         // In resync with identical histories the candidate's inputs are the
         // reference's: the same oracle values judge it.
         let reuse = self.resync && self.same_history && reference.is_some_and(|r| r.shape == shape);

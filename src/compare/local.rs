@@ -18,7 +18,11 @@
 
 use crate::oracle::OracleStage;
 use crate::trace::{Stage, StageKey};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+/// Elements from which a measure sums its token rows in parallel.
+const PARALLEL_FROM: usize = 1 << 15;
 
 /// One side's stage against the oracle on its own inputs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,33 +118,51 @@ pub fn measure(
             k
         }
     };
-    // Per token row: squared error, squared rounding, squared oracle.
-    let mut acc = vec![(0f64, 0f64, 0f64); rows.max(1)];
-    let mut max_abs = 0f64;
+    // Per token row: squared error, squared rounding, squared oracle; each
+    // row summed in element order, rows in parallel (the same bits).
+    let n_rows = rows.max(1);
     let mut broken = side.len() != values.len();
+    let mut acc = vec![(0f64, 0f64, 0f64); n_rows];
+    let mut max_abs = 0f64;
     if !broken {
-        let runs = side
-            .chunks(run)
-            .zip(values.chunks(run))
-            .zip(oracle.rounding.chunks(run));
-        for (k, ((xs, os), rs)) in runs.enumerate() {
-            let row = row_of_run(k).min(acc.len() - 1);
-            let a = &mut acc[row];
-            for ((&x, &o), &r) in xs.iter().zip(os).zip(rs) {
-                let x = f64::from(x);
-                let err = if x.is_nan() && o.is_nan() {
-                    0.0
-                } else if !x.is_finite() || !o.is_finite() {
-                    broken = true;
-                    f64::INFINITY
-                } else {
-                    (x - o).abs()
-                };
-                max_abs = max_abs.max(err);
-                a.0 += err * err;
-                a.1 += r * r;
-                a.2 += if o.is_finite() { o * o } else { 0.0 };
+        let mut runs_of_row: Vec<Vec<usize>> = vec![Vec::new(); n_rows];
+        for k in 0..side.len().div_ceil(run) {
+            runs_of_row[row_of_run(k).min(n_rows - 1)].push(k);
+        }
+        let row_sums = |runs: &Vec<usize>| -> ((f64, f64, f64), f64, bool) {
+            let (mut a, mut max_abs, mut broken) = ((0f64, 0f64, 0f64), 0f64, false);
+            for &k in runs {
+                let span = k * run..((k + 1) * run).min(side.len());
+                let nr = oracle.rounding.len();
+                let (xs, os) = (&side[span.clone()], &values[span.clone()]);
+                let rs = &oracle.rounding[span.start.min(nr)..span.end.min(nr)];
+                for ((&x, &o), &r) in xs.iter().zip(os).zip(rs) {
+                    let x = f64::from(x);
+                    let err = if x.is_nan() && o.is_nan() {
+                        0.0
+                    } else if !x.is_finite() || !o.is_finite() {
+                        broken = true;
+                        f64::INFINITY
+                    } else {
+                        (x - o).abs()
+                    };
+                    max_abs = max_abs.max(err);
+                    a.0 += err * err;
+                    a.1 += r * r;
+                    a.2 += if o.is_finite() { o * o } else { 0.0 };
+                }
             }
+            (a, max_abs, broken)
+        };
+        let per_row: Vec<_> = if side.len() >= PARALLEL_FROM {
+            runs_of_row.par_iter().map(row_sums).collect()
+        } else {
+            runs_of_row.iter().map(row_sums).collect()
+        };
+        for (a, (sums, row_max, row_broken)) in acc.iter_mut().zip(per_row) {
+            *a = sums;
+            max_abs = max_abs.max(row_max);
+            broken |= row_broken;
         }
     }
     let ratio = |err: f64, floor: f64| -> f64 {

@@ -84,6 +84,7 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         };
         // The faults of a chosen layer (`--inject-layer`) act only there.
         let cx = with_faults(faults.outside_layers());
+        let sink = &mut Resting { team, sink };
         let (t, e) = (tokens.len(), config.n_embd);
 
         let mut x = cx.embedding(&weights.token_embd, tokens);
@@ -97,6 +98,26 @@ pub(crate) fn forward<S: TraceSink + ?Sized>(
         sink.stage(None, Stage::Logits, &[t, config.n_vocab], &mut logits);
         logits
     })
+}
+
+/// A sink that receives stages (a judge, a recorder) gets the cores to
+/// itself while it runs: the team's idle workers sleep instead of spinning.
+struct Resting<'s, 't, 'a, S: ?Sized> {
+    team: &'t Team<'t, 'a>,
+    sink: &'s mut S,
+}
+
+impl<S: TraceSink + ?Sized> TraceSink for Resting<'_, '_, '_, S> {
+    fn enabled(&self) -> bool {
+        self.sink.enabled()
+    }
+
+    fn stage(&mut self, layer: Option<usize>, stage: Stage, shape: &[usize], data: &mut [f32]) {
+        if self.sink.enabled() {
+            self.team.rest();
+        }
+        self.sink.stage(layer, stage, shape, data);
+    }
 }
 
 impl<'a> Compute<'a, '_> {

@@ -6,8 +6,10 @@
 //! whose workers go to sleep between them pays a wake-up per product and
 //! per worker; bitnet.cpp's threads spin instead. The workers here spin on
 //! an epoch counter for up to [`SPIN`] after their last task, then sleep on
-//! a condition variable (so a forward pass waiting on a trace sink or on the
-//! reference does not hold a core). Every element of a product is computed
+//! a condition variable (so a forward pass waiting on the reference does not
+//! hold a core). Before a trace sink takes over the caller (a judge that
+//! recomputes the stage on every core), [`Team::rest`] sends them to sleep
+//! at once: a spinning worker would take a core from the sink's own threads. Every element of a product is computed
 //! by the same code whatever member (and thread count) computes it.
 //!
 //! Tasks own what they read (or borrow it for the whole pass, `'env`) and
@@ -33,6 +35,9 @@ struct Board<'env> {
     done: AtomicUsize,
     task: Mutex<Option<Task<'env>>>,
     quit: AtomicBool,
+    /// Set by [`Team::rest`], cleared by the next task: idle workers sleep
+    /// instead of spinning.
+    rest: AtomicBool,
     panicked: AtomicBool,
     sleepers: AtomicUsize,
     sleep: Mutex<()>,
@@ -59,6 +64,7 @@ pub(crate) fn with_team<'env, R>(threads: usize, body: impl FnOnce(&Team<'_, 'en
         done: AtomicUsize::new(0),
         task: Mutex::new(None),
         quit: AtomicBool::new(false),
+        rest: AtomicBool::new(false),
         panicked: AtomicBool::new(false),
         sleepers: AtomicUsize::new(0),
         sleep: Mutex::new(()),
@@ -103,7 +109,8 @@ impl Board<'_> {
             let mut spins = 0u32;
             while self.epoch.load(SeqCst) == seen && !self.quit.load(SeqCst) {
                 spins = spins.wrapping_add(1);
-                if spins & 255 != 0 || idle.elapsed() < SPIN {
+                let resting = self.rest.load(SeqCst);
+                if !resting && (spins & 255 != 0 || idle.elapsed() < SPIN) {
                     std::hint::spin_loop();
                     continue;
                 }
@@ -142,6 +149,7 @@ impl<'env> Team<'_, 'env> {
         let task: Task<'env> = Arc::new(task);
         board.done.store(0, SeqCst);
         *board.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.clone());
+        board.rest.store(false, SeqCst);
         board.epoch.fetch_add(1, SeqCst);
         board.ring();
         task(0);
@@ -157,6 +165,15 @@ impl<'env> Team<'_, 'env> {
         }
         *board.task.lock().unwrap_or_else(|e| e.into_inner()) = None;
         assert!(!board.panicked.load(SeqCst), "an engine worker panicked");
+    }
+
+    /// Idle workers go to sleep now rather than spin until the next task
+    /// (which wakes them): the caller is about to hand its thread to work
+    /// that has threads of its own.
+    pub fn rest(&self) {
+        if let Some(board) = self.board {
+            board.rest.store(true, SeqCst);
+        }
     }
 
     /// `f` over consecutive ranges of `0..n` (sizes a multiple of `align`

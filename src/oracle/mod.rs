@@ -134,6 +134,8 @@ struct Shared {
     aligned: Mutex<HashMap<String, Aligned>>,
     /// The logits matrix's largest |w| per row.
     row_max: OnceLock<Vec<f32>>,
+    /// The last input quantized (`ternary::linear`).
+    products: Mutex<ternary::ProductMemo>,
 }
 
 /// The oracle for one model file and one side's KV cache type.
@@ -347,7 +349,7 @@ impl Oracle {
                 .ternary(l, stem)
                 .ok_or_else(|| tensor_missing(&format!("blk.{l}.{stem}.weight (I2_S)")))?;
             let (packed, padded) = self.packed(l, stem, &t);
-            ternary::linear(&t, &packed, padded, x)
+            ternary::linear(&t, &packed, padded, x, &self.shared.products)
         };
         let attn = Attention {
             n_head: f.n_head,

@@ -18,12 +18,16 @@ const U16: f64 = 1.0 / 2048.0;
 
 /// RMSNorm of each row, then the weight: `x / sqrt(mean(x²) + eps) · w`.
 pub(super) fn rms_norm(x: &[f32], n: usize, eps: f64, w: &[f64]) -> OracleStage {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(n) {
-        let mean = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n as f64;
-        let scale = 1.0 / (mean + eps).sqrt();
-        out.extend(row.iter().zip(w).map(|(&v, &wi)| f64::from(v) * scale * wi));
-    }
+    let mut out = vec![0f64; x.len() / n.max(1) * n];
+    x.par_chunks_exact(n.max(1))
+        .zip(out.par_chunks_exact_mut(n.max(1)))
+        .for_each(|(row, out)| {
+            let mean = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n as f64;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((o, &v), &wi) in out.iter_mut().zip(row).zip(w) {
+                *o = f64::from(v) * scale * wi;
+            }
+        });
     // The mean's and the root's roundings, the two products.
     OracleStage::rounded(out, 4.0)
 }
@@ -31,7 +35,7 @@ pub(super) fn rms_norm(x: &[f32], n: usize, eps: f64, w: &[f64]) -> OracleStage 
 /// Element-wise sum (the residual adds).
 pub(super) fn add(a: &[f32], b: &[f32]) -> OracleStage {
     let sum = a
-        .iter()
+        .par_iter()
         .zip(b)
         .map(|(&x, &y)| f64::from(x) + f64::from(y))
         .collect();
@@ -41,7 +45,7 @@ pub(super) fn add(a: &[f32], b: &[f32]) -> OracleStage {
 /// Element-wise product (`ffn_act · ffn_up`).
 pub(super) fn mul(a: &[f32], b: &[f32]) -> OracleStage {
     let product = a
-        .iter()
+        .par_iter()
         .zip(b)
         .map(|(&x, &y)| f64::from(x) * f64::from(y))
         .collect();
@@ -52,13 +56,13 @@ pub(super) fn mul(a: &[f32], b: &[f32]) -> OracleStage {
 pub(super) fn ffn_act(gate: &[f32], squared_relu: bool) -> OracleStage {
     if squared_relu {
         let v = gate
-            .iter()
+            .par_iter()
             .map(|&g| f64::from(g).max(0.0).powi(2))
             .collect();
         OracleStage::rounded(v, 2.0)
     } else {
         let v = gate
-            .iter()
+            .par_iter()
             .map(|&g| {
                 let g = f64::from(g);
                 g / (1.0 + (-g).exp())
@@ -82,28 +86,34 @@ pub(super) fn rope(
     let hd = f.head_dim;
     let base = f64::from(f.rope_theta);
     let mut out = vec![(0f64, 0f64); x.len()];
-    for (t, (row, orow)) in x
-        .chunks_exact(n_heads * hd)
-        .zip(out.chunks_exact_mut(n_heads * hd))
+    let width = (n_heads * hd).max(1);
+    x.par_chunks_exact(width)
+        .zip(out.par_chunks_exact_mut(width))
         .enumerate()
-    {
-        let pos = (pos0 + t) as f64;
-        for (head, ohead) in row.chunks_exact(hd).zip(orow.chunks_exact_mut(hd)) {
-            for i in 0..hd / 2 {
-                let theta = pos * base.powf(-2.0 * i as f64 / hd as f64);
-                let (s, c) = theta.sin_cos();
-                let (a, b) = if neox {
-                    (i, i + hd / 2)
-                } else {
-                    (2 * i, 2 * i + 1)
-                };
-                let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
-                let scale = U * (x0.abs() + x1.abs()) * (4.0 + theta * (2 * i + 2) as f64);
-                ohead[a] = (x0 * c - x1 * s, scale);
-                ohead[b] = (x0 * s + x1 * c, scale);
+        .for_each(|(t, (row, orow))| {
+            let pos = (pos0 + t) as f64;
+            // The angles of this position, once for every head.
+            let angles: Vec<(f64, f64, f64)> = (0..hd / 2)
+                .map(|i| {
+                    let theta = pos * base.powf(-2.0 * i as f64 / hd as f64);
+                    let (s, c) = theta.sin_cos();
+                    (theta, s, c)
+                })
+                .collect();
+            for (head, ohead) in row.chunks_exact(hd).zip(orow.chunks_exact_mut(hd)) {
+                for (i, &(theta, s, c)) in angles.iter().enumerate() {
+                    let (a, b) = if neox {
+                        (i, i + hd / 2)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
+                    let scale = U * (x0.abs() + x1.abs()) * (4.0 + theta * (2 * i + 2) as f64);
+                    ohead[a] = (x0 * c - x1 * s, scale);
+                    ohead[b] = (x0 * s + x1 * c, scale);
+                }
             }
-        }
-    }
+        });
     OracleStage::from_pairs(out)
 }
 

@@ -23,7 +23,7 @@ use super::{OracleStage, U};
 use crate::engine::kernels::Kernel;
 use crate::quant::i2s;
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Values per I2_S block.
 const BLOCK: usize = i2s::BLOCK;
@@ -126,16 +126,58 @@ pub(super) fn aligned_codes(m: &Ternary<'_>) -> (Arc<Vec<u8>>, usize) {
     (Arc::new(bytes), padded)
 }
 
+/// The last input the oracle quantized, with its codes: the projections
+/// that read one input (Q, K and V; gate and up) come one after another.
+#[derive(Default)]
+pub(super) struct ProductMemo {
+    input: Option<(Vec<f32>, usize, Arc<Vec<Codes>>)>,
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// `Σ code·q` of every row of `packed` with every token of `codes`
+/// (`[r * t + ti]`), rows split across threads: exact integer sums on
+/// every path, so the fastest kernel whatever is forced.
+fn integer_products(
+    packed: &[u8],
+    padded: usize,
+    n_out: usize,
+    codes: &[Codes],
+    n_in: usize,
+) -> Vec<i32> {
+    let t = codes.len();
+    // Codes of every token, each row padded with zero activations.
+    let mut q = vec![0i8; t * padded];
+    for (dst, c) in q.chunks_exact_mut(padded).zip(codes) {
+        dst[..n_in].copy_from_slice(&c.q);
+    }
+    let kernel = Kernel::fastest();
+    let mut sums = vec![0i32; n_out * t];
+    let rows_per_task = (n_out / (4 * rayon::current_num_threads()).max(1)).max(16);
+    sums.par_chunks_mut(rows_per_task * t)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let start = i * rows_per_task;
+            let rows = start..start + out.len() / t;
+            kernel.matmul(false, packed, padded, rows, &q, out);
+        });
+    sums
+}
+
 /// `x` ([T, n_in]) through the projection `m`: exact integer products,
 /// the f64 epilogue `Σ (code − 1)·q / act_scale · tensor_scale (· extra)`,
 /// and per value the rounding scale of an f32 epilogue. `packed` holds the
 /// rows block-aligned (`aligned_codes`, or the file's bytes when n_in is a
-/// multiple of 128) with `padded` values a row.
+/// multiple of 128) with `padded` values a row. `memo` (the oracle's)
+/// gives back the codes of an input quantized just before.
 pub(super) fn linear(
     m: &Ternary<'_>,
     packed: &[u8],
     padded: usize,
     x: &[f32],
+    memo: &Mutex<ProductMemo>,
 ) -> Result<OracleStage, String> {
     if m.n_in == 0 || !x.len().is_multiple_of(m.n_in) {
         return Err(format!(
@@ -145,24 +187,23 @@ pub(super) fn linear(
         ));
     }
     let t = x.len() / m.n_in;
-    let codes: Vec<Codes> = x.par_chunks(m.n_in).map(quantize).collect();
-    // Codes of every token, each row padded with zero activations.
-    let mut q = vec![0i8; t * padded];
-    for (dst, c) in q.chunks_exact_mut(padded).zip(&codes) {
-        dst[..m.n_in].copy_from_slice(&c.q);
-    }
-    // Σ code·q for every (output row, token), rows split across threads.
-    // Exact integer sums on every path: the fastest, whatever is forced.
-    let kernel = Kernel::fastest();
-    let mut sums = vec![0i32; m.n_out * t];
-    let rows_per_task = (m.n_out / (4 * rayon::current_num_threads()).max(1)).max(16);
-    sums.par_chunks_mut(rows_per_task * t)
-        .enumerate()
-        .for_each(|(i, out)| {
-            let start = i * rows_per_task;
-            let rows = start..start + out.len() / t;
-            kernel.matmul(false, packed, padded, rows, &q, out);
-        });
+    let lock = || memo.lock().unwrap_or_else(|e| e.into_inner());
+    // The projections that read one input (Q, K and V; gate and up) share
+    // its codes.
+    let known = lock()
+        .input
+        .as_ref()
+        .filter(|(input, n_in, _)| *n_in == m.n_in && bits_equal(input, x))
+        .map(|(_, _, codes)| codes.clone());
+    let codes = match known {
+        Some(codes) => codes,
+        None => {
+            let codes: Arc<Vec<Codes>> = Arc::new(x.par_chunks(m.n_in).map(quantize).collect());
+            lock().input = Some((x.to_vec(), m.n_in, codes.clone()));
+            codes
+        }
+    };
+    let sums = integer_products(packed, padded, m.n_out, &codes, m.n_in);
     let tensor_scale = f64::from(m.tensor_scale);
     let extra = m.extra_scale.map_or(1.0, f64::from);
     let mut values = vec![0f64; t * m.n_out];
