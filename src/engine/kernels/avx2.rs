@@ -12,8 +12,10 @@ use std::arch::x86_64::*;
 const EXACT_FLUSH_BLOCKS: usize = 8;
 
 pub fn available() -> bool {
-    // Every AVX2 CPU also has F16C; the logits dot needs both.
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
+    // Every AVX2 CPU also has F16C and FMA; the logits dot needs all three.
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma")
 }
 
 /// `Σ code·q` of `R` rows with `T` tokens (`out[r][t]`), each (row, token)
@@ -439,7 +441,7 @@ pub unsafe fn quantize_codes(x: &[f32], scale: f32, out: &mut [i8]) -> i32 {
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C, and `row.len() == 2 * x.len()`.
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
     dot_f16_ahead(row, x, None)
 }
@@ -447,7 +449,7 @@ pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
 /// [`dot_f16`], prefetching `ahead` bytes past the part of the row being
 /// read when given (the rows of a decode's logits are one long stream).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 unsafe fn dot_f16_ahead(row: &[u8], x: &[f32], ahead: Option<usize>) -> f32 {
     let n = x.len();
     let full = n / DENSE_LANES * DENSE_LANES;
@@ -463,7 +465,7 @@ unsafe fn dot_f16_ahead(row: &[u8], x: &[f32], ahead: Option<usize>) -> f32 {
         for (r, a) in acc.iter_mut().enumerate() {
             let j = i + 8 * r;
             let w = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * j) as *const __m128i));
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_loadu_ps(x.as_ptr().add(j))));
+            *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(j)), *a);
         }
         i += DENSE_LANES;
     }
@@ -476,7 +478,8 @@ unsafe fn dot_f16_ahead(row: &[u8], x: &[f32], ahead: Option<usize>) -> f32 {
     }
     for j in full..n {
         let v = half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32();
-        lanes[j % DENSE_LANES] += v * x[j];
+        let lane = &mut lanes[j % DENSE_LANES];
+        *lane = v.mul_add(x[j], *lane);
     }
     super::scalar::fold_lanes(lanes)
 }
@@ -503,7 +506,7 @@ const F16_PREFETCH_AHEAD: usize = 1024;
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C, and `rows.len() == 2 * x.len() * out.len()`.
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_f16_rows_one_token(rows: &[u8], x: &[f32], out: &mut [f32]) {
     for (row, o) in rows.chunks_exact(2 * x.len()).zip(out) {
         *o = dot_f16_ahead(row, x, Some(F16_PREFETCH_AHEAD));
@@ -533,7 +536,7 @@ const F16_TILE_TOKENS: usize = 6;
 /// # Safety
 /// The CPU must support AVX2 and F16C; `n` is a positive multiple of 64,
 /// `rows.len() == 2 * n * R` and `xs.len() == n * T`, `out.len() == R * T`.
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_f16_rows_tiled(n: usize, rows: &[u8], xs: &[f32], out: &mut [f32]) {
     let (n_rows, n_tok) = (rows.len() / (2 * n), xs.len() / n);
     let chunks = n / DENSE_LANES;
@@ -605,7 +608,7 @@ pub unsafe fn dot_f16_rows_tiled(n: usize, rows: &[u8], xs: &[f32], out: &mut [f
 /// # Safety
 /// The CPU must support AVX2; every pointer is readable for `8 * chunks` values.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // t indexes tokens and accumulators together
 unsafe fn f16_group_tile(
     w: [*const f32; 2],
@@ -618,8 +621,8 @@ unsafe fn f16_group_tile(
         let w1 = _mm256_loadu_ps(w[1].add(8 * c));
         for t in 0..F16_TILE_TOKENS {
             let xv = _mm256_loadu_ps(x[t].add(8 * c));
-            acc[0][t] = _mm256_add_ps(acc[0][t], _mm256_mul_ps(w0, xv));
-            acc[1][t] = _mm256_add_ps(acc[1][t], _mm256_mul_ps(w1, xv));
+            acc[0][t] = _mm256_fmadd_ps(w0, xv, acc[0][t]);
+            acc[1][t] = _mm256_fmadd_ps(w1, xv, acc[1][t]);
         }
     }
     acc

@@ -388,7 +388,7 @@ pub unsafe fn dot_f16_multi<const N: usize>(row: &[u8], xs: [&[f32]; N]) -> [f32
             let a = _mm512_cvtph_ps(h);
             for t in 0..N {
                 let b = _mm512_loadu_ps(xs[t].as_ptr().add(i + 16 * r));
-                acc[t][r] = _mm512_add_ps(acc[t][r], _mm512_mul_ps(a, b));
+                acc[t][r] = _mm512_fmadd_ps(a, b, acc[t][r]);
             }
         }
         i += DENSE_LANES;
@@ -401,7 +401,8 @@ pub unsafe fn dot_f16_multi<const N: usize>(row: &[u8], xs: [&[f32]; N]) -> [f32
         }
         for j in full..n {
             let v = half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32();
-            lanes[j % DENSE_LANES] += v * xs[t][j];
+            let lane = &mut lanes[j % DENSE_LANES];
+            *lane = v.mul_add(xs[t][j], *lane);
         }
         out[t] = super::scalar::fold_lanes(lanes);
     }
@@ -440,7 +441,7 @@ pub unsafe fn dot_f16_4rows(rows: &[u8], x: &[f32]) -> [f32; 4] {
             _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64) as *const i8);
             for (k, a) in acc[r].iter_mut().enumerate() {
                 let w = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32 * k) as *const __m256i));
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(w, xv[k]));
+                *a = _mm512_fmadd_ps(w, xv[k], *a);
             }
         }
         i += DENSE_LANES;
@@ -458,7 +459,8 @@ pub unsafe fn dot_f16_4rows(rows: &[u8], x: &[f32]) -> [f32; 4] {
         let p = std::slice::from_raw_parts(row(r), 2 * n);
         for j in full..n {
             let v = half::f16::from_le_bytes([p[2 * j], p[2 * j + 1]]).to_f32();
-            lanes[j % DENSE_LANES] += v * x[j];
+            let lane = &mut lanes[j % DENSE_LANES];
+            *lane = v.mul_add(x[j], *lane);
         }
         out[r] = super::scalar::fold_lanes(lanes);
     }
@@ -502,7 +504,7 @@ pub unsafe fn dot_f16_tile(rows: [&[u8]; 4], xs: [&[f32]; 4]) -> [[f32; 4]; 4] {
             for t in 0..4 {
                 let x = _mm512_loadu_ps(xs[t].as_ptr().add(i));
                 for r in 0..4 {
-                    acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_mul_ps(w[r], x));
+                    acc[r][t] = _mm512_fmadd_ps(w[r], x, acc[r][t]);
                 }
             }
             i += DENSE_LANES;
@@ -538,7 +540,7 @@ fn fold_registers(acc: [__m512; 4]) -> f32 {
 }
 
 /// [`super::scalar::dot_f16`] with `vcvtph2ps`: the specification's 64
-/// lanes as four registers, multiply then add (no FMA), the same fold.
+/// lanes as four registers, a fused multiply-add each, the same fold.
 /// Bit-identical to the specification.
 ///
 /// # Safety

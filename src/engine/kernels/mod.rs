@@ -14,7 +14,7 @@ pub mod scalar;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
-    /// `maddubs` with 16-bit lanes (both modes), F16C conversions.
+    /// `maddubs` with 16-bit lanes (both modes), F16C conversions, FMA.
     Avx2,
     /// `vpdpbusd` on 512-bit registers (exact mode; wrap mode runs AVX2).
     Avx512Vnni,
@@ -130,7 +130,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 // SAFETY: Avx2 is only selected when avx2::available()
-                // (AVX2 and F16C); lengths checked above.
+                // (AVX2, F16C and FMA); lengths checked above.
                 unsafe { avx2::dot_f16(row, x) }
             }
             _ => scalar::dot_f16(row, x),
@@ -200,9 +200,9 @@ impl Kernel {
         }
         #[cfg(target_arch = "x86_64")]
         if self.0 == Isa::Avx2 && n_tok > 1 && n & (scalar::DENSE_LANES - 1) == 0 {
-            // SAFETY: Avx2 is only selected when avx2::available() (AVX2 and
-            // F16C); rows are 2n bytes and tokens n values (checked above),
-            // n a multiple of 64.
+            // SAFETY: Avx2 is only selected when avx2::available() (AVX2,
+            // F16C and FMA); rows are 2n bytes and tokens n values (checked
+            // above), n a multiple of 64.
             unsafe { avx2::dot_f16_rows_tiled(n, rows, xs, out) };
             return;
         }
@@ -374,6 +374,7 @@ fn missing_features(isa: Isa) -> Vec<&'static str> {
         let needs: &[(&str, bool)] = &[
             ("avx2", is_x86_feature_detected!("avx2")),
             ("f16c", is_x86_feature_detected!("f16c")),
+            ("fma", is_x86_feature_detected!("fma")),
             ("avx512f", is_x86_feature_detected!("avx512f")),
             ("avx512bw", is_x86_feature_detected!("avx512bw")),
             ("avx512vl", is_x86_feature_detected!("avx512vl")),
@@ -381,7 +382,7 @@ fn missing_features(isa: Isa) -> Vec<&'static str> {
         ];
         let wanted = match isa {
             Isa::Scalar => 0,
-            Isa::Avx2 => 2,
+            Isa::Avx2 => 3,
             Isa::Avx512Vnni => needs.len(),
         };
         lacks.extend(needs[..wanted].iter().filter(|n| !n.1).map(|n| n.0));

@@ -99,15 +99,17 @@ pub fn matmul(
 /// 16-lane registers, so SIMD versions have four independent add chains.
 pub const DENSE_LANES: usize = 64;
 
-/// The specification of the logits dot product: element `i` is added to
-/// lane `i % 64` (product and sum as separate f32 operations, no FMA), then
-/// lanes are folded pairwise `acc[l] += acc[l + w]` for w = 32, 16, ..., 1.
-/// The order is fixed, so every kernel (and any thread count) gives the
-/// same bits.
+/// The specification of the logits dot product: element `i` is
+/// accumulated into lane `i % 64` by a fused multiply-add (one rounding, as
+/// every SIMD path does it in one instruction: bitnet.cpp's tinyBLAS does
+/// the same), then lanes are folded pairwise `acc[l] += acc[l + w]` for
+/// w = 32, 16, ..., 1. The order is fixed, so every kernel (and any thread
+/// count) gives the same bits.
 pub fn dot_dense(a: impl Iterator<Item = f32>, x: &[f32]) -> f32 {
     let mut acc = [0f32; DENSE_LANES];
     for (i, (ai, &xi)) in a.zip(x).enumerate() {
-        acc[i % DENSE_LANES] += ai * xi;
+        let lane = &mut acc[i % DENSE_LANES];
+        *lane = ai.mul_add(xi, *lane);
     }
     fold_lanes(acc)
 }
