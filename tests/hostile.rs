@@ -959,6 +959,11 @@ fn gen_model_and_bench_bad_inputs_exit_2() {
         (&["bench", "--model", ng, "--threads", "0"], "--threads"),
         (&["bench", "--model", ng, "--prefill", "0"], "--prefill"),
         (&["bench", "--model", ng, "--rounds", "0"], "--rounds"),
+        (
+            &["bench", "--model", ng, "--sweep", "/nonexistent.jsonl"],
+            "--sweep",
+        ),
+        (&["bench", "--model", ng, "--sweep-shard", "1/2"], "--sweep"),
     ];
     for (args, needle) in cases {
         let r = run_limited(args, Duration::from_secs(20));
@@ -970,6 +975,62 @@ fn gen_model_and_bench_bad_inputs_exit_2() {
         );
         assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
     }
+}
+
+/// `bench --sweep`: the corpus swept after the rounds as `sweep` runs it
+/// (free mode, the judge on), its throughput consistent with its own
+/// counts and wall time (no timing is asserted).
+#[test]
+fn bench_times_a_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    divergence::synth::write_model(&tiny(), &model).unwrap();
+    let corpus = dir.path().join("c.jsonl");
+    std::fs::write(
+        &corpus,
+        "{\"tokens\": [1, 5, 9, 12]}\n{\"prompt\": \"The quick brown fox\"}\n{\"tokens\": [1, 7]}\n",
+    )
+    .unwrap();
+    let args = [
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prefill",
+        "6",
+        "--decode",
+        "3",
+        "--rounds",
+        "1",
+        "--json",
+        "--sweep",
+        corpus.to_str().unwrap(),
+        "--sweep-steps",
+        "2",
+    ];
+    let r = run_limited(&args, Duration::from_secs(120));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let sw = &v["sweep"];
+    assert_eq!(sw["prompts"].as_u64(), Some(3), "{sw}");
+    assert_eq!(sw["steps"].as_u64(), Some(2));
+    assert_eq!(sw["divergences"].as_u64(), Some(0), "{sw}");
+    // Each prompt's prefill positions and one per decode step.
+    let positions = sw["positions"].as_u64().unwrap();
+    assert!(positions >= 4 + 2 + 2 + 2 * 3, "{sw}");
+    let wall = sw["wall_s"].as_f64().unwrap();
+    assert!(wall > 0.0);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    assert!(close(
+        sw["prompts_per_minute"].as_f64().unwrap(),
+        3.0 * 60.0 / wall
+    ));
+    assert!(close(
+        sw["positions_per_second"].as_f64().unwrap(),
+        positions as f64 / wall
+    ));
+    let [lo, hi]: [f64; 2] = serde_json::from_value(sw["prompt_s_range"].clone()).unwrap();
+    let med = sw["prompt_s_median"].as_f64().unwrap();
+    assert!(0.0 < lo && lo <= med && med <= hi && hi <= wall, "{sw}");
 }
 
 /// `bench` end to end on the tiny model: both engines timed in every

@@ -72,6 +72,17 @@ pub struct Args {
     /// two engines alone in the same round: the lockstep's cost ratio.
     #[arg(long)]
     lockstep: bool,
+    /// Model mode: also time `divergence sweep` over this corpus on the
+    /// same model and threads (free mode, the oracle judge on, both
+    /// engines loaded once): prompts per minute, after the engine rounds.
+    #[arg(long, value_name = "CORPUS")]
+    sweep: Option<PathBuf>,
+    /// With `--sweep`: only shard I of N of the corpus (as `sweep --shard`).
+    #[arg(long, requires = "sweep")]
+    sweep_shard: Option<divergence::sweep::Shard>,
+    /// With `--sweep`: greedy decode steps after each prompt.
+    #[arg(long, default_value_t = 4, requires = "sweep")]
+    sweep_steps: usize,
 }
 
 #[derive(Serialize)]
@@ -141,6 +152,31 @@ struct ModelReport {
     /// With `--lockstep`: each round's numbers.
     #[serde(skip_serializing_if = "Option::is_none")]
     lockstep_rounds: Option<Vec<LockstepRound>>,
+    /// With `--sweep`: the sweep's throughput.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sweep: Option<SweepTiming>,
+}
+
+/// One `divergence sweep` run, timed (`bench --sweep`).
+#[derive(Serialize)]
+struct SweepTiming {
+    corpus: String,
+    shard: Option<String>,
+    steps: usize,
+    /// Prompts that ran (not `not_run`).
+    prompts: usize,
+    /// Positions whose logits were compared (prefill and decode).
+    positions: usize,
+    /// Prompts with a divergence (a clean engine: 0).
+    divergences: usize,
+    /// The sweep's wall time, loading both engines included.
+    wall_s: f64,
+    prompts_per_minute: f64,
+    positions_per_second: f64,
+    /// Per prompt: median, lowest and highest seconds.
+    prompt_s_median: f64,
+    prompt_s_range: [f64; 2],
+    harness_peak_rss_bytes: Option<u64>,
 }
 
 /// One `divergence find` timed against the engines alone.
@@ -206,6 +242,10 @@ pub fn run(mut args: Args) -> CliResult {
         return Err(
             anyhow!("--prefill and --decode must be positive and fit a 4096 context").into(),
         );
+    }
+    if let Some(corpus) = &args.sweep {
+        // A corpus that cannot be read fails now, not after the rounds.
+        divergence::sweep::Corpus::read(corpus).map_err(|e| anyhow!("--sweep: {e}"))?;
     }
     let file =
         Arc::new(GgufFile::open(&model).with_context(|| format!("reading {}", model.display()))?);
@@ -303,6 +343,11 @@ pub fn run(mut args: Args) -> CliResult {
     let weight_bytes = engine.weight_bytes();
     drop(worker);
     drop(engine);
+    // The sweep loads its own engines: the bench's are gone by now.
+    let sweep = match &args.sweep {
+        Some(corpus) => Some(time_sweep(&args, &model, corpus, &exe)?),
+        None => None,
+    };
     let (cand_prefill, cand_decode) = medians(&cand);
     let (ref_prefill, ref_decode) = medians(&refr);
     let paired: Vec<[f64; 2]> = cand
@@ -369,6 +414,7 @@ pub fn run(mut args: Args) -> CliResult {
             .lockstep
             .then(|| median(lockstep_rounds.iter().map(|r| r.ratio).collect())),
         lockstep_rounds: args.lockstep.then_some(lockstep_rounds),
+        sweep,
     };
     if args.json {
         outln!(
@@ -470,6 +516,24 @@ pub fn run(mut args: Args) -> CliResult {
                     .map(|r| format!("{r:.2}"))
                     .unwrap_or("?".into()),
                 mb(mid.reference_peak_rss_bytes)
+            );
+        }
+        if let Some(sw) = &report.sweep {
+            outln!(
+                "sweep {}{}: {} prompts, {} positions, {} steps each, free mode with the oracle judge: {:.1} s wall, {:.2} prompts/min, {:.1} positions/s; a prompt {:.2} s median ({:.2}-{:.2}); {} divergence(s); harness peak RSS {}",
+                sw.corpus,
+                sw.shard.as_ref().map(|s| format!(" (shard {s})")).unwrap_or_default(),
+                sw.prompts,
+                sw.positions,
+                sw.steps,
+                sw.wall_s,
+                sw.prompts_per_minute,
+                sw.positions_per_second,
+                sw.prompt_s_median,
+                sw.prompt_s_range[0],
+                sw.prompt_s_range[1],
+                sw.divergences,
+                mb(sw.harness_peak_rss_bytes)
             );
         }
         if let Some(stages) = &report.candidate_decode_stages {
@@ -708,6 +772,77 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[m - 1] + v[m]) / 2.0
     }
+}
+
+/// `divergence sweep` as a user runs it (free mode, the built-in candidate,
+/// the oracle judge on), in this process, its wall time measured.
+fn time_sweep(
+    args: &Args,
+    model: &std::path::Path,
+    corpus: &std::path::Path,
+    exe: &std::path::Path,
+) -> Result<SweepTiming, super::Failure> {
+    if args.sweep_steps > super::find::MAX_STEPS {
+        return Err(anyhow!(
+            "--sweep-steps is absurd: at most {}",
+            super::find::MAX_STEPS
+        )
+        .into());
+    }
+    let req = divergence::sweep::SweepRequest {
+        model: model.to_path_buf(),
+        prompts: corpus.to_path_buf(),
+        steps: args.sweep_steps,
+        mode: divergence::lockstep::Mode::Free,
+        threads: args.threads,
+        kv_type: KvType::F16,
+        policy_path: None,
+        faults: vec![],
+        shard: args.sweep_shard,
+        receipts_dir: None,
+        ffn_act: None,
+        cancel: Some(super::interrupt::flag()),
+        external: None,
+    };
+    let t = Instant::now();
+    let sw = divergence::sweep::run(&req, exe.to_path_buf(), &mut |_, _| {}).map_err(|e| {
+        super::Failure {
+            code: 2,
+            error: anyhow!("bench --sweep: {e}"),
+        }
+    })?;
+    let wall_s = t.elapsed().as_secs_f64();
+    if sw.interrupted {
+        return Err(anyhow!("bench --sweep: interrupted").into());
+    }
+    let not_run = sw.summary.verdicts.get("not_run").copied().unwrap_or(0);
+    let prompts = sw.summary.prompts - not_run.min(sw.summary.prompts);
+    let positions = sw.summary.kld.as_ref().map_or(0, |k| k.positions);
+    let divergences = sw
+        .summary
+        .verdicts
+        .iter()
+        .filter(|(v, _)| !matches!(v.as_str(), "no_divergence" | "not_run"))
+        .map(|(_, n)| n)
+        .sum();
+    let per_prompt: Vec<f64> = sw.volatile.prompts.iter().map(|p| p.total_s).collect();
+    if per_prompt.is_empty() || prompts == 0 {
+        return Err(anyhow!("bench --sweep: no prompt of {} ran", corpus.display()).into());
+    }
+    Ok(SweepTiming {
+        corpus: corpus.display().to_string(),
+        shard: args.sweep_shard.map(|s| s.to_string()),
+        steps: args.sweep_steps,
+        prompts,
+        positions,
+        divergences,
+        wall_s,
+        prompts_per_minute: prompts as f64 * 60.0 / wall_s,
+        positions_per_second: positions as f64 / wall_s,
+        prompt_s_median: median(per_prompt.clone()),
+        prompt_s_range: range(per_prompt.iter().copied()),
+        harness_peak_rss_bytes: sw.volatile.harness_peak_rss_bytes,
+    })
 }
 
 fn kernel_bench(args: &Args) -> CliResult {

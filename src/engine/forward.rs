@@ -434,7 +434,8 @@ impl<'a> Compute<'a, '_> {
         };
         // The fault swaps the pairing: adjacent pairs for NEOX arches (and halves for llama).
         let neox = c.arch.rope_neox() != self.faults.has(Fault::RopeInterleaved);
-        ops::rope(x, n_heads, c.head_dim, pos0, c.rope_theta, neox);
+        self.kernel
+            .rope(x, n_heads, c.head_dim, pos0, c.rope_theta, neox);
     }
 
     /// Whether ggml rounds the f32 operand of an F16 × f32 mul_mat to f16.

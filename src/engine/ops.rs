@@ -91,6 +91,7 @@ pub fn relu2(x: &[f32]) -> Vec<f32> {
 /// The cos/sin table of one position, as ggml_rope_cache_init builds it:
 /// `theta` starts at the position and is multiplied by
 /// `theta_scale = powf(base, -2/n_dims)` once per pair, all in f32.
+#[inline(always)]
 pub fn rope_cache(pos: usize, head_dim: usize, theta_base: f32) -> Vec<(f32, f32)> {
     let theta_scale = theta_base.powf(-2.0f32 / head_dim as f32);
     let mut theta = pos as f32;
@@ -109,6 +110,7 @@ pub fn rope_cache(pos: usize, head_dim: usize, theta_base: f32) -> Vec<(f32, f32
 /// `x0*cos - x1*sin` / `x0*sin + x1*cos` into `fma(x0, cos, -(x1*sin))` and
 /// `fma(x0, sin, x1*cos)` (read from its object code, and confirmed
 /// bit-exact against the reference in both modes).
+#[inline(always)]
 pub fn rope_neox(head: &mut [f32], cache: &[(f32, f32)]) {
     let half = head.len() / 2;
     for (i, &(c, s)) in cache.iter().enumerate() {
@@ -121,6 +123,7 @@ pub fn rope_neox(head: &mut [f32], cache: &[(f32, f32)]) {
 
 /// NORM RoPE on one head in place: adjacent pairs (2i, 2i + 1), with the
 /// same fused forms as [`rope_neox`].
+#[inline(always)]
 pub fn rope_norm(head: &mut [f32], cache: &[(f32, f32)]) {
     for (i, &(c, s)) in cache.iter().enumerate() {
         let x0 = head[2 * i];
@@ -131,6 +134,7 @@ pub fn rope_norm(head: &mut [f32], cache: &[(f32, f32)]) {
 }
 
 /// RoPE over [T, n_heads, head_dim] rows at positions `pos0 + t`.
+#[inline(always)]
 pub fn rope(
     x: &mut [f32],
     n_heads: usize,

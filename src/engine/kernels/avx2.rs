@@ -798,3 +798,22 @@ pub unsafe fn xor_fold(words: &[u64]) -> u64 {
         .chain(chunks.remainder())
         .fold(0, |acc, &w| acc ^ w)
 }
+
+/// [`crate::engine::ops::rope`] compiled with FMA: its `f32::mul_add`s
+/// (the reference's contracted forms) become one instruction each instead
+/// of a library call, with the same bits (a fused multiply-add has one
+/// exact result).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn rope(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    theta_base: f32,
+    neox: bool,
+) {
+    crate::engine::ops::rope(x, n_heads, head_dim, pos0, theta_base, neox)
+}

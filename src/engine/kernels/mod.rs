@@ -285,6 +285,29 @@ impl Kernel {
         }
     }
 
+    /// [`crate::engine::ops::rope`] over [T, n_heads, head_dim] rows at
+    /// positions `pos0 + t`, its fused multiply-adds one instruction each
+    /// where the CPU has them; always the same bits.
+    pub fn rope(
+        self,
+        x: &mut [f32],
+        n_heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        theta_base: f32,
+        neox: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.0 != Isa::Scalar {
+            // SAFETY: both SIMD kernels are only selected when
+            // avx2::available() (AVX2, F16C and FMA); the function reads
+            // and writes only `x`.
+            unsafe { avx2::rope(x, n_heads, head_dim, pos0, theta_base, neox) };
+            return;
+        }
+        crate::engine::ops::rope(x, n_heads, head_dim, pos0, theta_base, neox)
+    }
+
     /// [`scalar::xor_fold`] with this kernel's widest loads (the bench's
     /// streaming read); always the same bits.
     pub fn xor_fold(self, words: &[u64]) -> u64 {
