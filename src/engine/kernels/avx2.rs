@@ -45,7 +45,6 @@ unsafe fn tile<const R: usize, const T: usize>(
     ahead: Option<usize>,
 ) -> [[i32; T]; R] {
     let mask = _mm256_set1_epi8(3);
-    let ones = _mm256_set1_epi16(1);
     let mut acc32 = [[_mm256_setzero_si256(); T]; R];
     let mut b = 0;
     while b < nb {
@@ -84,17 +83,33 @@ unsafe fn tile<const R: usize, const T: usize>(
                 }
             }
         }
-        for r in 0..R {
-            for t in 0..T {
-                acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc16[r][t], ones));
-            }
-        }
+        widen(&mut acc32, &acc16);
         b = end;
     }
+    horizontal_sums(&acc32)
+}
+
+/// Adds each 16-bit accumulator into its 32-bit one (pairs of lanes
+/// summed by `madd` with ones): the widening of [`tile`] and [`byte_tile`].
+#[inline]
+#[target_feature(enable = "avx2")]
+fn widen<const R: usize, const T: usize>(acc32: &mut [[__m256i; T]; R], acc16: &[[__m256i; T]; R]) {
+    let ones = _mm256_set1_epi16(1);
+    for (a32, a16) in acc32.iter_mut().zip(acc16) {
+        for (a, &b) in a32.iter_mut().zip(a16) {
+            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(b, ones));
+        }
+    }
+}
+
+/// Each 32-bit accumulator's eight lanes summed.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn horizontal_sums<const R: usize, const T: usize>(acc32: &[[__m256i; T]; R]) -> [[i32; T]; R] {
     let mut sums = [[0i32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            sums[r][t] = hsum_i32(acc32[r][t]);
+    for (s, a) in sums.iter_mut().zip(acc32) {
+        for (s, &v) in s.iter_mut().zip(a) {
+            *s = hsum_i32(v);
         }
     }
     sums
@@ -316,7 +331,6 @@ unsafe fn byte_tile<const R: usize, const T: usize>(
     n_in: usize,
     flush: usize,
 ) -> [[i32; T]; R] {
-    let ones = _mm256_set1_epi16(1);
     let mut acc32 = [[_mm256_setzero_si256(); T]; R];
     let chunks = n_in / 32;
     let flush = 4 * flush; // 32-byte chunks per widening
@@ -336,20 +350,10 @@ unsafe fn byte_tile<const R: usize, const T: usize>(
                 }
             }
         }
-        for r in 0..R {
-            for t in 0..T {
-                acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc16[r][t], ones));
-            }
-        }
+        widen(&mut acc32, &acc16);
         b = end;
     }
-    let mut sums = [[0i32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            sums[r][t] = hsum_i32(acc32[r][t]);
-        }
-    }
-    sums
+    horizontal_sums(&acc32)
 }
 
 /// The largest `|x|` of the row, NaNs skipped (what
@@ -437,7 +441,7 @@ pub unsafe fn quantize_codes(x: &[f32], scale: f32, out: &mut [i8]) -> i32 {
 }
 
 /// [`super::scalar::dot_f16`] with F16C: the specification's 64 lanes as
-/// eight 8-lane registers, multiply then add (no FMA), the same fold.
+/// eight 8-lane registers, a fused multiply-add each, the same fold.
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C, and `row.len() == 2 * x.len()`.
@@ -517,8 +521,8 @@ pub unsafe fn dot_f16_rows_one_token(rows: &[u8], x: &[f32], out: &mut [f32]) {
 /// the 2B-4T width: they stay in L2 while every token tile passes).
 const F16_ROW_BLOCK: usize = 16;
 
-/// Tokens per tile of [`dot_f16_rows_tiled`] (two rows by four tokens:
-/// eight accumulators, two weight registers, one activation, one product).
+/// Tokens per tile of [`dot_f16_rows_tiled`] (two rows by six tokens:
+/// twelve accumulators, two weight registers, one activation).
 const F16_TILE_TOKENS: usize = 6;
 
 /// [`dot_f16`] of consecutive rows of `n` values with every token of `xs`
@@ -528,7 +532,7 @@ const F16_TILE_TOKENS: usize = 6;
 /// (register g holds lanes 8g..8g+8). Activations are rearranged once per
 /// call and rows once per block of [`F16_ROW_BLOCK`] (converted to f32)
 /// so that group g of a row or token is one contiguous run: a tile of two
-/// rows by four tokens then accumulates one group at a time from streams
+/// rows by six tokens then accumulates one group at a time from streams
 /// the caches serve whole (an element's lane is its index mod 64 and the
 /// order along a lane is the row order, so the sums are the
 /// specification's, bit for bit).
@@ -601,12 +605,12 @@ pub unsafe fn dot_f16_rows_tiled(n: usize, rows: &[u8], xs: &[f32], out: &mut [f
     }
 }
 
-/// One lane group of two rows with four tokens: `acc[r][t] += w[r] * x[t]`
-/// (a separate multiply and add, as the specification) along `chunks`
-/// runs of eight lanes.
+/// One lane group of two rows with six tokens: `acc[r][t] = fma(w[r],
+/// x[t], acc[r][t])` (as the specification) along `chunks` runs of eight
+/// lanes.
 ///
 /// # Safety
-/// The CPU must support AVX2; every pointer is readable for `8 * chunks` values.
+/// The CPU must support AVX2 and FMA; every pointer is readable for `8 * chunks` values.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // t indexes tokens and accumulators together
