@@ -129,11 +129,11 @@ pub fn measure(
         for k in 0..side.len().div_ceil(run) {
             runs_of_row[row_of_run(k).min(n_rows - 1)].push(k);
         }
+        let nr = oracle.rounding.len();
         let row_sums = |runs: &Vec<usize>| -> ((f64, f64, f64), f64, bool) {
             let (mut a, mut max_abs, mut broken) = ((0f64, 0f64, 0f64), 0f64, false);
             for &k in runs {
                 let span = k * run..((k + 1) * run).min(side.len());
-                let nr = oracle.rounding.len();
                 let (xs, os) = (&side[span.clone()], &values[span.clone()]);
                 let rs = &oracle.rounding[span.start.min(nr)..span.end.min(nr)];
                 for ((&x, &o), &r) in xs.iter().zip(os).zip(rs) {

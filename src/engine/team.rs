@@ -9,8 +9,9 @@
 //! a condition variable (so a forward pass waiting on the reference does not
 //! hold a core). Before a trace sink takes over the caller (a judge that
 //! recomputes the stage on every core), [`Team::rest`] sends them to sleep
-//! at once: a spinning worker would take a core from the sink's own threads. Every element of a product is computed
-//! by the same code whatever member (and thread count) computes it.
+//! at once: a spinning worker would take a core from the sink's own
+//! threads. Every element of a product is computed by the same code
+//! whatever member (and thread count) computes it.
 //!
 //! Tasks own what they read (or borrow it for the whole pass, `'env`) and
 //! hand results back by value: no `unsafe`, and per product only one small

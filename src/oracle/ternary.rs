@@ -62,23 +62,16 @@ fn quantize(row: &[f32]) -> Codes {
     // The fused codes, in a loop without branches (see `code`).
     let q: Vec<i8> = row.iter().map(|&v| code(f64::from(v) * s) as i8).collect();
     let sum = q.iter().map(|&c| i64::from(c)).sum();
-    // Where rounding the product to f32 first gives another code: rare, so
-    // counted first and listed only when there are any.
-    let unfused = |v: f32| code(f64::from((f64::from(v) * s) as f32));
-    let differ = row
+    // Where rounding the product to f32 first gives another code.
+    let ties = row
         .iter()
         .zip(&q)
-        .filter(|&(&v, &c)| unfused(v) != f64::from(c))
-        .count();
-    let mut ties = Vec::new();
-    if differ > 0 {
-        for (j, (&v, &c)) in row.iter().zip(&q).enumerate() {
-            let other = unfused(v);
-            if other != f64::from(c) {
-                ties.push((j, (other - f64::from(c)) as i8));
-            }
-        }
-    }
+        .enumerate()
+        .filter_map(|(j, (&v, &c))| {
+            let other = code(f64::from((f64::from(v) * s) as f32));
+            (other != f64::from(c)).then(|| (j, (other - f64::from(c)) as i8))
+        })
+        .collect();
     Codes {
         q,
         scale,
@@ -301,14 +294,13 @@ mod tests {
 
     #[test]
     fn code_is_round_ties_even_clamped() {
-        let rint = |x: f64| {
+        let check = |x: f64| {
             let c = code(x);
             let want = x.round_ties_even().clamp(-128.0, 127.0);
             assert!(
                 c == want || (c.is_nan() && want.is_nan()),
                 "{x}: {c} vs {want}"
             );
-            want
         };
         let mut v = -300.0f64;
         while v < 300.0 {
@@ -322,7 +314,7 @@ mod tests {
                 0.49999999999999994,
             ] {
                 // Equal as numbers (the sign of a zero code does not matter).
-                rint(x);
+                check(x);
             }
             v += 0.25;
         }
@@ -334,7 +326,7 @@ mod tests {
             -4.5e15,
             4503599627370497.0,
         ] {
-            rint(x);
+            check(x);
         }
     }
 

@@ -444,7 +444,7 @@ pub unsafe fn quantize_codes(x: &[f32], scale: f32, out: &mut [i8]) -> i32 {
 /// eight 8-lane registers, a fused multiply-add each, the same fold.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C, and `row.len() == 2 * x.len()`.
+/// The CPU must support AVX2, F16C and FMA, and `row.len() == 2 * x.len()`.
 #[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
     dot_f16_ahead(row, x, None)
@@ -509,7 +509,7 @@ const F16_PREFETCH_AHEAD: usize = 1024;
 /// prefetching ahead along the rows.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C, and `rows.len() == 2 * x.len() * out.len()`.
+/// The CPU must support AVX2, F16C and FMA, and `rows.len() == 2 * x.len() * out.len()`.
 #[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_f16_rows_one_token(rows: &[u8], x: &[f32], out: &mut [f32]) {
     for (row, o) in rows.chunks_exact(2 * x.len()).zip(out) {
@@ -538,7 +538,7 @@ const F16_TILE_TOKENS: usize = 6;
 /// specification's, bit for bit).
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C; `n` is a positive multiple of 64,
+/// The CPU must support AVX2, F16C and FMA; `n` is a positive multiple of 64,
 /// `rows.len() == 2 * n * R` and `xs.len() == n * T`, `out.len() == R * T`.
 #[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_f16_rows_tiled(n: usize, rows: &[u8], xs: &[f32], out: &mut [f32]) {
