@@ -236,6 +236,66 @@ fn open_reads_a_written_file_and_leaves_no_temporary() {
     ));
 }
 
+/// A file of at least `RESIDENT_MIN_BYTES` is copied into anonymous memory
+/// with the same bytes; a smaller one is mapped; one that shrinks or is not
+/// a regular file is refused as `open` refuses it.
+#[test]
+fn open_resident_copies_large_files_and_maps_small_ones() {
+    use divergence::gguf::RESIDENT_MIN_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.gguf");
+    let n = RESIDENT_MIN_BYTES as usize / 4 + 1000;
+    let data: Vec<u8> = (0..n as u32)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", MetaValue::String("bitnet".into()));
+    w.add_tensor("w", &[n as u64], GgmlType::F32, data.clone());
+    w.write_to(&big).unwrap();
+
+    let mapped = GgufFile::open(&big).unwrap();
+    let resident = GgufFile::open_resident(&big).unwrap();
+    assert!(!mapped.is_resident());
+    // Unless this machine has less than twice the file in available memory.
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let l = m
+                .lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .to_owned();
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 1024;
+    assert_eq!(
+        resident.is_resident(),
+        available / 2 >= resident.file_size(),
+        "available {available}"
+    );
+    assert_eq!(resident.path(), Some(big.as_path()));
+    assert_eq!(resident.file_size(), mapped.file_size());
+    let t = resident.tensor("w").unwrap();
+    assert_eq!(&resident.tensor_data(t)[..data.len()], &data[..]);
+    assert_eq!(
+        resident.tensor_data(t),
+        mapped.tensor_data(mapped.tensor("w").unwrap())
+    );
+
+    let small = dir.path().join("small.gguf");
+    let mut w = GgufWriter::new();
+    w.add_tensor("x", &[2], GgmlType::F32, vec![0; 8]);
+    w.write_to(&small).unwrap();
+    assert!(!GgufFile::open_resident(&small).unwrap().is_resident());
+
+    for bad in [dir.path().join("absent.gguf"), dir.path().to_path_buf()] {
+        assert!(matches!(
+            GgufFile::open_resident(&bad),
+            Err(GgufError::Io { .. })
+        ));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Hostile files
 

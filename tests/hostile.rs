@@ -622,6 +622,47 @@ fn nan_in_a_norm_weight_is_a_warning_and_the_run_goes_on() {
     );
 }
 
+/// `DIVERGENCE_WEIGHTS` takes `resident` or `mapped`; anything else is
+/// refused by name, escaped, before a model is loaded.
+#[test]
+fn an_unknown_weights_residence_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.gguf");
+    std::fs::write(&model, good_bytes()).unwrap();
+    let find = |weights: &str| {
+        Command::new(EXE)
+            .args([
+                "find",
+                "--model",
+                model.to_str().unwrap(),
+                "--steps",
+                "1",
+                "-q",
+            ])
+            .args(["--receipt", dir.path().join("r.json").to_str().unwrap()])
+            .env("DIVERGENCE_WEIGHTS", weights)
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn divergence")
+    };
+    let out = find("huge\x1b[31m");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("DIVERGENCE_WEIGHTS="), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "an escape reached the terminal: {stderr:?}"
+    );
+    for ok in ["mapped", "resident", ""] {
+        let out = find(ok);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(1)),
+            "DIVERGENCE_WEIGHTS={ok:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn bad_command_lines_exit_2() {
     let dir = tempfile::tempdir().unwrap();

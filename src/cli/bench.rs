@@ -111,6 +111,13 @@ struct ModelReport {
     /// Whether `DIVERGENCE_KERNEL` forced that path (else: the fastest
     /// this CPU has).
     candidate_kernel_forced: bool,
+    /// How the candidate holds the weights: `resident` (a copy in anonymous
+    /// memory advised for huge pages) or `mapped` (the file's page cache);
+    /// see `DIVERGENCE_WEIGHTS`.
+    candidate_weights: &'static str,
+    /// This process's anonymous memory in transparent huge pages after the
+    /// candidate's first round (`AnonHugePages`): whether the advice took.
+    candidate_huge_page_bytes: Option<u64>,
     /// The CPU's model name and the SIMD flags that choose kernel paths.
     cpu: String,
     cpu_simd_flags: Vec<String>,
@@ -144,6 +151,9 @@ struct ModelReport {
     /// the previous stage to this one), all layers summed.
     #[serde(skip_serializing_if = "Option::is_none")]
     candidate_decode_stages: Option<Vec<StageTime>>,
+    /// With `--stages`: the same for the prefill (ms per prompt token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    candidate_prefill_stages: Option<Vec<StageTime>>,
     /// With `--lockstep`: median over rounds of find's time (without model
     /// loading) over the round's reference-alone plus candidate-alone time
     /// for the same prompt and steps.
@@ -247,8 +257,9 @@ pub fn run(mut args: Args) -> CliResult {
         // A corpus that cannot be read fails now, not after the rounds.
         divergence::sweep::Corpus::read(corpus).map_err(|e| anyhow!("--sweep: {e}"))?;
     }
-    let file =
-        Arc::new(GgufFile::open(&model).with_context(|| format!("reading {}", model.display()))?);
+    let file = Arc::new(
+        GgufFile::open_resident(&model).with_context(|| format!("reading {}", model.display()))?,
+    );
     let n_ctx = args.prefill + args.decode + 8;
     let opts = EngineOptions {
         threads: args.threads,
@@ -283,6 +294,7 @@ pub fn run(mut args: Args) -> CliResult {
     let mut candidate = Candidate {
         engine: &mut engine,
         clock: None,
+        prefill_clock: None,
     };
     let cand_rss = {
         let reset = reset_peak_rss();
@@ -293,11 +305,14 @@ pub fn run(mut args: Args) -> CliResult {
             None // the high-water mark would include the reference's client
         }
     };
+    let huge_pages = anon_huge_page_bytes();
     let mut reference = Reference(&mut worker);
     reference.prefill(&prompt[..8.min(prompt.len())])?; // its page cache
     candidate.clock = args.stages.then(StageClock::default);
+    candidate.prefill_clock = args.stages.then(StageClock::default);
     // Allocated after the candidate's RSS was read, which it would inflate.
-    let read_probe = bandwidth::ReadProbe::new(args.threads, kernel);
+    let read_probe = bandwidth::ReadProbe::new(args.threads, kernel)
+        .map_err(|e| anyhow!("allocating the read-bandwidth buffer: {e}"))?;
     let (mut cand, mut refr, mut read_rounds) = (Vec::new(), Vec::new(), Vec::new());
     let mut lockstep_rounds = Vec::new();
     for round in 0..args.rounds {
@@ -329,16 +344,19 @@ pub fn run(mut args: Args) -> CliResult {
     }
     let read_kernel = read_probe.kernel();
     drop(read_probe);
-    let clock = candidate.clock.take();
-    let decode_stages = clock.map(|c| {
-        c.by_stage()
-            .filter(|&(_, s)| s > 0.0)
-            .map(|(stage, s)| StageTime {
-                stage: stage.name().to_string(),
-                ms_per_token: 1e3 * s / (args.decode * args.rounds) as f64,
-            })
-            .collect::<Vec<_>>()
-    });
+    let by_stage = |clock: Option<StageClock>, tokens: usize| {
+        clock.map(|c| {
+            c.by_stage()
+                .filter(|&(_, s)| s > 0.0)
+                .map(|(stage, s)| StageTime {
+                    stage: stage.name().to_string(),
+                    ms_per_token: 1e3 * s / (tokens * args.rounds) as f64,
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let decode_stages = by_stage(candidate.clock.take(), args.decode);
+    let prefill_stages = by_stage(candidate.prefill_clock.take(), args.prefill);
     let ref_rss = worker.peak_rss_bytes();
     let weight_bytes = engine.weight_bytes();
     drop(worker);
@@ -378,6 +396,12 @@ pub fn run(mut args: Args) -> CliResult {
         kv_cache_bytes: kv_bytes,
         candidate_kernel: kernel.name().into(),
         candidate_kernel_forced: engine_forced,
+        candidate_weights: if file.is_resident() {
+            "resident"
+        } else {
+            "mapped"
+        },
+        candidate_huge_page_bytes: huge_pages,
         cpu: cpu_model(),
         cpu_simd_flags: simd_flags(),
         candidate: EngineNumbers {
@@ -410,6 +434,7 @@ pub fn run(mut args: Args) -> CliResult {
         candidate_rss_over_file_plus_kv: cand_rss
             .map(|r| r as f64 / (file.file_size() + kv_bytes) as f64),
         candidate_decode_stages: decode_stages,
+        candidate_prefill_stages: prefill_stages,
         lockstep_ratio: args
             .lockstep
             .then(|| median(lockstep_rounds.iter().map(|r| r.ratio).collect())),
@@ -427,12 +452,17 @@ pub fn run(mut args: Args) -> CliResult {
                 .unwrap_or("?".into())
         };
         outln!(
-            "model {} ({:.0} MiB), {} threads, candidate kernel {}{}; medians of {} rounds; CPU {} ({})",
+            "model {} ({:.0} MiB), {} threads, candidate kernel {}{}, weights {}{}; medians of {} rounds; CPU {} ({})",
             report.model,
             report.file_bytes as f64 / 1048576.0,
             args.threads,
             report.candidate_kernel,
             if report.candidate_kernel_forced { " (forced)" } else { "" },
+            report.candidate_weights,
+            report.candidate_huge_page_bytes.map_or(String::new(), |b| format!(
+                " ({:.0} MiB in huge pages)",
+                b as f64 / 1048576.0
+            )),
             args.rounds,
             report.cpu,
             report.cpu_simd_flags.join(" ")
@@ -536,9 +566,14 @@ pub fn run(mut args: Args) -> CliResult {
                 mb(sw.harness_peak_rss_bytes)
             );
         }
-        if let Some(stages) = &report.candidate_decode_stages {
+        let phases = [
+            ("decode", &report.candidate_decode_stages),
+            ("prefill", &report.candidate_prefill_stages),
+        ];
+        for (phase, stages) in phases {
+            let Some(stages) = stages else { continue };
             let total: f64 = stages.iter().map(|s| s.ms_per_token).sum();
-            outln!("candidate decode by stage (ms/token, all layers):");
+            outln!("candidate {phase} by stage (ms/token, all layers):");
             for s in stages {
                 outln!(
                     "  {:<16} {:>8.3} {:>6.1}%",
@@ -627,13 +662,22 @@ trait Timed {
 
 struct Candidate<'e> {
     engine: &'e mut dyn divergence::candidate::Candidate,
+    /// With `--stages`: the decode's and the prefill's clocks.
     clock: Option<StageClock>,
+    prefill_clock: Option<StageClock>,
 }
 
 impl Timed for Candidate<'_> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
         self.engine.reset();
-        let logits = self.engine.forward(prompt, 0, &mut NoTrace)?;
+        let sink: &mut dyn TraceSink = match self.prefill_clock.as_mut() {
+            Some(c) => {
+                c.restart();
+                c
+            }
+            None => &mut NoTrace,
+        };
+        let logits = self.engine.forward(prompt, 0, sink)?;
         let n_vocab = self.engine.config().n_vocab;
         Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
     }
@@ -975,4 +1019,13 @@ fn kernel_bench(args: &Args) -> CliResult {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `AnonHugePages` of this process (`/proc/self/smaps_rollup`), in bytes.
+fn anon_huge_page_bytes() -> Option<u64> {
+    let path = std::path::Path::new("/proc/self/smaps_rollup");
+    let text = divergence::input::read_text(path, 1 << 20, "smaps_rollup").ok()?;
+    let line = text.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
 }

@@ -162,7 +162,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(path: &Path, opts: EngineOptions) -> Result<Engine, EngineError> {
-        let file = GgufFile::open(path)?;
+        let file = GgufFile::open_resident(path)?;
         Engine::from_gguf(Arc::new(file), opts)
     }
 

@@ -1,4 +1,5 @@
-//! Views of a model's tensors. Projections stay packed I2_S in the mmap;
+//! Views of a model's tensors. Projections stay packed I2_S in the file's
+//! bytes (mapped, or resident in huge pages: `GgufFile::open_resident`);
 //! only the small F32 norm vectors and scalar scales are copied out.
 
 use super::config::{ModelConfig, Norm, Proj, OUTPUT, OUTPUT_NORM, TOKEN_EMBD};
@@ -94,7 +95,7 @@ pub fn realign_rows(flat: &[u8], n_in: usize, n_out: usize, mode: I2sMode) -> Ve
     out
 }
 
-/// A dense F16 or F32 matrix (`rows` rows of `n_in`), kept in the mmap.
+/// A dense F16 or F32 matrix (`rows` rows of `n_in`), kept in the file's bytes.
 #[derive(Clone, Debug)]
 pub struct DenseMatrix {
     pub info: TensorInfo,

@@ -24,7 +24,7 @@ mod value;
 mod writer;
 
 pub use error::GgufError;
-pub use reader::GgufFile;
+pub use reader::{GgufFile, RESIDENT_MIN_BYTES, WEIGHTS_ENV};
 pub use stats::{count_non_finite, tensor_stats, TensorStats};
 pub use types::{GgmlType, TensorInfo};
 pub use value::{MetaArray, MetaValue, ValueType};

@@ -287,7 +287,7 @@ impl<'c> Session<'c> {
         prompt_bound: usize,
     ) -> Result<Result<Session<'c>, Outcome>, RunError> {
         let t_total = Instant::now();
-        let file = Arc::new(GgufFile::open(&cfg.model)?);
+        let file = Arc::new(GgufFile::open_resident(&cfg.model)?);
         check_ffn_act(&file, cfg)?;
         crate::engine::validate(&file)?;
         let oracle = Oracle::new(file.clone(), cfg.kv_type == KvType::F16)

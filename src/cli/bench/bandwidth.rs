@@ -16,7 +16,10 @@ use std::time::Instant;
 pub const READ_BYTES: usize = 1 << 30;
 
 pub struct ReadProbe {
-    words: Vec<u64>,
+    /// Anonymous memory advised for huge pages, as the engine's weights are
+    /// ([`divergence::gguf::GgufFile::open_resident`]): 4 KiB pages would
+    /// measure the TLB as much as the memory.
+    buffer: memmap2::MmapMut,
     threads: usize,
     kernel: Kernel,
 }
@@ -47,15 +50,25 @@ impl std::ops::Add for Reads {
 impl ReadProbe {
     /// Allocates and writes the buffer (untouched pages would all map to the
     /// kernel's one zero page, and the read would come from cache).
-    pub fn new(threads: usize, kernel: Kernel) -> ReadProbe {
-        let words = (0..(READ_BYTES / 8) as u64)
-            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            .collect();
-        ReadProbe {
-            words,
+    pub fn new(threads: usize, kernel: Kernel) -> std::io::Result<ReadProbe> {
+        let mut buffer = memmap2::MmapOptions::new().len(READ_BYTES).map_anon()?;
+        // Advice only: without transparent huge pages the read takes 4 KiB pages.
+        #[cfg(target_os = "linux")]
+        let _ = buffer.advise(memmap2::Advice::HugePage);
+        let words: &mut [u64] = bytemuck::cast_slice_mut(&mut buffer[..]);
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+        Ok(ReadProbe {
+            buffer,
             threads: threads.max(1),
             kernel,
-        }
+        })
+    }
+
+    fn words(&self) -> &[u64] {
+        // A mapping starts on a page boundary, so the cast cannot fail.
+        bytemuck::cast_slice(&self.buffer[..])
     }
 
     pub fn kernel(&self) -> Kernel {
@@ -66,8 +79,9 @@ impl ReadProbe {
     /// is ready (thread start-up is not read time) and stops when the last
     /// one is done.
     pub fn pass(&self) -> Reads {
-        let share = self.words.len().div_ceil(self.threads);
-        let parts: Vec<&[u64]> = self.words.chunks(share).collect();
+        let words = self.words();
+        let share = words.len().div_ceil(self.threads);
+        let parts: Vec<&[u64]> = words.chunks(share).collect();
         let ready = Barrier::new(parts.len() + 1);
         let secs = std::thread::scope(|s| {
             let readers: Vec<_> = parts
@@ -89,7 +103,7 @@ impl ReadProbe {
             start.elapsed().as_secs_f64()
         });
         Reads {
-            bytes: (self.words.len() * 8) as f64,
+            bytes: (words.len() * 8) as f64,
             secs,
         }
     }
