@@ -361,6 +361,9 @@ pub fn run(mut args: Args) -> CliResult {
     let weight_bytes = engine.weight_bytes();
     drop(worker);
     drop(engine);
+    // The sweep opens the model itself: this copy would count in its peak RSS.
+    let (file_bytes, file_resident) = (file.file_size(), file.is_resident());
+    drop(file);
     // The sweep loads its own engines: the bench's are gone by now.
     let sweep = match &args.sweep {
         Some(corpus) => Some(time_sweep(&args, &model, corpus, &exe)?),
@@ -388,7 +391,7 @@ pub fn run(mut args: Args) -> CliResult {
     let fraction_range = |k: usize| range(fractions.iter().map(|f| f[k]));
     let report = ModelReport {
         model: model.display().to_string(),
-        file_bytes: file.file_size(),
+        file_bytes,
         threads: args.threads,
         prefill_tokens: args.prefill,
         decode_tokens: args.decode,
@@ -396,11 +399,7 @@ pub fn run(mut args: Args) -> CliResult {
         kv_cache_bytes: kv_bytes,
         candidate_kernel: kernel.name().into(),
         candidate_kernel_forced: engine_forced,
-        candidate_weights: if file.is_resident() {
-            "resident"
-        } else {
-            "mapped"
-        },
+        candidate_weights: if file_resident { "resident" } else { "mapped" },
         candidate_huge_page_bytes: huge_pages,
         cpu: cpu_model(),
         cpu_simd_flags: simd_flags(),
@@ -432,7 +431,7 @@ pub fn run(mut args: Args) -> CliResult {
         bandwidth_read_bytes: bandwidth::READ_BYTES as u64,
         bandwidth_kernel: read_kernel.name().into(),
         candidate_rss_over_file_plus_kv: cand_rss
-            .map(|r| r as f64 / (file.file_size() + kv_bytes) as f64),
+            .map(|r| r as f64 / (file_bytes + kv_bytes) as f64),
         candidate_decode_stages: decode_stages,
         candidate_prefill_stages: prefill_stages,
         lockstep_ratio: args
