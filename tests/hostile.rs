@@ -590,16 +590,7 @@ fn nan_in_a_norm_weight_is_a_warning_and_the_run_goes_on() {
     .unwrap();
     let receipt = dir.path().join("r.json");
     let r = run_limited(
-        &[
-            "find",
-            "--model",
-            model.to_str().unwrap(),
-            "--steps",
-            "1",
-            "-q",
-            "--receipt",
-            receipt.to_str().unwrap(),
-        ],
+        &find_one_step(model.to_str().unwrap(), receipt.to_str().unwrap()),
         Duration::from_secs(60),
     );
     eprintln!("exit {:?}\n{}\n{}", r.code, r.stderr, r.stdout);
@@ -622,6 +613,20 @@ fn nan_in_a_norm_weight_is_a_warning_and_the_run_goes_on() {
     );
 }
 
+/// `find` of one step on `model`, quiet, its receipt written to `receipt`.
+fn find_one_step<'a>(model: &'a str, receipt: &'a str) -> [&'a str; 8] {
+    [
+        "find",
+        "--model",
+        model,
+        "--steps",
+        "1",
+        "-q",
+        "--receipt",
+        receipt,
+    ]
+}
+
 /// `DIVERGENCE_WEIGHTS` takes `resident` or `mapped`; anything else is
 /// refused by name, escaped, before a model is loaded.
 #[test]
@@ -629,17 +634,13 @@ fn an_unknown_weights_residence_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.gguf");
     std::fs::write(&model, good_bytes()).unwrap();
+    let receipt = dir.path().join("r.json");
     let find = |weights: &str| {
         Command::new(EXE)
-            .args([
-                "find",
-                "--model",
+            .args(find_one_step(
                 model.to_str().unwrap(),
-                "--steps",
-                "1",
-                "-q",
-            ])
-            .args(["--receipt", dir.path().join("r.json").to_str().unwrap()])
+                receipt.to_str().unwrap(),
+            ))
             .env("DIVERGENCE_WEIGHTS", weights)
             .stdin(Stdio::null())
             .output()
