@@ -137,6 +137,18 @@ pub fn read_text(path: &Path, limit: u64, what: &str) -> io::Result<String> {
     })
 }
 
+/// The value of `key` in a `/proc` file of `Key:  N kB` lines
+/// (`/proc/self/status`, `/proc/meminfo`, `smaps_rollup`), in bytes; `None`
+/// when the file or the key is absent. Read like any input: at most 1 MiB.
+pub fn proc_kb_value(path: &Path, key: &str) -> Option<u64> {
+    let text = read_text(path, 1 << 20, "proc file").ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +164,23 @@ mod tests {
         assert_eq!(e, "the test input is larger than its limit of 16 bytes");
         let e = open_regular(&p, 16, "model").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge, "{e}");
+    }
+
+    #[test]
+    fn proc_values_are_found_by_whole_key_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("status");
+        std::fs::write(&p, "VmHWMX:\t 5 kB\nVmHWM:\t  123 kB\nBad:\t x kB\n").unwrap();
+        assert_eq!(proc_kb_value(&p, "VmHWM"), Some(123 * 1024));
+        assert_eq!(proc_kb_value(&p, "VmHWMX"), Some(5 * 1024));
+        assert_eq!(proc_kb_value(&p, "VmHW"), None);
+        assert_eq!(proc_kb_value(&p, "Bad"), None);
+        assert_eq!(proc_kb_value(&dir.path().join("absent"), "VmHWM"), None);
+        // The real files, on Linux.
+        if Path::new("/proc/self/status").exists() {
+            assert!(proc_kb_value(Path::new("/proc/self/status"), "VmHWM").is_some_and(|b| b > 0));
+            assert!(proc_kb_value(Path::new("/proc/meminfo"), "MemAvailable").is_some());
+        }
     }
 
     #[test]

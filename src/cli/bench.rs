@@ -1023,8 +1023,5 @@ fn kernel_bench(args: &Args) -> CliResult {
 /// `AnonHugePages` of this process (`/proc/self/smaps_rollup`), in bytes.
 fn anon_huge_page_bytes() -> Option<u64> {
     let path = std::path::Path::new("/proc/self/smaps_rollup");
-    let text = divergence::input::read_text(path, 1 << 20, "smaps_rollup").ok()?;
-    let line = text.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
+    divergence::input::proc_kb_value(path, "AnonHugePages")
 }

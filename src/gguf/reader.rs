@@ -772,10 +772,7 @@ fn parse_bool(key: &str, offset: u64, b: u8) -> Result<bool, GgufError> {
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes; `None` where there is none.
 fn available_memory() -> Option<u64> {
-    let text = crate::input::read_text(Path::new("/proc/meminfo"), 1 << 20, "meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
+    crate::input::proc_kb_value(Path::new("/proc/meminfo"), "MemAvailable")
 }
 
 /// Fills `buf` from the start of `file`, a share per thread: first touches

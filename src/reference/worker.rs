@@ -808,10 +808,7 @@ fn widen_pipe(pipe: &ChildStdout) {
 
 /// VmHWM from a /proc status file, in bytes.
 pub fn peak_rss_of(status_path: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(status_path).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::input::proc_kb_value(Path::new(status_path), "VmHWM")
 }
 
 fn signal_name(sig: i32) -> &'static str {
