@@ -134,7 +134,7 @@ struct Shared {
     aligned: Mutex<HashMap<String, Aligned>>,
     /// The logits matrix's largest |w| per row.
     row_max: OnceLock<Vec<f32>>,
-    /// The last input quantized (`ternary::linear`).
+    /// The last inputs quantized, one per side (`ternary::linear`).
     products: Mutex<ternary::ProductMemo>,
 }
 

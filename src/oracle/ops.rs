@@ -202,15 +202,7 @@ impl Attention {
                     let mut j = 0;
                     while j + 4 <= n {
                         let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
-                        let mut acc = [[0f64; 3]; 4];
-                        for (d, &a) in qh.iter().enumerate() {
-                            for (s, kj) in acc.iter_mut().zip(&ks) {
-                                let v = a * kj[d];
-                                s[0] += v;
-                                s[1] += v * v;
-                                s[2] += v.abs();
-                            }
-                        }
+                        let acc = lanes::four_dots(qh, ks);
                         for (o, [sum, sq, abs]) in out[ti * n_keys + j..].iter_mut().zip(acc) {
                             *o = with_scale(sum, sq, abs, hd, self.kv_f16);
                         }
@@ -240,9 +232,10 @@ impl Attention {
                 let n = self.n_past + i % self.t + 1;
                 let scaled: Vec<f64> = row[..n].iter().map(|&v| f64::from(v) * scale).collect();
                 let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = scaled.iter().map(|&v| (v - max).exp()).sum();
-                for (o, &v) in out[..n].iter_mut().zip(&scaled) {
-                    let pv = (v - max).exp() / sum;
+                let exps: Vec<f64> = scaled.iter().map(|&v| (v - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for ((o, &v), &ev) in out[..n].iter_mut().zip(&scaled).zip(&exps) {
+                    let pv = ev / sum;
                     // The exponent's argument rounds twice (the scaling, the
                     // subtraction); exp, the sum and the normalisation a few times.
                     *o = (pv, U * pv * (8.0 + v.abs() + (v - max).abs()));
@@ -272,34 +265,32 @@ impl Attention {
         let finite: Vec<bool> = (0..n_keys * self.n_head_kv)
             .map(|i| v[i * hd..(i + 1) * hd].iter().all(|x| x.is_finite()))
             .collect();
-        // Per head, [T, hd] of (sum, Σ term², Σ |term|): each output's terms
-        // summed in key order, the keys outermost so the lanes run along d.
-        let mut by_head = vec![[0f64; 3]; self.n_head * self.t * hd];
+        // Per head and token, the hd sums, then the hd Σ term², then the hd
+        // Σ |term|: each output's terms summed in key order, the keys
+        // outermost so the lanes run along d.
+        let mut by_head = vec![0f64; self.n_head * self.t * 3 * hd];
         by_head
-            .par_chunks_mut(self.t * hd)
+            .par_chunks_mut(self.t * 3 * hd)
             .enumerate()
             .for_each(|(h, out)| {
                 let kvh = self.kv_head(h);
-                for (ti, acc) in out.chunks_exact_mut(hd).enumerate() {
+                for (ti, acc) in out.chunks_exact_mut(3 * hd).enumerate() {
                     let ph = &p[(h * self.t + ti) * n_keys..(h * self.t + ti + 1) * n_keys];
                     for (j, &pj) in ph.iter().enumerate() {
                         if pj == 0.0 && finite[j * self.n_head_kv + kvh] {
                             continue;
                         }
                         let vj = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-                        for (a, &vd) in acc.iter_mut().zip(vj) {
-                            let term = pj * vd;
-                            a[0] += term;
-                            a[1] += term * term;
-                            a[2] += term.abs();
-                        }
+                        lanes::add_terms(pj, vj, acc);
                     }
                 }
             });
         let mut out = vec![(0f64, 0f64); self.t * e];
-        for (h, head) in by_head.chunks_exact(self.t * hd).enumerate() {
-            for (ti, acc) in head.chunks_exact(hd).enumerate() {
-                for (d, &[sum, sq, abs]) in acc.iter().enumerate() {
+        for (h, head) in by_head.chunks_exact(self.t * 3 * hd).enumerate() {
+            for (ti, acc) in head.chunks_exact(3 * hd).enumerate() {
+                let (sums, rest) = acc.split_at(hd);
+                let (sqs, abss) = rest.split_at(hd);
+                for (d, ((&sum, &sq), &abs)) in sums.iter().zip(sqs).zip(abss).enumerate() {
                     out[ti * e + h * hd + d] = with_scale(sum, sq, abs, n_keys, self.kv_f16);
                 }
             }
@@ -411,6 +402,139 @@ fn dot4_from(mut acc: [f64; 4], a: &[f64], b: &[f64]) -> f64 {
     }
     let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
     acc[0] + acc[1] + acc[2] + acc[3] + tail
+}
+
+/// Loops whose lanes are independent sums, so that the compiler may
+/// vectorize them: built for AVX2 where the CPU has it (the same
+/// arithmetic, element by element, in the same order: the same bits).
+mod lanes {
+    /// `acc` holds hd sums, then hd Σ term², then hd Σ |term|; each gets
+    /// the term `p·v[d]` of its d.
+    pub fn add_terms(p: f64, v: &[f64], acc: &mut [f64]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above); the function is
+            // safe code compiled with that feature enabled.
+            return unsafe { add_terms_avx2(p, v, acc) };
+        }
+        add_terms_plain(p, v, acc);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn add_terms_avx2(p: f64, v: &[f64], acc: &mut [f64]) {
+        add_terms_plain(p, v, acc);
+    }
+
+    /// For each of four keys, the running (Σ q·k, Σ (q·k)², Σ |q·k|) over d
+    /// in order, as `dot_with_scale` takes them.
+    pub fn four_dots(q: &[f64], keys: [&[f64]; 4]) -> [[f64; 3]; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above); the function is
+            // safe code compiled with that feature enabled.
+            return unsafe { four_dots_avx2(q, keys) };
+        }
+        four_dots_plain(q, keys)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn four_dots_avx2(q: &[f64], keys: [&[f64]; 4]) -> [[f64; 3]; 4] {
+        four_dots_plain(q, keys)
+    }
+
+    /// The sums kept as three rows of four lanes, one lane per key.
+    #[inline(always)]
+    fn four_dots_plain(q: &[f64], keys: [&[f64]; 4]) -> [[f64; 3]; 4] {
+        let n = q.len();
+        let keys = keys.map(|k| &k[..n]);
+        let (mut sum, mut sq, mut abs) = ([0f64; 4], [0f64; 4], [0f64; 4]);
+        for (d, &a) in q.iter().enumerate() {
+            for k in 0..4 {
+                let v = a * keys[k][d];
+                sum[k] += v;
+                sq[k] += v * v;
+                abs[k] += v.abs();
+            }
+        }
+        std::array::from_fn(|k| [sum[k], sq[k], abs[k]])
+    }
+
+    #[inline(always)]
+    fn add_terms_plain(p: f64, v: &[f64], acc: &mut [f64]) {
+        let (sums, rest) = acc.split_at_mut(v.len());
+        let (sqs, abss) = rest.split_at_mut(v.len());
+        for (((s, q), a), &vd) in sums.iter_mut().zip(sqs).zip(abss).zip(v) {
+            let term = p * vd;
+            *s += term;
+            *q += term * term;
+            *a += term.abs();
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn values(n: usize, seed: usize) -> Vec<f64> {
+            (0..n)
+                .map(|i| {
+                    (((i + seed) * 7919 % 2003) as f64 - 1001.0) / 37.0
+                        * 1e-3f64.powi((i % 3) as i32)
+                })
+                .collect()
+        }
+
+        #[test]
+        fn four_dots_are_each_keys_sums_in_order_on_every_path() {
+            for n in [1usize, 5, 64, 128, 131] {
+                let q = values(n, 1);
+                let ks: Vec<Vec<f64>> = (2..6).map(|s| values(n + 3, s)).collect();
+                let keys = [&ks[0][..], &ks[1][..], &ks[2][..], &ks[3][..]];
+                // The specification: one key at a time, element by element.
+                let want: [[f64; 3]; 4] = std::array::from_fn(|k| {
+                    let mut s = [0f64; 3];
+                    for (a, b) in q.iter().zip(keys[k]) {
+                        let v = a * b;
+                        s[0] += v;
+                        s[1] += v * v;
+                        s[2] += v.abs();
+                    }
+                    s
+                });
+                let bits = |x: [[f64; 3]; 4]| x.map(|r| r.map(f64::to_bits));
+                assert_eq!(bits(four_dots(&q, keys)), bits(want), "n {n}");
+                assert_eq!(bits(four_dots_plain(&q, keys)), bits(want), "n {n}");
+            }
+        }
+
+        #[test]
+        fn added_terms_are_each_columns_sums_in_order_on_every_path() {
+            for hd in [1usize, 4, 64, 128, 130] {
+                let (mut fast, mut plain, mut want) =
+                    (vec![0f64; 3 * hd], vec![0f64; 3 * hd], vec![[0f64; 3]; hd]);
+                for j in 0..9 {
+                    let p = values(1, j)[0];
+                    let v = values(hd, 10 + j);
+                    add_terms(p, &v, &mut fast);
+                    add_terms_plain(p, &v, &mut plain);
+                    for (w, &vd) in want.iter_mut().zip(&v) {
+                        let term = p * vd;
+                        w[0] += term;
+                        w[1] += term * term;
+                        w[2] += term.abs();
+                    }
+                }
+                let want: Vec<u64> = (0..3)
+                    .flat_map(|c| want.iter().map(move |w| w[c].to_bits()))
+                    .collect();
+                let bits = |x: &[f64]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), want, "hd {hd}");
+                assert_eq!(bits(&plain), want, "hd {hd}");
+            }
+        }
+    }
 }
 
 /// The F16 logits product's inner loop in SIMD: f16 widened by F16C, f64

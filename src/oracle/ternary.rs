@@ -123,11 +123,37 @@ pub(super) fn aligned_codes(m: &Ternary<'_>) -> (Arc<Vec<u8>>, usize) {
     (Arc::new(bytes), padded)
 }
 
-/// The last input the oracle quantized, with its codes: the projections
-/// that read one input (Q, K and V; gate and up) come one after another.
+/// The last inputs the oracle quantized (one per side, judged one after
+/// the other), with their codes: the projections that read one input (Q,
+/// K and V; gate and up) share them.
 #[derive(Default)]
 pub(super) struct ProductMemo {
-    input: Option<(Vec<f32>, usize, Arc<Vec<Codes>>)>,
+    inputs: Vec<(Vec<f32>, usize, Arc<Vec<Codes>>)>,
+}
+
+/// Inputs remembered: one per side.
+const INPUTS_KEPT: usize = 2;
+
+impl ProductMemo {
+    /// The codes of `x` in rows of `n_in`, quantized now or remembered.
+    fn codes(memo: &Mutex<ProductMemo>, x: &[f32], n_in: usize) -> Arc<Vec<Codes>> {
+        let lock = || memo.lock().unwrap_or_else(|e| e.into_inner());
+        let known = lock()
+            .inputs
+            .iter()
+            .find(|(input, n, _)| *n == n_in && bits_equal(input, x))
+            .map(|(_, _, codes)| codes.clone());
+        if let Some(codes) = known {
+            return codes;
+        }
+        let codes: Arc<Vec<Codes>> = Arc::new(x.par_chunks(n_in).map(quantize).collect());
+        let mut memo = lock();
+        if memo.inputs.len() == INPUTS_KEPT {
+            memo.inputs.remove(0);
+        }
+        memo.inputs.push((x.to_vec(), n_in, codes.clone()));
+        codes
+    }
 }
 
 fn bits_equal(a: &[f32], b: &[f32]) -> bool {
@@ -184,22 +210,7 @@ pub(super) fn linear(
         ));
     }
     let t = x.len() / m.n_in;
-    let lock = || memo.lock().unwrap_or_else(|e| e.into_inner());
-    // The projections that read one input (Q, K and V; gate and up) share
-    // its codes.
-    let known = lock()
-        .input
-        .as_ref()
-        .filter(|(input, n_in, _)| *n_in == m.n_in && bits_equal(input, x))
-        .map(|(_, _, codes)| codes.clone());
-    let codes = match known {
-        Some(codes) => codes,
-        None => {
-            let codes: Arc<Vec<Codes>> = Arc::new(x.par_chunks(m.n_in).map(quantize).collect());
-            lock().input = Some((x.to_vec(), m.n_in, codes.clone()));
-            codes
-        }
-    };
+    let codes = ProductMemo::codes(memo, x, m.n_in);
     let sums = integer_products(packed, padded, m.n_out, &codes, m.n_in);
     let tensor_scale = f64::from(m.tensor_scale);
     let extra = m.extra_scale.map_or(1.0, f64::from);
