@@ -120,7 +120,9 @@ pub(super) fn rope(
 /// A dot product in f64 and the rounding scale of an f32 sum of its terms:
 /// one rounding of the result plus √n roundings of the terms' magnitude;
 /// `half` adds a half-precision rounding of every term (an operand an
-/// engine may or may not store in f16).
+/// engine may or may not store in f16). The specification of each score
+/// (`Attention::scores` sums in lanes, bit for bit the same).
+#[cfg(test)]
 fn dot_with_scale(terms: impl Iterator<Item = f64>, half: bool) -> (f64, f64) {
     let (mut sum, mut sq, mut abs, mut n) = (0f64, 0f64, 0f64, 0usize);
     for v in terms {
@@ -188,29 +190,42 @@ impl Attention {
             return Err("the q or k rows do not match the model's shape".into());
         }
         let (q, k) = (self.stored(q), self.stored(&k[..n_keys * kw]));
+        // Each kv head's keys transposed, [hd, K], so that a query's sums
+        // (one per key, each over d in order, as `dot_with_scale` takes
+        // them) run in lanes along the keys.
+        let transposed: Vec<Vec<f64>> = (0..self.n_head_kv)
+            .into_par_iter()
+            .map(|kvh| {
+                let mut kt = vec![0f64; hd * n_keys];
+                for (j, row) in k.chunks_exact(kw).enumerate() {
+                    for (d, &v) in row[kvh * hd..(kvh + 1) * hd].iter().enumerate() {
+                        kt[d * n_keys + j] = v;
+                    }
+                }
+                kt
+            })
+            .collect();
         let mut s = vec![(0f64, 0f64); self.n_head * self.t * n_keys];
         s.par_chunks_mut(self.t * n_keys)
             .enumerate()
             .for_each(|(h, out)| {
-                let kvh = self.kv_head(h);
+                let kt = &transposed[self.kv_head(h)];
+                let mut acc = vec![0f64; 3 * n_keys];
                 for ti in 0..self.t {
                     let qh = &q[ti * e + h * hd..ti * e + (h + 1) * hd];
                     let n = self.n_past + ti + 1;
-                    let key = |j: usize| &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-                    // Four keys at a time: four independent sums, each in
-                    // the order dot_with_scale takes.
-                    let mut j = 0;
-                    while j + 4 <= n {
-                        let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
-                        let acc = lanes::four_dots(qh, ks);
-                        for (o, [sum, sq, abs]) in out[ti * n_keys + j..].iter_mut().zip(acc) {
-                            *o = with_scale(sum, sq, abs, hd, self.kv_f16);
-                        }
-                        j += 4;
+                    let acc = &mut acc[..3 * n];
+                    acc.fill(0.0);
+                    for (d, &a) in qh.iter().enumerate() {
+                        lanes::add_terms(a, &kt[d * n_keys..d * n_keys + n], acc);
                     }
-                    for j in j..n {
-                        out[ti * n_keys + j] =
-                            dot_with_scale(qh.iter().zip(key(j)).map(|(a, b)| a * b), self.kv_f16);
+                    let (sums, rest) = acc.split_at(n);
+                    let (sqs, abss) = rest.split_at(n);
+                    for (o, ((&sum, &sq), &abs)) in out[ti * n_keys..ti * n_keys + n]
+                        .iter_mut()
+                        .zip(sums.iter().zip(sqs).zip(abss))
+                    {
+                        *o = with_scale(sum, sq, abs, hd, self.kv_f16);
                     }
                 }
             });
@@ -408,8 +423,8 @@ fn dot4_from(mut acc: [f64; 4], a: &[f64], b: &[f64]) -> f64 {
 /// vectorize them: built for AVX2 where the CPU has it (the same
 /// arithmetic, element by element, in the same order: the same bits).
 mod lanes {
-    /// `acc` holds hd sums, then hd Σ term², then hd Σ |term|; each gets
-    /// the term `p·v[d]` of its d.
+    /// `acc` holds n sums, then n Σ term², then n Σ |term| (n = `v.len()`);
+    /// each gets the term `p·v[i]` of its i.
     pub fn add_terms(p: f64, v: &[f64], acc: &mut [f64]) {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
@@ -424,41 +439,6 @@ mod lanes {
     #[target_feature(enable = "avx2")]
     fn add_terms_avx2(p: f64, v: &[f64], acc: &mut [f64]) {
         add_terms_plain(p, v, acc);
-    }
-
-    /// For each of four keys, the running (Σ q·k, Σ (q·k)², Σ |q·k|) over d
-    /// in order, as `dot_with_scale` takes them.
-    pub fn four_dots(q: &[f64], keys: [&[f64]; 4]) -> [[f64; 3]; 4] {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked above); the function is
-            // safe code compiled with that feature enabled.
-            return unsafe { four_dots_avx2(q, keys) };
-        }
-        four_dots_plain(q, keys)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn four_dots_avx2(q: &[f64], keys: [&[f64]; 4]) -> [[f64; 3]; 4] {
-        four_dots_plain(q, keys)
-    }
-
-    /// The sums kept as three rows of four lanes, one lane per key.
-    #[inline(always)]
-    fn four_dots_plain(q: &[f64], keys: [&[f64]; 4]) -> [[f64; 3]; 4] {
-        let n = q.len();
-        let keys = keys.map(|k| &k[..n]);
-        let (mut sum, mut sq, mut abs) = ([0f64; 4], [0f64; 4], [0f64; 4]);
-        for (d, &a) in q.iter().enumerate() {
-            for k in 0..4 {
-                let v = a * keys[k][d];
-                sum[k] += v;
-                sq[k] += v * v;
-                abs[k] += v.abs();
-            }
-        }
-        std::array::from_fn(|k| [sum[k], sq[k], abs[k]])
     }
 
     #[inline(always)]
@@ -487,25 +467,43 @@ mod lanes {
         }
 
         #[test]
-        fn four_dots_are_each_keys_sums_in_order_on_every_path() {
-            for n in [1usize, 5, 64, 128, 131] {
-                let q = values(n, 1);
-                let ks: Vec<Vec<f64>> = (2..6).map(|s| values(n + 3, s)).collect();
-                let keys = [&ks[0][..], &ks[1][..], &ks[2][..], &ks[3][..]];
-                // The specification: one key at a time, element by element.
-                let want: [[f64; 3]; 4] = std::array::from_fn(|k| {
-                    let mut s = [0f64; 3];
-                    for (a, b) in q.iter().zip(keys[k]) {
-                        let v = a * b;
-                        s[0] += v;
-                        s[1] += v * v;
-                        s[2] += v.abs();
+        fn scores_are_each_keys_dot_with_scale() {
+            use super::super::{dot_with_scale, Attention};
+            for kv_f16 in [false, true] {
+                let att = Attention {
+                    n_head: 4,
+                    n_head_kv: 2,
+                    head_dim: 5,
+                    t: 3,
+                    n_past: 2,
+                    kv_f16,
+                };
+                let (e, kw, n_keys) = (20, 10, 5);
+                let q: Vec<f32> = values(att.t * e, 3).iter().map(|&v| v as f32).collect();
+                let k: Vec<f32> = values(n_keys * kw, 4).iter().map(|&v| v as f32).collect();
+                let got = att.scores(&q, &k).expect("shapes fit");
+                let (qs, ks) = (att.stored(&q), att.stored(&k));
+                for h in 0..att.n_head {
+                    let kvh = att.kv_head(h);
+                    for ti in 0..att.t {
+                        let qh = &qs[ti * e + h * 5..ti * e + (h + 1) * 5];
+                        for j in 0..n_keys {
+                            let i = (h * att.t + ti) * n_keys + j;
+                            let want = if j <= att.n_past + ti {
+                                let kj = &ks[j * kw + kvh * 5..j * kw + (kvh + 1) * 5];
+                                dot_with_scale(qh.iter().zip(kj).map(|(a, b)| a * b), kv_f16)
+                            } else {
+                                (0.0, 0.0)
+                            };
+                            let pair = (got.values[i], got.rounding[i]);
+                            assert_eq!(
+                                (pair.0.to_bits(), pair.1.to_bits()),
+                                (want.0.to_bits(), want.1.to_bits()),
+                                "head {h} token {ti} key {j}"
+                            );
+                        }
                     }
-                    s
-                });
-                let bits = |x: [[f64; 3]; 4]| x.map(|r| r.map(f64::to_bits));
-                assert_eq!(bits(four_dots(&q, keys)), bits(want), "n {n}");
-                assert_eq!(bits(four_dots_plain(&q, keys)), bits(want), "n {n}");
+                }
             }
         }
 
