@@ -669,30 +669,35 @@ struct Candidate<'e> {
 impl Timed for Candidate<'_> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<u32, super::Failure> {
         self.engine.reset();
-        let sink: &mut dyn TraceSink = match self.prefill_clock.as_mut() {
-            Some(c) => {
-                c.restart();
-                c
-            }
-            None => &mut NoTrace,
-        };
-        let logits = self.engine.forward(prompt, 0, sink)?;
+        let logits =
+            self.engine
+                .forward(prompt, 0, restarted(&mut self.prefill_clock, &mut NoTrace))?;
         let n_vocab = self.engine.config().n_vocab;
         Ok(argmax(&logits[logits.len() - n_vocab..]) as u32)
     }
 
     fn decode(&mut self, mut next: u32, pos: usize, n: usize) -> Result<u32, super::Failure> {
         for i in 0..n {
-            let sink: &mut dyn TraceSink = match self.clock.as_mut() {
-                Some(c) => {
-                    c.restart();
-                    c
-                }
-                None => &mut NoTrace,
-            };
-            next = argmax(&self.engine.forward(&[next], pos + i, sink)?) as u32;
+            let logits =
+                self.engine
+                    .forward(&[next], pos + i, restarted(&mut self.clock, &mut NoTrace))?;
+            next = argmax(&logits) as u32;
         }
         Ok(next)
+    }
+}
+
+/// The clock, restarted, as the sink of one forward; `none` without one.
+fn restarted<'a>(
+    clock: &'a mut Option<StageClock>,
+    none: &'a mut NoTrace,
+) -> &'a mut dyn TraceSink {
+    match clock {
+        Some(c) => {
+            c.restart();
+            c
+        }
+        None => none,
     }
 }
 

@@ -73,28 +73,7 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Memory-maps and fully validates the file at `path`.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let io = |source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        // A FIFO would block in open(2), a device has nothing to map.
-        let file = crate::input::open_regular(path, u64::MAX, "GGUF file").map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let storage = if len == 0 {
-            // Mapping an empty file fails on some platforms; there is nothing to map.
-            Storage::Owned(Vec::new())
-        } else {
-            // SAFETY: the mapping is read-only and lives as long as the GgufFile.
-            // Another process truncating or rewriting the file while it is mapped
-            // is outside what this tool can defend against (as for every
-            // mmap-based model loader, bitnet.cpp's included); our own writer
-            // replaces files by rename, which leaves existing mappings intact.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-            Storage::Mapped(map)
-        };
-        let mut parsed = GgufFile::parse(storage)?;
-        parsed.path = Some(path.to_path_buf());
-        Ok(parsed)
+        GgufFile::open_with(path, false)
     }
 
     /// Like [`GgufFile::open`], but reads a large file into anonymous memory
@@ -113,40 +92,61 @@ impl GgufFile {
     /// [`WEIGHTS_ENV`]`=mapped` maps the file always (the page cache is
     /// then shared with the reference's own mapping of it).
     pub fn open_resident(path: &Path) -> Result<GgufFile, GgufError> {
+        let resident = match std::env::var(WEIGHTS_ENV) {
+            Ok(v) if v.trim() == "mapped" => false,
+            Ok(v) if v.trim().is_empty() || v.trim() == "resident" => true,
+            Err(_) => true,
+            Ok(v) => {
+                return Err(GgufError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{WEIGHTS_ENV}={v:?} is neither \"resident\" nor \"mapped\""),
+                    ),
+                })
+            }
+        };
+        GgufFile::open_with(path, resident)
+    }
+
+    /// Opens the file once; copies it into huge-page memory when asked
+    /// (`resident`) and it is large enough and fits, else maps it.
+    fn open_with(path: &Path, resident: bool) -> Result<GgufFile, GgufError> {
         let io = |source| GgufError::Io {
             path: path.to_path_buf(),
             source,
         };
-        match std::env::var(WEIGHTS_ENV) {
-            Ok(v) if v.trim() == "mapped" => return GgufFile::open(path),
-            Ok(v) if v.trim().is_empty() || v.trim() == "resident" => {}
-            Err(_) => {}
-            Ok(v) => {
-                return Err(io(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("{WEIGHTS_ENV}={v:?} is neither \"resident\" nor \"mapped\""),
-                )))
-            }
-        }
+        // A FIFO would block in open(2), a device has nothing to map.
         let file = crate::input::open_regular(path, u64::MAX, "GGUF file").map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        let room = available_memory().map_or(0, |a| a / 2);
-        if len < RESIDENT_MIN_BYTES || len > room {
-            return GgufFile::open(path);
-        }
-        let mut anon = memmap2::MmapOptions::new()
-            .len(len as usize)
-            .map_anon()
-            .map_err(io)?;
-        // Advice only: a kernel without transparent huge pages keeps 4 KiB
-        // pages, and the bytes are the same.
-        #[cfg(target_os = "linux")]
-        let _ = anon.advise(memmap2::Advice::HugePage);
-        // `len` bytes exactly: a file that shrank since is an error, one
-        // that grew is read as it was measured (and validated as such).
-        read_parallel(&file, &mut anon[..]).map_err(io)?;
-        let map = anon.make_read_only().map_err(io)?;
-        let mut parsed = GgufFile::parse(Storage::Resident(map))?;
+        let copy =
+            resident && len >= RESIDENT_MIN_BYTES && len <= available_memory().map_or(0, |a| a / 2);
+        let storage = if copy {
+            let mut anon = memmap2::MmapOptions::new()
+                .len(len as usize)
+                .map_anon()
+                .map_err(io)?;
+            // Advice only: a kernel without transparent huge pages keeps 4 KiB
+            // pages, and the bytes are the same.
+            #[cfg(target_os = "linux")]
+            let _ = anon.advise(memmap2::Advice::HugePage);
+            // `len` bytes exactly: a file that shrank since is an error, one
+            // that grew is read as it was measured (and validated as such).
+            read_parallel(&file, &mut anon[..]).map_err(io)?;
+            Storage::Resident(anon.make_read_only().map_err(io)?)
+        } else if len == 0 {
+            // Mapping an empty file fails on some platforms; there is nothing to map.
+            Storage::Owned(Vec::new())
+        } else {
+            // SAFETY: the mapping is read-only and lives as long as the GgufFile.
+            // Another process truncating or rewriting the file while it is mapped
+            // is outside what this tool can defend against (as for every
+            // mmap-based model loader, bitnet.cpp's included); our own writer
+            // replaces files by rename, which leaves existing mappings intact.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+            Storage::Mapped(map)
+        };
+        let mut parsed = GgufFile::parse(storage)?;
         parsed.path = Some(path.to_path_buf());
         Ok(parsed)
     }
