@@ -16,6 +16,7 @@
 //! the span. It is judged by its NMSE against the oracle instead, under the
 //! policy's `across_gap` bound, measured on clean engines.
 
+use super::metrics::all_finite;
 use crate::oracle::OracleStage;
 use crate::trace::{Stage, StageKey};
 use rayon::prelude::*;
@@ -136,7 +137,7 @@ pub fn measure(
                 let span = k * run..((k + 1) * run).min(side.len());
                 let (xs, os) = (&side[span.clone()], &values[span.clone()]);
                 let rs = &oracle.rounding[span.start.min(nr)..span.end.min(nr)];
-                if xs.iter().all(|x| x.is_finite()) && os.iter().all(|o| o.is_finite()) {
+                if all_finite(xs, f32::is_finite) && all_finite(os, f64::is_finite) {
                     // The loop below without its branches (the usual case).
                     for ((&x, &o), &r) in xs.iter().zip(os).zip(rs) {
                         let err = (f64::from(x) - o).abs();

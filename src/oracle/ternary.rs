@@ -30,6 +30,8 @@ const BLOCK: usize = i2s::BLOCK;
 /// Ties recorded as alternatives per stage; more are folded into the
 /// rounding scale of the rows they touch (never seen on real activations).
 const MAX_ALTERNATIVES: usize = 256;
+/// Tokens whose epilogue one task computes (16 sums fill a cache line).
+const TOKEN_BLOCK: usize = 16;
 
 /// Another honest value of one token row: the output if one tied
 /// activation code had rounded the other way.
@@ -217,21 +219,34 @@ pub(super) fn linear(
     let mut values = vec![0f64; t * m.n_out];
     let mut rounding = vec![0f64; t * m.n_out];
     let unit_of = |c: &Codes| tensor_scale * extra / f64::from(c.scale);
+    // Tokens in blocks of TOKEN_BLOCK: the sums are [r * t + ti], so a
+    // block reads each row's sums of its tokens from one cache line.
     values
-        .par_chunks_mut(m.n_out)
-        .zip(rounding.par_chunks_mut(m.n_out))
-        .zip(codes.par_iter())
+        .par_chunks_mut(TOKEN_BLOCK * m.n_out)
+        .zip(rounding.par_chunks_mut(TOKEN_BLOCK * m.n_out))
+        .zip(codes.par_chunks(TOKEN_BLOCK))
         .enumerate()
-        .for_each(|(ti, ((values, rounding), c))| {
-            let unit = unit_of(c);
+        .for_each(|(b, ((values, rounding), block))| {
+            let t0 = b * TOKEN_BLOCK;
             // The epilogue's roundings (the conversion, the division, the
-            // products) and, for an engine that subtracts the offset Σq after
-            // scaling, the cancellation of that term.
-            let offset = U * (c.sum as f64).abs() * unit.abs();
-            for (r, (v, rd)) in values.iter_mut().zip(rounding.iter_mut()).enumerate() {
-                let dot = i64::from(sums[r * t + ti]) - c.sum;
-                *v = dot as f64 * unit;
-                *rd = 4.0 * U * v.abs() + offset;
+            // products) and, for an engine that subtracts the offset Σq
+            // after scaling, the cancellation of that term.
+            let epilogue: Vec<(i64, f64, f64)> = block
+                .iter()
+                .map(|c| {
+                    let unit = unit_of(c);
+                    (c.sum, unit, U * (c.sum as f64).abs() * unit.abs())
+                })
+                .collect();
+            for r in 0..m.n_out {
+                let row = &sums[r * t + t0..r * t + t0 + block.len()];
+                for (k, (&sum, &(offset_sum, unit, offset))) in
+                    row.iter().zip(&epilogue).enumerate()
+                {
+                    let v = (i64::from(sum) - offset_sum) as f64 * unit;
+                    values[k * m.n_out + r] = v;
+                    rounding[k * m.n_out + r] = 4.0 * U * v.abs() + offset;
+                }
             }
         });
     // Ties: the first MAX_ALTERNATIVES offered one by one (their deltas, a
