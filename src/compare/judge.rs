@@ -200,6 +200,10 @@ impl OracleInputs for View<'_> {
     }
 }
 
+/// A side's oracle and the stages recomputed to feed it, or why there is
+/// none.
+type Prepared<'a> = Result<(&'a Oracle, Vec<StageKey>), String>;
+
 /// One side's state within a step.
 struct SideStep {
     own: BTreeMap<StageKey, Tensor>,
@@ -467,22 +471,36 @@ impl<'a> StepJudge<'a> {
                 }
             })
         };
-        // The sides against each other (one thread) while the reference's
-        // oracle recomputes the stage (all of them).
-        let (sides, (ref_local, ref_oracle)) = rayon::join(sides_of, || match reference {
-            Some(r) => {
-                self.judged_reference.insert(key);
-                self.local_of(Side::Reference, key, &r.shape, &r.data, false)
-            }
-            None => (None, None),
-        });
-        let agree = sides.as_ref().is_none_or(|m| policy::passes(rule, m));
         // In resync with identical histories the candidate's inputs are the
         // reference's: the same oracle values judge it.
         let reuse = self.resync && self.same_history && reference.is_some_and(|r| r.shape == shape);
+        // Each side's inputs made available first (usually all its own);
+        // then the sides against each other (one thread) while both
+        // oracles recompute the stage (all of them), so that one side's
+        // serial parts overlap the other's parallel ones.
+        let ref_prepared = reference.map(|_| {
+            self.judged_reference.insert(key);
+            self.prepare(Side::Reference, key)
+        });
+        let cand_prepared = (!reuse).then(|| self.prepare(Side::Candidate, key));
+        let this = &*self;
+        let ((sides, (ref_local, ref_oracle)), cand_own) = rayon::join(
+            || {
+                rayon::join(sides_of, || match (reference, ref_prepared) {
+                    (Some(r), Some(p)) => {
+                        this.evaluate(Side::Reference, key, &r.shape, &r.data, false, p)
+                    }
+                    _ => (None, None),
+                })
+            },
+            || cand_prepared.map(|p| this.evaluate(Side::Candidate, key, shape, data, last_row, p)),
+        );
+        let agree = sides.as_ref().is_none_or(|m| policy::passes(rule, m));
         // The candidate's oracle values: its own, or (reused) the reference's.
         let reused = reuse && ref_oracle.is_some();
-        let (cand_local, cand_oracle) = if reused {
+        let (cand_local, cand_oracle) = if let Some(own) = cand_own {
+            own
+        } else if reused {
             // Bit-identical values on the same oracle measure the same.
             let identical = reference.is_some_and(|r| bit_identical(&r.data, data));
             let e = match (&ref_local, identical) {
@@ -551,16 +569,35 @@ impl<'a> StepJudge<'a> {
         data: &[f32],
         last_row: bool,
     ) -> (Option<Result<LocalError, String>>, Option<OracleStage>) {
+        let prepared = self.prepare(side, key);
+        self.evaluate(side, key, shape, data, last_row, prepared)
+    }
+
+    /// The side's oracle, with every input of `key` made available to it
+    /// (`fill_inputs`) and the stages recomputed on the way; or why not.
+    fn prepare(&mut self, side: Side, key: StageKey) -> Prepared<'a> {
         let oracle = match side {
             Side::Reference => self.reference_oracle,
             Side::Candidate => self.candidate_oracle,
-        };
-        let oracle = match oracle {
-            Ok(o) => o,
-            Err(why) => return (Some(Err(why.to_string())), None),
-        };
-        let span = match self.fill_inputs(side, oracle, key) {
-            Ok(span) => span,
+        }
+        .map_err(str::to_string)?;
+        let span = self.fill_inputs(side, oracle, key)?;
+        Ok((oracle, span))
+    }
+
+    /// [`StepJudge::local_of`] once the inputs are prepared: the stage
+    /// recomputed on them, and the side measured against it.
+    fn evaluate(
+        &self,
+        side: Side,
+        key: StageKey,
+        shape: &[usize],
+        data: &[f32],
+        last_row: bool,
+        prepared: Prepared<'a>,
+    ) -> (Option<Result<LocalError, String>>, Option<OracleStage>) {
+        let (oracle, span) = match prepared {
+            Ok(p) => p,
             Err(why) => return (Some(Err(why)), None),
         };
         let recomputed = {
